@@ -1,0 +1,18 @@
+"""forgetkern: fast, exact kernels for forgetting-aware LoRA fine-tuning.
+
+* :func:`tmkl_loss` / :class:`TMKLLoss` -- cross-entropy plus target-masked KL to the base model.
+* :func:`generalized_eigh` -- batched generalized symmetric eigenproblems.
+* :func:`info` -- versions and available backends.
+"""
+from ._info import info
+from ._version import __version__
+from .functional import generalized_eigh, tmkl_loss
+from .nn import TMKLLoss
+
+__all__ = [
+    "__version__",
+    "info",
+    "tmkl_loss",
+    "TMKLLoss",
+    "generalized_eigh",
+]

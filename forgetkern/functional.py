@@ -1,0 +1,135 @@
+"""Public functional API."""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _validate
+from .ops.params import TMKLParams
+
+
+def _reduce(per_row: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
+            num_items_in_batch) -> torch.Tensor:
+    """Reduce per-row values: ``none`` keeps ``labels.shape``; ``mean`` divides the sum by the
+    number of non-ignored rows (or ``num_items_in_batch``), never by zero."""
+    if reduction == "none":
+        return per_row.view(labels.shape)
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is None:
+        denom = (labels != ignore_index).sum()
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        denom = num_items_in_batch.to(device=total.device)
+    else:
+        denom = torch.tensor(num_items_in_batch, device=total.device)
+    return total / denom.to(total.dtype).clamp_min(1)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(..., V)`` to ``(N, V)`` with unit stride along ``V`` (rows may keep any stride)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def tmkl_loss(
+    logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kl_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    mask_target: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    return_components: bool = False,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+):
+    """Cross-entropy plus target-masked KL to a frozen base model.
+
+    In plain torch, for ``(N, V)`` logits ``z``, base logits ``b`` and ``(N,)`` labels ``y``
+    (``mask_target=True``, forward direction, ``T = temperature``)::
+
+        ce = F.cross_entropy(z, y, reduction="none")
+        keep = ~F.one_hot(y, V).bool()                       # drop the target column
+        kl = (lp := (b / T).masked_fill(~keep, -inf).log_softmax(-1)).exp().mul(
+             lp - (z / T).masked_fill(~keep, -inf).log_softmax(-1)).nan_to_num().sum(-1)
+        loss = ce_weight * ce + kl_weight * T**2 * kl          # then reduced
+
+    but streamed over the vocabulary with O(N) extra memory and exact for confident targets.
+
+    Args:
+        logits: ``(..., V)`` adapted-model logits (float16/bfloat16/float32/float64).
+        base_logits: ``(..., V)`` frozen base-model logits, same dtype; never gets a gradient.
+        labels: ``(...)`` integer targets in ``[0, V)`` or ``ignore_index``.
+        kl_weight: weight of the KL term (multiplied by ``T**2``).
+        ce_weight: weight of the cross-entropy term.
+        temperature: ``T > 0`` applied to both distributions of the KL (never to the CE).
+        direction: ``"forward"`` = KL(base || adapted) (default), ``"reverse"`` = KL(adapted || base).
+        mask_target: remove the target from both distributions before the KL (TMKL);
+            ``False`` gives the plain full-vocabulary KL.
+        ignore_index: label value whose tokens contribute nothing.
+        reduction: ``"mean"`` (over non-ignored tokens, or ``num_items_in_batch``), ``"sum"``
+            or ``"none"`` (shaped like ``labels``, zeros at ignored tokens).
+        num_items_in_batch: denominator of ``"mean"`` under gradient accumulation (HF Trainer).
+        return_components: also return ``ce`` and the unscaled ``kl``, reduced alike.
+        inplace_backward: write the gradient into ``logits``' storage (saves one logits-sized
+            buffer; ``logits`` must not be used after backward).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic, see README).
+
+    Returns:
+        ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``. Losses are float32
+        (float64 for float64 logits). A batch with no valid token gives ``0``.
+    """
+    _validate.check_tmkl_inputs(logits, base_logits, labels, ignore_index, reduction,
+                                num_items_in_batch)
+    chosen = _backend.resolve("tmkl", logits, backend=backend)
+    params = TMKLParams(
+        kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
+        mask_target=bool(mask_target), ignore_index=ignore_index,
+        inplace_backward=bool(inplace_backward), backend=chosen,
+    )
+    from .ops.tmkl import TMKLFunction
+
+    z = _as_rows(logits)
+    b = _as_rows(base_logits.detach())
+    y = labels.reshape(-1)
+    loss, ce, kl = TMKLFunction.apply(z, b, y, params)
+    reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
+    if return_components:
+        return reduce(loss), reduce(ce), reduce(kl)
+    return reduce(loss)
+
+
+def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
+                     backend: str | None = None):
+    """Batched generalized symmetric eigenproblem ``A v = lambda (B + eps I) v``.
+
+    In plain torch::
+
+        L = torch.linalg.cholesky(B + eps * I)                      # (..., n, n)
+        w, U = torch.linalg.eigh(L.inverse() @ A @ L.inverse().mT)  # ascending w: (..., n)
+        V = L.inverse().mT @ U                                      # V^T (B + eps I) V = I
+
+    Args:
+        A: ``(..., n, n)`` symmetric matrices.
+        B: ``(..., n, n)`` symmetric positive-definite matrices (after damping).
+        eps: non-negative damping added to the diagonal of ``B``.
+        backend: ``"reference"`` or ``None`` (automatic).
+
+    Returns:
+        ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.
+    """
+    chosen = _backend.resolve("generalized_eigh", A, backend=backend)
+    if chosen == "reference":
+        from .reference import generalized_eigh as impl
+    elif chosen == "triton":
+        from .ops.geneigh import generalized_eigh as impl
+    else:
+        from ._cuda import generalized_eigh as impl
+    return impl(A, B, eps=eps)

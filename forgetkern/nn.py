@@ -1,0 +1,52 @@
+"""``nn.Module`` forms of the public functions."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .ops.params import TMKLParams
+
+
+class TMKLLoss(nn.Module):
+    """Module form of :func:`forgetkern.tmkl_loss`; keyword options are fixed at construction.
+
+    ``forward(logits, base_logits, labels, num_items_in_batch=None)``.
+    """
+
+    def __init__(self, *, kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0,
+                 direction: str = "forward", mask_target: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", return_components: bool = False,
+                 inplace_backward: bool = False, backend: str | None = None):
+        super().__init__()
+        # validate the options now rather than at the first call
+        TMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
+                   direction=direction, mask_target=mask_target, ignore_index=ignore_index)
+        from ._validate import check_reduction
+
+        check_reduction(reduction)
+        self.kl_weight = kl_weight
+        self.ce_weight = ce_weight
+        self.temperature = temperature
+        self.direction = direction
+        self.mask_target = mask_target
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.return_components = return_components
+        self.inplace_backward = inplace_backward
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
+                num_items_in_batch=None):
+        return F.tmkl_loss(
+            logits, base_logits, labels, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+            temperature=self.temperature, direction=self.direction, mask_target=self.mask_target,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch, return_components=self.return_components,
+            inplace_backward=self.inplace_backward, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}, "
+                f"temperature={self.temperature}, direction={self.direction!r}, "
+                f"mask_target={self.mask_target}, reduction={self.reduction!r}")

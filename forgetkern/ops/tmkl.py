@@ -1,0 +1,336 @@
+"""Target-masked KL (TMKL) on logits: Triton kernels, launchers and the autograd Function.
+
+Per token (DESIGN.md): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
+``CE = LSE(z) - z_y`` and KL between the base and adapted distributions over ``v != y``, both
+renormalized (``mask_target=True``), or over the whole vocabulary (``mask_target=False``).
+
+Forward streams each row once over the vocabulary in blocks, keeping online, target-excluded
+log-sum-exp statistics for both models and the KL accumulator; with ``T == 1`` the CE normalizer
+is ``logaddexp(LSE'(z), z_y)``, so no second set of statistics. It saves four floats per row.
+Backward recomputes from the logits and writes the gradient in the logits' dtype (optionally into
+the logits themselves).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._triton import HAS_TRITON, jit, next_power_of_2, tl
+from .params import NUM_STATS, TMKLParams
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@jit
+def _logaddexp(a, b):
+    mx = tl.maximum(a, b)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+
+
+@jit
+def _tmkl_fwd_kernel(
+    z_ptr,  # [N, V] adapted logits, unit stride along V
+    stride_z,  # row stride of z (elements)
+    b_ptr,  # [N, V] base logits
+    stride_b,
+    y_ptr,  # [N] integer labels
+    loss_ptr,  # [N] out: ce_weight * CE + kl_weight * T^2 * KL (0 for ignored rows)
+    ce_ptr,  # [N] out: CE
+    kl_ptr,  # [N] out: KL (unscaled)
+    stats_ptr,  # [N, 4] out: lse_z, lse_b, lse_ce, kl (see ops/params.py)
+    V,
+    ignore_index,
+    inv_t,  # 1 / T
+    ce_weight,
+    kl_scale,  # kl_weight * T^2
+    BLOCK_V: tl.constexpr,
+    FORWARD_KL: tl.constexpr,
+    MASK_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,  # T != 1: CE needs its own LSE over z
+    ACC_FP64: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    y = tl.load(y_ptr + row).to(tl.int64)
+    NEG_INF: tl.constexpr = float("-inf")
+    if y == ignore_index:
+        zero = tl.zeros((), dtype=acc_dtype)
+        tl.store(loss_ptr + row, zero)
+        tl.store(ce_ptr + row, zero)
+        tl.store(kl_ptr + row, zero)
+        for j in tl.static_range(4):
+            tl.store(stats_ptr + row * 4 + j, zero)
+    else:
+        z_row = z_ptr + row * stride_z
+        b_row = b_ptr + row * stride_b
+        cols = tl.arange(0, BLOCK_V)
+        m_z = tl.full((), NEG_INF, acc_dtype)
+        s_z = tl.zeros((), dtype=acc_dtype)
+        m_b = tl.full((), NEG_INF, acc_dtype)
+        s_b = tl.zeros((), dtype=acc_dtype)
+        kl_acc = tl.zeros((), dtype=acc_dtype)
+        m_c = tl.full((), NEG_INF, acc_dtype)
+        s_c = tl.zeros((), dtype=acc_dtype)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            inb = offs < V
+            z = tl.load(z_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
+            b = tl.load(b_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
+            x = z * inv_t
+            u = b * inv_t
+            if MASK_TARGET:
+                x = tl.where(offs == y, NEG_INF, x)
+                u = tl.where(offs == y, NEG_INF, u)
+            # online LSE of z/T over the kept columns (a fully -inf prefix keeps s = 0)
+            m_z_new = tl.maximum(m_z, tl.max(x, axis=0))
+            m_z_safe = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
+            alpha_z = tl.exp(m_z - m_z_safe)
+            e_z = tl.exp(x - m_z_safe)
+            s_z = s_z * alpha_z + tl.sum(e_z, axis=0)
+            # online LSE of b/T
+            m_b_new = tl.maximum(m_b, tl.max(u, axis=0))
+            m_b_safe = tl.where(m_b_new == NEG_INF, 0.0, m_b_new)
+            alpha_b = tl.exp(m_b - m_b_safe)
+            e_b = tl.exp(u - m_b_safe)
+            s_b = s_b * alpha_b + tl.sum(e_b, axis=0)
+            if FORWARD_KL:
+                # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
+                term = tl.where(u == NEG_INF, 0.0, e_b * (u - x))
+                kl_acc = kl_acc * alpha_b + tl.sum(term, axis=0)
+            else:
+                # acc = sum_{v != y} exp(z_v/T - m_z) (z_v - b_v) / T
+                term = tl.where(x == NEG_INF, 0.0, e_z * (x - u))
+                kl_acc = kl_acc * alpha_z + tl.sum(term, axis=0)
+            m_z = m_z_new
+            m_b = m_b_new
+            if SEPARATE_CE:
+                m_c_new = tl.maximum(m_c, tl.max(z, axis=0))
+                m_c_safe = tl.where(m_c_new == NEG_INF, 0.0, m_c_new)
+                s_c = s_c * tl.exp(m_c - m_c_safe) + tl.sum(tl.exp(z - m_c_safe), axis=0)
+                m_c = m_c_new
+
+        lse_z = m_z + tl.log(s_z)
+        lse_b = m_b + tl.log(s_b)
+        if FORWARD_KL:
+            # KL = acc/s_b - (LSE'(b/T) - LSE'(z/T)); no base mass: 0; base mass but no adapted: inf
+            kl = kl_acc / s_b - (m_b - m_z) - tl.log(s_b / s_z)
+            kl = tl.where(s_z == 0.0, float("inf"), kl)
+            kl = tl.where(s_b == 0.0, 0.0, kl)
+        else:
+            kl = kl_acc / s_z - (m_z - m_b) - tl.log(s_z / s_b)
+            kl = tl.where(s_b == 0.0, float("inf"), kl)
+            kl = tl.where(s_z == 0.0, 0.0, kl)
+        z_y = tl.load(z_row + y).to(acc_dtype)
+        if SEPARATE_CE:
+            lse_ce = m_c + tl.log(s_c)
+        elif MASK_TARGET:
+            lse_ce = _logaddexp(lse_z, z_y)
+        else:
+            lse_ce = lse_z
+        ce = lse_ce - z_y
+        loss = tl.where(ce_weight != 0.0, ce_weight * ce, 0.0) + tl.where(kl_scale != 0.0, kl_scale * kl, 0.0)
+        tl.store(loss_ptr + row, loss)
+        tl.store(ce_ptr + row, ce)
+        tl.store(kl_ptr + row, kl)
+        tl.store(stats_ptr + row * 4 + 0, lse_z)
+        tl.store(stats_ptr + row * 4 + 1, lse_b)
+        tl.store(stats_ptr + row * 4 + 2, lse_ce)
+        tl.store(stats_ptr + row * 4 + 3, kl)
+
+
+@jit
+def _tmkl_bwd_kernel(
+    z_ptr,  # [N, V] adapted logits
+    stride_z,
+    b_ptr,  # [N, V] base logits
+    stride_b,
+    y_ptr,  # [N] labels
+    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward
+    coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row
+    coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled)
+    g_ptr,  # [N, V] out: gradient, may alias z_ptr (in-place backward)
+    stride_g,
+    V,
+    ignore_index,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+    FORWARD_KL: tl.constexpr,
+    MASK_TARGET: tl.constexpr,
+    SEPARATE_CE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    NEG_INF: tl.constexpr = float("-inf")
+    y = tl.load(y_ptr + row).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    b_row = b_ptr + row * stride_b
+    g_row = g_ptr + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    if y == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(g_row + offs, tl.zeros((BLOCK_V,), dtype=acc_dtype).to(g_ptr.dtype.element_ty),
+                     mask=offs < V)
+    else:
+        lse_z = tl.load(stats_ptr + row * 4 + 0)
+        lse_b = tl.load(stats_ptr + row * 4 + 1)
+        lse_ce = tl.load(stats_ptr + row * 4 + 2)
+        kl = tl.load(stats_ptr + row * 4 + 3)
+        a = tl.load(coef_ce_ptr + row).to(acc_dtype)
+        c = tl.load(coef_kl_ptr + row).to(acc_dtype)
+        # softmax(z)_v = q~_v * exp(LSE'(z) - LSE(z)) off the target when T == 1
+        ratio = tl.exp(lse_z - lse_ce)
+        z_y = tl.load(z_row + y).to(acc_dtype)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            inb = offs < V
+            z = tl.load(z_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
+            b = tl.load(b_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
+            x = z * inv_t
+            u = b * inv_t
+            is_y = offs == y
+            if MASK_TARGET:
+                x = tl.where(is_y, NEG_INF, x)
+                u = tl.where(is_y, NEG_INF, u)
+            log_q = x - lse_z
+            log_p = u - lse_b
+            q = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
+            p = tl.where(u == NEG_INF, 0.0, tl.exp(log_p))
+            if FORWARD_KL:
+                # dKL/dz_v = (q~_v - p~_v) / T
+                d_kl = (q - p) * inv_t
+            else:
+                # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
+                d_kl = tl.where(q > 0.0, q * (log_q - log_p - kl), 0.0) * inv_t
+            # dCE/dz = softmax(z) - e_y
+            if SEPARATE_CE:
+                sm = tl.where(z == NEG_INF, 0.0, tl.exp(z - lse_ce))
+            elif MASK_TARGET:
+                sm = tl.where(is_y, tl.exp(z_y - lse_ce), q * ratio)
+            else:
+                sm = q
+            d_ce = sm - tl.where(is_y, 1.0, 0.0)
+            g = tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
+            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=inb)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def launch_config(V: int, dtype: torch.dtype, block_v: int | None = None) -> dict:
+    """Block size and warps for the TMKL kernels.
+
+    One program per row streams the row in ``BLOCK_V`` columns: 16 KiB of each input per block
+    (8192 16-bit or 4096 32-bit elements) keeps enough loads in flight per SM while the whole
+    block's registers fit at 16 warps. Rows shorter than that use one power-of-two block.
+    """
+    if block_v is None:
+        cap = 8192 if dtype in (torch.float16, torch.bfloat16) else 4096
+        if dtype == torch.float64:
+            cap = 2048
+        block_v = min(cap, next_power_of_2(V))
+    block_v = max(16, int(block_v))
+    num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    return {"BLOCK_V": block_v, "num_warps": num_warps}
+
+
+def _check_triton():
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package")
+
+
+def tmkl_forward(logits, base_logits, labels, params: TMKLParams, block_v: int | None = None):
+    """Triton forward: ``(loss, ce, kl, stats)`` per row for ``(N, V)`` logits (unit column stride)."""
+    _check_triton()
+    n, v = logits.shape
+    acc = reference.accumulation_dtype(logits.dtype)
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    ce = torch.empty_like(loss)
+    kl = torch.empty_like(loss)
+    stats = torch.empty(n, NUM_STATS, dtype=acc, device=logits.device)
+    if n == 0:
+        return loss, ce, kl, stats
+    cfg = launch_config(v, logits.dtype, block_v)
+    _tmkl_fwd_kernel[(n,)](
+        logits, logits.stride(0), base_logits, base_logits.stride(0), labels,
+        loss, ce, kl, stats, v, params.ignore_index, 1.0 / params.temperature,
+        params.ce_weight, params.kl_scale,
+        FORWARD_KL=params.forward_kl, MASK_TARGET=params.mask_target,
+        SEPARATE_CE=params.separate_ce, ACC_FP64=acc == torch.float64, **cfg,
+    )
+    return loss, ce, kl, stats
+
+
+def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
+                  grad_out, block_v: int | None = None):
+    """Triton backward: writes the per-row weighted gradient into ``grad_out`` (may be ``logits``)."""
+    _check_triton()
+    n, v = logits.shape
+    if n == 0:
+        return grad_out
+    cfg = launch_config(v, logits.dtype, block_v)
+    acc = reference.accumulation_dtype(logits.dtype)
+    _tmkl_bwd_kernel[(n,)](
+        logits, logits.stride(0), base_logits, base_logits.stride(0), labels, stats,
+        coef_ce.to(acc).contiguous(), coef_kl.to(acc).contiguous(), grad_out, grad_out.stride(0),
+        v, params.ignore_index, 1.0 / params.temperature,
+        FORWARD_KL=params.forward_kl, MASK_TARGET=params.mask_target,
+        SEPARATE_CE=params.separate_ce, ACC_FP64=acc == torch.float64, **cfg,
+    )
+    return grad_out
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+def _implementation(backend: str):
+    """``(forward, backward)`` of a backend, all with the interface of :mod:`forgetkern.reference`."""
+    if backend == "reference":
+        return reference.tmkl_forward, reference.tmkl_backward
+    if backend == "triton":
+        return tmkl_forward, tmkl_backward
+    if backend == "cuda":
+        from .. import _cuda
+
+        return _cuda.tmkl_forward, _cuda.tmkl_backward
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+class TMKLFunction(torch.autograd.Function):
+    """Per-row TMKL ``(loss, ce, kl)`` of ``(N, V)`` logits; reductions happen outside.
+
+    Backward combines the three upstream gradients into two per-row coefficients
+    (``coef_ce = g_loss * ce_weight + g_ce``, ``coef_kl = g_loss * kl_weight * T^2 + g_kl``) and
+    recomputes the gradient from the logits. ``base_logits`` never receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, base_logits, labels, params: TMKLParams):
+        fwd, _ = _implementation(params.backend)
+        loss, ce, kl, stats = fwd(logits, base_logits, labels, params)
+        ctx.save_for_backward(logits, base_logits, labels, stats)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        logits, base_logits, labels, stats = ctx.saved_tensors
+        p: TMKLParams = ctx.params
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        n = logits.shape[0]
+        zeros = torch.zeros(n, dtype=stats.dtype, device=logits.device)
+        g_loss = zeros if g_loss is None else g_loss.to(stats.dtype)
+        coef_ce = g_loss * p.ce_weight + (zeros if g_ce is None else g_ce.to(stats.dtype))
+        coef_kl = g_loss * p.kl_scale + (zeros if g_kl is None else g_kl.to(stats.dtype))
+        if p.inplace_backward:
+            grad = logits
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _, bwd = _implementation(p.backend)
+        grad = bwd(logits, base_logits, labels, stats, coef_ce, coef_kl, p, grad)
+        return grad, None, None, None

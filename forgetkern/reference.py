@@ -1,0 +1,206 @@
+"""Plain-PyTorch implementations of the forgetkern contract (DESIGN.md "The math").
+
+These are the test oracle, the CPU production path and the benchmark baseline. They compute in
+float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs, and they process
+rows in chunks so that memory stays bounded by a few copies of one chunk's ``rows x V`` whatever
+the number of rows.
+
+The TMKL functions share one interface with every other backend:
+
+* ``tmkl_forward(logits, base_logits, labels, params) -> (loss, ce, kl, stats)`` with ``(N, V)``
+  logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, 4)`` statistics (layout in
+  :mod:`forgetkern.ops.params`); ignored rows give zeros.
+* ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
+  writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``
+  (which may be ``logits`` itself for an in-place backward) and returns it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ops.params import NUM_STATS, TMKLParams
+
+NEG_INF = float("-inf")
+
+#: Default memory budget of one chunk of rows (all temporaries of the chunk together).
+REFERENCE_CHUNK_BYTES = 256 * 2**20
+# Roughly how many rows x V temporaries the chunk computations keep alive at once.
+_TEMPS_PER_CHUNK = 10
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk so that the chunk's temporaries fit in ``chunk_bytes``."""
+    budget = REFERENCE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    per_row = max(1, num_cols) * torch.finfo(accumulation_dtype(dtype)).bits // 8 * _TEMPS_PER_CHUNK
+    return max(1, budget // per_row)
+
+
+def _log_normalize(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``x - lse`` row-wise, keeping ``-inf`` entries ``-inf`` even when ``lse`` is ``-inf``."""
+    return torch.where(x == NEG_INF, x, x - lse[:, None])
+
+
+def _guarded(weight: float, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value`` with a zero weight giving exactly zero (never ``0 * inf = nan``)."""
+    return value * weight if weight != 0.0 else torch.zeros_like(value)
+
+
+def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
+    """Everything one chunk of rows needs, in the accumulation dtype.
+
+    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype;
+    ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index.
+    """
+    x = z / p.temperature
+    u = b / p.temperature
+    if p.mask_target:
+        target = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y[:, None], True)
+        x = x.masked_fill(target, NEG_INF)
+        u = u.masked_fill(target, NEG_INF)
+    lse_z = torch.logsumexp(x, dim=1)
+    lse_b = torch.logsumexp(u, dim=1)
+    log_q = _log_normalize(x, lse_z)  # log q~ (adapted), -inf at the target when masked
+    log_p = _log_normalize(u, lse_b)  # log p~ (base)
+    q = log_q.exp()
+    pb = log_p.exp()
+    if p.forward_kl:
+        terms = torch.where(pb > 0, pb * (log_p - log_q), torch.zeros_like(pb))
+    else:
+        terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    kl = terms.sum(dim=1)
+    lse_ce = torch.logsumexp(z, dim=1)
+    ce = lse_ce - z.gather(1, y[:, None]).squeeze(1)
+    return ce, kl, lse_z, lse_b, lse_ce, log_q, log_p, q, pb
+
+
+def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
+    n, v = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    step = chunk_rows(v, logits.dtype, chunk_bytes)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        y = labels[start:stop].long()
+        valid = y != p.ignore_index
+        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        z = logits[start:stop].to(acc)
+        b = base_logits[start:stop].to(acc)
+        yield start, stop, z, b, y_safe, valid
+
+
+@torch.no_grad()
+def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
+                 params: TMKLParams, chunk_bytes: int | None = None):
+    """Per-row TMKL loss, CE, KL and saved statistics (see the module docstring)."""
+    n = logits.shape[0]
+    acc = accumulation_dtype(logits.dtype)
+    loss = torch.zeros(n, dtype=acc, device=logits.device)
+    ce_out = torch.zeros_like(loss)
+    kl_out = torch.zeros_like(loss)
+    stats = torch.zeros(n, NUM_STATS, dtype=acc, device=logits.device)
+    for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
+        ce, kl, lse_z, lse_b, lse_ce, *_ = _chunk(z, b, y, params)
+        zero = torch.zeros_like(ce)
+        ce = torch.where(valid, ce, zero)
+        kl = torch.where(valid, kl, zero)
+        loss[start:stop] = _guarded(params.ce_weight, ce) + _guarded(params.kl_scale, kl)
+        ce_out[start:stop] = ce
+        kl_out[start:stop] = kl
+        stats[start:stop] = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
+    return loss, ce_out, kl_out, stats
+
+
+@torch.no_grad()
+def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
+                  stats: torch.Tensor | None, coef_ce: torch.Tensor, coef_kl: torch.Tensor,
+                  params: TMKLParams, grad_out: torch.Tensor, chunk_bytes: int | None = None):
+    """Write ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for every row into ``grad_out``.
+
+    Gradients (DESIGN.md), with ``KL`` unscaled:
+      dCE/dz = softmax(z) - e_y;
+      forward: dKL/dz_v = (q~_v - p~_v) / T;  reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T;
+      both zero at the target when ``mask_target``.
+    ``stats`` is accepted for interface parity and not needed: the reference recomputes.
+    """
+    inv_t = 1.0 / params.temperature
+    for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
+        _, kl, _, _, lse_ce, log_q, log_p, q, pb = _chunk(z, b, y, params)
+        # dCE/dz = softmax(z) - e_y
+        d_ce = _log_normalize(z, lse_ce).exp()
+        d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
+        if params.forward_kl:
+            # dKL/dz = (q~ - p~) / T
+            d_kl = (q - pb) * inv_t
+        else:
+            # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
+            d_kl = torch.where(q > 0, q * (log_q - log_p - kl[:, None]), torch.zeros_like(q)) * inv_t
+        a = coef_ce[start:stop].to(z.dtype)[:, None]
+        c = coef_kl[start:stop].to(z.dtype)[:, None]
+        grad = torch.where(a != 0, a * d_ce, torch.zeros_like(d_ce))
+        grad += torch.where(c != 0, c * d_kl, torch.zeros_like(d_kl))
+        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
+        grad_out[start:stop] = grad.to(grad_out.dtype)
+    return grad_out
+
+
+def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
+    """Solve ``A v = lambda (B + eps I) v`` for batched symmetric ``A`` and SPD ``B``.
+
+    Cholesky whitening then ``eigh``::
+
+        L = cholesky(B + eps I);  C = L^-1 A L^-T;  C = U diag(w) U^T;  V = L^-T U
+
+    so that ``V^T (B + eps I) V = I`` and ``A V = (B + eps I) V diag(w)``.
+
+    Args:
+        A: ``(..., n, n)`` symmetric (only its symmetric part is used).
+        B: ``(..., n, n)`` symmetric positive definite once ``eps * I`` is added.
+        eps: non-negative damping added to the diagonal of ``B``.
+
+    Returns:
+        ``(w, V)``: eigenvalues ``(..., n)`` in ascending order and eigenvectors ``(..., n, n)``
+        (columns), in float64 for float64 inputs and float32 otherwise.
+
+    Raises:
+        ValueError: mismatched shapes, non-square matrices, negative ``eps``, or a ``B + eps I``
+        that is not positive definite (the message lists the failing batch entries).
+    """
+    from ._validate import check_float, check_tensor
+
+    check_tensor(A, "A")
+    check_tensor(B, "B")
+    check_float(A, "A")
+    check_float(B, "B")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
+    if B.shape != A.shape:
+        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"B is on {B.device} but A is on {A.device}")
+    if not (eps >= 0.0):
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    dtype = accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
+    n = A.shape[-1]
+    A = A.to(dtype)
+    B = B.to(dtype)
+    A = 0.5 * (A + A.mT)
+    B = 0.5 * (B + B.mT)
+    if eps:
+        B = B + eps * torch.eye(n, dtype=dtype, device=B.device)
+    L, info = torch.linalg.cholesky_ex(B)
+    if bool((info != 0).any()):
+        bad = torch.nonzero(info.reshape(-1)).flatten()[:8].tolist()
+        raise ValueError(
+            f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
+            "(flattened indices); increase eps"
+        )
+    Y = torch.linalg.solve_triangular(L, A, upper=False)  # L^-1 A
+    C = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT  # L^-1 A L^-T
+    C = 0.5 * (C + C.mT)
+    w, U = torch.linalg.eigh(C)
+    V = torch.linalg.solve_triangular(L.mT, U, upper=True)  # L^-T U
+    return w, V
