@@ -1,0 +1,85 @@
+"""A minimal LoRA linear layer: ``y = W0 x + b0 + (alpha / r) B A dropout(x)``."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` with a low-rank update.
+
+    Attributes:
+        base: the wrapped ``nn.Linear`` (weights frozen).
+        lora_A: ``(r, in_features)`` parameter, Kaiming-uniform initialized.
+        lora_B: ``(out_features, r)`` parameter, zero initialized (the layer starts equal to base).
+        r, alpha, scaling: rank, LoRA alpha and ``alpha / r``.
+        adapters_enabled: when ``False`` the layer computes exactly ``base(x)``.
+        merged: whether ``scaling * B A`` is currently folded into ``base.weight``.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.r = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters_enabled = True
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (so code that reads ``layer.weight`` keeps working)."""
+        return self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A``, shaped like ``base.weight``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.adapters_enabled and not self.merged:
+            out = out + (self.dropout(x) @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
+        elif self.merged and not self.adapters_enabled:
+            out = out - x @ self.delta_weight().t().to(x.dtype)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``base.weight`` (inference without the extra matmuls)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r={self.r}, alpha={self.alpha}")
