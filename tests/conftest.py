@@ -5,7 +5,6 @@ before any forgetkern kernel module is imported (Triton fixes the mode when a ke
 Tests marked ``gpu`` skip without a CUDA device.
 """
 import os
-import warnings
 
 import pytest
 import torch
@@ -13,10 +12,6 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# The interpreter evaluates both sides of tl.where with numpy, which warns on -inf - -inf in the
-# lanes that are then discarded.
-warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\..*")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,66 @@
+"""Bad input raises a clear error before any kernel runs."""
+import pytest
+import torch
+
+import forgetkern
+
+
+def _ok(n=4, v=10):
+    return torch.randn(n, v), torch.randn(n, v), torch.randint(0, v, (n,))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs(backend):
+    z, b, y = _ok()
+    cases = [
+        (dict(base_logits=torch.randn(4, 11)), ValueError, "base_logits must have the same shape"),
+        (dict(labels=torch.randint(0, 10, (5,))), ValueError, r"labels must have shape \(4,\)"),
+        (dict(labels=y.float()), TypeError, "labels must be an integer tensor"),
+        (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"labels must be in \[0, 10\)"),
+        (dict(labels=torch.tensor([0, -1, 3, 2])), ValueError, "ignore_index=-100"),
+        (dict(direction="backward"), ValueError, "direction must be one of"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+        (dict(logits=z.long()), TypeError, "logits must be float16, bfloat16, float32 or float64"),
+        (dict(base_logits=b.double()), TypeError, "base_logits dtype torch.float64 does not match"),
+        (dict(logits=torch.randn(4, 0), base_logits=torch.randn(4, 0)), ValueError, "V > 0"),
+        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+        (dict(kl_weight=float("nan")), ValueError, "kl_weight must be finite"),
+        (dict(labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
+    ]
+    for override, exc, msg in cases:
+        kw = dict(logits=z, base_logits=b, labels=y)
+        opts = {}
+        for k, val in override.items():
+            (kw if k in kw else opts)[k] = val
+        with pytest.raises(exc, match=msg):
+            forgetkern.tmkl_loss(kw["logits"], kw["base_logits"], kw["labels"], backend=backend, **opts)
+
+
+def test_mismatched_devices():
+    z, b, y = _ok()
+    meta = torch.randn(4, 10, device="meta")
+    with pytest.raises(ValueError, match="base_logits is on meta but logits is on cpu"):
+        forgetkern.tmkl_loss(z, meta, y)
+
+
+def test_ignore_index_accepts_custom_value():
+    z, b, y = _ok()
+    y[0] = -1
+    loss = forgetkern.tmkl_loss(z, b, y, ignore_index=-1, reduction="none")
+    assert loss[0].item() == 0.0 and (loss[1:] > 0).all()
+
+
+def test_module_validates_at_construction():
+    with pytest.raises(ValueError, match="direction"):
+        forgetkern.TMKLLoss(direction="sideways")
+    with pytest.raises(ValueError, match="reduction"):
+        forgetkern.TMKLLoss(reduction="max")
+    mod = forgetkern.TMKLLoss(kl_weight=0.5, temperature=2.0, return_components=True)
+    z, b, y = _ok()
+    loss, ce, kl = mod(z, b, y)
+    expected = forgetkern.tmkl_loss(z, b, y, kl_weight=0.5, temperature=2.0)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, ce + 0.5 * 4.0 * kl)
+    assert "kl_weight=0.5" in repr(mod)
