@@ -8,6 +8,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Deterministic fuzzing in the default run (CI must not flake); `--hypothesis-profile=fuzz` explores
+# freshly random cases with a larger budget.
+settings.register_profile("default", derandomize=True, deadline=None)
+settings.register_profile("fuzz", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
