@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, GPU and available backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
+    from . import _bench
+
+    _bench.add_parser(sub)
     return parser
 
 

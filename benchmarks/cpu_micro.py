@@ -1,0 +1,51 @@
+"""CPU micro-benchmarks of the reference paths (pytest-benchmark).
+
+These time forgetkern's CPU production path; they say nothing about GPU kernels.
+
+    python -m pytest benchmarks/cpu_micro.py --benchmark-only [-k tmkl]
+"""
+import pytest
+import torch
+
+import forgetkern
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def tmkl_inputs():
+    gen = torch.Generator().manual_seed(0)
+    n, v = 256, 32000
+    z = (torch.randn(n, v, generator=gen) * 3).requires_grad_()
+    b = torch.randn(n, v, generator=gen) * 3
+    y = torch.randint(0, v, (n,), generator=gen)
+    return z, b, y
+
+
+def test_tmkl_reference_forward(benchmark, tmkl_inputs):
+    z, b, y = tmkl_inputs
+    benchmark.extra_info.update(op="tmkl", shape="N=256 V=32000", dtype="float32", mode="forward")
+    with torch.no_grad():
+        benchmark(forgetkern.tmkl_loss, z, b, y, backend="reference")
+
+
+def test_tmkl_reference_forward_backward(benchmark, tmkl_inputs):
+    z, b, y = tmkl_inputs
+    benchmark.extra_info.update(op="tmkl", shape="N=256 V=32000", dtype="float32", mode="full")
+
+    def step():
+        z.grad = None
+        forgetkern.tmkl_loss(z, b, y, backend="reference").backward()
+
+    benchmark(step)
+
+
+@pytest.mark.parametrize("n", [16, 32, 64])
+def test_generalized_eigh_reference(benchmark, n):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(224, n, n, generator=gen)
+    a = a + a.mT
+    m = torch.randn(224, n, n, generator=gen)
+    bm = m @ m.mT / n + torch.eye(n)
+    benchmark.extra_info.update(op="generalized_eigh", shape=f"batch=224 n={n}", dtype="float32")
+    benchmark(forgetkern.generalized_eigh, a, bm, eps=1e-6, backend="reference")
