@@ -24,8 +24,8 @@ ENV_VAR = "FORGETKERN_BACKEND"
 
 # Which backends implement each op. Ops register themselves here (one line per op).
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "tmkl": ("reference", "triton"),
-    "generalized_eigh": ("reference",),
+    "tmkl": ("reference", "triton", "cuda"),
+    "generalized_eigh": ("reference", "cuda"),
 }
 
 

@@ -1,0 +1,780 @@
+"""The CUDA extension forgetkern._C and its torch ops.
+
+Without a GPU (CI): the extension is built and imports wherever nvcc is present, its launchers
+reject bad arguments and CPU tensors before anything is launched, the fake (meta) implementations
+give the right shapes, and the kernels' own per-thread code, compiled for the host
+(``_C.emulate_*``: the same functions the kernels call, run thread by thread, with the block
+reduction done sequentially), matches the fp64 references. With a GPU (``gpu`` marker): the
+kernels themselves against the references, every option, dtype and layout, opcheck and
+torch.compile.
+"""
+import itertools
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import forgetkern
+from forgetkern import _backend, _cuda, reference
+from forgetkern.ops.params import TMKLParams
+
+from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err
+
+EXT = _cuda.extension()
+needs_ext = pytest.mark.skipif(EXT is None, reason=f"forgetkern._C not available: {_cuda.load_error()}")
+OPTIONS = list(itertools.product(["forward", "reverse"], [True, False], [1.0, 2.0]))
+HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Build and loading
+# --------------------------------------------------------------------------------------------
+def test_extension_built_where_nvcc_is():
+    """With nvcc on PATH and the build not skipped, the extension must be there (CI compiles it)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA extension is not built here")
+    if os.environ.get("FORGETKERN_SKIP_CUDA_BUILD", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        pytest.skip("FORGETKERN_SKIP_CUDA_BUILD is set")
+    info = forgetkern.info()
+    assert info["cuda_extension"] is True, info["cuda_extension_error"]
+    assert info["cuda_extension_error"] is None
+
+
+@needs_ext
+def test_extension_constants_match_python():
+    assert EXT.EIGH_MAX_N == _cuda.EIGH_MAX_N
+    assert EXT.DTYPE_CODES == {str(k).removeprefix("torch."): v for k, v in _cuda.DTYPE_CODES.items()}
+    archs = EXT.CUDA_ARCHS.split(";")
+    assert archs and all(a[:2].isdigit() for a in archs)
+    assert EXT.cuda_runtime_version() >= 11000
+    # launch settings: whole warps within the kernels' limits
+    for v in (1, 37, 32000, 128256, 256000):
+        for code in range(4):
+            t = EXT.tmkl_threads(v, code)
+            assert t % 32 == 0 and 64 <= t <= EXT.TMKL_MAX_THREADS
+    for n in range(1, 65):
+        t = EXT.generalized_eigh_threads(n)
+        assert t % 32 == 0 and 32 <= t <= EXT.EIGH_MAX_THREADS
+    assert EXT.generalized_eigh_shared_bytes(64, 3) < 160 * 1024  # fits sm_80's opt-in limit
+
+
+def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
+    monkeypatch.setattr(_cuda, "_STATE", (None, "not built (test)"))
+    assert not _cuda.available()
+    assert forgetkern.info()["cuda_extension"] is False
+    assert forgetkern.info()["cuda_extension_error"] == "not built (test)"
+    reason = _backend.why_unavailable("cuda", "tmkl", torch.device("cuda"))
+    assert "not built (test)" in reason
+    with pytest.raises(RuntimeError, match="not built"):
+        _cuda.tmkl_forward(*_meta_like_cuda_inputs(), TMKLParams())
+
+
+def _meta_like_cuda_inputs():
+    # objects that look like CUDA tensors to the device check, never touched further
+    class Fake:
+        device = torch.device("cuda")
+
+    return Fake(), Fake(), Fake()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU tensors and bad arguments are rejected before anything runs
+# --------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for forgetkern._C and records every launch."""
+
+    EIGH_MAX_SWEEPS = 40
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def launch(*args, **kwargs):
+            self.calls.append(name)
+
+        return launch
+
+
+def test_cpu_tensors_raise_before_any_launch(monkeypatch):
+    rec = _Recorder()
+    monkeypatch.setattr(_cuda, "_STATE", (rec, None))
+    z = torch.randn(3, 10)
+    y = torch.tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        forgetkern.tmkl_loss(z, z, y, backend="cuda")
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        _cuda.tmkl_forward(z, z, y, TMKLParams())
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        torch.ops.forgetkern.tmkl_forward(z, z, y, -100, 1.0, 1.0, 1.0, True, True)
+    stats = torch.zeros(3, 4)
+    coef = torch.ones(3)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        torch.ops.forgetkern.tmkl_backward(z, z, y, stats, coef, coef, torch.empty_like(z), -100, 1.0, True, True)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        torch.ops.forgetkern.tmkl_backward_inplace(z.clone(), z, y, stats, coef, coef, -100, 1.0, True, True)
+    a = torch.eye(4)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        forgetkern.generalized_eigh(a, a, backend="cuda")
+    with pytest.raises(ValueError, match="A must be a CUDA tensor"):
+        _cuda.generalized_eigh(a, a)
+    with pytest.raises(ValueError, match="A must be a CUDA tensor"):
+        torch.ops.forgetkern.generalized_eigh(a[None], a[None], 0.0)
+    assert rec.calls == []
+
+
+@needs_ext
+def test_launchers_validate_arguments():
+    kw = dict(z=0, stride_z=10, b=0, stride_b=10, y=0, loss=0, ce=0, kl=0, stats=0, n=2, v=10,
+              ignore_index=-100, inv_t=1.0, ce_weight=1.0, kl_scale=1.0, forward_kl=True,
+              mask_target=True, separate_ce=False, dtype=0)
+    with pytest.raises(ValueError, match="tmkl_forward: z must be a non-null device pointer"):
+        EXT.tmkl_forward(**kw)
+    with pytest.raises(ValueError, match="dtype must be a dtype code"):
+        EXT.tmkl_forward(**{**kw, "dtype": 7})
+    with pytest.raises(ValueError, match="threads must be 0"):
+        EXT.tmkl_forward(**{**kw, "threads": 48})
+    with pytest.raises(ValueError, match="inv_t"):
+        EXT.tmkl_forward(**{**kw, "inv_t": 0.0})
+    with pytest.raises(ValueError, match="aligned"):
+        EXT.tmkl_forward(**{**kw, "z": 4096 + 2, "b": 4096, "y": 4096})
+    ekw = dict(a=4096, b=4096, w=4096, vecs=4096, info=4096, batch=1, n=65, eps=0.0, dtype=0)
+    with pytest.raises(ValueError, match=r"n must be in \[1, 64\]"):
+        EXT.generalized_eigh(**ekw)
+    with pytest.raises(ValueError, match="float32 .0. or float64"):
+        EXT.generalized_eigh(**{**ekw, "n": 8, "dtype": 2})
+    with pytest.raises(ValueError, match="eps"):
+        EXT.generalized_eigh(**{**ekw, "n": 8, "eps": -1.0})
+
+
+@needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path on a machine without a GPU")
+def test_failed_launch_raises_naming_the_kernel():
+    # valid-looking arguments pass the checks; the launch itself fails without a GPU or driver and
+    # the error names the kernel (no memory is touched: nothing runs)
+    p = 1 << 20
+    with pytest.raises(RuntimeError, match="launching tmkl_fwd_kernel failed: cuda"):
+        EXT.tmkl_forward(z=p, stride_z=10, b=p, stride_b=10, y=p, loss=p, ce=p, kl=p, stats=p, n=2, v=10,
+                         ignore_index=-100, inv_t=1.0, ce_weight=1.0, kl_scale=1.0, forward_kl=True,
+                         mask_target=True, separate_ce=False, dtype=0)
+    with pytest.raises(RuntimeError, match="launching tmkl_bwd_kernel failed: cuda"):
+        EXT.tmkl_backward(z=p, stride_z=10, b=p, stride_b=10, y=p, stats=p, coef_ce=p, coef_kl=p, g=p,
+                          stride_g=10, n=2, v=10, ignore_index=-100, inv_t=1.0, forward_kl=True,
+                          mask_target=True, separate_ce=False, dtype=0)
+    with pytest.raises(RuntimeError, match="generalized_eigh_kernel failed: cuda"):
+        EXT.generalized_eigh(a=p, b=p, w=p, vecs=p, info=p, batch=1, n=8, eps=0.0, dtype=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) implementations: what torch.compile traces with
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fake_tmkl_ops_on_meta(dtype):
+    z = torch.empty(5, 33, dtype=dtype, device="meta")
+    y = torch.empty(5, dtype=torch.int64, device="meta")
+    loss, ce, kl, stats = torch.ops.forgetkern.tmkl_forward(z, z, y, -100, 2.0, 1.0, 1.0, False, True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for t in (loss, ce, kl):
+        assert t.shape == (5,) and t.dtype == acc and t.device.type == "meta"
+    assert stats.shape == (5, 4) and stats.dtype == acc
+    g = torch.empty_like(z)
+    assert torch.ops.forgetkern.tmkl_backward(z, z, y, stats, loss, loss, g, -100, 2.0, False, True) is None
+    assert torch.ops.forgetkern.tmkl_backward_inplace(z, z, y, stats, loss, loss, -100, 2.0, False, True) is None
+    with pytest.raises(ValueError, match="labels must have shape"):
+        torch.ops.forgetkern.tmkl_forward(z, z, y[:3], -100, 2.0, 1.0, 1.0, False, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fake_generalized_eigh_on_meta(dtype):
+    a = torch.empty(7, 16, 16, dtype=dtype, device="meta")
+    w, v, info = torch.ops.forgetkern.generalized_eigh(a, a, 1e-6)
+    assert w.shape == (7, 16) and v.shape == (7, 16, 16) and info.shape == (7,)
+    assert w.dtype == v.dtype == dtype and info.dtype == torch.int32
+    with pytest.raises(ValueError, match="n must be in"):
+        big = torch.empty(1, 65, 65, dtype=dtype, device="meta")
+        torch.ops.forgetkern.generalized_eigh(big, big, 0.0)
+
+
+def test_fake_tmkl_forward_under_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        z = torch.empty(4, 10, device="meta")
+        y = torch.empty(4, dtype=torch.int64, device="meta")
+        loss, _, _, stats = torch.ops.forgetkern.tmkl_forward(z, z, y, -100, 1.0, 1.0, 1.0, True, True)
+        assert loss.shape == (4,) and stats.shape == (4, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels' per-thread code on the host (no GPU needed)
+# --------------------------------------------------------------------------------------------
+def _emulate_tmkl(z, b, y, params: TMKLParams, coef_ce, coef_kl, *, threads=32, g=None):
+    """Forward and backward of the CUDA kernels' code run on the CPU; returns outputs and grad."""
+    n, v = z.shape
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    loss, ce, kl = (torch.full((n,), float("nan"), dtype=acc) for _ in range(3))
+    stats = torch.full((n, 4), float("nan"), dtype=acc)
+    y64 = y.to(torch.int64).contiguous()
+    common = dict(n=n, v=v, ignore_index=params.ignore_index, inv_t=1.0 / params.temperature,
+                  forward_kl=params.forward_kl, mask_target=params.mask_target,
+                  separate_ce=params.separate_ce, dtype=_cuda.DTYPE_CODES[z.dtype], threads=threads)
+    EXT.emulate_tmkl_forward(z=z.data_ptr(), stride_z=z.stride(0), b=b.data_ptr(), stride_b=b.stride(0),
+                             y=y64.data_ptr(), loss=loss.data_ptr(), ce=ce.data_ptr(), kl=kl.data_ptr(),
+                             stats=stats.data_ptr(), ce_weight=params.ce_weight, kl_scale=params.kl_scale,
+                             **common)
+    if g is None:
+        g = torch.full_like(z, float("nan"), memory_format=torch.contiguous_format)
+    a = coef_ce.to(acc).contiguous()
+    c = coef_kl.to(acc).contiguous()
+    EXT.emulate_tmkl_backward(z=z.data_ptr(), stride_z=z.stride(0), b=b.data_ptr(), stride_b=b.stride(0),
+                              y=y64.data_ptr(), stats=stats.data_ptr(), coef_ce=a.data_ptr(),
+                              coef_kl=c.data_ptr(), g=g.data_ptr(), stride_g=g.stride(0), **common)
+    return (loss, ce, kl), stats, g
+
+
+def _reference_tmkl(z, b, y, params, coef_ce, coef_kl):
+    """fp64 reference outputs, stats and gradient of the same (rounded) inputs."""
+    z64, b64 = z.double().contiguous(), b.double().contiguous()
+    loss, ce, kl, stats = reference.tmkl_forward(z64, b64, y, params)
+    grad = torch.empty_like(z64)
+    reference.tmkl_backward(z64, b64, y, stats, coef_ce.double(), coef_kl.double(), params, grad)
+    return (loss, ce, kl), stats, grad
+
+
+def _rows(n, v, dtype, *, z_offset=0, b_offset=0, scale=3.0, seed=0):
+    """(n, v) views with unit column stride starting ``offset`` elements into wider rows."""
+    gen = torch.Generator().manual_seed(seed)
+    width = v + 5
+    zbig = (torch.randn(n, width, dtype=torch.float64, generator=gen) * scale).to(dtype)
+    bbig = (torch.randn(n, width, dtype=torch.float64, generator=gen) * scale).to(dtype)
+    return zbig[:, z_offset:z_offset + v], bbig[:, b_offset:b_offset + v]
+
+
+def _labels(n, v, seed=0, ignore=(1,)):
+    gen = torch.Generator().manual_seed(seed + 1)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[0] = 0
+    if n > 2:
+        y[-1] = v - 1
+    if n > 3:
+        y[2] = min(v - 1, 3)  # inside the scalar head of a misaligned row
+    for i in ignore:
+        if i < n:
+            y[i] = -100
+    return y
+
+
+def _coefs(n, seed=0):
+    gen = torch.Generator().manual_seed(seed + 2)
+    return torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def _check_emulated(z, b, y, params, *, dtype, threads=32, g=None, grad_tol=None):
+    a, c = _coefs(z.shape[0])
+    outs, stats, grad = _emulate_tmkl(z, b, y, params, a, c, threads=threads, g=g)
+    r_outs, r_stats, r_grad = _reference_tmkl(z, b, y, params, a, c)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    for name, got, want in zip(("loss", "ce", "kl"), outs, r_outs):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    valid = y != params.ignore_index  # the statistics of ignored rows are never read
+    torch.testing.assert_close(stats.double()[valid], r_stats[valid], rtol=tol, atol=tol)
+    if dtype in HALF:
+        # the gradient is rounded to the input dtype: judged against the fp64 gradient rounded alike
+        assert_close_to_ref(grad, r_grad, dtype, baseline=r_grad.to(dtype), factor=1.5, what="grad")
+    else:
+        gtol = grad_tol or (1e-12 if dtype == torch.float64 else 2e-6)
+        torch.testing.assert_close(grad.double(), r_grad, rtol=gtol, atol=gtol)
+    return grad
+
+
+@needs_ext
+@pytest.mark.parametrize("direction,mask_target,temperature", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_tmkl_every_option(direction, mask_target, temperature, dtype):
+    params = TMKLParams(direction=direction, mask_target=mask_target, temperature=temperature,
+                        kl_weight=0.7, ce_weight=1.3)
+    z, b = _rows(6, 301, dtype, z_offset=1, b_offset=1)  # misaligned rows: head, vectors, tail
+    y = _labels(6, 301)
+    _check_emulated(z, b, y, params, dtype=dtype, g=torch.empty(6, 306, dtype=dtype)[:, 1:302])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "same_offset", "mixed_offsets"])
+def test_emulated_tmkl_dtypes_and_layouts(dtype, layout):
+    offsets = {"contiguous": (0, 0), "same_offset": (3, 3), "mixed_offsets": (1, 2)}[layout]
+    n, v = 5, 203
+    z, b = _rows(n, v, dtype, z_offset=offsets[0], b_offset=offsets[1])
+    if layout == "contiguous":
+        z, b = z.contiguous(), b.contiguous()
+    y = _labels(n, v)
+    for params in (TMKLParams(), TMKLParams(direction="reverse", temperature=1.7, kl_weight=2.0)):
+        _check_emulated(z, b, y, params, dtype=dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("v", [1, 2, 7, 8, 9, 64, 511, 4099])
+@pytest.mark.parametrize("threads", [32, 64, 512])
+def test_emulated_tmkl_vocab_sizes(v, threads):
+    z, b = _rows(3, v, torch.float32, z_offset=2, b_offset=2)
+    y = _labels(3, v, ignore=())
+    _check_emulated(z, b, y, TMKLParams(temperature=0.8), dtype=torch.float32, threads=threads)
+
+
+@needs_ext
+def test_emulated_tmkl_large_vocab_rows():
+    v = 128256
+    z, b = _rows(2, v, torch.bfloat16, z_offset=1, b_offset=1, scale=4.0)
+    y = torch.tensor([v - 1, 77777])
+    _check_emulated(z, b, y, TMKLParams(), dtype=torch.bfloat16, threads=0)  # automatic launch size
+
+
+@needs_ext
+def test_emulated_tmkl_matches_independent_oracle():
+    z, b = _rows(4, 45, torch.float64, z_offset=1, b_offset=0)
+    y = _labels(4, 45)
+    for direction in ("forward", "reverse"):
+        params = TMKLParams(direction=direction, temperature=1.5, kl_weight=0.3)
+        a, c = _coefs(4)
+        outs, _, grad = _emulate_tmkl(z, b, y, params, a, c)
+        zz = z.detach().clone().requires_grad_()
+        o = oracle_tmkl(zz, b, y, direction=direction, temperature=1.5, kl_weight=0.3)
+        # the backward takes coef_ce / coef_kl directly: d(sum a*ce + c*kl)/dz
+        torch.autograd.backward([o[1], o[2]], [a, c])
+        for got, want in zip(outs, o):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(grad, zz.grad, rtol=1e-10, atol=1e-12)
+
+
+@needs_ext
+def test_emulated_tmkl_inplace_single_row_and_ignored():
+    n, v = 4, 150
+    z, b = _rows(n, v, torch.float32, z_offset=1, b_offset=1)
+    y = _labels(n, v)
+    params = TMKLParams(temperature=1.0)  # the path that reads z[y] before writing the row
+    a, c = _coefs(n)
+    _, _, grad = _emulate_tmkl(z, b, y, params, a, c)
+    zc = torch.empty(n, v + 5)[:, 1:v + 1].copy_(z)  # same misalignment as z and b: vector path
+    _, _, g_inplace = _emulate_tmkl(zc, b, y, params, a, c, g=zc)
+    assert g_inplace.data_ptr() == zc.data_ptr()
+    torch.testing.assert_close(zc, grad, rtol=0, atol=0)
+    assert torch.equal(grad[1], torch.zeros(v))  # ignored row: exactly zero
+    # a single row; all rows ignored
+    _check_emulated(z[:1], b[:1], y[:1], params, dtype=torch.float32)
+    yi = torch.full((n,), -100)
+    outs, stats, g = _emulate_tmkl(z, b, yi, params, a, c)
+    assert all(torch.equal(o, torch.zeros(n)) for o in outs) and torch.equal(g, torch.zeros(n, v))
+
+
+@needs_ext
+def test_emulated_tmkl_padded_confident_and_invalid():
+    n, v = 4, 97
+    z, b = _rows(n, v, torch.float32)
+    z, b = z.contiguous(), b.contiguous()
+    y = torch.tensor([3, 10, 40, 20])
+    z[:, 60:] = float("-inf")  # padded vocabulary rows, both models agree
+    b[:, 60:] = float("-inf")
+    z[2, 40], b[2, 40] = 40.0, 35.0  # confident target: LSE' computed directly, not via log(1 - p_y)
+    params = TMKLParams()
+    grad = _check_emulated(z, b, y, params, dtype=torch.float32)
+    assert torch.isfinite(grad).all()
+    a, c = _coefs(n)
+    z2 = z.clone()
+    z2[0, 5] = float("-inf")  # adapted -inf where the base has mass: infinite forward KL
+    outs, _, _ = _emulate_tmkl(z2, b, y, params, a, c)
+    assert outs[2][0].item() == float("inf") and torch.isfinite(outs[2][1:]).all()
+    # a label outside [0, V) (unchecked input) gives NaN, never an out-of-bounds read
+    outs, _, g = _emulate_tmkl(z, b, torch.tensor([3, v, -5, 20]), params, a, c)
+    assert outs[0][1].isnan() and outs[0][2].isnan() and g[1].isnan().all()
+
+
+@needs_ext
+def test_emulated_tmkl_zero_weights_exact():
+    z, b = _rows(3, 50, torch.float32)
+    y = _labels(3, 50, ignore=())
+    params = TMKLParams(kl_weight=0.0)
+    a, c = _coefs(3)
+    outs, _, _ = _emulate_tmkl(z, b, y, params, a, torch.zeros(3))
+    torch.testing.assert_close(outs[0], torch.nn.functional.cross_entropy(z, y, reduction="none"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _eigh_problem(batch, n, dtype, *, cond_b=10.0, repeated=False, seed=0):
+    gen = torch.Generator().manual_seed(seed + n)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, dtype=torch.float64, generator=gen))
+    d = torch.logspace(0, -torch.log10(torch.tensor(cond_b)).item(), n, dtype=torch.float64)
+    B = q @ torch.diag_embed(d.expand(batch, n)) @ q.mT
+    if repeated:
+        # A = B V0 diag(lam) V0^T B with V0^T B V0 = I: generalized eigenvalues lam, with repeats
+        lam = torch.tensor([float(i // 3) for i in range(n)], dtype=torch.float64)
+        x = torch.randn(batch, n, n, dtype=torch.float64, generator=gen)
+        L = torch.linalg.cholesky(B)
+        u, _ = torch.linalg.qr(x)
+        v0 = torch.linalg.solve_triangular(L.mT, u, upper=True)
+        A = B @ v0 @ torch.diag_embed(lam.expand(batch, n)) @ v0.mT @ B
+    else:
+        x = torch.randn(batch, n, 2 * n, dtype=torch.float64, generator=gen)
+        A = x @ x.mT / (2 * n) - 0.3 * torch.eye(n, dtype=torch.float64)
+    return A.to(dtype), B.to(dtype)
+
+
+def _emulate_eigh(A, B, eps, threads=0):
+    batch, n, _ = A.shape
+    a, b = A.contiguous(), B.contiguous()
+    w = torch.full((batch, n), float("nan"), dtype=A.dtype)
+    v = torch.full((batch, n, n), float("nan"), dtype=A.dtype)
+    info = torch.full((batch,), 99, dtype=torch.int32)
+    EXT.emulate_generalized_eigh(a=a.data_ptr(), b=b.data_ptr(), w=w.data_ptr(), vecs=v.data_ptr(),
+                                 info=info.data_ptr(), batch=batch, n=n, eps=eps,
+                                 dtype=_cuda.DTYPE_CODES[A.dtype], threads=threads)
+    return w, v, info
+
+
+def _check_eigh(A, B, eps, w, V, *, baseline=None, factor=10.0):
+    """Judge a solution by its eigenvalues, residual and B-orthonormality (never raw vectors).
+
+    The limits are the dtype's, or ``factor`` times the same measures of ``baseline`` (the
+    reference in the same dtype) when that is larger.
+    """
+    A64, B64 = A.double(), B.double()
+    n = A.shape[-1]
+    Bd = B64 + eps * torch.eye(n, dtype=torch.float64)
+    w_ref, _ = reference.generalized_eigh(A64, B64, eps)
+    w64, V64 = w.double(), V.double()
+
+    def measures(w_, V_):
+        scale = w_ref.abs().amax(-1, keepdim=True).clamp_min(1e-300)
+        ew = ((w_ - w_ref).abs() / scale).max().item()
+        res = A64 @ V_ - Bd @ V_ @ torch.diag_embed(w_)
+        rr = (torch.linalg.matrix_norm(res) /
+              (torch.linalg.matrix_norm(A64) + torch.linalg.matrix_norm(Bd) * w_.abs().amax(-1))
+              / torch.linalg.matrix_norm(V_)).max().item()
+        orth = (V_.mT @ Bd @ V_ - torch.eye(n, dtype=torch.float64)).abs().max().item()
+        return ew, rr, orth
+
+    got = measures(w64, V64)
+    eps_d = torch.finfo(A.dtype).eps
+    limits = [100 * n * eps_d, 100 * n * eps_d, 100 * n * eps_d]
+    baselines = [] if baseline is None else [baseline]
+    # an independent fp64 solver (LAPACK sygvd through scipy): how far two good solvers differ
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    ws, vs = zip(*(scipy_linalg.eigh(a.numpy(), bd.numpy()) for a, bd in zip(A64, Bd)))
+    baselines.append((torch.tensor(np.stack(ws)), torch.tensor(np.stack(vs))))
+    for bw, bv in baselines:
+        base = measures(bw.double(), bv.double())
+        limits = [max(lim, factor * x) for lim, x in zip(limits, base)]
+    assert (torch.diff(w64, dim=-1) >= 0).all(), "eigenvalues not ascending"
+    for name, g, lim in zip(("eigenvalues", "residual", "V^T B V - I"), got, limits):
+        assert g <= lim, f"{name}: error {g:.3e} exceeds {lim:.3e} (n={n}, {A.dtype})"
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_emulated_generalized_eigh(n, dtype):
+    A, B = _eigh_problem(3, n, dtype)
+    w, V, info = _emulate_eigh(A, B, 1e-6)
+    assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
+    _check_eigh(A, B, 1e-6, w, V, baseline=reference.generalized_eigh(A, B, 1e-6))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_emulated_generalized_eigh_ill_conditioned_and_repeated(dtype):
+    for kw in (dict(cond_b=1e6), dict(repeated=True), dict(cond_b=1e6, repeated=True)):
+        A, B = _eigh_problem(2, 24, dtype, **kw)
+        w, V, info = _emulate_eigh(A, B, 0.0)
+        assert torch.equal(info, torch.zeros(2, dtype=torch.int32)), kw
+        _check_eigh(A, B, 0.0, w, V, baseline=reference.generalized_eigh(A, B, 0.0))
+    # repeated eigenvalues come out repeated
+    A, B = _eigh_problem(1, 12, torch.float64, repeated=True)
+    w, _, _ = _emulate_eigh(A, B, 0.0)
+    torch.testing.assert_close(w[0], torch.tensor([float(i // 3) for i in range(12)], dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [32, 96, 256])
+def test_emulated_generalized_eigh_thread_counts(threads):
+    A, B = _eigh_problem(2, 19, torch.float64)
+    w, V, info = _emulate_eigh(A, B, 1e-3, threads=threads)
+    assert (info == 0).all()
+    _check_eigh(A, B, 1e-3, w, V)
+
+
+@needs_ext
+def test_emulated_generalized_eigh_failures_reported():
+    A, B = _eigh_problem(3, 6, torch.float64)
+    B[1] = -torch.eye(6, dtype=torch.float64)  # not positive definite: fails at column 0
+    A[2, 0, 1] = float("nan")
+    A[2, 1, 0] = float("nan")
+    w, V, info = _emulate_eigh(A, B, 0.0)
+    assert info.tolist() == [0, 1, -1]
+    assert w[1].isnan().all() and V[1].isnan().all() and w[2].isnan().all()
+    _check_eigh(A[:1], B[:1], 0.0, w[:1], V[:1])
+
+
+# --------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+
+
+def _gpu_inputs(n, v, dtype, *, scale=3.0, seed=0, ignore=(1,)):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    z = (torch.randn(n, v, device="cuda", generator=gen, dtype=torch.float64) * scale).to(dtype)
+    b = (torch.randn(n, v, device="cuda", generator=gen, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    for i in ignore:
+        if i < n:
+            y[i] = -100
+    return z, b, y
+
+
+def _run(z, b, y, backend, g=None, **kw):
+    """Per-row (loss, ce, kl) and the gradient for upstream grads ``g`` (three row vectors)."""
+    x = z.detach().clone().requires_grad_()
+    outs = forgetkern.tmkl_loss(x, b, y, reduction="none", return_components=True, backend=backend, **kw)
+    if g is None:
+        g = [torch.randn(y.shape, dtype=torch.float64, device=z.device) for _ in range(3)]
+    torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
+    return [o.detach() for o in outs], x.grad, g
+
+
+def _fp64_reference(z, b, y, g, **kw):
+    return _run(z.double(), b.double(), y, "reference", g=g, **kw)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("direction,mask_target,temperature", OPTIONS)
+def test_gpu_tmkl_every_option(direction, mask_target, temperature):
+    kw = dict(direction=direction, mask_target=mask_target, temperature=temperature, kl_weight=0.8,
+              ce_weight=1.1)
+    z, b, y = _gpu_inputs(7, 1001, torch.float32)  # odd vocabulary
+    outs, grad, g = _run(z, b, y, "cuda", **kw)
+    r_outs, r_grad, _ = _fp64_reference(z, b, y, g, **kw)
+    for a, r in zip(outs, r_outs):
+        torch.testing.assert_close(a.double(), r, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), r_grad, rtol=2e-5, atol=2e-6)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [4099, 128256, 256000])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gpu_tmkl_dtypes_and_vocab_sizes(dtype, v, direction):
+    t = 1.0 if v != 4099 else 2.0
+    kw = dict(direction=direction, temperature=t)
+    z, b, y = _gpu_inputs(4, v, dtype)
+    outs, grad, g = _run(z, b, y, "cuda", **kw)
+    assert grad.dtype == dtype and outs[0].dtype == torch.float32
+    r_outs, r_grad, _ = _fp64_reference(z, b, y, g, **kw)
+    ce_n, kl_n = naive_tmkl_in_dtype(z, b, y, **kw)
+    zn = z.detach().clone().requires_grad_()
+    ce_g, kl_g = naive_tmkl_in_dtype(zn, b, y, **kw)
+    # the same upstream gradients: loss = ce + T^2 kl, then ce and kl themselves
+    torch.autograd.backward([ce_g, kl_g], [(g[0] + g[1]).to(dtype), (g[0] * t**2 + g[2]).to(dtype)])
+    assert_close_to_ref(outs[1], r_outs[1], dtype, baseline=ce_n, what="ce")
+    assert_close_to_ref(outs[2], r_outs[2], dtype, baseline=kl_n, what="kl")
+    assert_close_to_ref(grad, r_grad, dtype, baseline=zn.grad, what="grad")
+
+
+@gpu
+@needs_ext
+def test_gpu_tmkl_fp64():
+    z, b, y = _gpu_inputs(5, 999, torch.float64)
+    for direction in ("forward", "reverse"):
+        kw = dict(direction=direction, temperature=1.5, kl_weight=0.3)
+        outs, grad, g = _run(z, b, y, "cuda", **kw)
+        zz = z.detach().cpu().clone().requires_grad_()
+        o = oracle_tmkl(zz, b.cpu(), y.cpu(), **kw)
+        torch.autograd.backward(list(o), [gi.cpu() for gi in g])
+        for a, r in zip(outs, o):
+            torch.testing.assert_close(a.cpu(), r.detach(), rtol=1e-11, atol=1e-12)
+        torch.testing.assert_close(grad.cpu(), zz.grad, rtol=1e-10, atol=1e-12)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tmkl_non_contiguous_rows(dtype):
+    big = torch.randn(10, 3001, device="cuda").to(dtype)
+    bigb = torch.randn(10, 3003, device="cuda").to(dtype)
+    z = big[::2, 1:2998]  # misaligned rows, row stride 6002
+    b = bigb[1::2, 3:3000]  # another misalignment: scalar path
+    y = torch.randint(0, 2997, (5,), device="cuda")
+    outs, grad, g = _run(z, b, y, "cuda")
+    r_outs, r_grad, _ = _fp64_reference(z.contiguous(), b.contiguous(), y, g)
+    assert_close_to_ref(outs[0], r_outs[0], torch.float32, what="loss")  # fp32 accumulation
+    assert_close_to_ref(grad, r_grad, dtype, baseline=r_grad.to(dtype), factor=1.5, what="grad")
+    # broadcast base row (row stride 0)
+    b0 = torch.randn(1, 2997, device="cuda").to(dtype).expand(5, 2997)
+    outs, grad, g = _run(z, b0, y, "cuda")
+    r_outs, r_grad, _ = _fp64_reference(z.contiguous(), b0.contiguous(), y, g)
+    assert_close_to_ref(grad, r_grad, dtype, baseline=r_grad.to(dtype), factor=1.5, what="grad")
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 1.0), ("forward", 2.0)])
+def test_gpu_tmkl_inplace_backward(direction, temperature):
+    z, b, y = _gpu_inputs(6, 5003, torch.bfloat16)
+    gl = torch.randn(6, device="cuda")
+    kw = dict(direction=direction, temperature=temperature)
+    x = z.clone().requires_grad_()
+    (forgetkern.tmkl_loss(x, b, y, reduction="none", backend="cuda", **kw) * gl).sum().backward()
+    leaf = z.clone().requires_grad_()
+    logits = leaf * 1.0  # non-leaf: its storage receives the gradient
+    loss = forgetkern.tmkl_loss(logits, b, y, reduction="none", backend="cuda", inplace_backward=True, **kw)
+    (loss * gl).sum().backward()
+    assert torch.equal(leaf.grad, x.grad)
+    assert torch.equal(logits.detach(), x.grad)
+
+
+@gpu
+@needs_ext
+def test_gpu_tmkl_edge_rows():
+    # single row, all ignored, empty batch, padded -inf columns, confident targets
+    z, b, y = _gpu_inputs(1, 77, torch.float32, ignore=())
+    outs, grad, g = _run(z, b, y, "cuda")
+    r_outs, r_grad, _ = _fp64_reference(z, b, y, g)
+    torch.testing.assert_close(outs[0].double(), r_outs[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad.double(), r_grad, rtol=2e-5, atol=2e-6)
+    z, b, _ = _gpu_inputs(4, 300, torch.float32)
+    x = z.clone().requires_grad_()
+    loss = forgetkern.tmkl_loss(x, b, torch.full((4,), -100, device="cuda"), backend="cuda")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    e = torch.randn(0, 10, device="cuda", requires_grad=True)
+    loss = forgetkern.tmkl_loss(e, e.detach(), torch.zeros(0, dtype=torch.long, device="cuda"), backend="cuda")
+    loss.backward()
+    assert loss.item() == 0.0 and e.grad.shape == (0, 10)
+    z, b, y = _gpu_inputs(5, 800, torch.float32, ignore=())
+    y = y % 400
+    z[:, 400:] = float("-inf")
+    b[:, 400:] = float("-inf")
+    z[0, int(y[0])] = 40.0
+    b[0, int(y[0])] = 35.0
+    outs, grad, g = _run(z, b, y, "cuda")
+    r_outs, r_grad, _ = _fp64_reference(z, b, y, g)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(outs[2].double(), r_outs[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), r_grad, rtol=2e-5, atol=2e-6)
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("n", [2, 7, 16, 32, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_generalized_eigh(n, dtype):
+    A, B = _eigh_problem(5, n, dtype)
+    w, V = forgetkern.generalized_eigh(A.cuda(), B.cuda(), eps=1e-6, backend="cuda")
+    assert w.dtype == V.dtype == dtype and w.shape == (5, n) and V.shape == (5, n, n)
+    _check_eigh(A, B, 1e-6, w.cpu(), V.cpu(), baseline=reference.generalized_eigh(A, B, 1e-6))
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_generalized_eigh_ill_conditioned_and_repeated(dtype):
+    for n in (16, 33, 64):
+        for kw in (dict(cond_b=1e6), dict(repeated=True)):
+            A, B = _eigh_problem(4, n, dtype, **kw)
+            w, V = forgetkern.generalized_eigh(A.cuda(), B.cuda(), backend="cuda")
+            _check_eigh(A, B, 0.0, w.cpu(), V.cpu(), baseline=reference.generalized_eigh(A, B, 0.0))
+
+
+@gpu
+@needs_ext
+def test_gpu_generalized_eigh_batch_shapes_fallback_and_errors():
+    A, B = _eigh_problem(6, 8, torch.float32)
+    w, V = forgetkern.generalized_eigh(A.view(2, 3, 8, 8).cuda(), B.view(2, 3, 8, 8).cuda(), backend="cuda")
+    assert w.shape == (2, 3, 8) and V.shape == (2, 3, 8, 8)
+    _check_eigh(A, B, 0.0, w.reshape(6, 8).cpu(), V.reshape(6, 8, 8).cpu())
+    A, B = _eigh_problem(2, 65, torch.float64)  # above the kernel's limit: the reference
+    w, V = forgetkern.generalized_eigh(A.cuda(), B.cuda(), backend="cuda")
+    _check_eigh(A, B, 0.0, w.cpu(), V.cpu())
+    A, B = _eigh_problem(3, 8, torch.float64)
+    B[1] = -B[1]
+    with pytest.raises(ValueError, match=r"not positive definite .* \[1\]"):
+        forgetkern.generalized_eigh(A.cuda(), B.cuda(), backend="cuda")
+
+
+@gpu
+@needs_ext
+def test_gpu_opcheck():
+    z, b, y = _gpu_inputs(4, 1003, torch.float32)
+    args = (z, b, y, -100, 2.0, 1.0, 1.0, False, True)
+    torch.library.opcheck(torch.ops.forgetkern.tmkl_forward.default, args)
+    loss, ce, kl, stats = torch.ops.forgetkern.tmkl_forward(*args)
+    a, c = torch.randn(4, device="cuda"), torch.randn(4, device="cuda")
+    torch.library.opcheck(torch.ops.forgetkern.tmkl_backward.default,
+                          (z, b, y, stats, a, c, torch.empty_like(z), -100, 2.0, False, True))
+    torch.library.opcheck(torch.ops.forgetkern.tmkl_backward_inplace.default,
+                          (z.clone(), b, y, stats, a, c, -100, 2.0, False, True))
+    A, B = _eigh_problem(3, 16, torch.float32)
+    torch.library.opcheck(torch.ops.forgetkern.generalized_eigh.default, (A.cuda(), B.cuda(), 1e-6))
+
+
+@gpu
+@needs_ext
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_compiled_training_step_matches_eager(inplace):
+    torch._dynamo.reset()
+    d, v = 64, 1027
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(d, v).cuda(), torch.nn.Linear(d, v).cuda().requires_grad_(False)
+
+    def step(head, base, h, y):
+        loss = forgetkern.tmkl_loss(head(h), base(h), y, backend="cuda", temperature=1.5,
+                                    inplace_backward=inplace)
+        loss.backward()
+        return loss.detach()
+
+    h = torch.randn(2, 9, d, device="cuda")
+    y = torch.randint(0, v, (2, 9), device="cuda")
+    y[0, 3] = -100
+    head_e, base_e = make()
+    loss_e = step(head_e, base_e, h, y)
+    head_c, base_c = make()
+    loss_c = torch.compile(step)(head_c, base_c, h, y)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head_c.weight.grad, head_e.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_c.bias.grad, head_e.bias.grad, rtol=1e-4, atol=1e-6)
+
+
+@gpu
+@needs_ext
+def test_gpu_tmkl_loss_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+
+    def f(z, b, y):
+        return forgetkern.tmkl_loss(z, b, y, backend="cuda", direction="reverse")
+
+    z, b, y = _gpu_inputs(6, 501, torch.float32)
+    x = z.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = torch.compile(f, fullgraph=True)(x, b, y)
+    loss.backward()
+    x2 = z.clone().requires_grad_()
+    f(x2, b, y).backward()
+    torch.testing.assert_close(loss, f(z, b, y), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-7)
+
+
+@gpu
+@needs_ext
+def test_gpu_automatic_backend_is_cuda():
+    z, b, y = _gpu_inputs(2, 100, torch.float32)
+    assert _backend.resolve("tmkl", z) == "cuda"
+    assert _backend.resolve("generalized_eigh", z) == "cuda"
+    assert "cuda" in forgetkern.info()["backends"]
+    assert rel_err(forgetkern.tmkl_loss(z, b, y), forgetkern.tmkl_loss(z, b, y, backend="reference")) < 1e-5
