@@ -207,6 +207,48 @@ def test_fake_tmkl_forward_under_fake_mode():
         assert loss.shape == (4,) and stats.shape == (4, 4)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_traces_the_cuda_ops_without_graph_breaks(monkeypatch, inplace):
+    """torch.compile(fullgraph=True) of tmkl_loss(backend="cuda"), forward and backward, traced on
+    meta tensors (the device checks are lifted for "meta"; the fake implementations run)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    orig = _backend.why_unavailable
+    monkeypatch.setattr(_backend, "why_unavailable",
+                        lambda b, op, d: None if (b == "cuda" and d.type == "meta") else orig(b, op, d))
+    monkeypatch.setattr(_cuda, "_check_cuda", lambda fn, **tensors: None)
+    if EXT is None:
+        monkeypatch.setattr(_cuda, "_STATE", (_Recorder(), None))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    def f(z, b, y):
+        return forgetkern.tmkl_loss(z * 1.0, b, y, backend="cuda", temperature=1.5,
+                                    inplace_backward=inplace)
+
+    z = torch.randn(6, 50, device="meta", requires_grad=True)
+    b = torch.randn(6, 50, device="meta")
+    y = torch.zeros(6, dtype=torch.long, device="meta")
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = torch.compile(f, fullgraph=True,
+                                 backend=aot_autograd(fw_compiler=record, bw_compiler=record))(z, b, y)
+            loss.backward()
+    finally:
+        torch._dynamo.reset()
+    assert loss.shape == () and z.grad.shape == (6, 50)
+    assert len(graphs) == 2
+    assert "forgetkern.tmkl_forward" in graphs[0]
+    # the backward graph writes a fresh buffer through the out-variant, also for inplace_backward
+    assert "forgetkern.tmkl_backward.default" in graphs[1]
+    assert "tmkl_backward_inplace" not in graphs[1]
+
+
 # --------------------------------------------------------------------------------------------
 # The kernels' per-thread code on the host (no GPU needed)
 # --------------------------------------------------------------------------------------------
