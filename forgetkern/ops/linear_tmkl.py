@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import reference
-from ._triton import HAS_TRITON, jit, next_power_of_2, tl
+from ._triton import HAS_TRITON, interpret_mode, jit, next_power_of_2, tl
 from .params import TMKLParams
 
 # Columns of the per-(row, split) partial record written by the forward kernel.
@@ -61,6 +61,20 @@ class LinearTMKLParams(TMKLParams):
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @jit
+def _mma(a, b, acc, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` with ``tl.dot`` (fp32 operands in full IEEE precision, never TF32).
+    ``DOT_UPCAST`` feeds bfloat16 operands as fp32 (exact: the same products and accumulation); it
+    is set only under the CPU interpreter, whose ``tl.dot`` mishandles bfloat16."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if DOT_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@jit
 def _logit_tiles(
     h_ptr,  # [N, D] adapted hidden states
     stride_hn, stride_hd,
@@ -77,7 +91,7 @@ def _logit_tiles(
     N, V, D,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
-    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """``z = h[rows] W[cols]^T (+ bias)`` and ``b = h_b[rows] W_b[cols]^T (+ bias_b)``, accumulated
     in fp32 (fp64 for fp64 inputs). Out-of-range rows/columns hold finite junk: callers mask them."""
@@ -101,12 +115,8 @@ def _logit_tiles(
         else:
             wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
                          mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_IEEE:
-            z = tl.dot(h, tl.trans(w), z, input_precision="ieee")
-            b = tl.dot(hb, tl.trans(wb), b, input_precision="ieee")
-        else:
-            z = tl.dot(h, tl.trans(w), z)
-            b = tl.dot(hb, tl.trans(wb), b)
+        z = _mma(h, tl.trans(w), z, DOT_IEEE, DOT_UPCAST)
+        b = _mma(hb, tl.trans(wb), b, DOT_IEEE, DOT_UPCAST)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
     if HAS_BASE_BIAS:
@@ -146,7 +156,7 @@ def _linear_tmkl_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
-    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -172,7 +182,8 @@ def _linear_tmkl_fwd_kernel(
         z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
                             rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
-                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE)
+                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
+                            DOT_UPCAST)
         col_ok = (cols < V)[None, :]
         is_y = cols[None, :] == y[:, None]
         z_y += tl.sum(tl.where(is_y, z, 0.0), axis=1)
@@ -238,10 +249,11 @@ def _linear_tmkl_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
-    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     num_v_tiles = tl.cdiv(V, BLOCK_V)
     # consecutive programs share a row block (its hidden rows stay in L2) and stream the head
     pid_n = pid // num_v_tiles
@@ -263,7 +275,8 @@ def _linear_tmkl_bwd_kernel(
         z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
                             rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
-                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE)
+                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
+                            DOT_UPCAST)
         is_y = cols[None, :] == y[:, None]
         drop = ~col_ok[None, :]
         if MASK_TARGET:
@@ -302,20 +315,15 @@ def _linear_tmkl_bwd_kernel(
                 # dh[rows, k] += dz @ W[cols, k]
                 w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_IEEE:
-                    dh = tl.dot(g_op, w, input_precision="ieee")
-                else:
-                    dh = tl.dot(g_op, w)
+                dh = _mma(g_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype), DOT_IEEE, DOT_UPCAST)
                 tl.atomic_add(dh_ptr + rows[:, None] * D + k[None, :], dh.to(dh_ptr.dtype.element_ty),
                               mask=row_ok[:, None] & k_ok[None, :])
             if GRAD_W:
                 # dW[cols, k] += dz^T @ h[rows, k]
                 h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                if DOT_IEEE:
-                    dw = tl.dot(tl.trans(g_op), h, input_precision="ieee")
-                else:
-                    dw = tl.dot(tl.trans(g_op), h)
+                dw = _mma(tl.trans(g_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=acc_dtype),
+                          DOT_IEEE, DOT_UPCAST)
                 tl.atomic_add(dw_ptr + cols[:, None] * D + k[None, :], dw.to(dw_ptr.dtype.element_ty),
                               mask=col_ok[:, None] & k_ok[None, :])
         if GRAD_BIAS:
@@ -396,6 +404,7 @@ def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
         HAS_BASE_BIAS=base_bias is not None, SHARED_WEIGHT=base_weight is None,
         ACC_FP64=hidden.dtype == torch.float64,
         DOT_IEEE=hidden.dtype in (torch.float32, torch.float64),
+        DOT_UPCAST=hidden.dtype == torch.bfloat16 and interpret_mode(),
     )
 
 
