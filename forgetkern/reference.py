@@ -66,13 +66,16 @@ def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
     lse_b = torch.logsumexp(u, dim=1)
     log_q = _log_normalize(x, lse_z)  # log q~ (adapted), -inf at the target when masked
     log_p = _log_normalize(u, lse_b)  # log p~ (base)
+    del x, u  # chunk-sized temporaries: free them before the next ones
     q = log_q.exp()
     pb = log_p.exp()
+    # (in place, so one chunk-sized temporary; zero weight gives exactly 0, never 0 * inf)
     if p.forward_kl:
-        terms = torch.where(pb > 0, pb * (log_p - log_q), torch.zeros_like(pb))
+        terms = (log_p - log_q).mul_(pb).masked_fill_(~(pb > 0), 0.0)
     else:
-        terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+        terms = (log_q - log_p).mul_(q).masked_fill_(~(q > 0), 0.0)
     kl = terms.sum(dim=1)
+    del terms
     lse_ce = torch.logsumexp(z, dim=1)
     ce = lse_ce - z.gather(1, y[:, None]).squeeze(1)
     return ce, kl, lse_z, lse_b, lse_ce, log_q, log_p, q, pb
@@ -96,20 +99,22 @@ def _chunk_grad(z, y, valid, parts, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
     ``parts`` is what :func:`_chunk` returned for ``z``; ``coef_*``: ``(R,)``. Result in z's dtype.
     """
     _, kl, _, _, lse_ce, log_q, log_p, q, pb = parts
+    # (in place throughout: two chunk-sized buffers; a zero coefficient gives exactly 0)
     # dCE/dz = softmax(z) - e_y
-    d_ce = _log_normalize(z, lse_ce).exp()
+    d_ce = _log_normalize(z, lse_ce).exp_()
     d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
     if p.forward_kl:
         # dKL/dz = (q~ - p~) / T
-        d_kl = (q - pb) * (1.0 / p.temperature)
+        d_kl = (q - pb).mul_(1.0 / p.temperature)
     else:
         # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
-        d_kl = torch.where(q > 0, q * (log_q - log_p - kl[:, None]), torch.zeros_like(q)) * (1.0 / p.temperature)
+        d_kl = (log_q - log_p).sub_(kl[:, None]).mul_(q).masked_fill_(~(q > 0), 0.0)
+        d_kl.mul_(1.0 / p.temperature)
     a = coef_ce.to(z.dtype)[:, None]
     c = coef_kl.to(z.dtype)[:, None]
-    grad = torch.where(a != 0, a * d_ce, torch.zeros_like(d_ce))
-    grad += torch.where(c != 0, c * d_kl, torch.zeros_like(d_kl))
-    return torch.where(valid[:, None], grad, torch.zeros_like(grad))
+    grad = d_ce.mul_(a).masked_fill_(a == 0, 0.0)
+    grad += d_kl.mul_(c).masked_fill_(c == 0, 0.0)
+    return grad.masked_fill_(~valid[:, None], 0.0)
 
 
 def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
@@ -284,13 +289,14 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
         z = _logits_chunk(h, weight, bias, acc)
         b = _logits_chunk(base_hidden[start:stop], base_weight, base_bias, acc)
         parts = _chunk(z, b, y, params)
+        del b
         outs = _chunk_outputs(parts, valid, params)
         for out, value in zip((loss, ce_out, kl_out, stats), outs):
             out[start:stop] = value
         if need_h or need_w or need_b:
             # dL/dz per row, then through the linear layer: dh = dz W, dW = dz^T h, dbias = sum_rows dz
             g = _chunk_grad(z, y, valid, parts, coef_ce[start:stop], coef_kl[start:stop], params)
-            del parts, z, b
+            del parts, z
             if need_h:
                 grad_h[start:stop] = g.to(weight.dtype) @ weight
             if need_w:
@@ -299,5 +305,5 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
                 grad_b += g.sum(0)
             del g
         else:
-            del parts, z, b
+            del parts, z
     return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b
