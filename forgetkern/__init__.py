@@ -1,18 +1,24 @@
 """forgetkern: fast, exact kernels for forgetting-aware LoRA fine-tuning.
 
 * :func:`tmkl_loss` / :class:`TMKLLoss` -- cross-entropy plus target-masked KL to the base model.
+* :func:`linear_tmkl_loss` / :class:`LinearTMKLLoss` -- the same loss from hidden states and the LM
+  head, without materializing the logits.
 * :func:`generalized_eigh` -- batched generalized symmetric eigenproblems.
 * :func:`info` -- versions and available backends.
 """
 from ._info import info
 from ._version import __version__
 from .functional import generalized_eigh, tmkl_loss
+from .functional import linear_tmkl_loss
 from .nn import TMKLLoss
+from .nn import LinearTMKLLoss
 
 __all__ = [
     "__version__",
     "info",
     "tmkl_loss",
     "TMKLLoss",
+    "linear_tmkl_loss",
+    "LinearTMKLLoss",
     "generalized_eigh",
 ]

@@ -25,6 +25,7 @@ ENV_VAR = "FORGETKERN_BACKEND"
 # Which backends implement each op. Ops register themselves here (one line per op).
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "tmkl": ("reference", "triton", "cuda"),
+    "linear_tmkl": ("reference", "triton"),
     "generalized_eigh": ("reference", "cuda"),
 }
 

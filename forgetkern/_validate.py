@@ -110,3 +110,60 @@ def check_tmkl_inputs(logits, base_logits, labels, ignore_index: int, reduction:
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+
+
+def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, base_bias,
+                             ignore_index: int, reduction: str, num_items_in_batch) -> None:
+    """All checks of ``linear_tmkl_loss`` on its tensors (options are checked by its params)."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("base_hidden", base_hidden)):
+        check_tensor(t, name)
+        check_float(t, name)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (..., D)")
+    d = hidden.shape[-1]
+    if d == 0:
+        raise ValueError("hidden must have a non-empty feature dimension (D > 0)")
+    if base_hidden.shape != hidden.shape:
+        raise ValueError(
+            f"base_hidden must have the same shape as hidden {tuple(hidden.shape)}, "
+            f"got {tuple(base_hidden.shape)}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a (V, D) matrix, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d:
+        raise ValueError(
+            f"weight must have D={d} columns (hidden.shape[-1]), got shape {tuple(weight.shape)}"
+        )
+    v = weight.shape[0]
+    if v == 0:
+        raise ValueError("weight must have a non-empty vocabulary dimension (V > 0)")
+    for name, t in (("weight", weight), ("base_hidden", base_hidden)):
+        if t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}; cast one of them"
+            )
+    if base_weight is not None:
+        check_tensor(base_weight, "base_weight")
+        if base_weight.shape != weight.shape:
+            raise ValueError(
+                f"base_weight must have the same shape as weight {tuple(weight.shape)}, "
+                f"got {tuple(base_weight.shape)}"
+            )
+        if base_weight.dtype != hidden.dtype:
+            raise TypeError(
+                f"base_weight dtype {base_weight.dtype} does not match hidden dtype {hidden.dtype}"
+            )
+    for name, t in (("bias", bias), ("base_bias", base_bias)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if tuple(t.shape) != (v,):
+            raise ValueError(f"{name} must have shape ({v},) (weight.shape[0]), got {tuple(t.shape)}")
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
+    check_tensor(labels, "labels")
+    check_same_device(hidden=hidden, weight=weight, base_hidden=base_hidden, labels=labels,
+                      base_weight=base_weight, bias=bias, base_bias=base_bias)
+    check_reduction(reduction)
+    check_num_items(num_items_in_batch)
+    check_labels(labels, hidden.shape[:-1], v, ignore_index, what="hidden")

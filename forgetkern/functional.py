@@ -134,3 +134,95 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
     else:
         from ._cuda import generalized_eigh as impl
     return impl(A, B, eps=eps)
+
+
+def linear_tmkl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    base_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    base_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    mask_target: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch=None,
+    return_components: bool = False,
+    inplace_backward: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+):
+    """:func:`tmkl_loss` straight from hidden states and the LM head, never materializing logits.
+
+    In plain torch, for ``(N, D)`` hidden states ``h``, base hidden states ``h_b`` and a ``(V, D)``
+    head ``W`` shared by both models (the LoRA case)::
+
+        logits = h @ W.T + bias                              # (N, V), never formed here
+        base_logits = h_b @ W_b.T + base_bias                # (N, V), W_b = W by default
+        loss = tmkl_loss(logits, base_logits, labels, ...)   # same options, same result
+
+    The Triton backend forms logits tiles on chip and recomputes them in backward; the reference
+    backend (CPU, and the fallback elsewhere) processes rows in chunks, so extra memory is one
+    chunk's ``rows x V`` temporaries plus ``O(N·D)`` (and ``V x D`` when ``weight`` is trained).
+
+    Args:
+        hidden: ``(..., D)`` adapted-model final hidden states (float16/bfloat16/float32/float64).
+        weight: ``(V, D)`` LM head, same dtype. Gets a gradient only if it requires grad.
+        base_hidden: ``(..., D)`` frozen base-model hidden states; never gets a gradient.
+        labels: ``(...)`` integer targets in ``[0, V)`` or ``ignore_index``.
+        base_weight: ``(V, D)`` base LM head; ``None`` (default) uses ``weight`` itself (no copy).
+            Never gets a gradient.
+        bias: ``(V,)`` head bias or ``None``; gets a gradient only if it requires grad.
+        base_bias: ``(V,)`` base head bias. ``None`` means ``bias`` when the head is shared
+            (``base_weight=None``) and no bias when a separate ``base_weight`` is given.
+        kl_weight, ce_weight, temperature, direction, mask_target, ignore_index, reduction,
+            num_items_in_batch, return_components: as in :func:`tmkl_loss`.
+        inplace_backward: accepted for parity with :func:`tmkl_loss`; no effect here (there is no
+            logits-sized gradient to write in place).
+        chunk_size: rows per chunk of the reference backend; ``None`` sizes chunks from
+            ``forgetkern.reference.REFERENCE_CHUNK_BYTES`` (see docs/linear_tmkl.md).
+        backend: ``"reference"``, ``"triton"`` or ``None`` (automatic).
+
+    Returns:
+        ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``, reduced as in
+        :func:`tmkl_loss`; float32 (float64 for float64 inputs).
+    """
+    _validate.check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias,
+                                       base_bias, ignore_index, reduction, num_items_in_batch)
+    chosen = _backend.resolve("linear_tmkl", hidden, backend=backend)
+    from .ops.linear_tmkl import LinearTMKLFunction, LinearTMKLParams
+
+    params = LinearTMKLParams(
+        kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
+        mask_target=bool(mask_target), ignore_index=ignore_index,
+        inplace_backward=bool(inplace_backward), backend=chosen, chunk_size=chunk_size,
+    )
+    if base_bias is None and base_weight is None and bias is not None:
+        base_bias = bias
+    shared = base_weight is None or base_weight is weight
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    hb = base_hidden.detach().reshape(-1, d)
+    y = labels.reshape(-1)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    # the upstream gradient each row's loss receives from the reduction (1/denominator for
+    # "mean"): the reference backend precomputes gradients for it during the forward
+    row_weight = torch.ones((), dtype=acc, device=hidden.device)
+    if reduction == "mean" and y.numel() > 0:
+        unit = torch.zeros(y.numel(), dtype=acc, device=hidden.device)
+        unit[0] = 1.0
+        row_weight = _reduce(unit, labels, reduction, ignore_index, num_items_in_batch)
+    loss, ce, kl = LinearTMKLFunction.apply(
+        h, weight, hb, None if shared else base_weight.detach(), bias,
+        None if base_bias is None else base_bias.detach(), y, row_weight,
+        torch.is_grad_enabled(), params)
+    reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
+    if return_components:
+        return reduce(loss), reduce(ce), reduce(kl)
+    return reduce(loss)

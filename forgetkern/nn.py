@@ -50,3 +50,44 @@ class TMKLLoss(nn.Module):
         return (f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}, "
                 f"temperature={self.temperature}, direction={self.direction!r}, "
                 f"mask_target={self.mask_target}, reduction={self.reduction!r}")
+
+
+class LinearTMKLLoss(nn.Module):
+    """Module form of :func:`forgetkern.linear_tmkl_loss`; keyword options (those of
+    :class:`TMKLLoss` plus ``chunk_size``) are fixed at construction.
+
+    ``forward(hidden, weight, base_hidden, labels, base_weight=None, bias=None, base_bias=None,
+    num_items_in_batch=None)``.
+    """
+
+    def __init__(self, *, kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0,
+                 direction: str = "forward", mask_target: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", return_components: bool = False,
+                 inplace_backward: bool = False, chunk_size: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        from ._validate import check_reduction
+        from .ops.linear_tmkl import LinearTMKLParams
+
+        # validate the options now rather than at the first call
+        LinearTMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
+                         direction=direction, mask_target=mask_target, ignore_index=ignore_index,
+                         chunk_size=chunk_size)
+        check_reduction(reduction)
+        self.options = dict(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
+                            direction=direction, mask_target=mask_target,
+                            ignore_index=ignore_index, reduction=reduction,
+                            return_components=return_components,
+                            inplace_backward=inplace_backward, chunk_size=chunk_size,
+                            backend=backend)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Tensor,
+                labels: torch.Tensor, base_weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, base_bias: torch.Tensor | None = None,
+                num_items_in_batch=None):
+        return F.linear_tmkl_loss(hidden, weight, base_hidden, labels, base_weight=base_weight,
+                                  bias=bias, base_bias=base_bias,
+                                  num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "backend")

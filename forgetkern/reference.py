@@ -66,16 +66,55 @@ def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
     lse_b = torch.logsumexp(u, dim=1)
     log_q = _log_normalize(x, lse_z)  # log q~ (adapted), -inf at the target when masked
     log_p = _log_normalize(u, lse_b)  # log p~ (base)
+    del x, u  # chunk-sized temporaries: free them before the next ones
     q = log_q.exp()
     pb = log_p.exp()
+    # (in place, so one chunk-sized temporary; zero weight gives exactly 0, never 0 * inf)
     if p.forward_kl:
-        terms = torch.where(pb > 0, pb * (log_p - log_q), torch.zeros_like(pb))
+        terms = (log_p - log_q).mul_(pb).masked_fill_(~(pb > 0), 0.0)
     else:
-        terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+        terms = (log_q - log_p).mul_(q).masked_fill_(~(q > 0), 0.0)
     kl = terms.sum(dim=1)
+    del terms
     lse_ce = torch.logsumexp(z, dim=1)
     ce = lse_ce - z.gather(1, y[:, None]).squeeze(1)
     return ce, kl, lse_z, lse_b, lse_ce, log_q, log_p, q, pb
+
+
+def _chunk_outputs(parts, valid, p: TMKLParams):
+    """Per-row ``(loss, ce, kl, stats)`` of one chunk from :func:`_chunk`'s ``parts``; loss, CE
+    and KL are zero on invalid rows."""
+    ce, kl, lse_z, lse_b, lse_ce, *_ = parts
+    zero = torch.zeros_like(ce)
+    ce = torch.where(valid, ce, zero)
+    kl = torch.where(valid, kl, zero)
+    loss = _guarded(p.ce_weight, ce) + _guarded(p.kl_scale, kl)
+    stats = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
+    return loss, ce, kl, stats
+
+
+def _chunk_grad(z, y, valid, parts, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
+    """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk, zero on invalid rows.
+
+    ``parts`` is what :func:`_chunk` returned for ``z``; ``coef_*``: ``(R,)``. Result in z's dtype.
+    """
+    _, kl, _, _, lse_ce, log_q, log_p, q, pb = parts
+    # (in place throughout: two chunk-sized buffers; a zero coefficient gives exactly 0)
+    # dCE/dz = softmax(z) - e_y
+    d_ce = _log_normalize(z, lse_ce).exp_()
+    d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
+    if p.forward_kl:
+        # dKL/dz = (q~ - p~) / T
+        d_kl = (q - pb).mul_(1.0 / p.temperature)
+    else:
+        # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
+        d_kl = (log_q - log_p).sub_(kl[:, None]).mul_(q).masked_fill_(~(q > 0), 0.0)
+        d_kl.mul_(1.0 / p.temperature)
+    a = coef_ce.to(z.dtype)[:, None]
+    c = coef_kl.to(z.dtype)[:, None]
+    grad = d_ce.mul_(a).masked_fill_(a == 0, 0.0)
+    grad += d_kl.mul_(c).masked_fill_(c == 0, 0.0)
+    return grad.masked_fill_(~valid[:, None], 0.0)
 
 
 def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
@@ -103,14 +142,9 @@ def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.
     kl_out = torch.zeros_like(loss)
     stats = torch.zeros(n, NUM_STATS, dtype=acc, device=logits.device)
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
-        ce, kl, lse_z, lse_b, lse_ce, *_ = _chunk(z, b, y, params)
-        zero = torch.zeros_like(ce)
-        ce = torch.where(valid, ce, zero)
-        kl = torch.where(valid, kl, zero)
-        loss[start:stop] = _guarded(params.ce_weight, ce) + _guarded(params.kl_scale, kl)
-        ce_out[start:stop] = ce
-        kl_out[start:stop] = kl
-        stats[start:stop] = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
+        outs = _chunk_outputs(_chunk(z, b, y, params), valid, params)
+        for out, value in zip((loss, ce_out, kl_out, stats), outs):
+            out[start:stop] = value
     return loss, ce_out, kl_out, stats
 
 
@@ -126,23 +160,9 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
       both zero at the target when ``mask_target``.
     ``stats`` is accepted for interface parity and not needed: the reference recomputes.
     """
-    inv_t = 1.0 / params.temperature
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
-        _, kl, _, _, lse_ce, log_q, log_p, q, pb = _chunk(z, b, y, params)
-        # dCE/dz = softmax(z) - e_y
-        d_ce = _log_normalize(z, lse_ce).exp()
-        d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
-        if params.forward_kl:
-            # dKL/dz = (q~ - p~) / T
-            d_kl = (q - pb) * inv_t
-        else:
-            # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
-            d_kl = torch.where(q > 0, q * (log_q - log_p - kl[:, None]), torch.zeros_like(q)) * inv_t
-        a = coef_ce[start:stop].to(z.dtype)[:, None]
-        c = coef_kl[start:stop].to(z.dtype)[:, None]
-        grad = torch.where(a != 0, a * d_ce, torch.zeros_like(d_ce))
-        grad += torch.where(c != 0, c * d_kl, torch.zeros_like(d_kl))
-        grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
+        grad = _chunk_grad(z, y, valid, _chunk(z, b, y, params), coef_ce[start:stop],
+                           coef_kl[start:stop], params)
         grad_out[start:stop] = grad.to(grad_out.dtype)
     return grad_out
 
@@ -204,3 +224,86 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
     w, U = torch.linalg.eigh(C)
     V = torch.linalg.solve_triangular(L.mT, U, upper=True)  # L^-T U
     return w, V
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused-linear TMKL: the loss straight from hidden states, logits formed one chunk of rows at a time
+# ---------------------------------------------------------------------------------------------
+def linear_chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None,
+                      chunk_bytes: int | None = None) -> int:
+    """Rows per chunk of the fused-linear reference: ``chunk_size`` when given, else as many rows
+    as fit the chunk's ``rows x V`` temporaries in ``chunk_bytes`` (default
+    :data:`REFERENCE_CHUNK_BYTES`), see :func:`chunk_rows`."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return chunk_rows(vocab, dtype, chunk_bytes)
+
+
+def _logits_chunk(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
+    """``h @ w.T (+ bias)`` for ``(R, D)`` rows, the matmul in the inputs' dtype, result in ``acc``."""
+    z = (h @ w.T).to(acc)
+    if bias is not None:
+        z += bias.to(acc)
+    return z
+
+
+@torch.no_grad()
+def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Tensor,
+                     base_weight: torch.Tensor, bias: torch.Tensor | None,
+                     base_bias: torch.Tensor | None, labels: torch.Tensor, params: TMKLParams,
+                     coef_ce: torch.Tensor | None = None, coef_kl: torch.Tensor | None = None,
+                     needs: tuple[bool, bool, bool] = (False, False, False),
+                     chunk_size: int | None = None, chunk_bytes: int | None = None):
+    """One pass over the rows of a fused-linear TMKL, ``rows`` at a time (:func:`linear_chunk_rows`).
+
+    ``hidden``/``base_hidden``: ``(N, D)``; ``weight``/``base_weight``: ``(V, D)`` (may be the same
+    tensor); ``bias``/``base_bias``: ``(V,)`` or ``None``; ``labels``: ``(N,)``. Per chunk the
+    logits ``z = h @ W.T + bias`` and ``b = h_b @ W_b.T + bias_b`` exist only for that chunk.
+
+    Returns ``(loss, ce, kl, stats, grad_hidden, grad_weight, grad_bias)``: per-row values and
+    ``(N, 4)`` stats as :func:`tmkl_forward`, and, for the gradients flagged in ``needs`` (hidden,
+    weight, bias) when ``coef_ce``/``coef_kl`` (``(N,)``) are given, the gradient of
+    ``sum_i coef_ce[i] * CE_i + coef_kl[i] * KL_i`` (``None`` otherwise). ``grad_hidden`` has
+    ``hidden``'s dtype; ``grad_weight``/``grad_bias`` are accumulated in the accumulation dtype.
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    dev = hidden.device
+    loss = torch.zeros(n, dtype=acc, device=dev)
+    ce_out = torch.zeros_like(loss)
+    kl_out = torch.zeros_like(loss)
+    stats = torch.zeros(n, NUM_STATS, dtype=acc, device=dev)
+    want = coef_ce is not None and coef_kl is not None
+    need_h, need_w, need_b = (bool(x) and want for x in needs)
+    grad_h = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
+    grad_w = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
+    grad_b = torch.zeros(v, dtype=acc, device=dev) if need_b else None
+    step = linear_chunk_rows(v, hidden.dtype, chunk_size, chunk_bytes)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        y = labels[start:stop].long()
+        valid = y != params.ignore_index
+        y = torch.where(valid, y, torch.zeros_like(y))
+        h = hidden[start:stop]
+        z = _logits_chunk(h, weight, bias, acc)
+        b = _logits_chunk(base_hidden[start:stop], base_weight, base_bias, acc)
+        parts = _chunk(z, b, y, params)
+        del b
+        outs = _chunk_outputs(parts, valid, params)
+        for out, value in zip((loss, ce_out, kl_out, stats), outs):
+            out[start:stop] = value
+        if need_h or need_w or need_b:
+            # dL/dz per row, then through the linear layer: dh = dz W, dW = dz^T h, dbias = sum_rows dz
+            g = _chunk_grad(z, y, valid, parts, coef_ce[start:stop], coef_kl[start:stop], params)
+            del parts, z
+            if need_h:
+                grad_h[start:stop] = g.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(g.T, h.to(acc))
+            if need_b:
+                grad_b += g.sum(0)
+            del g
+        else:
+            del parts, z
+    return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b

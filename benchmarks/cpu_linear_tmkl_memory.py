@@ -1,0 +1,153 @@
+"""CPU memory benchmark: peak memory growth of fused-linear TMKL loss + backward, chunked vs
+materialized.
+
+Shape: N=2048 tokens, D=256, V=50000, float32 (the head shared by both models, as in LoRA).
+Variants, each run in its own fresh subprocess:
+
+* ``chunked``: ``forgetkern.linear_tmkl_loss(..., backend="reference")`` (rows in chunks, logits
+  never materialized);
+* ``materialized``: what a user writes in plain torch: ``logits = hidden @ W.T`` and the base
+  logits, then cross-entropy plus the target-masked KL with autograd;
+* ``materialized-forgetkern``: the same two logits tensors, then ``forgetkern.tmkl_loss`` (which
+  streams the vocabulary but still needs the logits, their gradient and the base logits).
+
+How peak memory is measured, and why: torch's CPU tensors are allocated with the C allocator, so
+``tracemalloc`` (which sees only Python's allocator) misses them, and torch has no peak-memory
+counter for the default CPU allocator. The operating system does see every page: each variant
+runs in a fresh subprocess, which builds its inputs, does one small warm-up call (thread pools,
+lazily loaded code), then resets the kernel's resident-set high-water mark (``VmHWM``, by writing
+``5`` to ``/proc/self/clear_refs``), reads the current resident set, runs loss + backward once and
+reads the high-water mark again. The difference is the peak memory growth of that step, gradients
+included. Where ``clear_refs`` is not writable the script falls back to ``ru_maxrss`` (peak since
+process start) minus the resident set before the step, and says so; that can only under-report
+growth if an earlier transient peak exceeded the step's, which the warm-up on a tiny shape avoids.
+Freed large blocks go back to the OS (glibc serves blocks above its mmap threshold with ``mmap``),
+so resident memory tracks live tensors closely; small freed blocks may stay resident, which can
+only over-state the growth.
+
+    python benchmarks/cpu_linear_tmkl_memory.py [--train-weight] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+
+N, D, V = 2048, 256, 50000
+VARIANTS = ("chunked", "materialized", "materialized-forgetkern")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int | None:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _torch_tmkl(z, b, y, ignore_index=-100):
+    """Plain torch: CE + target-masked forward KL on materialized logits (mean over valid rows)."""
+    import torch
+
+    valid = y != ignore_index
+    ys = torch.where(valid, y, 0)
+    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
+    hit = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ys[:, None], True)
+    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
+    lp = b.masked_fill(hit, float("-inf")).log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).masked_fill(hit, 0.0).sum(-1)
+    return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _step(variant, h, w, hb, y):
+    import forgetkern
+
+    if variant == "chunked":
+        loss = forgetkern.linear_tmkl_loss(h, w, hb, y, backend="reference")
+    else:
+        z = h @ w.T
+        b = (hb @ w.T).detach()
+        if variant == "materialized":
+            loss = _torch_tmkl(z, b, y)
+        else:
+            loss = forgetkern.tmkl_loss(z, b, y, backend="reference")
+    loss.backward()
+    return float(loss)
+
+
+def child(variant: str, train_weight: bool, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(n, d, v):
+        h = torch.randn(n, d, generator=gen).requires_grad_()
+        hb = torch.randn(n, d, generator=gen)
+        w = (torch.randn(v, d, generator=gen) / d**0.5).requires_grad_(train_weight)
+        y = torch.randint(0, v, (n,), generator=gen)
+        y[::17] = -100
+        return h, w, hb, y
+
+    _step(variant, *inputs(64, D, 1000))  # warm-up on a tiny shape
+    h, w, hb, y = inputs(N, D, V)
+    gc.collect()
+    exact = _reset_hwm()
+    before = _rss_bytes()
+    loss = _step(variant, h, w, hb, y)
+    peak = _hwm_bytes() if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "growth_bytes": peak - before, "loss": loss,
+            "method": "VmHWM after clear_refs" if exact else "ru_maxrss (fallback)"}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-weight", action="store_true", help="the head also gets a gradient")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per variant")
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.train_weight, args.threads)))
+        return {}
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant,
+               "--threads", str(args.threads)] + (["--train-weight"] if args.train_weight else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    head = "trained" if args.train_weight else "frozen"
+    print(f"fused-linear TMKL loss+backward, CPU, N={N} D={D} V={V} float32, head {head}; "
+          f"peak memory growth ({results['chunked']['method']}):")
+    for variant in VARIANTS:
+        r = results[variant]
+        print(f"  {variant:<24} {r['growth_bytes'] / 2**20:9.1f} MiB   (loss {r['loss']:.6f})")
+    chunked = results["chunked"]["growth_bytes"]
+    for variant in VARIANTS[1:]:
+        ratio = chunked / results[variant]["growth_bytes"]
+        print(f"  chunked / {variant:<24} {100 * ratio:6.1f}%  (target <= 10%)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""Fused-linear TMKL: the loss straight from hidden states, without an ``N x V`` logits tensor.
+
+Per token (DESIGN.md, "Fused-linear form"): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
+and ``loss = ce_weight * CE(z, y) + kl_weight * T^2 * KL`` exactly as :mod:`forgetkern.ops.tmkl`.
+
+Triton path
+  * Forward: the grid is ``(row blocks, vocabulary splits)``. A program forms ``BLOCK_N x BLOCK_V``
+    tiles of both logits on chip with ``tl.dot`` (fp32 accumulation) over ``D`` and folds them into
+    per-row online statistics (target-excluded LSE of both models, the KL accumulator, the CE
+    normalizer when ``T != 1``, the target logit). Each program writes one partial record per row;
+    the ``splits`` partial records of a row are merged afterwards (:func:`_merge_partials`) into
+    the four per-row statistics of :mod:`forgetkern.ops.params`.
+  * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
+    them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
+    (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
+    ``tl.dot`` and fp32 atomic adds.
+
+Reference path (:func:`forgetkern.reference.linear_tmkl_pass`): rows in chunks with torch matmuls;
+during a forward that will be differentiated it also computes the gradients chunk by chunk, so the
+backward only rescales them (or returns them as they are when the upstream gradient is exactly the
+one assumed). When the upstream gradients do not have that form (separate gradients for the
+``ce``/``kl`` components, or per-row gradients of ``reduction="none"``), backward recomputes with
+the actual per-row coefficients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference
+from ._triton import HAS_TRITON, interpret_mode, jit, next_power_of_2, tl
+from .params import TMKLParams
+
+# Columns of the per-(row, split) partial record written by the forward kernel.
+PART_LSE_Z = 0  # LSE over the split's kept columns of z/T
+PART_LSE_B = 1  # LSE over the split's kept columns of b/T
+PART_KL = 2  # the split's KL accumulator normalized by its own weight distribution
+PART_LSE_CE = 3  # LSE over the split's columns of z (only when T != 1)
+PART_ZY = 4  # z_y if the target column lies in the split, else 0
+NUM_PART = 5
+
+
+@dataclass(frozen=True)
+class LinearTMKLParams(TMKLParams):
+    """:class:`TMKLParams` plus the reference path's ``chunk_size`` (rows per chunk, ``None`` =
+    sized from :data:`forgetkern.reference.REFERENCE_CHUNK_BYTES`)."""
+
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+                raise TypeError(f"chunk_size must be an int or None, got {type(self.chunk_size).__name__}")
+            if self.chunk_size <= 0:
+                raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@jit
+def _mma(a, b, acc, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``acc + a @ b`` with ``tl.dot`` (fp32 operands in full IEEE precision, never TF32).
+    ``DOT_UPCAST`` feeds bfloat16 operands as fp32 (exact: the same products and accumulation); it
+    is set only under the CPU interpreter, whose ``tl.dot`` mishandles bfloat16."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if DOT_IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@jit
+def _logit_tiles(
+    h_ptr,  # [N, D] adapted hidden states
+    stride_hn, stride_hd,
+    w_ptr,  # [V, D] LM head
+    stride_wv, stride_wd,
+    bias_ptr,  # [V] head bias (read only when HAS_BIAS)
+    hb_ptr,  # [N, D] base hidden states
+    stride_hbn, stride_hbd,
+    wb_ptr,  # [V, D] base head (read only when not SHARED_WEIGHT)
+    stride_wbv, stride_wbd,
+    bb_ptr,  # [V] base bias (read only when HAS_BASE_BIAS)
+    rows,  # [BLOCK_N] int64 row indices
+    cols,  # [BLOCK_V] int64 vocabulary indices
+    N, V, D,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """``z = h[rows] W[cols]^T (+ bias)`` and ``b = h_b[rows] W_b[cols]^T (+ bias_b)``, accumulated
+    in fp32 (fp64 for fp64 inputs). Out-of-range rows/columns hold finite junk: callers mask them."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    z = tl.zeros((BLOCK_N, BLOCK_V), dtype=acc_dtype)
+    b = tl.zeros((BLOCK_N, BLOCK_V), dtype=acc_dtype)
+    row_ok = rows < N
+    col_ok = cols < V
+    ks = tl.arange(0, BLOCK_D).to(tl.int64)
+    for k0 in range(0, D, BLOCK_D):
+        k = k0 + ks
+        k_ok = k < D
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        hb = tl.load(hb_ptr + rows[:, None] * stride_hbn + k[None, :] * stride_hbd,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if SHARED_WEIGHT:
+            wb = w
+        else:
+            wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
+                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        z = _mma(h, tl.trans(w), z, DOT_IEEE, DOT_UPCAST)
+        b = _mma(hb, tl.trans(wb), b, DOT_IEEE, DOT_UPCAST)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
+    if HAS_BASE_BIAS:
+        b += tl.load(bb_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
+    return z, b
+
+
+@jit
+def _online_lse(m, s, x):
+    """Fold the rows of the ``[BLOCK_N, BLOCK_V]`` tile ``x`` into running ``(max, sum)``; returns
+    ``(m_new, s_new, alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (a fully
+    ``-inf`` prefix keeps ``s = 0``)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe[:, None])
+    return m_new, s * alpha + tl.sum(e, axis=1), alpha, e
+
+
+@jit
+def _linear_tmkl_fwd_kernel(
+    h_ptr,  # [N, D] adapted hidden states
+    stride_hn, stride_hd,
+    w_ptr,  # [V, D] LM head
+    stride_wv, stride_wd,
+    bias_ptr,  # [V] head bias
+    hb_ptr,  # [N, D] base hidden states
+    stride_hbn, stride_hbd,
+    wb_ptr,  # [V, D] base head
+    stride_wbv, stride_wbd,
+    bb_ptr,  # [V] base bias
+    y_ptr,  # [N] integer labels
+    part_ptr,  # [N, SPLITS, 5] out: per-split partial records (PART_* columns)
+    N, V, D,
+    tiles_per_split,  # vocabulary tiles handled by one program
+    inv_t,  # 1 / T
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    splits = tl.num_programs(1).to(tl.int64)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    NEG_INF: tl.constexpr = float("-inf")
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    m_z = tl.full((BLOCK_N,), NEG_INF, acc_dtype)
+    s_z = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    m_b = tl.full((BLOCK_N,), NEG_INF, acc_dtype)
+    s_b = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    kl_acc = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    m_c = tl.full((BLOCK_N,), NEG_INF, acc_dtype)
+    s_c = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    z_y = tl.zeros((BLOCK_N,), dtype=acc_dtype)
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
+                            hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
+                            rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
+                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
+                            DOT_UPCAST)
+        col_ok = (cols < V)[None, :]
+        is_y = cols[None, :] == y[:, None]
+        z_y += tl.sum(tl.where(is_y, z, 0.0), axis=1)
+        drop = ~col_ok
+        if MASK_TARGET:
+            drop = drop | is_y
+        x = tl.where(drop, NEG_INF, z * inv_t)
+        u = tl.where(drop, NEG_INF, b * inv_t)
+        m_z_new, s_z, alpha_z, e_z = _online_lse(m_z, s_z, x)
+        m_b_new, s_b, alpha_b, e_b = _online_lse(m_b, s_b, u)
+        if FORWARD_KL:
+            # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
+            term = tl.where(u == NEG_INF, 0.0, e_b * (u - x))
+            kl_acc = kl_acc * alpha_b + tl.sum(term, axis=1)
+        else:
+            # acc = sum_{v != y} exp(z_v/T - m_z) (z_v - b_v) / T
+            term = tl.where(x == NEG_INF, 0.0, e_z * (x - u))
+            kl_acc = kl_acc * alpha_z + tl.sum(term, axis=1)
+        m_z = m_z_new
+        m_b = m_b_new
+        if SEPARATE_CE:
+            m_c, s_c, _, _ = _online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF))
+    lse_z = m_z + tl.log(s_z)
+    lse_b = m_b + tl.log(s_b)
+    # the split's KL accumulator over its own weight distribution (base for forward, adapted for
+    # reverse); a split with no weight mass contributes nothing
+    if FORWARD_KL:
+        kl_part = tl.where(s_b == 0.0, 0.0, kl_acc / s_b)
+    else:
+        kl_part = tl.where(s_z == 0.0, 0.0, kl_acc / s_z)
+    out = part_ptr + (rows * splits + pid_s) * 5
+    tl.store(out + 0, lse_z, mask=row_ok)
+    tl.store(out + 1, lse_b, mask=row_ok)
+    tl.store(out + 2, kl_part, mask=row_ok)
+    if SEPARATE_CE:
+        tl.store(out + 3, m_c + tl.log(s_c), mask=row_ok)
+    else:
+        tl.store(out + 3, lse_z, mask=row_ok)
+    tl.store(out + 4, z_y, mask=row_ok)
+
+
+@jit
+def _linear_tmkl_bwd_kernel(
+    h_ptr,  # [N, D] adapted hidden states
+    stride_hn, stride_hd,
+    w_ptr,  # [V, D] LM head
+    stride_wv, stride_wd,
+    bias_ptr,  # [V] head bias
+    hb_ptr,  # [N, D] base hidden states
+    stride_hbn, stride_hbd,
+    wb_ptr,  # [V, D] base head
+    stride_wbv, stride_wbd,
+    bb_ptr,  # [V] base bias
+    y_ptr,  # [N] integer labels
+    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (ops/params.py)
+    coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row (0 on ignored rows)
+    coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled; 0 on ignored rows)
+    dh_ptr,  # [N, D] out (accumulated atomically, accumulation dtype, contiguous)
+    dw_ptr,  # [V, D] out (accumulated atomically, accumulation dtype, contiguous)
+    db_ptr,  # [V] out (accumulated atomically, accumulation dtype)
+    N, V, D,
+    inv_t,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
+    ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_BIAS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    num_v_tiles = tl.cdiv(V, BLOCK_V)
+    # consecutive programs share a row block (its hidden rows stay in L2) and stream the head
+    pid_n = pid // num_v_tiles
+    pid_v = pid % num_v_tiles
+    NEG_INF: tl.constexpr = float("-inf")
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < V
+    a = tl.load(coef_ce_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(coef_kl_ptr + rows, mask=row_ok, other=0.0)
+    # a row block whose rows all have zero coefficients (ignored tokens) contributes nothing
+    if tl.max(tl.abs(a) + tl.abs(c), axis=0) > 0.0:
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        lse_z = tl.load(stats_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
+        lse_b = tl.load(stats_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+        lse_ce = tl.load(stats_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
+        kl = tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
+        z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
+                            hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
+                            rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
+                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
+                            DOT_UPCAST)
+        is_y = cols[None, :] == y[:, None]
+        drop = ~col_ok[None, :]
+        if MASK_TARGET:
+            drop = drop | is_y
+        x = tl.where(drop, NEG_INF, z * inv_t)
+        u = tl.where(drop, NEG_INF, b * inv_t)
+        log_q = x - lse_z[:, None]
+        log_p = u - lse_b[:, None]
+        q = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
+        p = tl.where(u == NEG_INF, 0.0, tl.exp(log_p))
+        if FORWARD_KL:
+            # dKL/dz_v = (q~_v - p~_v) / T
+            d_kl = (q - p) * inv_t
+        else:
+            # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
+            d_kl = tl.where(q > 0.0, q * (log_q - log_p - kl[:, None]), 0.0) * inv_t
+        # dCE/dz = softmax(z) - e_y
+        if SEPARATE_CE:
+            sm = tl.where(col_ok[None, :] & (z != NEG_INF), tl.exp(z - lse_ce[:, None]), 0.0)
+        elif MASK_TARGET:
+            # off the target softmax(z)_v = q~_v exp(LSE'(z) - LSE(z)) when T == 1
+            sm = tl.where(is_y, tl.exp(z - lse_ce[:, None]), q * tl.exp(lse_z - lse_ce)[:, None])
+        else:
+            sm = q
+        d_ce = sm - tl.where(is_y, 1.0, 0.0)
+        # dL/dz = coef_ce * dCE/dz + coef_kl * dKL/dz (a zero coefficient never meets inf/nan)
+        g = tl.where(a[:, None] != 0.0, a[:, None] * d_ce, 0.0) + \
+            tl.where(c[:, None] != 0.0, c[:, None] * d_kl, 0.0)
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        g_op = g.to(w_ptr.dtype.element_ty)
+        ks = tl.arange(0, BLOCK_D).to(tl.int64)
+        for k0 in range(0, D, BLOCK_D):
+            k = k0 + ks
+            k_ok = k < D
+            if GRAD_H:
+                # dh[rows, k] += dz @ W[cols, k]
+                w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
+                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                dh = _mma(g_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype), DOT_IEEE, DOT_UPCAST)
+                tl.atomic_add(dh_ptr + rows[:, None] * D + k[None, :], dh.to(dh_ptr.dtype.element_ty),
+                              mask=row_ok[:, None] & k_ok[None, :])
+            if GRAD_W:
+                # dW[cols, k] += dz^T @ h[rows, k]
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                dw = _mma(tl.trans(g_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=acc_dtype),
+                          DOT_IEEE, DOT_UPCAST)
+                tl.atomic_add(dw_ptr + cols[:, None] * D + k[None, :], dw.to(dw_ptr.dtype.element_ty),
+                              mask=col_ok[:, None] & k_ok[None, :])
+        if GRAD_BIAS:
+            # dbias[cols] += sum over rows of dz
+            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None,
+                  *, block_n: int | None = None, block_v: int | None = None,
+                  block_d: int | None = None, splits: int | None = None,
+                  shared_weight: bool = True) -> dict:
+    """Tile sizes, vocabulary splits, warps and pipeline stages of the fused-linear kernels.
+
+    How they are chosen:
+      * ``BLOCK_N x BLOCK_V`` (64..128 x 128) is the MMA tile. The forward keeps two fp32
+        accumulators of that size (adapted and base logits) plus per-row statistics in registers;
+        128 x 128 x 2 fp32 is 128 KiB, i.e. 128 registers per thread at 8 warps, which leaves room
+        for the operand pipeline. Smaller row counts use a smaller ``BLOCK_N`` (down to 16, the
+        smallest ``tl.dot`` operand) so a short batch does not waste most of a tile.
+      * ``BLOCK_D`` (64 for 16-bit inputs, 32 for fp32) keeps each pipeline stage of operand tiles
+        (``h``, ``h_b``, ``W`` and, when the base head differs, ``W_b``) at 16-32 KiB of shared memory,
+        so 3 stages (2 when ``W_b`` is a separate tensor) fit in the shared memory of an SM.
+      * ``splits``: the forward needs ``row blocks x splits`` programs to fill the GPU: enough splits
+        for about four waves over the SMs, never more than there are vocabulary tiles. Each split
+        costs one 5-float partial record per row, merged afterwards. The backward has one program
+        per tile and needs no splits.
+    Overrides (``block_*``, ``splits``) serve tests and tuning; autotuning is not built in.
+    """
+    if block_v is None:
+        block_v = 128 if V >= 128 else max(16, next_power_of_2(V))
+    if block_n is None:
+        block_n = 128 if N >= 4096 else 64 if N >= 64 else max(16, next_power_of_2(N))
+    if block_d is None:
+        block_d = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+        block_d = min(block_d, max(16, next_power_of_2(D)))
+    num_v_tiles = -(-V // block_v)
+    if splits is None:
+        sms = 1
+        if device is not None and device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        row_blocks = max(1, -(-N // block_n))
+        splits = -(-4 * sms // row_blocks)
+    splits = max(1, min(int(splits), num_v_tiles))
+    big = block_n * block_v >= 128 * 128
+    return {
+        "BLOCK_N": int(block_n), "BLOCK_V": int(block_v), "BLOCK_D": int(block_d),
+        "splits": splits,
+        "num_warps": 8 if big else 4,
+        "num_stages": 3 if shared_weight else 2,
+    }
+
+
+def _check_triton():
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package")
+
+
+def _tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias):
+    """Pointer/stride arguments shared by both kernels (a missing bias/base head passes a dummy)."""
+    wb = weight if base_weight is None else base_weight
+    return (
+        hidden, hidden.stride(0), hidden.stride(1),
+        weight, weight.stride(0), weight.stride(1),
+        weight if bias is None else bias,
+        base_hidden, base_hidden.stride(0), base_hidden.stride(1),
+        wb, wb.stride(0), wb.stride(1),
+        weight if base_bias is None else base_bias,
+    )
+
+
+def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
+    return dict(
+        FORWARD_KL=params.forward_kl, MASK_TARGET=params.mask_target,
+        SEPARATE_CE=params.separate_ce, HAS_BIAS=bias is not None,
+        HAS_BASE_BIAS=base_bias is not None, SHARED_WEIGHT=base_weight is None,
+        ACC_FP64=hidden.dtype == torch.float64,
+        DOT_IEEE=hidden.dtype in (torch.float32, torch.float64),
+        DOT_UPCAST=hidden.dtype == torch.bfloat16 and interpret_mode(),
+    )
+
+
+def _merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams):
+    """Merge ``(N, splits, 5)`` partial records into per-row ``(loss, ce, kl, stats)``.
+
+    LSEs merge by log-sum-exp. Each split's KL accumulator is an expectation under the split's own
+    normalized weight distribution ``P`` (base for forward KL, adapted for reverse), so the row's
+    is their mixture with weights ``exp(LSE_s(P) - LSE(P))``; then ``KL = E - LSE(P) + LSE(Q)``.
+    """
+    lse_z_s, lse_b_s, kl_s, lse_c_s, zy_s = part.unbind(-1)
+    lse_z = torch.logsumexp(lse_z_s, dim=1)
+    lse_b = torch.logsumexp(lse_b_s, dim=1)
+    z_y = zy_s.sum(dim=1)
+    lse_p_s, lse_p, lse_q = (lse_b_s, lse_b, lse_z) if params.forward_kl else (lse_z_s, lse_z, lse_b)
+    mix = torch.where(lse_p_s == float("-inf"), torch.zeros_like(lse_p_s),
+                      (lse_p_s - lse_p[:, None]).exp())
+    expect = torch.where(mix > 0, mix * kl_s, torch.zeros_like(kl_s)).sum(dim=1)
+    kl = expect - lse_p + lse_q
+    # no weight mass: KL 0; weight mass where the other distribution has none: infinite
+    kl = torch.where(lse_q == float("-inf"), torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(lse_p == float("-inf"), torch.zeros_like(kl), kl)
+    if params.separate_ce:
+        lse_ce = torch.logsumexp(lse_c_s, dim=1)
+    elif params.mask_target:
+        lse_ce = torch.logaddexp(lse_z, z_y)
+    else:
+        lse_ce = lse_z
+    ce = lse_ce - z_y
+    y = labels.long()
+    valid = y != params.ignore_index
+    return reference._chunk_outputs((ce, kl, lse_z, lse_b, lse_ce), valid, params)
+
+
+def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                        params: TMKLParams, **overrides):
+    """Triton forward: per-row ``(loss, ce, kl, stats)`` for ``(N, D)`` hidden states and ``(V, D)``
+    heads (``base_weight=None``: the base uses ``weight``). ``overrides`` go to
+    :func:`launch_config`."""
+    _check_triton()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = reference.accumulation_dtype(hidden.dtype)
+    if n == 0:
+        empty = torch.zeros(0, dtype=acc, device=hidden.device)
+        return empty, empty.clone(), empty.clone(), torch.zeros(0, 4, dtype=acc, device=hidden.device)
+    cfg = launch_config(n, v, d, hidden.dtype, hidden.device, shared_weight=base_weight is None,
+                        **overrides)
+    splits = cfg.pop("splits")
+    tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
+    part = torch.empty(n, splits, 5, dtype=acc, device=hidden.device)
+    grid = (-(-n // cfg["BLOCK_N"]), splits)
+    _linear_tmkl_fwd_kernel[grid](
+        *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), labels, part,
+        n, v, d, tiles_per_split, 1.0 / params.temperature,
+        **_flags(hidden, base_weight, bias, base_bias, params), **cfg,
+    )
+    return _merge_partials(part, labels, params)
+
+
+def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
+                         coef_ce, coef_kl, params: TMKLParams, needs, **overrides):
+    """Triton backward: ``(grad_hidden, grad_weight, grad_bias)`` of
+    ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``, each ``None`` unless flagged in ``needs``;
+    accumulated in fp32 (fp64 for fp64 inputs), returned in the accumulation dtype."""
+    _check_triton()
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc = reference.accumulation_dtype(hidden.dtype)
+    need_h, need_w, need_b = (bool(x) for x in needs)
+    dev = hidden.device
+    dh = torch.zeros(n, d, dtype=acc, device=dev) if need_h else None
+    dw = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
+    if n == 0 or not (need_h or need_w or need_b):
+        return dh, dw, db
+    valid = labels.long() != params.ignore_index
+    zero = torch.zeros((), dtype=acc, device=dev)
+    coef_ce = torch.where(valid, coef_ce.to(acc), zero).contiguous()
+    coef_kl = torch.where(valid, coef_kl.to(acc), zero).contiguous()
+    cfg = launch_config(n, v, d, hidden.dtype, dev, shared_weight=base_weight is None, **overrides)
+    cfg.pop("splits")
+    grid = (-(-n // cfg["BLOCK_N"]) * -(-v // cfg["BLOCK_V"]),)
+    dummy = coef_ce
+    _linear_tmkl_bwd_kernel[grid](
+        *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), labels,
+        stats, coef_ce, coef_kl,
+        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
+        n, v, d, 1.0 / params.temperature,
+        **_flags(hidden, base_weight, bias, base_bias, params),
+        GRAD_H=need_h, GRAD_W=need_w, GRAD_BIAS=need_b, **cfg,
+    )
+    return dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+def _coefficients(g_loss, g_ce, g_kl, p: TMKLParams, n: int, dtype, device):
+    """Per-row coefficients of dCE/dz and dKL/dz from the three upstream gradients (as
+    :class:`forgetkern.ops.tmkl.TMKLFunction`)."""
+    zeros = torch.zeros(n, dtype=dtype, device=device)
+    g_loss = zeros if g_loss is None else g_loss.to(dtype)
+    coef_ce = g_loss * p.ce_weight + (zeros if g_ce is None else g_ce.to(dtype))
+    coef_kl = g_loss * p.kl_scale + (zeros if g_kl is None else g_kl.to(dtype))
+    return coef_ce, coef_kl
+
+
+def _uniform_scale(g_loss: torch.Tensor, valid: torch.Tensor, row_weight: torch.Tensor):
+    """``s`` such that ``g_loss == s * row_weight`` on every valid row, or ``None`` when the valid
+    rows' upstream gradients differ (one host sync)."""
+    g = g_loss[valid]
+    if g.numel() == 0:
+        return torch.ones((), dtype=row_weight.dtype, device=row_weight.device)
+    if not bool((g == g[0]).all()):
+        return None
+    return g[0] / row_weight
+
+
+class LinearTMKLFunction(torch.autograd.Function):
+    """Per-row fused-linear TMKL ``(loss, ce, kl)``; reductions happen outside.
+
+    ``forward(hidden (N, D), weight (V, D), base_hidden (N, D), base_weight (V, D) or None,
+    bias (V,) or None, base_bias (V,) or None, labels (N,), row_weight (0-dim), precompute,
+    params)``. ``row_weight`` is the upstream gradient each row's loss is expected to receive (the
+    reduction's ``1/denominator``); with ``precompute`` (reference backend, gradients wanted) the
+    forward computes the gradients for exactly that upstream gradient, and the backward rescales
+    them when the actual one is a uniform multiple of it, else recomputes. Only ``hidden``,
+    ``weight`` and ``bias`` get gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, base_hidden, base_weight, bias, base_bias, labels, row_weight,
+                precompute: bool, params: LinearTMKLParams):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[4])
+        ctx.params = params
+        ctx.needs = needs
+        ctx.set_materialize_grads(False)
+        ctx.pre = None
+        if params.backend == "reference":
+            wb = weight if base_weight is None else base_weight
+            n = hidden.shape[0]
+            coef_ce = coef_kl = None
+            if precompute and any(needs):
+                acc = reference.accumulation_dtype(hidden.dtype)
+                ones = torch.ones(n, dtype=acc, device=hidden.device) * row_weight.to(acc)
+                coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
+            loss, ce, kl, stats, gh, gw, gb = reference.linear_tmkl_pass(
+                hidden, weight, base_hidden, wb, bias, base_bias, labels, params,
+                coef_ce, coef_kl, needs, chunk_size=params.chunk_size)
+            if coef_ce is not None:
+                ctx.pre = (gh, gw, gb)
+        else:
+            loss, ce, kl, stats = linear_tmkl_forward(hidden, weight, base_hidden, base_weight,
+                                                      bias, base_bias, labels, params)
+        ctx.save_for_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                              stats, row_weight)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats, row_weight = \
+            ctx.saved_tensors
+        p: LinearTMKLParams = ctx.params
+        needs = ctx.needs
+        none = (None,) * 7
+        if not any(needs):
+            return (None,) * 3 + none
+        grads = None
+        if ctx.pre is not None and g_ce is None and g_kl is None and g_loss is not None:
+            valid = labels.long() != p.ignore_index
+            scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
+            if scale is not None:
+                grads = ctx.pre
+                if not bool(scale == 1):  # exactly the assumed upstream gradient: nothing to do
+                    grads = tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
+        if grads is None:
+            n = hidden.shape[0]
+            coef_ce, coef_kl = _coefficients(g_loss, g_ce, g_kl, p, n, stats.dtype, hidden.device)
+            if p.backend == "reference":
+                wb = weight if base_weight is None else base_weight
+                grads = reference.linear_tmkl_pass(
+                    hidden, weight, base_hidden, wb, bias, base_bias, labels, p, coef_ce, coef_kl,
+                    needs, chunk_size=p.chunk_size)[4:]
+            else:
+                grads = linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias,
+                                             base_bias, labels, stats, coef_ce, coef_kl, p, needs)
+        ctx.pre = None
+        gh, gw, gb = grads
+        gh = None if gh is None else gh.to(hidden.dtype)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(bias.dtype)
+        return gh, gw, None, None, gb, None, None, None, None, None

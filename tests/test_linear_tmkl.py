@@ -1,0 +1,473 @@
+"""Fused-linear TMKL (reference chunks and Triton kernels) against the fp64 materialized oracle:
+``logits = hidden @ weight.T + bias`` then :func:`tests.helpers.oracle_tmkl`, forward and backward."""
+import importlib.util
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import forgetkern
+from forgetkern import reference
+from forgetkern.ops import linear_tmkl as lt_ops
+
+from .helpers import assert_close_to_ref, oracle_tmkl, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPTIONS = list(itertools.product(["forward", "reverse"], [True, False], [1.0, 2.0]))
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces it
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Triton: 16-wide tiles and 3 vocabulary splits so every test crosses tile, split and
+    ``D``-loop boundaries with a partial last tile (the interpreter is slow: keep shapes tiny)."""
+    original = lt_ops.launch_config
+
+    def small(n, v, d, dtype, device=None, **kw):
+        kw.update(block_n=16, block_v=16, block_d=16, splits=kw.get("splits") or 3)
+        return original(n, v, d, dtype, device, **kw)
+
+    monkeypatch.setattr(lt_ops, "launch_config", small)
+
+
+def _inputs(shape=(6,), d=19, v=45, dtype=torch.float64, bias=False, distinct_base=False,
+            train_weight=True, train_bias=True, ignore=(1,), scale=1.0):
+    """Fresh random inputs (never zeros); ``shape`` is the leading shape of hidden/labels."""
+    g = dict(dtype=torch.float64)
+    t = {
+        "hidden": (torch.randn(*shape, d, **g) * scale).to(dtype).to(DEVICE),
+        "base_hidden": (torch.randn(*shape, d, **g) * scale).to(dtype).to(DEVICE),
+        "weight": (torch.randn(v, d, **g) / d**0.5 * 3).to(dtype).to(DEVICE),
+        "labels": torch.randint(0, v, shape, device=DEVICE),
+    }
+    flat = t["labels"].view(-1)
+    for i in ignore:
+        if i < flat.numel():
+            flat[i] = -100
+    t["weight"].requires_grad_(train_weight)
+    if bias:
+        t["bias"] = torch.randn(v, **g).to(dtype).to(DEVICE).requires_grad_(train_bias)
+    if distinct_base:
+        t["base_weight"] = (torch.randn(v, d, **g) / d**0.5 * 3).to(dtype).to(DEVICE)
+        if bias:
+            t["base_bias"] = torch.randn(v, **g).to(dtype).to(DEVICE)
+    return t
+
+
+def _reduce(x, labels, reduction, num_items=None):
+    if reduction == "none":
+        return x.view(labels.shape)
+    if reduction == "sum":
+        return x.sum()
+    denom = (labels != -100).sum().item() if num_items is None else num_items
+    return x.sum() / max(denom, 1)
+
+
+def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=None, **kw):
+    """fp64 materialized: logits then the independent TMKL oracle; returns outputs and the
+    gradients of hidden, weight and bias for upstream ``grads`` (one per output)."""
+    h = t["hidden"].detach().double().cpu().requires_grad_()
+    w = t["weight"].detach().double().cpu().requires_grad_()
+    b = t["bias"].detach().double().cpu().requires_grad_() if "bias" in t else None
+    wb = t["base_weight"].detach().double().cpu() if "base_weight" in t else w.detach()
+    if "base_bias" in t:
+        bb = t["base_bias"].detach().double().cpu()
+    else:
+        bb = None if (b is None or "base_weight" in t) else b.detach()
+    d = h.shape[-1]
+    z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
+    zb = t["base_hidden"].detach().double().cpu().reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    y = t["labels"].cpu().reshape(-1)
+    outs = [_reduce(o, t["labels"].cpu(), reduction, num_items) for o in oracle_tmkl(z, zb, y, **kw)]
+    if not return_components:
+        outs = outs[:1]
+    torch.autograd.backward(outs, [g.double().cpu() for g in grads])
+    return [o.detach() for o in outs], (h.grad, w.grad, None if b is None else b.grad)
+
+
+def _run(t, backend, reduction="mean", return_components=False, grads=None, **kw):
+    """forgetkern's outputs and gradients (hidden, weight, bias) for upstream ``grads``."""
+    for name in ("hidden", "weight", "bias"):
+        if name in t:
+            t[name].grad = None
+    t["hidden"].requires_grad_(True)
+    opts = {k: t[k] for k in ("base_weight", "bias", "base_bias") if k in t}
+    out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                      reduction=reduction, return_components=return_components,
+                                      backend=backend, **opts, **kw)
+    outs = list(out) if return_components else [out]
+    if grads is None:
+        grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outs]
+    torch.autograd.backward(outs, grads)
+    gb = t["bias"].grad if "bias" in t else None
+    return [o.detach() for o in outs], (t["hidden"].grad, t["weight"].grad, gb), grads
+
+
+def _compare(t, backend, rtol=1e-9, atol=1e-11, **kw):
+    """Run forgetkern and the oracle with the same random upstream gradients and compare."""
+    outs, grads, g = _run(t, backend, **kw)
+    opts = {k: v for k, v in kw.items() if k not in ("chunk_size",)}
+    num_items = opts.pop("num_items_in_batch", None)
+    ref, ref_grads = _oracle(t, num_items=num_items, grads=g, **opts)
+    for a, r in zip(outs, ref):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=rtol, atol=atol)
+    for name, a, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        want = r is not None and (name == "hidden" or t.get(name) is not None and t[name].requires_grad)
+        if not want:
+            assert a is None, f"{name} must not receive a gradient"
+            continue
+        torch.testing.assert_close(a.double().cpu(), r, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    return outs, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# every option, both backends, fp64 (tight) with random upstream gradients on every output
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction,mask_target,temperature", OPTIONS)
+def test_every_option_matches_oracle(backend, direction, mask_target, temperature):
+    t = _inputs(bias=True, distinct_base=True, v=45, d=19, ignore=(2,))
+    _compare(t, backend, reduction="none", return_components=True, direction=direction,
+             mask_target=mask_target, temperature=temperature, kl_weight=0.7, ce_weight=1.3,
+             chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("return_components", [False, True])
+def test_reductions_and_components(backend, reduction, return_components):
+    t = _inputs(shape=(2, 3), bias=True, ignore=(1, 4))  # 3-D inputs
+    _compare(t, backend, reduction=reduction, return_components=return_components,
+             temperature=1.5, chunk_size=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_in_batch(backend):
+    t = _inputs(shape=(5,), ignore=(0,))
+    _compare(t, backend, num_items_in_batch=11, return_components=True)
+    t2 = _inputs(shape=(5,), ignore=(0,))
+    _compare(t2, backend, num_items_in_batch=torch.tensor(7, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,distinct_base", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_bias_base_head_and_frozen_weight(backend, bias, distinct_base, train_weight):
+    t = _inputs(shape=(7,), d=23, v=37, bias=bias, distinct_base=distinct_base,
+                train_weight=train_weight, train_bias=not train_weight)
+    _compare(t, backend, reduction="none", direction="reverse", temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backend):
+    t = _inputs(bias=True)
+    out_default, grads_default, g = _run(t, backend, reduction="none")
+    t2 = {k: (v.detach().clone().requires_grad_(v.requires_grad) if k != "labels" else v)
+          for k, v in t.items()}
+    t2["base_weight"] = t2["weight"]  # same tensor: base bias is then None unless given
+    t2["base_bias"] = t2["bias"]
+    out_same, grads_same, _ = _run(t2, backend, reduction="none", grads=g)
+    torch.testing.assert_close(out_same[0], out_default[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_same, grads_default):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_to_base_side(backend):
+    t = _inputs(bias=True, distinct_base=True)
+    for name in ("base_hidden", "base_weight", "base_bias"):
+        t[name].requires_grad_(True)
+    _run(t, backend)
+    for name in ("base_hidden", "base_weight", "base_bias"):
+        assert t[name].grad is None, name
+    assert t["hidden"].grad is not None and t["weight"].grad is not None and t["bias"].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shapes_single_row_and_ignored(backend):
+    for shape, d, v in [((1,), 1, 1), ((1,), 17, 33), ((3,), 5, 2), ((18,), 16, 16), ((4, 5), 31, 50)]:
+        t = _inputs(shape=shape, d=d, v=v, bias=True, ignore=(0, 3, 17))
+        _compare(t, backend, reduction="sum", return_components=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored_and_empty(backend):
+    t = _inputs(shape=(20,), bias=True, ignore=range(20))  # a whole 16-row block ignored
+    outs, grads = _compare(t, backend)
+    assert outs[0].item() == 0.0
+    assert all(torch.count_nonzero(gr) == 0 for gr in grads)
+    h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss = forgetkern.linear_tmkl_loss(h, w, h.detach(), y, backend=backend)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert h.grad.shape == (0, 8) and torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    t = _inputs(shape=(6,), d=20, v=40, bias=True)
+    t["hidden"] = torch.randn(6, 40, dtype=torch.float64, device=DEVICE)[:, ::2]  # column stride 2
+    t["weight"] = torch.randn(20, 40, dtype=torch.float64, device=DEVICE).t().requires_grad_()
+    assert not t["hidden"].is_contiguous() and not t["weight"].is_contiguous()
+    _compare(t, backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_vocabulary_with_neg_inf_bias(backend):
+    t = _inputs(shape=(5,), d=12, v=40, bias=True, ignore=())
+    t["labels"] = t["labels"] % 30
+    with torch.no_grad():
+        t["bias"][30:] = float("-inf")
+    t["bias"].requires_grad_(False)
+    outs, grads, g = _run(t, backend, reduction="none", return_components=True)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
+    _compare(t, backend, reduction="none", return_components=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# reference path specifics: chunking and the precomputed-gradient fast path
+# ------------------------------------------------------------------------------------------------
+def test_reference_chunking_is_invisible(monkeypatch):
+    t = _inputs(shape=(13,), bias=True, dtype=torch.float64)
+    base, grads_base, g = _run(t, "reference", reduction="none", chunk_size=13)
+    for chunk in (1, 5):
+        outs, grads, _ = _run(t, "reference", reduction="none", chunk_size=chunk, grads=g)
+        torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, grads_base):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
+    assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
+    assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
+    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 4 * 10 * 2)  # two rows per chunk
+    assert reference.linear_chunk_rows(45, torch.float32) == 2
+    outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
+    torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads_base[1], rtol=1e-10, atol=1e-12)
+
+
+def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
+    """Exactly-1 upstream (mean, then .backward()), a uniform multiple, and per-component
+    gradients (where the per-row CE/KL coefficients differ) must all give the oracle's gradients."""
+    calls = []
+    original = reference.linear_tmkl_pass
+
+    def counting(*a, **k):
+        calls.append(k.get("needs"))
+        return original(*a, **k)
+
+    monkeypatch.setattr(reference, "linear_tmkl_pass", counting)
+    t = _inputs(shape=(9,), bias=True, ignore=(4,))
+    cases = [
+        ("mean", False, lambda outs: [torch.ones_like(outs[0])], 1),  # no rescale, no recompute
+        ("mean", False, lambda outs: [torch.full_like(outs[0], 3.5)], 1),  # rescale only
+        ("sum", True, lambda outs: [torch.full_like(o, 0.25) for o in outs], 2),  # ce/kl: recompute
+        ("none", False, lambda outs: [torch.randn_like(outs[0])], 2),  # per-row: recompute
+    ]
+    for reduction, comps, make_grads, passes in cases:
+        calls.clear()
+        opts = {k: t[k] for k in ("bias",)}
+        out = forgetkern.linear_tmkl_loss(t["hidden"].requires_grad_(), t["weight"], t["base_hidden"],
+                                          t["labels"], reduction=reduction, return_components=comps,
+                                          backend="reference", temperature=2.0, **opts)
+        outs = list(out) if comps else [out]
+        g = make_grads(outs)
+        for name in ("hidden", "weight", "bias"):
+            t[name].grad = None
+        torch.autograd.backward(outs, g)
+        assert len(calls) == passes, (reduction, comps, calls)
+        _, ref_grads = _oracle(t, reduction=reduction, return_components=comps, grads=g, temperature=2.0)
+        for a, r in zip((t["hidden"].grad, t["weight"].grad, t["bias"].grad), ref_grads):
+            torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11)
+
+
+def test_reference_no_grad_skips_gradient_work(monkeypatch):
+    seen = []
+    original = reference.linear_tmkl_pass
+    monkeypatch.setattr(reference, "linear_tmkl_pass",
+                        lambda *a, **k: seen.append(a[8] is not None) or original(*a, **k))
+    t = _inputs()
+    with torch.no_grad():
+        forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    backend="reference")
+    assert seen == [False]
+
+
+# ------------------------------------------------------------------------------------------------
+# lower precision: error within a small multiple of plain torch's own error in that dtype
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_error_within_torch_own(backend, dtype):
+    t = _inputs(shape=(10,), d=24, v=50, dtype=dtype, bias=True, ignore=(3,))
+    outs, grads, g = _run(t, backend, reduction="none")
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == dtype
+    ref, ref_grads = _oracle(t, reduction="none", grads=g)
+    # plain torch in the same dtype on materialized logits (the baseline error)
+    h = t["hidden"].detach().clone().requires_grad_()
+    w = t["weight"].detach().clone().requires_grad_()
+    b = t["bias"].detach().clone().requires_grad_()
+    z = h @ w.T + b
+    zb = (t["base_hidden"] @ w.detach().T + b.detach())
+    y = t["labels"]
+    valid = y != -100
+    ys = torch.where(valid, y, 0)
+    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
+    hit = torch.nn.functional.one_hot(ys, z.shape[-1]).bool()
+    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
+    lp = zb.masked_fill(hit, float("-inf")).log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).nan_to_num(0.0).sum(-1)
+    naive = (ce + kl).where(valid, 0)
+    (naive * g[0].to(dtype)).sum().backward()
+    assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive.detach().cpu(), what="loss")
+    for name, a, r, base in zip(("hidden", "weight", "bias"), grads, ref_grads, (h.grad, w.grad, b.grad)):
+        assert_close_to_ref(a.cpu(), r, dtype, baseline=base.cpu(), what=f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton specifics
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_triton_split_merge(monkeypatch, splits):
+    t = _inputs(shape=(6,), d=18, v=77, bias=True, ignore=(5,))  # 5 vocabulary tiles
+    small = lt_ops.launch_config
+    monkeypatch.setattr(lt_ops, "launch_config",
+                        lambda *a, **k: small(*a, **{**k, "splits": splits}))
+    for direction in ("forward", "reverse"):
+        _compare(t, "triton", reduction="none", return_components=True, direction=direction,
+                 temperature=1.3)
+
+
+def test_launch_config_defaults():
+    real = REAL_LAUNCH_CONFIG
+    big = real(8192, 128256, 4096, torch.bfloat16)
+    assert (big["BLOCK_N"], big["BLOCK_V"], big["BLOCK_D"]) == (128, 128, 64)
+    assert big["splits"] >= 1
+    tiny = real(3, 5, 7, torch.float32)
+    assert tiny["BLOCK_N"] == 16 and tiny["BLOCK_V"] == 16 and tiny["BLOCK_D"] == 16
+    assert real(64, 1000, 32, torch.float32, splits=1000)["splits"] == 8  # at most one per tile
+
+
+# ------------------------------------------------------------------------------------------------
+# fuzz: reference and Triton against the oracle on random small problems
+# ------------------------------------------------------------------------------------------------
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(1, 20), d=st.integers(1, 24), v=st.integers(1, 40),
+    direction=st.sampled_from(["forward", "reverse"]), mask_target=st.booleans(),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]), bias=st.booleans(), distinct=st.booleans(),
+    scale=st.floats(0.1, 5.0), seed=st.integers(0, 2**31 - 1),
+)
+def test_fuzz_vs_oracle(n, d, v, direction, mask_target, temperature, bias, distinct, scale, seed):
+    torch.manual_seed(seed)
+    t = _inputs(shape=(n,), d=d, v=v, bias=bias, distinct_base=distinct, scale=scale,
+                ignore=[i for i in range(n) if i % 4 == 3])
+    kw = dict(reduction="none", return_components=True, direction=direction,
+              mask_target=mask_target, temperature=temperature)
+    _compare(t, "reference", chunk_size=3, **kw)
+    if HAS_TRITON:
+        _compare(t, "triton", **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# module form and validation
+# ------------------------------------------------------------------------------------------------
+def test_module_matches_function():
+    t = _inputs(shape=(2, 4), bias=True)
+    mod = forgetkern.LinearTMKLLoss(kl_weight=0.5, temperature=2.0, direction="reverse",
+                                    chunk_size=3, backend="reference")
+    assert "kl_weight=0.5" in repr(mod)
+    a = mod(t["hidden"], t["weight"], t["base_hidden"], t["labels"], bias=t["bias"])
+    b = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    bias=t["bias"], kl_weight=0.5, temperature=2.0,
+                                    direction="reverse", backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+        forgetkern.LinearTMKLLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        forgetkern.LinearTMKLLoss(direction="sideways")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        forgetkern.LinearTMKLLoss(reduction="avg")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_name_the_argument(backend):
+    h, hb = torch.randn(4, 8), torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    y = torch.randint(0, 10, (4,))
+    cases = [
+        (dict(base_hidden=torch.randn(4, 9)), ValueError, "base_hidden must have the same shape as hidden"),
+        (dict(base_hidden=torch.randn(5, 8)), ValueError, "base_hidden must have the same shape"),
+        (dict(weight=torch.randn(10, 7)), ValueError, r"weight must have D=8 columns"),
+        (dict(weight=torch.randn(80)), ValueError, r"weight must be a \(V, D\) matrix"),
+        (dict(weight=torch.randn(0, 8)), ValueError, "V > 0"),
+        (dict(weight=w.double()), TypeError, "weight dtype torch.float64 does not match hidden"),
+        (dict(base_hidden=hb.half()), TypeError, "base_hidden dtype torch.float16 does not match"),
+        (dict(hidden=h.long()), TypeError, "hidden must be float16, bfloat16, float32 or float64"),
+        (dict(hidden=torch.randn(4, 0), base_hidden=torch.randn(4, 0)), ValueError, "D > 0"),
+        (dict(bias=torch.randn(9)), ValueError, r"bias must have shape \(10,\)"),
+        (dict(bias=torch.randn(10).double()), TypeError, "bias dtype torch.float64"),
+        (dict(base_bias=torch.randn(10, 1)), ValueError, r"base_bias must have shape \(10,\)"),
+        (dict(base_weight=torch.randn(11, 8)), ValueError, "base_weight must have the same shape as weight"),
+        (dict(base_weight=w.half()), TypeError, "base_weight dtype torch.float16"),
+        (dict(base_weight=[1.0]), TypeError, "base_weight must be a torch.Tensor"),
+        (dict(labels=torch.randint(0, 10, (5,))), ValueError, r"labels must have shape \(4,\) \(hidden"),
+        (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"labels must be in \[0, 10\)"),
+        (dict(labels=y.float()), TypeError, "labels must be an integer tensor"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be > 0"),
+        (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+        (dict(direction="up"), ValueError, "direction must be one of"),
+    ]
+    for override, exc, msg in cases:
+        args = dict(hidden=h, weight=w, base_hidden=hb, labels=y)
+        opts = {}
+        for k, val in override.items():
+            (args if k in args else opts)[k] = val
+        with pytest.raises(exc, match=msg):
+            forgetkern.linear_tmkl_loss(args["hidden"], args["weight"], args["base_hidden"],
+                                        args["labels"], backend=backend, **opts)
+
+
+def test_backend_registered_and_dispatch():
+    from forgetkern import _backend
+
+    assert _backend.OP_BACKENDS["linear_tmkl"] == ("reference", "triton")
+    with pytest.raises(RuntimeError, match="no 'cuda' backend"):
+        forgetkern.linear_tmkl_loss(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4),
+                                    torch.tensor([0, 1]), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_default_tiles(monkeypatch, dtype):
+    monkeypatch.undo()  # the real tile sizes
+    n, d, v = 300, 256, 3001
+    h = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+    hb = torch.randn(n, d, device="cuda", dtype=dtype)
+    w = (torch.randn(v, d, device="cuda") / 8).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda")
+    y[::7] = -100
+    loss = forgetkern.linear_tmkl_loss(h, w, hb, y, backend="triton", reduction="none")
+    g = torch.randn_like(loss)
+    (loss * g).sum().backward()
+    hh = h.detach().double().requires_grad_()
+    ww = w.detach().double().requires_grad_()
+    ref, _, _ = oracle_tmkl((hh @ ww.T).cpu(), (hb.double() @ ww.detach().T).cpu(), y.cpu())
+    (ref * g.double().cpu()).sum().backward()
+    assert rel_err(loss.cpu(), ref.detach()) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert rel_err(h.grad.cpu(), hh.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert rel_err(w.grad.cpu(), ww.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
