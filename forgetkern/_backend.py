@@ -25,7 +25,8 @@ ENV_VAR = "FORGETKERN_BACKEND"
 # Which backends implement each op. Ops register themselves here (one line per op).
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "tmkl": ("reference", "triton"),
-    "generalized_eigh": ("reference",),
+    "generalized_eigh": ("reference", "triton"),
+    "folora_step": ("reference", "triton"),
 }
 
 

@@ -120,7 +120,8 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
         A: ``(..., n, n)`` symmetric matrices.
         B: ``(..., n, n)`` symmetric positive-definite matrices (after damping).
         eps: non-negative damping added to the diagonal of ``B``.
-        backend: ``"reference"`` or ``None`` (automatic).
+        backend: ``"reference"``, ``"triton"`` (one program per matrix for ``n <= 64``, larger
+            ``n`` on the reference) or ``None`` (automatic).
 
     Returns:
         ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.
