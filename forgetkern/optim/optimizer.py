@@ -169,6 +169,8 @@ class FoLoRA(Optimizer):
         k = None if group["basis"] == "dense" else int(group["basis"])
         key = (id(proxy_cov), id(task_cov), k, float(group["damping"]), group["basis_norm"],
                str(param.device))
+        self._basis_cache = {k_: v for k_, v in self._basis_cache.items()
+                             if v[0]() is not None and v[1]() is not None}  # drop dead entries
         hit = self._basis_cache.get(key)
         if hit is not None and hit[0]() is proxy_cov and hit[1]() is task_cov:
             new = hit[2]
@@ -417,11 +419,11 @@ class FoLoRA(Optimizer):
             if self._use_triton(dev):
                 from ..ops.folora import folora_adam_step
 
-                rows = torch.zeros(len(flat.params), NUM_SCALARS, dtype=torch.float64)
+                rows = [[0.0] * NUM_SCALARS for _ in flat.params]
                 for i, (ss, bc2, eps, b1, b2) in zip(active, scalars):
-                    rows[i] = torch.tensor([-ss, bc2, eps, b2, 1 - b1, 1 - b2], dtype=torch.float64)
-                folora_adam_step(flat.g, flat.m, flat.v, flat.s, table, tuple(active),
-                                 rows.to(device=dev, dtype=torch.float32), gate_buf)
+                    rows[i] = [-ss, bc2, eps, b2, 1 - b1, 1 - b2]  # ops.folora.SCALARS
+                rows = torch.tensor(rows, dtype=torch.float32).to(dev, non_blocking=True)
+                folora_adam_step(flat.g, flat.m, flat.v, flat.s, table, tuple(active), rows, gate_buf)
             else:
                 full = [None] * len(flat.params)
                 for i, sc in zip(active, scalars):
