@@ -49,3 +49,27 @@ def test_generalized_eigh_reference(benchmark, n):
     bm = m @ m.mT / n + torch.eye(n)
     benchmark.extra_info.update(op="generalized_eigh", shape=f"batch=224 n={n}", dtype="float32")
     benchmark(forgetkern.generalized_eigh, a, bm, eps=1e-6, backend="reference")
+
+
+@pytest.mark.parametrize("basis", ["dense", 32])
+def test_folora_step_reference(benchmark, basis):
+    """One FoLoRA step (reference element-wise path) for 8 LoRA layers, r=16, d_in=256."""
+    from forgetkern.optim import FoLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    d, r, layers = 256, 16, 8
+    x = torch.randn(4 * d, d, generator=gen)
+    proxy, task = x.T @ x / (4 * d), torch.eye(d)
+    params = []
+    for _ in range(layers):
+        a = torch.randn(r, d, generator=gen).requires_grad_()
+        b = torch.randn(d, r, generator=gen).requires_grad_()
+        a.grad, b.grad = torch.randn(r, d, generator=gen), torch.randn(d, r, generator=gen)
+        params += [a, b]
+    opt = FoLoRA(params, basis=basis, backend="reference", eigh_backend="reference")
+    for a, b in zip(params[::2], params[1::2]):
+        opt.set_statistics(a, proxy, task)
+        opt.pair(b, a)
+    benchmark.extra_info.update(op="folora_step", shape=f"layers={layers} r={r} d_in={d}",
+                                dtype="float32", basis=str(basis))
+    benchmark(opt.step)

@@ -26,7 +26,8 @@ ENV_VAR = "FORGETKERN_BACKEND"
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "tmkl": ("reference", "triton", "cuda"),
     "linear_tmkl": ("reference", "triton"),
-    "generalized_eigh": ("reference", "cuda"),
+    "generalized_eigh": ("reference", "triton", "cuda"),
+    "folora_step": ("reference", "triton"),
 }
 
 

@@ -120,8 +120,9 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
         A: ``(..., n, n)`` symmetric matrices.
         B: ``(..., n, n)`` symmetric positive-definite matrices (after damping).
         eps: non-negative damping added to the diagonal of ``B``.
-        backend: ``"reference"``, ``"cuda"`` (GPU tensors; one thread block per problem for
-            ``n <= 64``, the reference above) or ``None`` (automatic).
+        backend: ``"reference"``, ``"triton"`` (one program per matrix for ``n <= 64``),
+            ``"cuda"`` (GPU tensors; one thread block per matrix for ``n <= 64``) or ``None``
+            (automatic). Larger ``n`` always runs on the reference.
 
     Returns:
         ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.

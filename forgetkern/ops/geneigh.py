@@ -1,0 +1,257 @@
+"""Batched generalized symmetric eigensolver: Triton kernel and launcher.
+
+Solves ``A v = lambda (B + eps I) v`` for a batch of small matrices, one program per matrix,
+everything in registers (``n <= MAX_N``)::
+
+    L = cholesky(B + eps I)                 # right-looking, one column per iteration
+    Li = L^-1                               # forward substitution
+    C = Li A Li^T                           # whitening (two ieee-precision tl.dot)
+    C = U diag(w) U^T                       # parallel cyclic Jacobi, sweeps until off(C) <= tol
+    V = Li^T U, sorted by ascending w       # back-transform: V^T (B + eps I) V = I
+
+The Jacobi sweeps use the round-robin (circle method) ordering: each of the ``m - 1`` rounds of
+a sweep rotates ``m / 2`` disjoint index pairs at once (``m`` = ``n`` rounded up to even), applied
+as ``C <- J^T C J`` and ``U <- U J`` with one block-diagonal rotation matrix ``J``. Padded indices
+(``n <= i < BLOCK_N``) hold zeros in ``C`` and never rotate.
+
+Larger ``n`` goes to :func:`forgetkern.reference.generalized_eigh` (batched cuSOLVER/LAPACK).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._triton import HAS_TRITON, jit, next_power_of_2, tl
+
+#: Largest matrix size the one-program-per-matrix kernel handles; larger go to the reference.
+MAX_N = 64
+#: Upper bound on Jacobi sweeps (convergence is quadratic; 6-10 sweeps are typical).
+MAX_SWEEPS = 30
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+@jit
+def _geneigh_kernel(
+    a_ptr,  # [batch, n, n] symmetric A (only its symmetric part is used), contiguous
+    b_ptr,  # [batch, n, n] symmetric B + eps I (damping added by the launcher), contiguous
+    w_ptr,  # [batch, n] out: eigenvalues, ascending
+    v_ptr,  # [batch, n, n] out: eigenvectors as columns, V^T (B + eps I) V = I
+    info_ptr,  # [batch] out int32: 0 ok, 1 B + eps I is not positive definite
+    sweeps_ptr,  # [batch] out int32: Jacobi sweeps used
+    n,  # matrix size (<= BLOCK_N)
+    tol2,  # stop when sum_{i != j} C_ij^2 <= tol2 * sum_ij C_ij^2
+    BLOCK_N: tl.constexpr,
+    MAX_SWEEPS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    dt = tl.float64 if ACC_FP64 else tl.float32
+    base = pid * n * n
+    idx = tl.arange(0, BLOCK_N)
+    r2 = idx[:, None]
+    c2 = idx[None, :]
+    inb = (r2 < n) & (c2 < n)
+    eye = r2 == c2
+    offs = base + r2.to(tl.int64) * n + c2
+    a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(dt)
+    b = tl.load(b_ptr + offs, mask=inb, other=0.0).to(dt)
+    a = 0.5 * (a + tl.trans(a))
+    b = 0.5 * (b + tl.trans(b))
+    zero2 = tl.zeros((BLOCK_N, BLOCK_N), dtype=dt)
+    one2 = zero2 + 1.0
+    # M = B + eps I on the n x n block, identity on the padding
+    m = tl.where(inb, b, tl.where(eye, one2, zero2))
+
+    # ---- Cholesky M = L L^T (right-looking) -------------------------------------------------
+    low = zero2
+    bad = tl.zeros((), dtype=tl.int32)
+    for k in range(0, n):
+        col = tl.sum(tl.where(c2 == k, m, 0.0), axis=1)  # M[:, k]
+        d = tl.sum(tl.where(idx == k, col, 0.0), axis=0)  # M[k, k]
+        bad = bad | ((d <= 0.0) | (d != d)).to(tl.int32)
+        d_safe = tl.where(d > 0.0, d, 1.0)
+        # L[:, k] = M[k:, k] / sqrt(M[k, k]);  M -= L[:, k] L[:, k]^T
+        lk = tl.where(idx >= k, col / tl.sqrt(d_safe), 0.0)
+        low = tl.where(c2 == k, lk[:, None], low)
+        m = m - lk[:, None] * lk[None, :]
+    low = tl.where(inb, low, tl.where(eye, one2, zero2))
+
+    # ---- Li = L^-1 by forward substitution: Li[i, :] = (e_i - L[i, :i] Li[:i, :]) / L[i, i] --
+    li = tl.where(inb, zero2, tl.where(eye, one2, zero2))
+    for i in range(0, n):
+        lrow = tl.sum(tl.where(r2 == i, low, 0.0), axis=0)  # L[i, :]
+        lii = tl.sum(tl.where(idx == i, lrow, 0.0), axis=0)
+        lii = tl.where(lii > 0.0, lii, 1.0)
+        strict = tl.where(idx < i, lrow, 0.0)
+        contrib = tl.sum(strict[:, None] * li, axis=0)
+        new_row = (tl.where(idx == i, 1.0, 0.0) - contrib) / lii
+        li = tl.where(r2 == i, new_row[None, :], li)
+
+    # ---- whitening C = Li A Li^T ----------------------------------------------------------------
+    c = tl.dot(tl.dot(li, a, input_precision="ieee"), tl.trans(li), input_precision="ieee")
+    c = 0.5 * (c + tl.trans(c))
+
+    # ---- parallel cyclic Jacobi: C = U diag(w) U^T --------------------------------------------
+    u = tl.where(eye, one2, zero2)
+    players = n + (n % 2)  # even number of players for the circle method
+    last = players - 1
+    total = tl.sum(tl.sum(c * c, axis=1), axis=0)
+    off = tl.sum(tl.sum(tl.where(eye, 0.0, c * c), axis=1), axis=0)  # not total - diag: cancels
+    sweeps = tl.zeros((), dtype=tl.int32)
+    while (sweeps < MAX_SWEEPS) & (off > tol2 * total):
+        for rnd in range(0, last):
+            # partner of i in round rnd (player `last` fixed, the others rotate); padding: itself
+            pr = (2 * rnd - idx + 2 * last) % last
+            pr = tl.where(idx == rnd, last, pr)
+            pr = tl.where(idx == last, rnd, pr)
+            pr = tl.where(idx >= players, idx, pr)
+            is_partner = c2 == pr[:, None]
+            diag = tl.sum(tl.where(eye, c, 0.0), axis=1)  # C[i, i]
+            cpq = tl.sum(tl.where(is_partner, c, 0.0), axis=1)  # C[i, partner(i)]
+            dpart = tl.sum(tl.where(is_partner, diag[None, :], 0.0), axis=1)  # C[partner, partner]
+            lower = idx < pr
+            app = tl.where(lower, diag, dpart)
+            aqq = tl.where(lower, dpart, diag)
+            rotate = cpq != 0.0
+            # theta = (a_qq - a_pp) / (2 a_pq);  t = sign(theta) / (|theta| + sqrt(theta^2 + 1))
+            theta = (aqq - app) / (2.0 * tl.where(rotate, cpq, 1.0))
+            big = tl.abs(theta) > 1e15
+            theta_s = tl.where(big, 1.0, theta)
+            t = 1.0 / (tl.abs(theta_s) + tl.sqrt(theta_s * theta_s + 1.0))
+            t = tl.where(big, 0.5 / tl.abs(tl.where(big, theta, 1.0)), t)
+            t = tl.where(theta < 0.0, -t, t)
+            cs = 1.0 / tl.sqrt(t * t + 1.0)
+            sn = t * cs
+            cs = tl.where(rotate, cs, 1.0)
+            sn = tl.where(rotate, sn, 0.0)
+            # J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s  (p < q): C <- J^T C J zeroes C[p, q]
+            sgn_s = tl.where(lower, sn, -sn)
+            jrot = tl.where(eye, cs[:, None], tl.where(is_partner, sgn_s[:, None], 0.0))
+            c = tl.dot(tl.trans(jrot), tl.dot(c, jrot, input_precision="ieee"), input_precision="ieee")
+            u = tl.dot(u, jrot, input_precision="ieee")
+        c = 0.5 * (c + tl.trans(c))
+        sweeps += 1
+        total = tl.sum(tl.sum(c * c, axis=1), axis=0)
+        off = tl.sum(tl.sum(tl.where(eye, 0.0, c * c), axis=1), axis=0)
+
+    # ---- back-transform V = Li^T U and ascending sort -----------------------------------------
+    v = tl.dot(tl.trans(li), u, input_precision="ieee")
+    w = tl.sum(tl.where(eye, c, 0.0), axis=1)
+    w = tl.where(idx < n, w, float("inf"))
+    # rank_i = #{j : w_j < w_i or (w_j == w_i and j < i)};  V_sorted = V P with P[i, rank_i] = 1
+    before = (w[None, :] < w[:, None]) | ((w[None, :] == w[:, None]) & (c2 < r2))
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    perm = tl.where(rank[:, None] == c2, one2, zero2)
+    v = tl.dot(v, perm, input_precision="ieee")
+    w_sorted = tl.sum(tl.where(rank[:, None] == c2, w[:, None], 0.0), axis=0)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inb)
+    tl.store(w_ptr + pid * n + idx, w_sorted.to(w_ptr.dtype.element_ty), mask=idx < n)
+    tl.store(info_ptr + pid, bad)
+    tl.store(sweeps_ptr + pid, sweeps)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+def launch_config(n: int) -> dict:
+    """Tile size and warps for :func:`_geneigh_kernel`.
+
+    One program holds a few ``BLOCK_N x BLOCK_N`` tiles (C, U, Li and a rotation) in registers;
+    ``tl.dot`` needs ``BLOCK_N >= 16``. Warps grow with the tile so each thread keeps about 16-32
+    elements of a tile.
+    """
+    block = max(16, next_power_of_2(n))
+    num_warps = {16: 2, 32: 4}.get(block, 8)
+    return {"BLOCK_N": block, "num_warps": num_warps}
+
+
+def _tolerance(dtype: torch.dtype, n: int) -> float:
+    """Squared relative off-diagonal tolerance: ``(n * machine epsilon)^2``."""
+    return (max(n, 1) * torch.finfo(dtype).eps) ** 2
+
+
+def _check_inputs(A, B, eps):
+    """The checks of :func:`forgetkern.reference.generalized_eigh`, with the same messages."""
+    from .._validate import check_float, check_tensor
+
+    check_tensor(A, "A")
+    check_tensor(B, "B")
+    check_float(A, "A")
+    check_float(B, "B")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
+    if B.shape != A.shape:
+        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"B is on {B.device} but A is on {A.device}")
+    if not (eps >= 0.0):
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
+                     return_sweeps: bool = False):
+    """Triton batched ``A v = lambda (B + eps I) v``; same contract as the reference.
+
+    In plain torch::
+
+        L = torch.linalg.cholesky(B + eps * I)
+        w, U = torch.linalg.eigh(L.inverse() @ A @ L.inverse().mT)
+        V = L.inverse().mT @ U
+
+    Matrices with ``n <= MAX_N`` (64) run one Triton program each; larger ``n`` (and ``n == 0``)
+    go to :func:`forgetkern.reference.generalized_eigh`, batched across the whole input.
+
+    Args:
+        A: ``(..., n, n)`` symmetric.
+        B: ``(..., n, n)`` symmetric, positive definite once ``eps * I`` is added.
+        eps: non-negative damping.
+        return_sweeps: also return the ``(...)`` int32 Jacobi sweep counts (kernel path only;
+            ``None`` when the reference ran).
+
+    Returns:
+        ``(w, V)`` with ascending eigenvalues ``(..., n)`` and eigenvectors ``(..., n, n)``
+        (columns), float64 for float64 inputs and float32 otherwise.
+
+    Raises:
+        ValueError: as the reference (shapes, negative ``eps``, ``B + eps I`` not positive
+        definite, listing the failing flattened batch entries).
+    """
+    _check_inputs(A, B, eps)
+    n = A.shape[-1]
+    if n == 0 or n > MAX_N:
+        w, V = reference.generalized_eigh(A, B, eps=eps)
+        return (w, V, None) if return_sweeps else (w, V)
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package")
+    dtype = reference.accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
+    batch_shape = A.shape[:-2]
+    a = A.reshape(-1, n, n).to(dtype).contiguous()
+    b = B.reshape(-1, n, n).to(dtype)
+    if eps:
+        # in the working dtype, as the reference does (a float kernel argument would be fp32)
+        b = b + eps * torch.eye(n, dtype=dtype, device=b.device)
+    b = b.contiguous()
+    count = a.shape[0]
+    w = torch.empty(count, n, dtype=dtype, device=A.device)
+    V = torch.empty(count, n, n, dtype=dtype, device=A.device)
+    info = torch.zeros(count, dtype=torch.int32, device=A.device)
+    sweeps = torch.zeros(count, dtype=torch.int32, device=A.device)
+    if count:
+        cfg = launch_config(n)
+        _geneigh_kernel[(count,)](
+            a, b, w, V, info, sweeps, n, _tolerance(dtype, n),
+            MAX_SWEEPS=MAX_SWEEPS, ACC_FP64=dtype == torch.float64, **cfg,
+        )
+        if bool((info != 0).any()):
+            bad = torch.nonzero(info).flatten()[:8].tolist()
+            raise ValueError(
+                f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
+                "(flattened indices); increase eps"
+            )
+    w = w.reshape(*batch_shape, n)
+    V = V.reshape(*batch_shape, n, n)
+    if return_sweeps:
+        return w, V, sweeps.reshape(batch_shape)
+    return w, V

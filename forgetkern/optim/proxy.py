@@ -1,0 +1,264 @@
+"""Proxy data: token sequences sampled from the pretrained model itself (adapters disabled)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..lora import disable_adapters
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _config_value(model: nn.Module, key: str):
+    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(holder, key, None) if holder is not None else None
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _is_hf_generator(model: nn.Module) -> bool:
+    """An HF causal LM (or a PEFT model wrapping one) whose ``generate`` we can drive."""
+    if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except Exception:
+        return False
+    if isinstance(model, PreTrainedModel):
+        return True
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return isinstance(inner, PreTrainedModel)
+
+
+def _prompt_list(prompts, bos_token_id, tokenizer, model) -> list[list[int]]:
+    if prompts is None:
+        bos = bos_token_id if bos_token_id is not None else _config_value(model, "bos_token_id")
+        if bos is None:
+            raise ValueError(
+                "sample_proxy_data needs seed prompts: the model has no bos_token_id in its config; "
+                "pass prompts= (token ids, or strings with tokenizer=) or bos_token_id="
+            )
+        return [[int(bos)]]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dtype.is_floating_point or prompts.dim() not in (1, 2) or prompts.numel() == 0:
+            raise ValueError(
+                f"prompts must be a non-empty (P, L) or (L,) integer tensor, got {prompts.dtype} "
+                f"of shape {tuple(prompts.shape)}"
+            )
+        rows = prompts.reshape(-1, prompts.shape[-1]) if prompts.dim() == 2 else prompts[None]
+        return [[int(t) for t in row] for row in rows.tolist()]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = []
+    for i, item in enumerate(prompts):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("prompts given as strings need tokenizer=")
+            ids = tokenizer(item, add_special_tokens=True)["input_ids"]
+        elif isinstance(item, torch.Tensor):
+            ids = item.reshape(-1).tolist()
+        else:
+            ids = list(item)
+        if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise ValueError(f"prompts[{i}] must be a non-empty sequence of non-negative token ids, got {item!r}")
+        out.append([int(t) for t in ids])
+    if not out:
+        raise ValueError("prompts must not be empty")
+    return out
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
+                      top_p: float) -> torch.Tensor:
+    """Sample one token per row from ``(N, V)`` logits with temperature and nucleus (top-p).
+
+    ``temperature == 0`` is greedy (argmax). Top-p keeps the smallest set of most likely tokens
+    whose probability reaches ``top_p`` (always at least the most likely one). Returns ``(N,)``
+    int64.
+    """
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p  # mass before this token already enough
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Sampler:
+    """HF ``LogitsProcessor`` that samples with our generator and leaves one finite logit, so that
+    greedy decoding inside ``generate`` picks exactly the sampled token."""
+
+    def __init__(self, generator, temperature, top_p):
+        self.generator = generator
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        tok = sample_next_token(scores, self.generator, self.temperature, self.top_p)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tok[:, None], 0.0)
+
+
+def _logits_of(output) -> torch.Tensor:
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def _sample_loop(model, ids, new_tokens, generator, temperature, top_p):
+    """KV-free fallback: recompute the whole prefix for every new token."""
+    for _ in range(new_tokens):
+        logits = _logits_of(model(ids))
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(
+                "sample_proxy_data: the model must map token ids (B, T) to logits (B, T, V) "
+                f"(or an output with .logits); got {tuple(logits.shape)} for input {tuple(ids.shape)}"
+            )
+        tok = sample_next_token(logits[:, -1, :], generator, temperature, top_p)
+        ids = torch.cat([ids, tok[:, None].to(ids.dtype)], dim=1)
+    return ids
+
+
+def _sample_generate(model, ids, new_tokens, generator, temperature, top_p):
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    pad = _config_value(model, "pad_token_id")
+    if pad is None:
+        pad = _config_value(model, "eos_token_id") or 0
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=0,
+        eos_token_id=None, pad_token_id=pad, use_cache=True,
+    )
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+        logits_processor=LogitsProcessorList([_Sampler(generator, temperature, top_p)]),
+    )
+    return out[:, : ids.shape[1] + new_tokens]
+
+
+@torch.no_grad()
+def sample_proxy_data(
+    model: nn.Module,
+    *,
+    n_samples: int,
+    length: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    prompts=None,
+    seed: int = 0,
+    batch_size: int = 8,
+    bos_token_id: int | None = None,
+    tokenizer=None,
+    use_generate: bool | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Sample token sequences from the pretrained model (adapters disabled) as proxy data.
+
+    In plain torch, per sequence::
+
+        ids = prompt                                  # a short seed, e.g. [bos]
+        while len(ids) < length:
+            p = softmax(model(ids)[-1] / temperature)   # nucleus-truncated to top_p
+            ids.append(multinomial(p))
+
+    HF causal LMs (and PEFT models wrapping one) run through ``generate`` with a KV cache;
+    any other module mapping token ids ``(B, T)`` to logits ``(B, T, V)`` (or an output with
+    ``.logits``) runs the plain loop above without a cache. Sampling uses a local
+    ``torch.Generator`` seeded with ``seed``, so results are reproducible and the global RNG is
+    untouched. End-of-sequence tokens do not stop sampling: every sequence has exactly
+    ``length`` tokens (a base model continues as if a new document started).
+
+    Seed prompts: by default the model's BOS token (``config.bos_token_id`` or
+    ``generation_config.bos_token_id``), or ``bos_token_id``. Pass ``prompts`` as token ids
+    (a ``(P, L)`` tensor or lists of ids) or, with ``tokenizer``, as strings, e.g. a few common
+    words (``["The", "In", "A", "I"]``) for models without a BOS token. Sample ``i`` uses prompt
+    ``i % P``; the prompt tokens are included in the returned sequences.
+
+    Args:
+        model: the model to sample from; LoRA adapters (forgetkern or PEFT) are disabled while
+            sampling, and the model runs in eval mode (restored afterwards).
+        n_samples: number of sequences (>= 1).
+        length: tokens per sequence, prompt included (longer than every prompt).
+        temperature: softmax temperature (>= 0; 0 is greedy).
+        top_p: nucleus probability in ``(0, 1]`` (1 keeps the whole vocabulary).
+        prompts: seed prompts (see above).
+        seed: generator seed.
+        batch_size: sequences per forward batch (sequences with prompts of different lengths go
+            to different batches).
+        bos_token_id: BOS token used when ``prompts`` is ``None`` and the config has none.
+        tokenizer: HF tokenizer for string prompts.
+        use_generate: force (``True``) or forbid (``False``) the HF ``generate`` path; default:
+            use it for HF models.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A list of ``(b, length)`` int64 CPU tensors with ``n_samples`` rows in total, in sample
+        order.
+    """
+    for name, value in (("n_samples", n_samples), ("length", length), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    seeds = _prompt_list(prompts, bos_token_id, tokenizer, model)
+    longest = max(len(s) for s in seeds)
+    if length <= longest:
+        raise ValueError(f"length={length} must exceed the longest prompt ({longest} tokens)")
+    hf = _is_hf_generator(model) if use_generate is None else bool(use_generate)
+    device = _model_device(model)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+
+    # consecutive samples, split where the prompt length changes
+    batches: list[list[int]] = []
+    for i in range(n_samples):
+        plen = len(seeds[i % len(seeds)])
+        if batches and len(batches[-1]) < batch_size and len(seeds[batches[-1][0] % len(seeds)]) == plen:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+
+    from tqdm.auto import tqdm
+
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with disable_adapters(model), tqdm(total=n_samples, desc="proxy samples", unit="seq",
+                                           disable=not progress) as bar:
+            for rows in batches:
+                ids = torch.tensor([seeds[i % len(seeds)] for i in rows], dtype=torch.long, device=device)
+                new = length - ids.shape[1]
+                if hf:
+                    seqs = _sample_generate(model, ids, new, generator, float(temperature), float(top_p))
+                else:
+                    seqs = _sample_loop(model, ids, new, generator, float(temperature), float(top_p))
+                if seqs.shape != (len(rows), length):
+                    raise RuntimeError(
+                        f"sampling returned shape {tuple(seqs.shape)}, expected {(len(rows), length)}"
+                    )
+                out.append(seqs.to("cpu", torch.long))
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+    return out

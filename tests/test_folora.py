@@ -1,0 +1,537 @@
+"""FoLoRA: proxy sampling, activation statistics, gates and the gated Adam optimizer."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from forgetkern import _backend
+from forgetkern.lora import disable_adapters, inject_lora
+from forgetkern.optim import ActivationStats, FoLoRA, calibrate, sample_proxy_data
+from forgetkern.optim.gating import gate_values
+
+HAS_TRITON_RUN = _backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())
+STEP_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1"))]
+
+
+# ---- tiny models ------------------------------------------------------------------------------
+class Toy(nn.Module):
+    """Embedding, q/k/v reading the same input, o reading another, a head: ids -> logits."""
+
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, vocab)
+
+    def mixed(self, h):
+        return torch.tanh(self.q(h) + self.k(h) * self.v(h))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.o(self.mixed(self.emb(input_ids))))
+
+
+def lora_toy(seed=0):
+    torch.manual_seed(seed)
+    model = inject_lora(Toy(), ["q", "k", "v", "o"], rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # adapters that change the function
+    return model
+
+
+def tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+# ---- sample_proxy_data ------------------------------------------------------------------------
+class ConstLogits(nn.Module):
+    def __init__(self, z):
+        super().__init__()
+        self.z = nn.Parameter(z)
+
+    def forward(self, ids):
+        return self.z.expand(ids.shape[0], ids.shape[1], -1)
+
+
+class Bigram(nn.Module):
+    def __init__(self, vocab=9, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.lin = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids))
+
+
+def _cat(batches):
+    return torch.cat(batches)
+
+
+def test_sample_proxy_deterministic_and_length():
+    torch.manual_seed(0)
+    model = Bigram()
+    kw = dict(n_samples=5, length=7, prompts=[[3], [4, 5]], batch_size=2, progress=False)
+    a = sample_proxy_data(model, seed=1, **kw)
+    b = sample_proxy_data(model, seed=1, **kw)
+    c = sample_proxy_data(model, seed=2, **kw)
+    assert all(t.dtype == torch.long and t.shape[1] == 7 for t in a)
+    assert torch.equal(_cat(a), _cat(b)) and not torch.equal(_cat(a), _cat(c))
+    rows = _cat(a)
+    assert rows.shape == (5, 7)
+    # sample i uses prompt i % P, kept as the sequence's prefix
+    assert rows[0, 0] == 3 and rows[2, 0] == 3 and rows[1, :2].tolist() == [4, 5]
+
+
+def test_sample_proxy_temperature_and_top_p():
+    z = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    model = ConstLogits(z)
+    for temp in (0.5, 2.0):
+        toks = _cat(sample_proxy_data(model, n_samples=64, length=33, temperature=temp, prompts=[[0]],
+                                      batch_size=64, progress=False))[:, 1:]
+        freq = torch.bincount(toks.flatten(), minlength=4).float() / toks.numel()
+        expect = torch.softmax(z / temp, -1)
+        assert float((freq - expect).abs().max()) < 0.05, (temp, freq, expect)
+    # greedy
+    toks = _cat(sample_proxy_data(model, n_samples=2, length=5, temperature=0.0, prompts=[[0]], progress=False))
+    assert bool((toks[:, 1:] == 3).all())
+    # nucleus: softmax(z) = [.03, .09, .24, .64]: top_p=0.5 keeps only token 3
+    toks = _cat(sample_proxy_data(model, n_samples=4, length=6, top_p=0.5, prompts=[[0]], progress=False))
+    assert bool((toks[:, 1:] == 3).all())
+
+
+def test_sample_proxy_disables_adapters():
+    torch.manual_seed(0)
+    base = Bigram()
+    adapted = inject_lora(copy.deepcopy(base), ["lin"], rank=2, alpha=2.0)
+    with torch.no_grad():
+        adapted.lin.lora_B.normal_()
+    ids = torch.tensor([[1, 2, 3]])
+    assert not torch.allclose(adapted(ids), base(ids))
+    kw = dict(n_samples=3, length=6, prompts=[[1]], seed=3, progress=False)
+    assert torch.equal(_cat(sample_proxy_data(adapted, **kw)), _cat(sample_proxy_data(base, **kw)))
+    assert adapted.lin.adapters_enabled
+
+
+def test_sample_proxy_hf_generate_matches_plain_loop():
+    model = tiny_llama()
+    kw = dict(n_samples=3, length=6, seed=0, batch_size=2, progress=False)
+    a = sample_proxy_data(model, **kw)
+    b = sample_proxy_data(model, **kw)
+    loop = sample_proxy_data(model, use_generate=False, **kw)
+    rows = _cat(a)
+    assert rows.shape == (3, 6) and bool((rows[:, 0] == 1).all())  # BOS seed from the config
+    assert torch.equal(rows, _cat(b))
+    assert torch.equal(rows, _cat(loop))  # same distribution, same draws: cache or no cache
+
+
+def test_sample_proxy_errors():
+    model = Bigram()
+    with pytest.raises(ValueError, match="length"):
+        sample_proxy_data(model, n_samples=1, length=2, prompts=[[1, 2]], progress=False)
+    with pytest.raises(ValueError, match="bos_token_id"):
+        sample_proxy_data(model, n_samples=1, length=4, progress=False)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_proxy_data(model, n_samples=1, length=4, prompts=[[1]], top_p=0.0, progress=False)
+    with pytest.raises(ValueError, match="n_samples"):
+        sample_proxy_data(model, n_samples=0, length=4, prompts=[[1]], progress=False)
+
+
+# ---- ActivationStats / calibrate --------------------------------------------------------------
+def test_activation_stats_matches_hand_xtx_with_padding_and_shared_inputs():
+    model = lora_toy()
+    ids = torch.randint(0, 11, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[2, :2] = 0
+    with ActivationStats(model, dtype=torch.float64) as st:
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+            model(ids[:1])  # no mask: every token
+    keep = mask.bool()
+    with torch.no_grad():
+        h = model.emb(ids)
+        mixed = model.mixed(h)
+    xs = {"q": [h[keep], h[0]], "o": [mixed[keep], mixed[0]]}
+    cov = st.covariances()
+    sums = st.sums()
+    for layer, parts in xs.items():
+        X = torch.cat(parts).double()
+        xtx, count = sums[layer]
+        assert count == X.shape[0]
+        torch.testing.assert_close(xtx, X.T @ X, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cov[layer], X.T @ X / X.shape[0], rtol=1e-12, atol=1e-12)
+    # q, k, v read the same tensor: one accumulator, one covariance object
+    assert cov["q"] is cov["k"] is cov["v"] and cov["o"] is not cov["q"]
+    assert sorted(map(sorted, st.groups())) == [["k", "q", "v"], ["o"]]
+    assert st.memory_bytes()["q"] == 6 * 6 * 8 and st.total_memory_bytes() == 2 * 6 * 6 * 8
+    # the hooks are gone after the block
+    with torch.no_grad():
+        model(ids)
+    assert st.sums()["q"][1] == sums["q"][1]
+
+
+def test_activation_stats_explicit_modules_and_set_mask():
+    model = lora_toy()
+    ids = torch.randint(0, 11, (2, 4))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with ActivationStats(model, modules=["o"], share_inputs=False, dtype=torch.float64) as st:
+        st.set_mask(mask)
+        with torch.no_grad():
+            model(ids)
+    with torch.no_grad():
+        X = model.mixed(model.emb(ids))[mask.bool()].double()
+    assert list(st.sums()) == ["o"]
+    torch.testing.assert_close(st.covariances()["o"], X.T @ X / 6)
+    with pytest.raises(ValueError, match="not a submodule"):
+        ActivationStats(model, modules=["nope"])
+    with pytest.raises(ValueError, match="no LoRA-adapted"):
+        ActivationStats(Toy())
+
+
+def test_calibrate_proxy_pass_runs_the_base_model():
+    model = lora_toy()
+    proxy = [torch.randint(0, 11, (2, 5)) for _ in range(2)]
+    task = [{"input_ids": torch.randint(0, 11, (2, 4)), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "labels": torch.zeros(2, 4, dtype=torch.long)}]
+    stats = calibrate(model, proxy, task, dtype=torch.float64, progress=False)
+    assert sorted(stats) == ["k", "o", "q", "v"]
+    with torch.no_grad(), disable_adapters(model):
+        X = torch.cat([model.mixed(model.emb(b)).reshape(-1, 6) for b in proxy]).double()
+    torch.testing.assert_close(stats["o"][0], X.T @ X / X.shape[0])
+    with torch.no_grad():
+        Xt = model.mixed(model.emb(task[0]["input_ids"])).reshape(-1, 6).double()
+    torch.testing.assert_close(stats["o"][1], Xt.T @ Xt / Xt.shape[0])
+    assert stats["q"][0] is stats["v"][0]
+    assert model.training  # restored
+
+
+# ---- gates ------------------------------------------------------------------------------------
+def test_gate_values():
+    lam = torch.tensor([0.0, 0.5, 1.0, 4.0])
+    torch.testing.assert_close(gate_values(lam, "soft", 1.0), lam / (lam + 1))
+    torch.testing.assert_close(gate_values(lam, "sigmoid", 1.0, sharpness=1.0), lam / (lam + 1))
+    assert gate_values(lam, "hard", 1.0).tolist() == [0, 0, 1, 1]
+    assert gate_values(lam, "topk", 0.5).tolist() == [0, 0, 1, 1]
+    # low-rank: the 2 stored ratios are the smallest of 8; keep the top 75% = 6 -> both closed
+    assert gate_values(lam[:2], "topk", 0.75, dim=8).tolist() == [0, 0]
+    assert gate_values(lam, "none", 1.0).tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="gate must be one of"):
+        gate_values(lam, "bogus", 1.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        gate_values(lam, "topk", 2.0)
+
+
+# ---- the optimizer ----------------------------------------------------------------------------
+def _run(params, make_opt, steps, seed=1, skip=None):
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_opt(params)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = None if skip == (t, i) else g.to(p.dtype)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_equals_adamw_exactly_with_equal_statistics_and_open_gates(backend):
+    torch.manual_seed(0)
+    init = [torch.randn(3, 5), torch.randn(2, 6), torch.randn(4, 3), torch.randn(7)]
+    X = torch.randn(40, 6)
+    S = X.T @ X  # arbitrary equal statistics (low-rank mode keeps AdamW's coordinates)
+    opts = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+
+    ref = [p.clone().requires_grad_() for p in init]
+    _run(ref, lambda ps: torch.optim.AdamW(ps, foreach=False, **opts), 6, skip=(2, 1))
+
+    def make(ps):
+        dense = FoLoRA([ps[0], ps[2], ps[3]], gate="none", damping=0.0, backend=backend, **opts)
+        dense.add_param_group({"params": [ps[1]], "basis": 2})
+        # equal statistics; with damping 0 and the identity the spectral basis is exactly I
+        dense.set_statistics(ps[0], 2 * torch.eye(5), 2 * torch.eye(5))
+        dense.set_statistics(ps[1], S, S)
+        return dense
+
+    got = [p.clone().requires_grad_() for p in init]
+    opt = _run(got, make, 6, skip=(2, 1))
+    assert opt.state[got[0]]["mode"] == "dense" and opt.state[got[1]]["mode"] == "lowrank"
+    for a, b in zip(ref, got):
+        if backend == "reference":  # the same torch operations as AdamW: bit for bit
+            assert torch.equal(a, b)
+        else:  # the fused kernel: equal up to rounding order (FMA contraction, scalar division)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _penalized_setup(basis, basis_norm="proxy", gate="soft"):
+    torch.manual_seed(0)
+    d = 6
+    proxy = torch.eye(d)
+    proxy[0, 0] = 100.0  # direction e0 carries a large proxy penalty
+    task = torch.eye(d)
+    return d, proxy, task, dict(lr=1e-2, gate=gate, tau=1.0, basis=basis, basis_norm=basis_norm)
+
+
+@pytest.mark.parametrize("basis,basis_norm", [("dense", "proxy"), ("dense", "unit"), (1, "proxy")])
+def test_penalized_direction_moves_less(basis, basis_norm):
+    d, proxy, task, opts = _penalized_setup(basis, basis_norm)
+    A0 = torch.randn(4, d)
+
+    def moved(make):
+        A = A0.clone().requires_grad_()
+        _run([A], make, 20)
+        delta = (A.detach() - A0).abs()
+        return float(delta[:, 0].mean() / delta[:, 1:].mean())
+
+    def folora(ps):
+        opt = FoLoRA(ps, backend="reference", **opts)
+        opt.set_statistics(ps[0], proxy, task)
+        return opt
+
+    ratio_folora = moved(folora)
+    ratio_adamw = moved(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0))
+    assert ratio_folora < 0.25, ratio_folora
+    assert 0.5 < ratio_adamw < 2.0, ratio_adamw
+
+
+def _lora_params(seed=0, pairs=3, r=2, d_in=5, d_out=4):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(pairs):
+        A = torch.randn(r, d_in, generator=gen).requires_grad_()
+        B = torch.randn(d_out, r, generator=gen).requires_grad_()
+        out += [A, B]
+    return out
+
+
+def _stats(d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(50, d, generator=gen) * torch.linspace(0.2, 3.0, d)
+    y = torch.randn(50, d, generator=gen)
+    return x.T @ x / 50, y.T @ y / 50
+
+
+def test_pairs_refresh_in_one_batched_call(monkeypatch):
+    import forgetkern.functional as functional
+
+    params = _lora_params()
+    opt = FoLoRA(params, lr=1e-2, refresh_every=3, eigh_backend="reference", backend="reference")
+    for i in range(0, 6, 2):
+        proxy, task = _stats(5, i)
+        opt.set_statistics(params[i], proxy, task)
+        opt.pair(params[i + 1], params[i])
+    calls = []
+    real = functional.generalized_eigh
+
+    def counting(A, B, **kw):
+        calls.append(A.shape)
+        return real(A, B, **kw)
+
+    monkeypatch.setattr(functional, "generalized_eigh", counting)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert calls == [(3, 2, 2)] * 3  # steps 1, 4, 7: all three pairs at once
+    # the B basis is (A Σp Aᵀ + damping I)-orthonormal for the A of the last refresh (step 7)
+    A, B = params[0], params[1]
+    st = opt.state[B]
+    assert st["mode"] == "pair" and st["gate"].shape == (2,)
+    assert bool(((st["gate"] > 0) & (st["gate"] < 1)).all())
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_state_dict_round_trip_continues_identically(backend):
+    opts = dict(lr=1e-2, weight_decay=0.05, refresh_every=2, backend=backend,
+                eigh_backend="triton" if backend == "triton" else "reference")
+
+    def build(params):
+        opt = FoLoRA(params[:4], **opts)
+        opt.add_param_group({"params": params[4:6], "basis": 2, "gate": "topk", "tau": 0.5})
+        opt.add_param_group({"params": params[6:]})
+        return opt
+
+    def wire(opt, params):
+        for i in (0, 2):
+            proxy, task = _stats(5, i)
+            opt.set_statistics(params[i], proxy, task)
+            opt.pair(params[i + 1], params[i])
+        opt.set_statistics(params[4], *_stats(5, 9))  # low-rank A, its B paired through sketches
+        opt.pair(params[5], params[4])
+        return opt
+
+    gen = torch.Generator().manual_seed(3)
+    params = _lora_params(pairs=3) + [torch.randn(7, dtype=torch.bfloat16).requires_grad_()]
+    grads = [[torch.randn(p.shape, generator=gen).to(p.dtype) for p in params] for _ in range(6)]
+    opt = wire(build(params), params)
+
+    def steps(opt, params, rng):
+        for t in rng:
+            for p, g in zip(params, grads[t]):
+                p.grad = g.clone()
+            opt.step()
+
+    steps(opt, params, range(3))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    snapshot = [p.detach().clone() for p in params]
+    steps(opt, params, range(3, 6))
+
+    resumed = [s.clone().requires_grad_() for s in snapshot]
+    opt2 = build(resumed)  # no statistics given: everything comes from the state dict
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=False))
+    assert opt2.state[resumed[6]]["exp_avg"].dtype == torch.float32
+    steps(opt2, resumed, range(3, 6))
+    for a, b in zip(params, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_triton_step_matches_reference_with_gates():
+    def make(backend):
+        params = _lora_params(pairs=2) + [torch.linspace(-1, 1, 5).requires_grad_()]
+        opt = FoLoRA(params, lr=1e-2, weight_decay=0.1, backend=backend, eigh_backend="reference")
+        for i in (0, 2):
+            opt.set_statistics(params[i], *_stats(5, i))
+            opt.pair(params[i + 1], params[i])
+        return params, opt
+
+    (p_ref, o_ref), (p_tri, o_tri) = make("reference"), make("triton")
+    gen = torch.Generator().manual_seed(0)
+    for t in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in p_ref]
+        for ps in (p_ref, p_tri):
+            for p, g in zip(ps, grads):
+                p.grad = None if (t == 1 and p is ps[3]) else g.clone()
+        o_ref.step()
+        o_tri.step()
+    for a, b in zip(p_ref, p_tri):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_errors():
+    A = torch.randn(2, 4, requires_grad=True)
+    B = torch.randn(3, 2, requires_grad=True)
+    C = torch.randn(3, 3, requires_grad=True)
+    opt = FoLoRA([A, B, C])
+    with pytest.raises(ValueError, match=r"proxy_cov must be \(d_in, d_in\) = \(4, 4\)"):
+        opt.set_statistics(A, torch.eye(3), torch.eye(4))
+    with pytest.raises(ValueError, match=r"task_cov must be \(d_in, d_in\)"):
+        opt.set_statistics(A, torch.eye(4), torch.eye(5))
+    indefinite = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))
+    with pytest.raises(ValueError, match="proxy_cov.*not positive definite.*damping"):
+        opt.set_statistics(A, indefinite, torch.eye(4))
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.set_statistics(torch.randn(2, 4, requires_grad=True), torch.eye(4), torch.eye(4))
+    with pytest.raises(ValueError, match="set_statistics"):
+        opt.pair(B, A)
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.set_statistics(A, torch.full((4, 4), float("nan")), torch.eye(4))
+    opt.set_statistics(A, torch.eye(4), torch.eye(4))
+    with pytest.raises(ValueError, match="share r"):
+        opt.pair(C, A)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        opt.pair(B, A.detach().clone())
+    with pytest.raises(ValueError, match="gate must be one of"):
+        FoLoRA([A], gate="cosine")
+    with pytest.raises(ValueError, match="basis must be"):
+        FoLoRA([A], basis=0)
+    with pytest.raises(ValueError, match="refresh_every"):
+        FoLoRA([A], refresh_every=0)
+    with pytest.raises(ValueError, match="basis_norm"):
+        FoLoRA([A], basis_norm="l2")
+
+
+def _check_wired(model, opt, stats):
+    from forgetkern.optim._lora import lora_modules
+
+    layers = lora_modules(model)
+    assert sorted(stats) == sorted(layers)
+    for name, layer in layers.items():
+        assert opt.state[layer.A]["mode"] == "dense"
+        assert opt._pairs[layer.B] is layer.A
+
+
+def test_from_model_forgetkern_lora():
+    model = lora_toy()
+    proxy = sample_proxy_data(model, n_samples=4, length=6, prompts=[[1], [2]], progress=False)
+    task = [torch.randint(0, 11, (2, 5))]
+    stats = calibrate(model, proxy, task, progress=False)
+    opt = FoLoRA.from_model(model, stats, lr=1e-3, eigh_backend="reference", backend="reference")
+    _check_wired(model, opt, stats)
+    # q/k/v read one input: one basis object
+    assert opt.state[model.q.lora_A]["V"] is opt.state[model.k.lora_A]["V"]
+    logits = model(task[0])
+    logits.sum().backward()
+    before = model.q.lora_A.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model.q.lora_A)
+    with pytest.raises(ValueError, match="not LoRA layers"):
+        FoLoRA.from_model(model, {"nope": stats["q"]})
+
+
+def test_from_model_peft_llama():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"])
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    proxy = sample_proxy_data(model, n_samples=2, length=6, progress=False)
+    task = [{"input_ids": torch.randint(3, 48, (2, 5)), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}]
+    stats = calibrate(model, proxy, task, progress=False)
+    assert len(stats) == 7
+    attn = [n for n in stats if n.endswith(("q_proj", "k_proj", "v_proj"))]
+    assert stats[attn[0]][0] is stats[attn[1]][0]
+    opt = FoLoRA.from_model(model, stats, lr=1e-3, eigh_backend="reference", backend="reference")
+    _check_wired(model, opt, stats)
+    out = model(**task[0], labels=task[0]["input_ids"])
+    out.loss.backward()
+    opt.step()
+    assert opt.memory_bytes()["bases"] > 0
+
+
+def test_docs_example_trains_a_tiny_llama():
+    """The ten-line loop of docs/folora.md, on a tiny random Llama with forgetkern LoRA."""
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 48, (4, 2, 6), generator=gen)
+    task_batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+
+    model = inject_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        rank=2, alpha=4)
+    proxy = sample_proxy_data(model, n_samples=4, length=6, temperature=1.0, top_p=0.95, progress=False)
+    stats = calibrate(model, proxy, task_batches[:2], progress=False)
+    opt = FoLoRA.from_model(model, stats, lr=1e-2, gate="soft", tau=1.0, basis=4, eigh_backend="reference")
+    losses = []
+    for _ in range(3):
+        for batch in task_batches:
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert len(opt._pairs) == 7 and all(opt.state[layer.lora_A]["mode"] == "lowrank"
+                                         for layer in opt_layers(model))
+
+
+def opt_layers(model):
+    from forgetkern.lora import lora_layers
+
+    return list(lora_layers(model).values())
