@@ -2,12 +2,14 @@
 
 * :func:`tmkl_loss` / :class:`TMKLLoss` -- cross-entropy plus target-masked KL to the base model.
 * :func:`generalized_eigh` -- batched generalized symmetric eigenproblems.
+* :class:`ForgetAwareStep` -- one forgetting-aware LoRA training step for any loop.
 * :func:`info` -- versions and available backends.
 """
 from ._info import info
 from ._version import __version__
 from .functional import generalized_eigh, tmkl_loss
 from .nn import TMKLLoss
+from .train import ForgetAwareStep
 
 __all__ = [
     "__version__",
@@ -15,4 +17,5 @@ __all__ = [
     "tmkl_loss",
     "TMKLLoss",
     "generalized_eigh",
+    "ForgetAwareStep",
 ]
