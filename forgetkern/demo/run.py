@@ -59,7 +59,7 @@ class DemoConfig:
     alpha: float = 16.0
     targets: list = field(default_factory=lambda: list(TINY_TARGETS))
     kl_weights: list = field(default_factory=lambda: [1.0])
-    checkpoints: int = 5
+    checkpoints: int = 10
     retention_windows: int = 64
     target_eval_batches: int = 4
     accuracy_problems: int = 200
@@ -79,7 +79,7 @@ PRESETS = {
     "quick": dict(),
     "full": dict(model=TinyConfig(d_model=192, n_layers=4, n_heads=6, d_ff=576).to_dict(),
                  pretrain_steps=3000, adapt_steps=400, kl_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
-                 checkpoints=8, retention_windows=128, target_eval_batches=8,
+                 checkpoints=14, retention_windows=128, target_eval_batches=8,
                  accuracy_problems=500,
                  folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 128,
                          "proxy_len": 128}),
@@ -162,6 +162,16 @@ def arithmetic_accuracy(model, prompts: torch.Tensor, answers: list[bytes], devi
     finally:
         model.train(was)
     return sum(bytes(g) == a for g, a in zip(got, answers)) / len(answers)
+
+
+def checkpoint_steps(steps: int, n: int) -> list[int]:
+    """``n`` evaluation steps, geometrically spaced (dense early, where the curves bend), ending
+    at ``steps``."""
+    if n <= 1:
+        return [steps]
+    first = max(1.0, steps / (3 * n))
+    marks = {min(steps, max(1, round(first * (steps / first) ** (i / (n - 1))))) for i in range(n)}
+    return sorted(marks | {steps})
 
 
 def forgetting_at(curve: list[dict], target_loss: float) -> float | None:
@@ -251,8 +261,7 @@ class Experiment:
             opts["kl_weight"] = kl_weight
         step = ForgetAwareStep(self.model, loss=_loss_name(method), optimizer=opt,
                                max_grad_norm=1.0, **opts)
-        marks = sorted({round(cfg.adapt_steps * (i + 1) / cfg.checkpoints)
-                        for i in range(cfg.checkpoints)})
+        marks = checkpoint_steps(cfg.adapt_steps, cfg.checkpoints)
         curve = [{"step": 0, **base, "forgetting": 0.0}]
         train_time, tokens = 0.0, 0
         label = method if kl_weight is None else f"{method} λ={kl_weight:g}"
