@@ -4,6 +4,7 @@
 * :func:`linear_tmkl_loss` / :class:`LinearTMKLLoss` -- the same loss from hidden states and the LM
   head, without materializing the logits.
 * :func:`generalized_eigh` -- batched generalized symmetric eigenproblems.
+* :class:`ForgetAwareStep` -- one forgetting-aware LoRA training step for any loop.
 * :func:`info` -- versions and available backends.
 """
 from ._info import info
@@ -12,6 +13,7 @@ from .functional import generalized_eigh, tmkl_loss
 from .functional import linear_tmkl_loss
 from .nn import TMKLLoss
 from .nn import LinearTMKLLoss
+from .train import ForgetAwareStep
 
 __all__ = [
     "__version__",
@@ -21,4 +23,5 @@ __all__ = [
     "linear_tmkl_loss",
     "LinearTMKLLoss",
     "generalized_eigh",
+    "ForgetAwareStep",
 ]

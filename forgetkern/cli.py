@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import _bench
 
     _bench.add_parser(sub)
+    from .demo import run as _demo
+
+    _demo.add_parser(sub)
     return parser
 
 

@@ -1,5 +1,10 @@
-"""Thin LoRA: injection into any ``nn.Module``, adapter switching, and PEFT interop."""
+"""Thin LoRA: injection into any ``nn.Module``, adapter switching, merging, adapter files, and
+PEFT interop (the same functions accept HF PEFT models)."""
+from .inject import (adapter_parameters, disable_adapters, inject_lora, is_peft_model, lora_layers,
+                     merge_adapters, unmerge_adapters)
+from .io import load_adapters, read_adapters, save_adapters
 from .layer import LoRALinear
-from .inject import disable_adapters, inject_lora, lora_layers
 
-__all__ = ["LoRALinear", "inject_lora", "disable_adapters", "lora_layers"]
+__all__ = ["LoRALinear", "inject_lora", "disable_adapters", "lora_layers", "merge_adapters",
+           "unmerge_adapters", "adapter_parameters", "is_peft_model", "save_adapters",
+           "load_adapters", "read_adapters"]

@@ -35,8 +35,12 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], rank: int
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    wrapped = {f"{n}.base" if n else "base" for n, m in model.named_modules()
+               if isinstance(m, LoRALinear)}
     found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and _matches(name, target_modules)]
+             if isinstance(mod, nn.Linear) and name not in wrapped and _matches(name, target_modules)]
     if not found:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:10]
         raise ValueError(
@@ -56,11 +60,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is an HF PEFT model (has ``disable_adapter`` and ``peft_config``)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run ``model`` as its base model inside the block.
 
     Works for forgetkern LoRA models and for HF PEFT models (through their ``disable_adapter()``).
+    For forgetkern layers the base output is bit-identical to the model before injection, merged
+    or not (a merged layer computes with its saved pre-merge weight).
+
+    Example::
+
+        with torch.no_grad(), disable_adapters(model):
+            base_logits = model(input_ids)
     """
     if hasattr(model, "disable_adapter") and not lora_layers(model):
         with model.disable_adapter():
@@ -75,3 +91,39 @@ def disable_adapters(model: nn.Module):
     finally:
         for layer, state in zip(layers, previous):
             layer.adapters_enabled = state
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (PEFT models: ``merge_adapter()``).
+
+    Merged layers keep a copy of their pre-merge weight, so :func:`unmerge_adapters` and
+    :func:`disable_adapters` stay exact.
+    """
+    if is_peft_model(model) and not lora_layers(model):
+        model.merge_adapter()
+        return model
+    for layer in _require_layers(model, "merge_adapters").values():
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge_adapters`, restoring the exact base weights."""
+    if is_peft_model(model) and not lora_layers(model):
+        model.unmerge_adapter()
+        return model
+    for layer in _require_layers(model, "unmerge_adapters").values():
+        layer.unmerge()
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA parameters (``lora_A``/``lora_B``) of a forgetkern or PEFT model."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def _require_layers(model: nn.Module, what: str) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRA layers (call inject_lora first)")
+    return layers

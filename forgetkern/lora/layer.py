@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,6 +41,9 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapters_enabled = True
         self.merged = False
+        # The exact pre-merge base weight while merged: unmerging restores it bit for bit, and a
+        # disabled merged layer computes with it (subtracting the delta again would round).
+        self.register_buffer("_unmerged_weight", None, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -59,25 +63,34 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and not self.adapters_enabled:
+            # exactly the base model: the saved pre-merge weight, not merged weight minus delta
+            return F.linear(x, self._unmerged_weight, self.base.bias)
         out = self.base(x)
         if self.adapters_enabled and not self.merged:
-            out = out + (self.dropout(x) @ self.lora_A.t().to(x.dtype)) @ self.lora_B.t().to(x.dtype) * self.scaling
-        elif self.merged and not self.adapters_enabled:
-            out = out - x @ self.delta_weight().t().to(x.dtype)
+            a = self.lora_A.to(x.dtype)
+            b = self.lora_B.to(x.dtype)
+            out = out + (self.dropout(x) @ a.t()) @ b.t() * self.scaling
         return out
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into ``base.weight`` (inference without the extra matmuls)."""
+        """Fold the update into ``base.weight`` (inference without the extra matmuls).
+
+        Keeps a copy of the pre-merge weight (one extra weight-sized buffer per merged layer) so
+        that :meth:`unmerge` and disabled adapters reproduce the base model bit for bit.
+        """
         if not self.merged:
+            self._unmerged_weight = self.base.weight.detach().clone()
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`."""
+        """Undo :meth:`merge`, restoring the exact pre-merge ``base.weight``."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,0 +1,103 @@
+"""HF ``transformers`` Trainer integration (extra ``forgetkern[hf]`` = transformers + peft).
+
+:class:`TMKLTrainer` is a drop-in ``transformers.Trainer`` whose loss is CE + target-masked KL to
+the frozen base model (or plain KL, or CE alone), computed from the last hidden state and the
+LM-head weight by :func:`forgetkern.linear_tmkl_loss` (no ``N x V`` logits materialized) when the
+model allows it (see :mod:`forgetkern.train`), else from the logits. The base model is the same
+PEFT/forgetkern-LoRA model with its adapters disabled (``model.disable_adapter()``).
+
+Labels follow the causal-LM convention (shifted inside, ``-100`` ignored; a ``shift_labels``
+entry in the batch is used as is), and the loss is normalized by the Trainer's
+``num_items_in_batch`` so gradient accumulation gives the full-batch token mean.
+
+Example::
+
+    from peft import LoraConfig, get_peft_model
+    from forgetkern.integrations.hf import TMKLTrainer
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    trainer = TMKLTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                          tmkl_loss="tmkl", tmkl_options={"kl_weight": 1.0})
+    trainer.train()
+"""
+from __future__ import annotations
+
+try:
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("forgetkern.integrations.hf needs transformers: "
+                      "pip install 'forgetkern[hf]'") from exc
+
+from ..train import LOSSES, PATHS, forget_aware_loss
+
+__all__ = ["TMKLTrainer", "compute_tmkl_loss"]
+
+
+def compute_tmkl_loss(model, inputs: dict, *, loss: str = "tmkl", num_items_in_batch=None,
+                      path: str = "auto", ignore_index: int = -100, **options):
+    """Forgetting-aware loss of an HF causal-LM batch (``labels`` unshifted, HF convention).
+
+    In plain torch::
+
+        with torch.no_grad(), model.disable_adapter():
+            base = model(**inputs).logits                     # (B, L, V)
+        logits = model(**inputs).logits                       # (B, L, V)
+        y = F.pad(labels[:, 1:], (0, 1), value=-100)           # (B, L)
+        loss = tmkl_loss(logits, base, y, num_items_in_batch=num_items_in_batch, **options)
+
+    but from hidden states and the head weight when possible. Returns ``(loss, LossOutput)``.
+    """
+    out = forget_aware_loss(model, inputs, loss=loss, num_items_in_batch=num_items_in_batch,
+                            shift_labels=True, ignore_index=ignore_index, path=path, **options)
+    return out.loss, out
+
+
+class TMKLTrainer(Trainer):
+    """``transformers.Trainer`` training with CE + (target-masked) KL to the base model.
+
+    Args:
+        tmkl_loss: ``"tmkl"`` (default), ``"kl"`` (plain KL, ``mask_target=False``) or ``"ce"``.
+        tmkl_options: ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``, ``backend``,
+            ``chunk_size`` (see :func:`forgetkern.tmkl_loss`).
+        tmkl_path: ``"auto"``, ``"fused"`` or ``"logits"``.
+        *args, **kwargs: everything ``transformers.Trainer`` takes.
+
+    The last computed components are logged as ``tmkl_ce`` and ``tmkl_kl``.
+    """
+
+    def __init__(self, *args, tmkl_loss: str = "tmkl", tmkl_options: dict | None = None,
+                 tmkl_path: str = "auto", **kwargs):
+        if tmkl_loss not in LOSSES:
+            raise ValueError(f"tmkl_loss must be one of {LOSSES}, got {tmkl_loss!r}")
+        if tmkl_path not in PATHS:
+            raise ValueError(f"tmkl_path must be one of {PATHS}, got {tmkl_path!r}")
+        super().__init__(*args, **kwargs)
+        self.tmkl_loss = tmkl_loss
+        self.tmkl_options = dict(tmkl_options or {})
+        self.tmkl_path = tmkl_path
+        # Our loss is normalized by num_items_in_batch itself: ask the Trainer to count the items
+        # and not to divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True  # count num_items_in_batch over labels[..., 1:]
+        self._tmkl_last: dict = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ignore_index = -100
+        loss, out = compute_tmkl_loss(model, inputs, loss=self.tmkl_loss,
+                                      num_items_in_batch=num_items_in_batch, path=self.tmkl_path,
+                                      ignore_index=ignore_index, **self.tmkl_options)
+        if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)
+                and self.accelerator.num_processes > 1):
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients
+            loss = loss * self.accelerator.num_processes
+        self._tmkl_last = {"tmkl_ce": float(out.ce)}
+        if out.kl is not None:
+            self._tmkl_last["tmkl_kl"] = float(out.kl)
+        if return_outputs:
+            return loss, {"loss": loss}
+        return loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs and self._tmkl_last:
+            logs = {**logs, **self._tmkl_last}
+        return super().log(logs, *args, **kwargs)

@@ -1,0 +1,360 @@
+"""A forgetting-aware training step that any loop can call.
+
+:func:`forget_aware_loss` computes one micro-batch's loss (``ce``, plain ``kl`` or ``tmkl``) with
+the frozen base model's outputs taken from the same model with its adapters switched off;
+:class:`ForgetAwareStep` wraps it into a full optimizer step with gradient accumulation.
+
+The loss goes through the fused-linear path (:func:`forgetkern.linear_tmkl_loss`: logits never
+materialized) when the model exposes its final hidden states and its output head:
+
+* HF ``transformers`` causal LMs (and PEFT models wrapping them): the backbone
+  (``model.base_model``, e.g. ``LlamaModel``) gives the last hidden state and
+  ``get_output_embeddings()`` the head, when that head is a plain ``nn.Linear`` and the config has
+  no logit soft-capping or logit scale;
+* your own models, through a two-method protocol::
+
+      class MyLM(nn.Module):
+          def forward_hidden(self, input_ids, **kwargs) -> Tensor:  # (B, L, D) final hidden states
+              ...
+          def get_output_embeddings(self) -> nn.Linear:           # logits = head(hidden)
+              ...
+
+Anything else (an adapted head, soft-capped logits, a model returning only logits) takes the
+logits path (:func:`forgetkern.tmkl_loss` on ``model(**inputs)`` logits).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import adapter_parameters, disable_adapters, is_peft_model
+
+LOSSES = ("ce", "kl", "tmkl")
+PATHS = ("auto", "fused", "logits")
+_NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch")
+_KL_OPTIONS = ("kl_weight", "ce_weight", "temperature", "direction", "backend", "chunk_size")
+
+
+@dataclass
+class LossOutput:
+    """One micro-batch's loss and its components (means over ``num_items_in_batch``)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor | None
+    tokens: int
+    path: str
+
+
+def shift_labels_for_causal_lm(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for next-token prediction at every position (HF convention).
+
+    In plain torch, for ``(B, L)`` labels::
+
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[:, :-1] = labels[:, 1:]            # position t predicts token t+1
+    """
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def batch_labels(batch: dict, *, shift_labels: bool = True, ignore_index: int = -100) -> torch.Tensor:
+    """The per-position targets of ``batch`` (already shifted when ``shift_labels``).
+
+    Uses ``batch["shift_labels"]`` as is when present, else ``batch["labels"]``, else
+    ``input_ids`` with padding (``attention_mask == 0``) ignored.
+    """
+    if "shift_labels" in batch:
+        return batch["shift_labels"]
+    labels = batch.get("labels")
+    if labels is None:
+        if "input_ids" not in batch:
+            raise ValueError("batch needs 'labels', 'shift_labels' or 'input_ids'")
+        labels = batch["input_ids"]
+        if batch.get("attention_mask") is not None:
+            labels = labels.masked_fill(batch["attention_mask"] == 0, ignore_index)
+    return shift_labels_for_causal_lm(labels, ignore_index) if shift_labels else labels
+
+
+def count_items(batches, *, shift_labels: bool = True, ignore_index: int = -100) -> int:
+    """Number of non-ignored target tokens over micro-batches (``num_items_in_batch``)."""
+    return int(sum((batch_labels(b, shift_labels=shift_labels, ignore_index=ignore_index)
+                    != ignore_index).sum() for b in batches))
+
+
+def _hf_inner(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linear] | None:
+    """``(hidden_fn, head)`` when ``model`` exposes final hidden states and a plain linear head.
+
+    ``hidden_fn(**inputs)`` returns ``(B, L, D)`` final hidden states and ``head`` is the
+    ``nn.Linear`` turning them into logits; ``None`` when the model offers no such split
+    (see the module docstring for what qualifies).
+    """
+    if hasattr(model, "forward_hidden") and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        return (model.forward_hidden, head) if type(head) is nn.Linear else None
+    inner = _hf_inner(model)
+    if not (hasattr(inner, "get_output_embeddings") and hasattr(inner, "config")):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not nn.Linear:  # adapted (LoRA / modules_to_save) or custom head
+        return None
+    cfg = inner.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    backbone = getattr(inner, "base_model", inner)
+    if backbone is inner or backbone is None:
+        return None
+
+    def hidden_fn(**inputs):
+        out = backbone(**inputs, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    return hidden_fn, head
+
+
+def _linear_tmkl():
+    import forgetkern
+
+    return getattr(forgetkern, "linear_tmkl_loss", None)
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find logits in the model output of type {type(out).__name__}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_items_in_batch=None,
+                      shift_labels: bool = True, ignore_index: int = -100, path: str = "auto",
+                      **options) -> LossOutput:
+    """The loss of one micro-batch, with base-model outputs from ``model`` with adapters disabled.
+
+    In plain torch (logits path, ``loss="tmkl"``)::
+
+        with torch.no_grad(), disable_adapters(model): base = model(**inputs).logits  # (B, L, V)
+        logits = model(**inputs).logits                                              # (B, L, V)
+        loss = tmkl_loss(logits, base, shift(labels), num_items_in_batch=n, **options)
+
+    ``loss="kl"`` is the same with ``mask_target=False`` (plain KL), ``loss="ce"`` is
+    cross-entropy alone (no base forward). The fused path replaces the two logits by the final
+    hidden states and the head weight (:func:`forgetkern.linear_tmkl_loss`).
+
+    Args:
+        model: a forgetkern-LoRA model, an HF PEFT model, or any model mapping ``batch``'s
+            inputs to logits (then the KL is against itself: inject adapters first).
+        batch: dict with ``input_ids`` (and optionally ``attention_mask``, ``labels``,
+            ``shift_labels``, other model keyword inputs).
+        loss: ``"ce"``, ``"kl"`` or ``"tmkl"``.
+        num_items_in_batch: the mean's denominator (valid target tokens across the accumulated
+            micro-batches); defaults to this batch's count.
+        shift_labels: ``labels`` are the inputs' tokens (HF causal-LM convention) and are shifted
+            here; ``False`` when ``labels[t]`` already is the target of position ``t``.
+        ignore_index: label value that contributes nothing.
+        path: ``"auto"`` (fused when possible), ``"fused"`` (error when impossible) or ``"logits"``.
+        **options: ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``, ``backend``
+            (and ``chunk_size`` for the fused path), as in :func:`forgetkern.tmkl_loss`.
+
+    Returns:
+        :class:`LossOutput` with the differentiable ``loss`` and detached ``ce``/``kl`` means.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    unknown = set(options) - set(_KL_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of {_KL_OPTIONS}")
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
+    inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+    tokens = int((labels != ignore_index).sum())
+    if num_items_in_batch is None:
+        num_items_in_batch = tokens
+
+    parts = None
+    if path != "logits":
+        parts = fused_parts(model)
+        linear_tmkl = _linear_tmkl()
+        if parts is None or linear_tmkl is None:
+            if path == "fused":
+                why = ("forgetkern.linear_tmkl_loss is not available" if linear_tmkl is None else
+                       "the model exposes no final hidden states and plain linear head")
+                raise ValueError(f"path='fused' impossible: {why}")
+            parts = None
+
+    if loss == "ce":
+        chunk = options.pop("chunk_size", None)  # noqa: F841 - CE has one path
+        ce_w = float(options.get("ce_weight", 1.0))
+        if parts is not None:
+            hidden_fn, head = parts
+            logits = head(hidden_fn(**inputs))
+            used = "fused"
+        else:
+            logits = _logits_of(model(**inputs))
+            used = "logits"
+        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                 ignore_index=ignore_index, reduction="sum")
+        ce = ce_sum / max(float(num_items_in_batch), 1.0)
+        return LossOutput(ce_w * ce, ce.detach(), None, tokens, used)
+
+    kwargs = dict(options)
+    kwargs.update(mask_target=(loss == "tmkl"), ignore_index=ignore_index, reduction="mean",
+                  num_items_in_batch=num_items_in_batch, return_components=True)
+    if parts is not None:
+        hidden_fn, head = parts
+        with torch.no_grad(), _eval_mode(model), disable_adapters(model):
+            base_hidden = hidden_fn(**inputs)
+        hidden = hidden_fn(**inputs)
+        weight = head.weight.to(hidden.dtype)
+        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+        total, ce, kl = linear_tmkl(hidden, weight, base_hidden.to(hidden.dtype), labels,
+                                    bias=bias, **kwargs)
+        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
+    from .functional import tmkl_loss
+
+    kwargs.pop("chunk_size", None)
+    with torch.no_grad(), _eval_mode(model), disable_adapters(model):
+        base_logits = _logits_of(model(**inputs))
+    logits = _logits_of(model(**inputs))
+    total, ce, kl = tmkl_loss(logits, base_logits.to(logits.dtype), labels, **kwargs)
+    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
+
+
+def _move(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
+
+
+class ForgetAwareStep:
+    """One optimizer step of forgetting-aware LoRA training, callable from any loop.
+
+    Per call: for each micro-batch, the base forward (no grad, adapters disabled, eval mode), the
+    adapted forward, the loss (fused-linear when possible, see the module docstring), backward;
+    then gradient clipping (optional), ``optimizer.step()``, ``scheduler.step()``, ``zero_grad``.
+    With several micro-batches, each loss is divided by the total number of valid target tokens
+    (``num_items_in_batch``), so the accumulated gradient is that of the full batch's token mean.
+
+    Example::
+
+        model = inject_lora(model, ["q_proj", "v_proj"], rank=16, alpha=32)
+        step = ForgetAwareStep(model, loss="tmkl", kl_weight=1.0, lr=1e-4)
+        for batch in loader:                 # dicts with input_ids (+ attention_mask, labels)
+            metrics = step(batch)            # or step([micro1, micro2, ...])
+
+    Args:
+        model: forgetkern-LoRA, PEFT or protocol model (see :func:`forget_aware_loss`).
+        loss: ``"ce"``, ``"kl"`` (plain KL, ``mask_target=False``) or ``"tmkl"``.
+        optimizer: any ``torch.optim.Optimizer`` (e.g. ``forgetkern.optim.FoLoRA``); by default
+            AdamW over the adapter parameters with ``lr``.
+        lr: learning rate of the default optimizer.
+        scheduler: optional LR scheduler stepped after each optimizer step.
+        max_grad_norm: clip the global gradient norm of the trainable parameters.
+        autocast: bf16 autocast; ``None`` enables it when the model is on a CUDA device.
+        shift_labels, ignore_index, path: as in :func:`forget_aware_loss`.
+        **loss_options: ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``,
+            ``backend``, ``chunk_size``.
+
+    Calling it returns a dict: ``loss``, ``ce``, ``kl`` (``None`` for ``ce``), ``tokens``,
+    ``tokens_per_s``, ``time_s``, ``path`` and ``grad_norm`` (when clipping).
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "tmkl", optimizer=None, *, lr: float = 1e-4,
+                 scheduler=None, max_grad_norm: float | None = None, autocast: bool | None = None,
+                 shift_labels: bool = True, ignore_index: int = -100, path: str = "auto",
+                 **loss_options):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        unknown = set(loss_options) - set(_KL_OPTIONS)
+        if unknown:
+            raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of "
+                            f"{_KL_OPTIONS}")
+        self.model = model
+        self.loss = loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (inject adapters first)")
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(adapter_parameters(model) or self.params, lr=lr)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_grad_norm = max_grad_norm
+        self.device = self.params[0].device
+        self.autocast = (self.device.type == "cuda") if autocast is None else bool(autocast)
+        self.shift_labels = shift_labels
+        self.ignore_index = ignore_index
+        self.path = path
+        self.loss_options = loss_options
+        self.steps = 0
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_of(self, batch: dict, num_items_in_batch=None) -> LossOutput:
+        """The loss of one micro-batch under this step's settings (no backward)."""
+        with self._autocast():
+            return forget_aware_loss(self.model, _move(batch, self.device), loss=self.loss,
+                                     num_items_in_batch=num_items_in_batch,
+                                     shift_labels=self.shift_labels,
+                                     ignore_index=self.ignore_index, path=self.path,
+                                     **self.loss_options)
+
+    def __call__(self, batch) -> dict:
+        micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if not micro:
+            raise ValueError("empty list of micro-batches")
+        start = time.perf_counter()
+        self.model.train()
+        n_items = count_items(micro, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
+        total = ce = 0.0
+        kl = None
+        used = None
+        for mb in micro:
+            out = self.loss_of(mb, num_items_in_batch=n_items)
+            out.loss.backward()
+            total += float(out.loss.detach())
+            ce += float(out.ce)
+            kl = None if out.kl is None else (kl or 0.0) + float(out.kl)
+            used = out.path
+        metrics = {}
+        if self.max_grad_norm is not None:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params,
+                                                                         self.max_grad_norm))
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        metrics.update(loss=total, ce=ce, kl=kl, tokens=n_items, time_s=elapsed,
+                       tokens_per_s=n_items / elapsed if elapsed > 0 else float("inf"), path=used)
+        return metrics

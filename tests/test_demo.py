@@ -1,0 +1,73 @@
+"""`forgetkern demo --smoke`: runs end to end and writes the documented JSON schema."""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from forgetkern.cli import main
+from forgetkern.demo import data as D
+from forgetkern.demo.run import METHODS, checkpoint_steps, forgetting_at
+
+
+def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    png = tmp_path / "frontier.png"
+    assert main(["demo", "--smoke", "--no-cache", "--no-progress", "--seed", "3",
+                 "--json", str(out), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "retention" in printed and "base model" in printed
+    payload = json.loads(out.read_text())
+    cfg = payload["config"]
+    assert cfg["mode"] == "smoke" and cfg["seed"] == 3 and cfg["methods"] == list(METHODS)
+    results = payload["results"]
+    assert [r["method"] for r in results] == list(METHODS)
+    has_optim = importlib.util.find_spec("forgetkern.optim") is not None
+    for r in results:
+        for key in ("method", "kl_weight", "base_retention_loss", "status"):
+            assert key in r
+        if r["status"] != "ok":
+            # only FoLoRA runs may be skipped, and only where forgetkern.optim is missing
+            assert "folora" in r["method"] and not has_optim, r
+            continue
+        for key in ("target_loss", "retention_loss", "target_accuracy", "forgetting"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["forgetting"] == pytest.approx(r["retention_loss"] - r["base_retention_loss"])
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == cfg["adapt_steps"]
+        assert 0.0 <= r["target_accuracy"] <= 1.0
+    # every run starts from the same base model
+    assert len({r["base_retention_loss"] for r in results}) == 1
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+    files = D.stdlib_files()
+    assert files == sorted(files) and len(files) > 20
+    held = [f for f in files if D.is_retention_file(f)]
+    assert 0 < len(held) < len(files)
+    train_pairs, eval_pairs = D._split_pairs(0, 100)
+    assert not set(train_pairs.tolist()) & set(eval_pairs.tolist())
+    a = D.arithmetic_batches(2, 3, 40, seed=1)
+    b = D.arithmetic_batches(2, 3, 40, seed=1)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    text = bytes(a[0]["input_ids"][0].tolist()).decode()
+    for line in text.strip("\n").split("\n"):
+        if len(line) == 9:
+            assert int(line[:2]) + int(line[3:5]) == int(line[6:])
+
+
+def test_curve_helpers():
+    assert checkpoint_steps(150, 10)[-1] == 150
+    assert checkpoint_steps(8, 1) == [8]
+    curve = [{"target_loss": 3.0, "forgetting": 0.0}, {"target_loss": 2.0, "forgetting": 1.0}]
+    assert forgetting_at(curve, 2.5) == pytest.approx(0.5)
+    assert forgetting_at(curve, 1.0) is None
+
+
+def test_demo_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["demo", "--smoke", "--methods", "sgd"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--smoke", "--model", "x"])

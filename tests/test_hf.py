@@ -1,0 +1,152 @@
+"""forgetkern.integrations.hf on a tiny random LlamaForCausalLM wrapped by PEFT (no download)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import forgetkern  # noqa: E402
+import forgetkern.train as ftrain  # noqa: E402
+from forgetkern.lora import disable_adapters, load_adapters, save_adapters  # noqa: E402
+
+V = 67
+
+
+def _peft_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    base = transformers.LlamaForCausalLM(cfg)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                           lora_dropout=0.0)
+    model = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _batch(seed=1, B=3, L=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, L), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _hand_loss(model, batch, kl_weight, n_items):
+    """CE + kl_weight * TMKL on materialized logits, plain torch (fp64), HF label shift."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.disable_adapter():
+        b = model(**inputs).logits[:, :-1].reshape(-1, V).double()
+    z = model(**inputs).logits[:, :-1].reshape(-1, V).double()
+    y = batch["labels"][:, 1:].reshape(-1)
+    keep = y != -100
+    z, b, y = z[keep], b[keep], y[keep]
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="sum")
+    mask = torch.nn.functional.one_hot(y, V).bool()
+    lp = b.masked_fill(mask, float("-inf")).log_softmax(-1)
+    lq = z.masked_fill(mask, float("-inf")).log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).nan_to_num().sum()
+    return (ce + kl_weight * kl) / n_items
+
+
+def _fused_available(monkeypatch):
+    if getattr(forgetkern, "linear_tmkl_loss", None) is not None:
+        return
+    from tests.test_train import _materialized_linear_tmkl
+
+    monkeypatch.setattr(ftrain, "_linear_tmkl", lambda: _materialized_linear_tmkl)
+
+
+@pytest.mark.parametrize("path", ["fused", "logits"])
+def test_compute_loss_matches_materialized_tmkl(path, monkeypatch):
+    from forgetkern.integrations.hf import compute_tmkl_loss
+
+    _fused_available(monkeypatch)
+    model = _peft_model()
+    batch = _batch()
+    assert ftrain.fused_parts(model) is not None
+    n_items = 40  # as if accumulated with another micro-batch
+    loss, out = compute_tmkl_loss(model, batch, loss="tmkl", num_items_in_batch=n_items,
+                                  path=path, kl_weight=0.6, backend="reference")
+    assert out.path == path
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    ref = _hand_loss(model, batch, 0.6, n_items)
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_disable_and_adapter_files_with_peft(tmp_path):
+    model = _peft_model()
+    ids = _batch()["input_ids"]
+    with model.disable_adapter():
+        ref = model(input_ids=ids).logits
+    with disable_adapters(model):
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    adapted = model(input_ids=ids).logits
+    save_adapters(model, tmp_path / "a.safetensors")
+    other = _peft_model(seed=0)
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    load_adapters(other, tmp_path / "a.safetensors")
+    torch.testing.assert_close(other(input_ids=ids).logits, adapted)
+
+
+def test_trainer_runs_with_gradient_accumulation(tmp_path, monkeypatch):
+    from forgetkern.integrations.hf import TMKLTrainer
+
+    _fused_available(monkeypatch)
+    model = _peft_model()
+    rows = []
+    for i in range(4):
+        b = _batch(seed=10 + i, B=1)
+        rows.append({k: v[0] for k, v in b.items()})
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1,
+        save_strategy="no", disable_tqdm=True)
+    seen = []
+    trainer = TMKLTrainer(model=model, args=args, train_dataset=DS(),
+                          tmkl_loss="tmkl", tmkl_options={"kl_weight": 0.5, "backend": "reference"})
+    orig = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.append(int(num_items_in_batch))
+        return orig(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer.compute_loss = spy
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    total = sum(int((r["labels"][1:] != -100).sum()) for r in rows)
+    assert seen == [total, total]  # both micro-batches normalized by the accumulated count
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved
+    logs = [h for h in trainer.state.log_history if "tmkl_ce" in h]
+    assert logs and logs[0]["tmkl_kl"] >= 0
+
+
+def test_import_forgetkern_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, forgetkern, forgetkern.train, forgetkern.lora; "
+            "assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
