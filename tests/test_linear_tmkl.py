@@ -246,8 +246,8 @@ def test_reference_chunking_is_invisible(monkeypatch):
     # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
     assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
     assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
-    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 4 * 10 * 2)  # two rows per chunk
-    assert reference.linear_chunk_rows(45, torch.float32) == 2
+    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
+    assert reference.linear_chunk_rows(45, torch.float64) == 2
     outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
     torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], grads_base[1], rtol=1e-10, atol=1e-12)
