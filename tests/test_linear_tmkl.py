@@ -172,6 +172,23 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     t2["base_weight"] = t2["weight"]  # same tensor: base bias is then None unless given
     t2["base_bias"] = t2["bias"]
     out_same, grads_same, _ = _run(t2, backend, reduction="none", grads=g)
+    # the default base head is weight itself, handed down without a copy: the reference reads the
+    # same tensor for both logits, the kernels get no separate base head (SHARED_WEIGHT)
+    seen = []
+    ptr = t["weight"].data_ptr()
+    if backend == "reference":
+        real = reference.linear_tmkl_pass
+        spy = lambda *a, **k: seen.append(a[3] is a[1] and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (reference, "linear_tmkl_pass")
+    else:
+        real = lt_ops.linear_tmkl_forward
+        spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (lt_ops, "linear_tmkl_forward")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(*target, spy)
+        forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    bias=t["bias"], backend=backend)
+    assert seen == [True]
     torch.testing.assert_close(out_same[0], out_default[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_same, grads_default):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -264,15 +281,28 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
         return original(*a, **k)
 
     monkeypatch.setattr(reference, "linear_tmkl_pass", counting)
+    rescales = []  # (scale, whether the precomputed tensors came back untouched)
+    real_rescale = lt_ops._rescale
+
+    def spy_rescale(grads, scale):
+        out = real_rescale(grads, scale)
+        rescales.append((float(scale), all(a is b for a, b in zip(out, grads))))
+        return out
+
+    monkeypatch.setattr(lt_ops, "_rescale", spy_rescale)
     t = _inputs(shape=(9,), bias=True, ignore=(4,))
     cases = [
-        ("mean", False, lambda outs: [torch.ones_like(outs[0])], 1),  # no rescale, no recompute
-        ("mean", False, lambda outs: [torch.full_like(outs[0], 3.5)], 1),  # rescale only
-        ("sum", True, lambda outs: [torch.full_like(o, 0.25) for o in outs], 2),  # ce/kl: recompute
-        ("none", False, lambda outs: [torch.randn_like(outs[0])], 2),  # per-row: recompute
+        # upstream exactly 1: one pass, the precomputed tensors returned as they are
+        ("mean", False, lambda outs: [torch.ones_like(outs[0])], 1, [(1.0, True)]),
+        # a uniform multiple: one pass, a rescale
+        ("mean", False, lambda outs: [torch.full_like(outs[0], 3.5)], 1, [(3.5, False)]),
+        # separate ce/kl gradients, per-row gradients: a second pass with the actual coefficients
+        ("sum", True, lambda outs: [torch.full_like(o, 0.25) for o in outs], 2, []),
+        ("none", False, lambda outs: [torch.randn_like(outs[0])], 2, []),
     ]
-    for reduction, comps, make_grads, passes in cases:
+    for reduction, comps, make_grads, passes, want_rescales in cases:
         calls.clear()
+        rescales.clear()
         opts = {k: t[k] for k in ("bias",)}
         out = forgetkern.linear_tmkl_loss(t["hidden"].requires_grad_(), t["weight"], t["base_hidden"],
                                           t["labels"], reduction=reduction, return_components=comps,
@@ -283,6 +313,7 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
             t[name].grad = None
         torch.autograd.backward(outs, g)
         assert len(calls) == passes, (reduction, comps, calls)
+        assert rescales == want_rescales, (reduction, comps, rescales)
         _, ref_grads = _oracle(t, reduction=reduction, return_components=comps, grads=g, temperature=2.0)
         for a, r in zip((t["hidden"].grad, t["weight"].grad, t["bias"].grad), ref_grads):
             torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11)
@@ -471,3 +502,45 @@ def test_gpu_triton_default_tiles(monkeypatch, dtype):
     assert rel_err(loss.cpu(), ref.detach()) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     assert rel_err(h.grad.cpu(), hh.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
     assert rel_err(w.grad.cpu(), ww.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark script (runs on a GPU only; its bookkeeping is checked here)
+# ------------------------------------------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_linear_tmkl", bench / "bench_linear_tmkl.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def test_bench_script_floor_and_target_check():
+    bench = _bench_module()
+    assert [bench.gemms(m, False) for m in ("forward", "backward", "full")] == [2, 3, 5]
+    assert bench.gemms("full", True) == 6
+    n, d, v = bench.TARGET_SHAPE
+    common = bench.common
+
+    def rec(provider, ms, mem):
+        return common.Record(op="linear_tmkl", provider=provider, gpu="x", shape={"N": n, "D": d, "V": v},
+                             dtype="bfloat16", mode="full", median_ms=ms, p20_ms=ms, p80_ms=ms,
+                             peak_mem_bytes=mem, floor_ms=54.0, torch="t", triton="t", commit="c")
+
+    lines = bench.check_targets([rec("forgetkern-triton", 60.0, 100), rec("cce-linear-cross-entropy", 30.0, 95),
+                                 rec("liger-fused-linear-jsd", 90.0, 500)])
+    assert "met" in lines[1] and "NOT" not in "".join(lines)
+    lines = bench.check_targets([rec("forgetkern-triton", 70.0, 200), rec("cce-linear-cross-entropy", 30.0, 100)])
+    assert "NOT met" in lines[1] and "NOT met" in lines[2] and "not measured" in lines[3]
+    assert "no full-mode result" in bench.check_targets([])[0]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main([])

@@ -524,6 +524,14 @@ def _uniform_scale(g_loss: torch.Tensor, valid: torch.Tensor, row_weight: torch.
     return g[0] / row_weight
 
 
+def _rescale(grads: tuple, scale: torch.Tensor) -> tuple:
+    """The precomputed gradients times ``scale``; the very same tensors when ``scale`` is exactly 1
+    (the usual ``loss.backward()`` of a reduced loss: backward does no arithmetic at all)."""
+    if bool(scale == 1):
+        return grads
+    return tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
+
+
 class LinearTMKLFunction(torch.autograd.Function):
     """Per-row fused-linear TMKL ``(loss, ce, kl)``; reductions happen outside.
 
@@ -579,9 +587,7 @@ class LinearTMKLFunction(torch.autograd.Function):
             valid = labels.long() != p.ignore_index
             scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
             if scale is not None:
-                grads = ctx.pre
-                if not bool(scale == 1):  # exactly the assumed upstream gradient: nothing to do
-                    grads = tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
+                grads = _rescale(ctx.pre, scale)
         if grads is None:
             n = hidden.shape[0]
             coef_ce, coef_kl = _coefficients(g_loss, g_ce, g_kl, p, n, stats.dtype, hidden.device)
