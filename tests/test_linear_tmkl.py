@@ -155,6 +155,27 @@ def test_num_items_in_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_inplace_backward(backend):
+    """``ignore_index=-1`` with ``inplace_backward=True`` equals the oracle-checked default run on
+    the same tokens with their ignored labels written as -100."""
+    t = _inputs(shape=(7,), bias=True, ignore=(0, 5))
+    outs, grads = _compare(t, backend, return_components=True, temperature=1.7)
+    y = t["labels"].masked_fill(t["labels"] == -100, -1)
+    for name in ("hidden", "weight", "bias"):
+        t[name].grad = None
+    out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], y, bias=t["bias"],
+                                      ignore_index=-1, inplace_backward=True, temperature=1.7,
+                                      return_components=True, backend=backend)
+    g = [torch.randn_like(o) for o in out]
+    torch.autograd.backward(out, g)
+    _, ref_grads = _oracle(t, return_components=True, grads=g, temperature=1.7)
+    for a, r in zip(out, outs):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    for a, r in zip((t["hidden"].grad, t["weight"].grad, t["bias"].grad), ref_grads):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias,distinct_base", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("train_weight", [True, False])
 def test_bias_base_head_and_frozen_weight(backend, bias, distinct_base, train_weight):
