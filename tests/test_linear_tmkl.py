@@ -24,12 +24,14 @@ REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces i
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Triton: 16-wide tiles and 3 vocabulary splits so every test crosses tile, split and
-    ``D``-loop boundaries with a partial last tile (the interpreter is slow: keep shapes tiny)."""
+    """Triton: 16-wide tiles, 3 vocabulary splits and 16-row backward launches so every test
+    crosses tile, split, launch and ``D``-loop boundaries with a partial last tile (the
+    interpreter is slow: keep shapes tiny)."""
     original = lt_ops.launch_config
 
     def small(n, v, d, dtype, device=None, **kw):
-        kw.update(block_n=16, block_v=16, block_d=16, splits=kw.get("splits") or 3)
+        kw.update(block_n=16, block_v=16, block_d=16, splits=kw.get("splits") or 3,
+                  bwd_rows=kw.get("bwd_rows") or 16)
         return original(n, v, d, dtype, device, **kw)
 
     monkeypatch.setattr(lt_ops, "launch_config", small)
@@ -398,11 +400,37 @@ def test_triton_split_merge(monkeypatch, splits):
                  temperature=1.3)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_backward_row_launches(monkeypatch, dtype):
+    """grad_hidden from several row launches (16-bit: through the fp32 scratch) equals one launch
+    exactly, and strided labels and bias are read correctly."""
+    t = _inputs(shape=(37,), d=18, v=40, dtype=dtype, bias=True, ignore=(3, 20))
+    t["labels"] = torch.stack([t["labels"], t["labels"]], 1).reshape(-1)[::2]  # stride 2
+    t["bias"] = torch.stack([t["bias"].detach(), t["bias"].detach()], 1).reshape(-1)[::2].requires_grad_()
+    assert t["labels"].stride() == (2,) and t["bias"].stride() == (2,)
+    small = lt_ops.launch_config
+    results = []
+    for rows in (16, 48):  # three launches (the last partial), then one
+        monkeypatch.setattr(lt_ops, "launch_config", lambda *a, r=rows, **k: small(*a, **{**k, "bwd_rows": r}))
+        outs, grads, g = _run(t, "triton", reduction="none", grads=results[0][2] if results else None)
+        results.append((outs, grads, g))
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+    ref, ref_grads = _oracle(t, reduction="none", grads=results[0][2])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(results[0][0][0].double().cpu(), ref[0], **tol)
+    for a, r in zip(results[0][1], ref_grads):
+        torch.testing.assert_close(a.double().cpu(), r, **tol)
+
+
 def test_launch_config_defaults():
     real = REAL_LAUNCH_CONFIG
     big = real(8192, 128256, 4096, torch.bfloat16)
     assert (big["BLOCK_N"], big["BLOCK_V"], big["BLOCK_D"]) == (128, 128, 64)
     assert big["splits"] >= 1
+    assert big["bwd_rows"] == 256  # 4 MiB of fp32 grad_hidden scratch at D=4096
+    assert real(100, 50, 10**6, torch.bfloat16)["bwd_rows"] == 64  # never below one row block
     tiny = real(3, 5, 7, torch.float32)
     assert tiny["BLOCK_N"] == 16 and tiny["BLOCK_V"] == 16 and tiny["BLOCK_D"] == 16
     assert real(64, 1000, 32, torch.float32, splits=1000)["splits"] == 8  # at most one per tile
