@@ -49,3 +49,34 @@ def test_generalized_eigh_reference(benchmark, n):
     bm = m @ m.mT / n + torch.eye(n)
     benchmark.extra_info.update(op="generalized_eigh", shape=f"batch=224 n={n}", dtype="float32")
     benchmark(forgetkern.generalized_eigh, a, bm, eps=1e-6, backend="reference")
+
+
+@pytest.fixture(scope="module")
+def linear_tmkl_inputs():
+    gen = torch.Generator().manual_seed(1)
+    n, d, v = 256, 256, 32000
+    h = torch.randn(n, d, generator=gen).requires_grad_()
+    hb = torch.randn(n, d, generator=gen)
+    w = torch.randn(v, d, generator=gen) / d**0.5
+    y = torch.randint(0, v, (n,), generator=gen)
+    return h, w, hb, y
+
+
+def test_linear_tmkl_reference_forward(benchmark, linear_tmkl_inputs):
+    h, w, hb, y = linear_tmkl_inputs
+    benchmark.extra_info.update(op="linear_tmkl", shape="N=256 D=256 V=32000", dtype="float32",
+                                mode="forward")
+    with torch.no_grad():
+        benchmark(forgetkern.linear_tmkl_loss, h, w, hb, y, backend="reference")
+
+
+def test_linear_tmkl_reference_forward_backward(benchmark, linear_tmkl_inputs):
+    h, w, hb, y = linear_tmkl_inputs
+    benchmark.extra_info.update(op="linear_tmkl", shape="N=256 D=256 V=32000", dtype="float32",
+                                mode="full")
+
+    def step():
+        h.grad = None
+        forgetkern.linear_tmkl_loss(h, w, hb, y, backend="reference").backward()
+
+    benchmark(step)

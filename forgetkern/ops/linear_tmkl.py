@@ -13,7 +13,8 @@ Triton path
   * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
     them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
     (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
-    ``tl.dot`` and fp32 atomic adds.
+    ``tl.dot`` and fp32 atomic adds; rows go in launches of ``bwd_rows`` so ``dh`` is accumulated
+    in fp32 only a few MiB at a time.
 
 Reference path (:func:`forgetkern.reference.linear_tmkl_pass`): rows in chunks with torch matmuls;
 during a forward that will be differentiated it also computes the gradients chunk by chunk, so the
