@@ -229,6 +229,23 @@ def test_no_gradient_to_base_side(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_head_gradient_with_frozen_hidden(backend):
+    """Only the head trains (hidden states are constants): weight and bias get the oracle's
+    gradients, hidden gets none."""
+    t = _inputs(shape=(6,), bias=True, ignore=(2,))
+    t["hidden"].requires_grad_(False)
+    loss = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                       bias=t["bias"], reduction="none", temperature=1.5,
+                                       backend=backend)
+    g = torch.randn_like(loss)
+    loss.backward(g)
+    _, ref_grads = _oracle(t, reduction="none", grads=[g], temperature=1.5)
+    assert t["hidden"].grad is None
+    torch.testing.assert_close(t["weight"].grad.cpu(), ref_grads[1], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(t["bias"].grad.cpu(), ref_grads[2], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_shapes_single_row_and_ignored(backend):
     for shape, d, v in [((1,), 1, 1), ((1,), 17, 33), ((3,), 5, 2), ((18,), 16, 16), ((4, 5), 31, 50)]:
         t = _inputs(shape=shape, d=d, v=v, bias=True, ignore=(0, 3, 17))
