@@ -73,3 +73,34 @@ def test_folora_step_reference(benchmark, basis):
     benchmark.extra_info.update(op="folora_step", shape=f"layers={layers} r={r} d_in={d}",
                                 dtype="float32", basis=str(basis))
     benchmark(opt.step)
+
+
+@pytest.fixture(scope="module")
+def linear_tmkl_inputs():
+    gen = torch.Generator().manual_seed(1)
+    n, d, v = 256, 256, 32000
+    h = torch.randn(n, d, generator=gen).requires_grad_()
+    hb = torch.randn(n, d, generator=gen)
+    w = torch.randn(v, d, generator=gen) / d**0.5
+    y = torch.randint(0, v, (n,), generator=gen)
+    return h, w, hb, y
+
+
+def test_linear_tmkl_reference_forward(benchmark, linear_tmkl_inputs):
+    h, w, hb, y = linear_tmkl_inputs
+    benchmark.extra_info.update(op="linear_tmkl", shape="N=256 D=256 V=32000", dtype="float32",
+                                mode="forward")
+    with torch.no_grad():
+        benchmark(forgetkern.linear_tmkl_loss, h, w, hb, y, backend="reference")
+
+
+def test_linear_tmkl_reference_forward_backward(benchmark, linear_tmkl_inputs):
+    h, w, hb, y = linear_tmkl_inputs
+    benchmark.extra_info.update(op="linear_tmkl", shape="N=256 D=256 V=32000", dtype="float32",
+                                mode="full")
+
+    def step():
+        h.grad = None
+        forgetkern.linear_tmkl_loss(h, w, hb, y, backend="reference").backward()
+
+    benchmark(step)

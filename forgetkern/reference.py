@@ -229,14 +229,23 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
 # ---------------------------------------------------------------------------------------------
 # Fused-linear TMKL: the loss straight from hidden states, logits formed one chunk of rows at a time
 # ---------------------------------------------------------------------------------------------
+# Resident rows x V buffers of one fused-linear chunk per row of the chunk: about 9 are alive at once
+# (both logits, the four distributions of _chunk, the two gradient parts), and glibc's per-thread
+# arenas can keep freed chunk-sized blocks resident, up to ~1.6x that measured on CPU; the budget
+# bounds the resident growth, so count that slack.
+_LINEAR_TEMPS_PER_CHUNK = 16
+
+
 def linear_chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None,
                       chunk_bytes: int | None = None) -> int:
     """Rows per chunk of the fused-linear reference: ``chunk_size`` when given, else as many rows
-    as fit the chunk's ``rows x V`` temporaries in ``chunk_bytes`` (default
-    :data:`REFERENCE_CHUNK_BYTES`), see :func:`chunk_rows`."""
+    as fit the chunk's ``rows x V`` temporaries (counted as ``_LINEAR_TEMPS_PER_CHUNK`` per row,
+    allocator slack included) in ``chunk_bytes`` (default :data:`REFERENCE_CHUNK_BYTES`)."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return chunk_rows(vocab, dtype, chunk_bytes)
+    budget = REFERENCE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    per_row = max(1, vocab) * torch.finfo(accumulation_dtype(dtype)).bits // 8 * _LINEAR_TEMPS_PER_CHUNK
+    return max(1, budget // per_row)
 
 
 def _logits_chunk(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):

@@ -24,12 +24,14 @@ REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces i
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Triton: 16-wide tiles and 3 vocabulary splits so every test crosses tile, split and
-    ``D``-loop boundaries with a partial last tile (the interpreter is slow: keep shapes tiny)."""
+    """Triton: 16-wide tiles, 3 vocabulary splits and 16-row backward launches so every test
+    crosses tile, split, launch and ``D``-loop boundaries with a partial last tile (the
+    interpreter is slow: keep shapes tiny)."""
     original = lt_ops.launch_config
 
     def small(n, v, d, dtype, device=None, **kw):
-        kw.update(block_n=16, block_v=16, block_d=16, splits=kw.get("splits") or 3)
+        kw.update(block_n=16, block_v=16, block_d=16, splits=kw.get("splits") or 3,
+                  bwd_rows=kw.get("bwd_rows") or 16)
         return original(n, v, d, dtype, device, **kw)
 
     monkeypatch.setattr(lt_ops, "launch_config", small)
@@ -155,6 +157,27 @@ def test_num_items_in_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_and_inplace_backward(backend):
+    """``ignore_index=-1`` with ``inplace_backward=True`` equals the oracle-checked default run on
+    the same tokens with their ignored labels written as -100."""
+    t = _inputs(shape=(7,), bias=True, ignore=(0, 5))
+    outs, grads = _compare(t, backend, return_components=True, temperature=1.7)
+    y = t["labels"].masked_fill(t["labels"] == -100, -1)
+    for name in ("hidden", "weight", "bias"):
+        t[name].grad = None
+    out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], y, bias=t["bias"],
+                                      ignore_index=-1, inplace_backward=True, temperature=1.7,
+                                      return_components=True, backend=backend)
+    g = [torch.randn_like(o) for o in out]
+    torch.autograd.backward(out, g)
+    _, ref_grads = _oracle(t, return_components=True, grads=g, temperature=1.7)
+    for a, r in zip(out, outs):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    for a, r in zip((t["hidden"].grad, t["weight"].grad, t["bias"].grad), ref_grads):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias,distinct_base", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("train_weight", [True, False])
 def test_bias_base_head_and_frozen_weight(backend, bias, distinct_base, train_weight):
@@ -172,6 +195,23 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     t2["base_weight"] = t2["weight"]  # same tensor: base bias is then None unless given
     t2["base_bias"] = t2["bias"]
     out_same, grads_same, _ = _run(t2, backend, reduction="none", grads=g)
+    # the default base head is weight itself, handed down without a copy: the reference reads the
+    # same tensor for both logits, the kernels get no separate base head (SHARED_WEIGHT)
+    seen = []
+    ptr = t["weight"].data_ptr()
+    if backend == "reference":
+        real = reference.linear_tmkl_pass
+        spy = lambda *a, **k: seen.append(a[3] is a[1] and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (reference, "linear_tmkl_pass")
+    else:
+        real = lt_ops.linear_tmkl_forward
+        spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (lt_ops, "linear_tmkl_forward")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(*target, spy)
+        forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    bias=t["bias"], backend=backend)
+    assert seen == [True]
     torch.testing.assert_close(out_same[0], out_default[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_same, grads_default):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -186,6 +226,23 @@ def test_no_gradient_to_base_side(backend):
     for name in ("base_hidden", "base_weight", "base_bias"):
         assert t[name].grad is None, name
     assert t["hidden"].grad is not None and t["weight"].grad is not None and t["bias"].grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_gradient_with_frozen_hidden(backend):
+    """Only the head trains (hidden states are constants): weight and bias get the oracle's
+    gradients, hidden gets none."""
+    t = _inputs(shape=(6,), bias=True, ignore=(2,))
+    t["hidden"].requires_grad_(False)
+    loss = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                       bias=t["bias"], reduction="none", temperature=1.5,
+                                       backend=backend)
+    g = torch.randn_like(loss)
+    loss.backward(g)
+    _, ref_grads = _oracle(t, reduction="none", grads=[g], temperature=1.5)
+    assert t["hidden"].grad is None
+    torch.testing.assert_close(t["weight"].grad.cpu(), ref_grads[1], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(t["bias"].grad.cpu(), ref_grads[2], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -246,8 +303,8 @@ def test_reference_chunking_is_invisible(monkeypatch):
     # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
     assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
     assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
-    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 4 * 10 * 2)  # two rows per chunk
-    assert reference.linear_chunk_rows(45, torch.float32) == 2
+    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
+    assert reference.linear_chunk_rows(45, torch.float64) == 2
     outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
     torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], grads_base[1], rtol=1e-10, atol=1e-12)
@@ -264,15 +321,28 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
         return original(*a, **k)
 
     monkeypatch.setattr(reference, "linear_tmkl_pass", counting)
+    rescales = []  # (scale, whether the precomputed tensors came back untouched)
+    real_rescale = lt_ops._rescale
+
+    def spy_rescale(grads, scale):
+        out = real_rescale(grads, scale)
+        rescales.append((float(scale), all(a is b for a, b in zip(out, grads))))
+        return out
+
+    monkeypatch.setattr(lt_ops, "_rescale", spy_rescale)
     t = _inputs(shape=(9,), bias=True, ignore=(4,))
     cases = [
-        ("mean", False, lambda outs: [torch.ones_like(outs[0])], 1),  # no rescale, no recompute
-        ("mean", False, lambda outs: [torch.full_like(outs[0], 3.5)], 1),  # rescale only
-        ("sum", True, lambda outs: [torch.full_like(o, 0.25) for o in outs], 2),  # ce/kl: recompute
-        ("none", False, lambda outs: [torch.randn_like(outs[0])], 2),  # per-row: recompute
+        # upstream exactly 1: one pass, the precomputed tensors returned as they are
+        ("mean", False, lambda outs: [torch.ones_like(outs[0])], 1, [(1.0, True)]),
+        # a uniform multiple: one pass, a rescale
+        ("mean", False, lambda outs: [torch.full_like(outs[0], 3.5)], 1, [(3.5, False)]),
+        # separate ce/kl gradients, per-row gradients: a second pass with the actual coefficients
+        ("sum", True, lambda outs: [torch.full_like(o, 0.25) for o in outs], 2, []),
+        ("none", False, lambda outs: [torch.randn_like(outs[0])], 2, []),
     ]
-    for reduction, comps, make_grads, passes in cases:
+    for reduction, comps, make_grads, passes, want_rescales in cases:
         calls.clear()
+        rescales.clear()
         opts = {k: t[k] for k in ("bias",)}
         out = forgetkern.linear_tmkl_loss(t["hidden"].requires_grad_(), t["weight"], t["base_hidden"],
                                           t["labels"], reduction=reduction, return_components=comps,
@@ -283,6 +353,7 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
             t[name].grad = None
         torch.autograd.backward(outs, g)
         assert len(calls) == passes, (reduction, comps, calls)
+        assert rescales == want_rescales, (reduction, comps, rescales)
         _, ref_grads = _oracle(t, reduction=reduction, return_components=comps, grads=g, temperature=2.0)
         for a, r in zip((t["hidden"].grad, t["weight"].grad, t["bias"].grad), ref_grads):
             torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11)
@@ -346,11 +417,37 @@ def test_triton_split_merge(monkeypatch, splits):
                  temperature=1.3)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_backward_row_launches(monkeypatch, dtype):
+    """grad_hidden from several row launches (16-bit: through the fp32 scratch) equals one launch
+    exactly, and strided labels and bias are read correctly."""
+    t = _inputs(shape=(37,), d=18, v=40, dtype=dtype, bias=True, ignore=(3, 20))
+    t["labels"] = torch.stack([t["labels"], t["labels"]], 1).reshape(-1)[::2]  # stride 2
+    t["bias"] = torch.stack([t["bias"].detach(), t["bias"].detach()], 1).reshape(-1)[::2].requires_grad_()
+    assert t["labels"].stride() == (2,) and t["bias"].stride() == (2,)
+    small = lt_ops.launch_config
+    results = []
+    for rows in (16, 48):  # three launches (the last partial), then one
+        monkeypatch.setattr(lt_ops, "launch_config", lambda *a, r=rows, **k: small(*a, **{**k, "bwd_rows": r}))
+        outs, grads, g = _run(t, "triton", reduction="none", grads=results[0][2] if results else None)
+        results.append((outs, grads, g))
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+    ref, ref_grads = _oracle(t, reduction="none", grads=results[0][2])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(results[0][0][0].double().cpu(), ref[0], **tol)
+    for a, r in zip(results[0][1], ref_grads):
+        torch.testing.assert_close(a.double().cpu(), r, **tol)
+
+
 def test_launch_config_defaults():
     real = REAL_LAUNCH_CONFIG
     big = real(8192, 128256, 4096, torch.bfloat16)
     assert (big["BLOCK_N"], big["BLOCK_V"], big["BLOCK_D"]) == (128, 128, 64)
     assert big["splits"] >= 1
+    assert big["bwd_rows"] == 256  # 4 MiB of fp32 grad_hidden scratch at D=4096
+    assert real(100, 50, 10**6, torch.bfloat16)["bwd_rows"] == 64  # never below one row block
     tiny = real(3, 5, 7, torch.float32)
     assert tiny["BLOCK_N"] == 16 and tiny["BLOCK_V"] == 16 and tiny["BLOCK_D"] == 16
     assert real(64, 1000, 32, torch.float32, splits=1000)["splits"] == 8  # at most one per tile
@@ -471,3 +568,45 @@ def test_gpu_triton_default_tiles(monkeypatch, dtype):
     assert rel_err(loss.cpu(), ref.detach()) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
     assert rel_err(h.grad.cpu(), hh.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
     assert rel_err(w.grad.cpu(), ww.grad.cpu()) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark script (runs on a GPU only; its bookkeeping is checked here)
+# ------------------------------------------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_linear_tmkl", bench / "bench_linear_tmkl.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def test_bench_script_floor_and_target_check():
+    bench = _bench_module()
+    assert [bench.gemms(m, False) for m in ("forward", "backward", "full")] == [2, 3, 5]
+    assert bench.gemms("full", True) == 6
+    n, d, v = bench.TARGET_SHAPE
+    common = bench.common
+
+    def rec(provider, ms, mem):
+        return common.Record(op="linear_tmkl", provider=provider, gpu="x", shape={"N": n, "D": d, "V": v},
+                             dtype="bfloat16", mode="full", median_ms=ms, p20_ms=ms, p80_ms=ms,
+                             peak_mem_bytes=mem, floor_ms=54.0, torch="t", triton="t", commit="c")
+
+    lines = bench.check_targets([rec("forgetkern-triton", 60.0, 100), rec("cce-linear-cross-entropy", 30.0, 95),
+                                 rec("liger-fused-linear-jsd", 90.0, 500)])
+    assert "met" in lines[1] and "NOT" not in "".join(lines)
+    lines = bench.check_targets([rec("forgetkern-triton", 70.0, 200), rec("cce-linear-cross-entropy", 30.0, 100)])
+    assert "NOT met" in lines[1] and "NOT met" in lines[2] and "not measured" in lines[3]
+    assert "no full-mode result" in bench.check_targets([])[0]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main([])

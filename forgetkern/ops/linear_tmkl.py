@@ -13,7 +13,8 @@ Triton path
   * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
     them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
     (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
-    ``tl.dot`` and fp32 atomic adds.
+    ``tl.dot`` and fp32 atomic adds; rows go in launches of ``bwd_rows`` so ``dh`` is accumulated
+    in fp32 only a few MiB at a time.
 
 Reference path (:func:`forgetkern.reference.linear_tmkl_pass`): rows in chunks with torch matmuls;
 during a forward that will be differentiated it also computes the gradients chunk by chunk, so the
@@ -241,7 +242,7 @@ def _linear_tmkl_bwd_kernel(
     stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (ops/params.py)
     coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row (0 on ignored rows)
     coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled; 0 on ignored rows)
-    dh_ptr,  # [N, D] out (accumulated atomically, accumulation dtype, contiguous)
+    dh_ptr,  # [N, D] out (accumulated atomically, accumulation dtype, contiguous rows of this launch)
     dw_ptr,  # [V, D] out (accumulated atomically, accumulation dtype, contiguous)
     db_ptr,  # [V] out (accumulated atomically, accumulation dtype)
     N, V, D,
@@ -334,10 +335,14 @@ def _linear_tmkl_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+# Bytes of the fp32 grad_hidden scratch of one backward launch (see launch_config).
+BWD_SCRATCH_BYTES = 4 * 2**20
+
+
 def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None,
                   *, block_n: int | None = None, block_v: int | None = None,
                   block_d: int | None = None, splits: int | None = None,
-                  shared_weight: bool = True) -> dict:
+                  bwd_rows: int | None = None, shared_weight: bool = True) -> dict:
     """Tile sizes, vocabulary splits, warps and pipeline stages of the fused-linear kernels.
 
     How they are chosen:
@@ -353,7 +358,13 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         for about four waves over the SMs, never more than there are vocabulary tiles. Each split
         costs one 5-float partial record per row, merged afterwards. The backward has one program
         per tile and needs no splits.
-    Overrides (``block_*``, ``splits``) serve tests and tuning; autotuning is not built in.
+      * ``bwd_rows``: rows per backward launch, a multiple of ``BLOCK_N`` whose fp32 ``grad_hidden``
+        scratch (``bwd_rows x D``) fits in :data:`BWD_SCRATCH_BYTES` (4 MiB: 256 rows at D=4096,
+        still 2 row blocks x ~1000 vocabulary tiles = ~2000 programs per launch at V=128k). It
+        bounds the backward's extra memory to about the gradient itself (Cut Cross-Entropy's
+        footprint); the launches cost microseconds against a backward of tens of milliseconds.
+    Overrides (``block_*``, ``splits``, ``bwd_rows``) serve tests and tuning; autotuning is not
+    built in.
     """
     if block_v is None:
         block_v = 128 if V >= 128 else max(16, next_power_of_2(V))
@@ -370,10 +381,13 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         row_blocks = max(1, -(-N // block_n))
         splits = -(-4 * sms // row_blocks)
     splits = max(1, min(int(splits), num_v_tiles))
+    if bwd_rows is None:
+        bwd_rows = BWD_SCRATCH_BYTES // (4 * max(1, D)) // block_n * block_n
+    bwd_rows = max(block_n, int(bwd_rows))
     big = block_n * block_v >= 128 * 128
     return {
         "BLOCK_N": int(block_n), "BLOCK_V": int(block_v), "BLOCK_D": int(block_d),
-        "splits": splits,
+        "splits": splits, "bwd_rows": bwd_rows,
         "num_warps": 8 if big else 4,
         "num_stages": 3 if shared_weight else 2,
     }
@@ -385,8 +399,11 @@ def _check_triton():
 
 
 def _tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias):
-    """Pointer/stride arguments shared by both kernels (a missing bias/base head passes a dummy)."""
+    """Pointer/stride arguments shared by both kernels (a missing bias/base head passes a dummy).
+    The kernels index biases with unit stride: a strided ``(V,)`` bias is copied (it is small)."""
     wb = weight if base_weight is None else base_weight
+    bias = None if bias is None else bias.contiguous()
+    base_bias = None if base_bias is None else base_bias.contiguous()
     return (
         hidden, hidden.stride(0), hidden.stride(1),
         weight, weight.stride(0), weight.stride(1),
@@ -448,12 +465,14 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     n, d = hidden.shape
     v = weight.shape[0]
     acc = reference.accumulation_dtype(hidden.dtype)
+    labels = labels.contiguous()  # the kernels index labels with unit stride
     if n == 0:
         empty = torch.zeros(0, dtype=acc, device=hidden.device)
         return empty, empty.clone(), empty.clone(), torch.zeros(0, 4, dtype=acc, device=hidden.device)
     cfg = launch_config(n, v, d, hidden.dtype, hidden.device, shared_weight=base_weight is None,
                         **overrides)
     splits = cfg.pop("splits")
+    cfg.pop("bwd_rows")
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
     part = torch.empty(n, splits, 5, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]), splits)
@@ -468,35 +487,56 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
 def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
                          coef_ce, coef_kl, params: TMKLParams, needs, **overrides):
     """Triton backward: ``(grad_hidden, grad_weight, grad_bias)`` of
-    ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``, each ``None`` unless flagged in ``needs``;
-    accumulated in fp32 (fp64 for fp64 inputs), returned in the accumulation dtype."""
+    ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``, each ``None`` unless flagged in ``needs``.
+
+    ``grad_hidden`` is returned in ``hidden``'s dtype; ``grad_weight``/``grad_bias`` in the
+    accumulation dtype (fp32, fp64 for fp64 inputs). Rows go in launches of ``bwd_rows``
+    (:func:`launch_config`): each launch accumulates its rows' ``grad_hidden`` in an fp32 scratch
+    of ``bwd_rows x D`` and casts it into the output, so the backward's extra memory beyond the
+    gradient itself stays a few MiB instead of an fp32 copy of ``N x D``.
+    """
     _check_triton()
     n, d = hidden.shape
     v = weight.shape[0]
     acc = reference.accumulation_dtype(hidden.dtype)
     need_h, need_w, need_b = (bool(x) for x in needs)
     dev = hidden.device
-    dh = torch.zeros(n, d, dtype=acc, device=dev) if need_h else None
+    dh = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
     dw = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
     db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
     if n == 0 or not (need_h or need_w or need_b):
         return dh, dw, db
+    labels = labels.contiguous()  # the kernels index labels, stats and coefficients with unit stride
+    stats = stats.contiguous()
     valid = labels.long() != params.ignore_index
     zero = torch.zeros((), dtype=acc, device=dev)
     coef_ce = torch.where(valid, coef_ce.to(acc), zero).contiguous()
     coef_kl = torch.where(valid, coef_kl.to(acc), zero).contiguous()
     cfg = launch_config(n, v, d, hidden.dtype, dev, shared_weight=base_weight is None, **overrides)
     cfg.pop("splits")
-    grid = (-(-n // cfg["BLOCK_N"]) * -(-v // cfg["BLOCK_V"]),)
+    rows = cfg.pop("bwd_rows")
+    # fp32/fp64 inputs accumulate straight into the output; 16-bit ones into an fp32 scratch
+    scratch = None
+    if need_h and dh.dtype != acc:
+        scratch = torch.empty(min(rows, n), d, dtype=acc, device=dev)
     dummy = coef_ce
-    _linear_tmkl_bwd_kernel[grid](
-        *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), labels,
-        stats, coef_ce, coef_kl,
-        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
-        n, v, d, 1.0 / params.temperature,
-        **_flags(hidden, base_weight, bias, base_bias, params),
-        GRAD_H=need_h, GRAD_W=need_w, GRAD_BIAS=need_b, **cfg,
-    )
+    flags = _flags(hidden, base_weight, bias, base_bias, params)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m = r1 - r0
+        dh_part = dummy
+        if need_h:
+            dh_part = dh[r0:r1] if scratch is None else scratch[:m].zero_()
+        grid = (-(-m // cfg["BLOCK_N"]) * -(-v // cfg["BLOCK_V"]),)
+        _linear_tmkl_bwd_kernel[grid](
+            *_tensor_args(hidden[r0:r1], weight, base_hidden[r0:r1], base_weight, bias, base_bias),
+            labels[r0:r1], stats[r0:r1], coef_ce[r0:r1], coef_kl[r0:r1],
+            dh_part, dummy if dw is None else dw, dummy if db is None else db,
+            m, v, d, 1.0 / params.temperature, **flags,
+            GRAD_H=need_h, GRAD_W=need_w, GRAD_BIAS=need_b, **cfg,
+        )
+        if scratch is not None:
+            dh[r0:r1].copy_(dh_part)
     return dh, dw, db
 
 
@@ -522,6 +562,14 @@ def _uniform_scale(g_loss: torch.Tensor, valid: torch.Tensor, row_weight: torch.
     if not bool((g == g[0]).all()):
         return None
     return g[0] / row_weight
+
+
+def _rescale(grads: tuple, scale: torch.Tensor) -> tuple:
+    """The precomputed gradients times ``scale``; the very same tensors when ``scale`` is exactly 1
+    (the usual ``loss.backward()`` of a reduced loss: backward does no arithmetic at all)."""
+    if bool(scale == 1):
+        return grads
+    return tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
 
 
 class LinearTMKLFunction(torch.autograd.Function):
@@ -579,9 +627,7 @@ class LinearTMKLFunction(torch.autograd.Function):
             valid = labels.long() != p.ignore_index
             scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
             if scale is not None:
-                grads = ctx.pre
-                if not bool(scale == 1):  # exactly the assumed upstream gradient: nothing to do
-                    grads = tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
+                grads = _rescale(ctx.pre, scale)
         if grads is None:
             n = hidden.shape[0]
             coef_ce, coef_kl = _coefficients(g_loss, g_ce, g_kl, p, n, stats.dtype, hidden.device)
