@@ -11,6 +11,7 @@ torch.compile.
 import itertools
 import os
 import shutil
+import subprocess
 import warnings
 
 import numpy as np
@@ -43,6 +44,17 @@ def test_extension_built_where_nvcc_is():
     info = forgetkern.info()
     assert info["cuda_extension"] is True, info["cuda_extension_error"]
     assert info["cuda_extension_error"] is None
+
+
+def test_gpu_suite_script_parses():
+    """benchmarks/gpu_suite.sh (run only on GPU machines) is at least valid bash."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not found")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_suite.sh")
+    result = subprocess.run([bash, "-n", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.access(script, os.X_OK), "gpu_suite.sh must be executable"
 
 
 @needs_ext
