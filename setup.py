@@ -4,7 +4,8 @@ Metadata lives in pyproject.toml. This file exists for the compiled parts of the
 are built without importing torch (so ``pip install`` never needs torch at build time).
 
 The CUDA extension ``forgetkern._C`` (sources in ``csrc/``) is compiled with nvcc whenever nvcc is
-found (``$CUDA_HOME/bin``, ``$CUDA_PATH/bin`` or ``PATH``); a compile error fails the build.
+found (``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, ``PATH`` or ``/usr/local/cuda/bin``); a compile error
+fails the build.
 Environment:
 
 * ``FORGETKERN_SKIP_CUDA_BUILD=1``: do not build the extension (pure-Python install).
@@ -42,14 +43,18 @@ def _env_flag(name: str) -> bool:
 
 
 def find_nvcc() -> str | None:
-    """nvcc from $CUDA_HOME/bin, $CUDA_PATH/bin or PATH, or None."""
+    """nvcc from $CUDA_HOME/bin, $CUDA_PATH/bin, PATH or /usr/local/cuda/bin, or None."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(var)
         if home:
             candidate = os.path.join(home, "bin", "nvcc")
             if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
                 return candidate
-    return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = "/usr/local/cuda/bin/nvcc"  # the toolkit's default location, often not on PATH
+    return default if os.path.isfile(default) and os.access(default, os.X_OK) else None
 
 
 def cuda_archs() -> list[str]:
@@ -232,7 +237,8 @@ def extensions():
         print("forgetkern: FORGETKERN_SKIP_CUDA_BUILD is set; not building the CUDA extension")
         return []
     if find_nvcc() is None:
-        print("forgetkern: nvcc not found (PATH, CUDA_HOME); not building the CUDA extension")
+        print("forgetkern: nvcc not found (CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda); "
+              "not building the CUDA extension")
         return []
     return [CUDAExtension("forgetkern._C", sources=[f"csrc/{s}" for s in CUDA_SOURCES])]
 

@@ -419,17 +419,34 @@ FK_HD void tmkl_bwd_thread(const T* z, const T* __restrict__ b, T* g, int64_t v,
   for (int64_t c = t; c < sp.head; c += nt) {
     g[c] = from_acc<T>(tmkl_grad<A, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(to_acc(z[c]), to_acc(b[c]), c == y, r));
   }
-  for (int64_t i = t; i < sp.nvec; i += nt) {
-    const int64_t col0 = sp.head + i * VEC;
-    A zr[VEC], br[VEC], gr[VEC];
-    load_vec(z + col0, zr);
-    load_vec(b + col0, br);
+  // gradient of VEC columns from col0, from values already loaded (zr is overwritten)
+  auto grad_vec = [&](A (&zr)[VEC], const A (&br)[VEC], int64_t col0) {
     const int64_t target = y - col0;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      gr[k] = tmkl_grad<A, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(zr[k], br[k], k == target, r);
+      zr[k] = tmkl_grad<A, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(zr[k], br[k], k == target, r);
     }
-    store_vec(g + col0, gr);
+    store_vec(g + col0, zr);
+  };
+  int64_t i = t;
+  // two vectors in flight: both are loaded before either is stored (g may be z, and the compiler
+  // cannot hoist a load above a store that may alias it)
+  for (; i + nt < sp.nvec; i += 2 * static_cast<int64_t>(nt)) {
+    const int64_t c0 = sp.head + i * VEC, c1 = sp.head + (i + nt) * VEC;
+    A z0[VEC], b0[VEC], z1[VEC], b1[VEC];
+    load_vec(z + c0, z0);
+    load_vec(b + c0, b0);
+    load_vec(z + c1, z1);
+    load_vec(b + c1, b1);
+    grad_vec(z0, b0, c0);
+    grad_vec(z1, b1, c1);
+  }
+  if (i < sp.nvec) {
+    const int64_t c0 = sp.head + i * VEC;
+    A z0[VEC], b0[VEC];
+    load_vec(z + c0, z0);
+    load_vec(b + c0, b0);
+    grad_vec(z0, b0, c0);
   }
   for (int64_t c = sp.tail + t; c < v; c += nt) {
     g[c] = from_acc<T>(tmkl_grad<A, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(to_acc(z[c]), to_acc(b[c]), c == y, r));
