@@ -1,6 +1,7 @@
 """FoLoRA: proxy sampling, activation statistics, gates and the gated Adam optimizer."""
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -135,6 +136,12 @@ def test_sample_proxy_hf_generate_matches_plain_loop():
     assert torch.equal(rows, _cat(loop))  # same distribution, same draws: cache or no cache
 
 
+def test_sample_proxy_progress_bar(capsys):
+    sample_proxy_data(Bigram(), n_samples=3, length=4, prompts=[[1]], batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "proxy samples" in err and "3/3" in err
+
+
 def test_sample_proxy_errors():
     model = Bigram()
     with pytest.raises(ValueError, match="length"):
@@ -221,6 +228,7 @@ def test_gate_values():
     lam = torch.tensor([0.0, 0.5, 1.0, 4.0])
     torch.testing.assert_close(gate_values(lam, "soft", 1.0), lam / (lam + 1))
     torch.testing.assert_close(gate_values(lam, "sigmoid", 1.0, sharpness=1.0), lam / (lam + 1))
+    torch.testing.assert_close(gate_values(lam, "sigmoid", 0.5, sharpness=4.0), lam**4 / (lam**4 + 0.5**4))
     assert gate_values(lam, "hard", 1.0).tolist() == [0, 0, 1, 1]
     assert gate_values(lam, "topk", 0.5).tolist() == [0, 0, 1, 1]
     # low-rank: the 2 stored ratios are the smallest of 8; keep the top 75% = 6 -> both closed
@@ -399,11 +407,14 @@ def test_state_dict_round_trip_continues_identically(backend):
 
 
 @pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-def test_triton_step_matches_reference_with_gates():
+@pytest.mark.parametrize("gate,tau", [("soft", 1.0), ("sigmoid", 0.7), ("hard", 0.8), ("topk", 0.5)])
+def test_triton_step_matches_reference_with_gates(gate, tau):
     def make(backend):
-        params = _lora_params(pairs=2) + [torch.linspace(-1, 1, 5).requires_grad_()]
-        opt = FoLoRA(params, lr=1e-2, weight_decay=0.1, backend=backend, eigh_backend="reference")
-        for i in (0, 2):
+        params = _lora_params(pairs=3) + [torch.linspace(-1, 1, 5).requires_grad_()]
+        opt = FoLoRA(params[:4] + params[6:], lr=1e-2, weight_decay=0.1, gate=gate, tau=tau,
+                     backend=backend, eigh_backend="reference")
+        opt.add_param_group({"params": params[4:6], "basis": 2})  # a low-rank pair
+        for i in (0, 2, 4):
             opt.set_statistics(params[i], *_stats(5, i))
             opt.pair(params[i + 1], params[i])
         return params, opt
@@ -535,3 +546,53 @@ def opt_layers(model):
     from forgetkern.lora import lora_layers
 
     return list(lora_layers(model).values())
+
+
+@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("block", [16, None])
+def test_fused_step_kernel_matches_torch_segments(block):
+    """The fused kernel vs the torch reference, segment by segment: segments spanning several
+    blocks and ending mid-block, gate columns that do not divide the block, an inactive segment
+    left untouched, per-segment hyperparameters."""
+    from forgetkern.ops.folora import NUM_SCALARS, SegmentTable, folora_adam_step
+    from forgetkern.optim.functional import adam_step_segments, bias_corrections
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(7, 5), (3, 11), (13,), (4, 3), (1, 1)]  # numel 35, 33, 13, 12, 1
+    gated = [True, False, False, True, True]
+    start, numel, cols, gate_off, off, goff = [], [], [], [], 0, 0
+    for shp, gd in zip(shapes, gated):
+        start.append(off)
+        numel.append(math.prod(shp))
+        cols.append(shp[-1])
+        gate_off.append(goff if gd else -1)
+        goff += shp[-1] if gd else 0
+        off += math.prod(shp)
+    table = SegmentTable(start, numel, cols, gate_off, torch.device(dev))
+    gates = torch.rand(goff, generator=gen)
+    g = torch.randn(off, generator=gen)
+    m = torch.randn(off, generator=gen) * 0.1
+    v = torch.rand(off, generator=gen) * 0.01
+    active = (0, 1, 3, 4)  # segment 2 has no gradient this step
+    hyper = [(1e-2, 0.9, 0.999, 1e-8, 3), (3e-3, 0.8, 0.99, 1e-6, 1), (1e-2, 0.9, 0.999, 1e-8, 5),
+             (5e-2, 0.95, 0.9, 1e-8, 2), (1e-1, 0.5, 0.9, 1e-3, 10)]
+    ref_scalars, rows = [], torch.zeros(len(shapes), NUM_SCALARS)
+    for i, (lr, b1, b2, eps, step) in enumerate(hyper):
+        ss, bc2 = bias_corrections(step, lr, b1, b2)
+        ref_scalars.append((ss, bc2, eps, b1, b2))
+        rows[i] = torch.tensor([-ss, bc2, eps, b2, 1 - b1, 1 - b2])
+    m_ref, v_ref, s_ref = m.clone(), v.clone(), torch.full((off,), 123.0)
+    adam_step_segments(g, m_ref, v_ref, s_ref, table, active, ref_scalars, gates)
+    m_k, v_k, s_k = m.clone().to(dev), v.clone().to(dev), torch.full((off,), 123.0, device=dev)
+    folora_adam_step(g.to(dev), m_k, v_k, s_k, table, active, rows.to(dev), gates.to(dev), block=block)
+    torch.testing.assert_close(m_k.cpu(), m_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(v_k.cpu(), v_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(s_k.cpu(), s_ref, rtol=1e-5, atol=1e-8)
+    seg2 = slice(start[2], start[2] + numel[2])
+    assert torch.equal(m_k.cpu()[seg2], m[seg2]) and bool((s_k.cpu()[seg2] == 123.0).all())
+    # the gates did something: an ungated launch differs on the gated segments
+    s_open = torch.full((off,), 123.0, device=dev)
+    folora_adam_step(g.to(dev), m.clone().to(dev), v.clone().to(dev), s_open, table, active,
+                     rows.to(dev), None, block=block)
+    assert not torch.allclose(s_open.cpu()[: numel[0]], s_ref[: numel[0]])
