@@ -347,16 +347,26 @@ def test_pairs_refresh_in_one_batched_call(monkeypatch):
 
     monkeypatch.setattr(functional, "generalized_eigh", counting)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(7):
+    for t in range(7):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
+        A_before = params[0].detach().clone()  # the refresh of a step sees A before its update
         opt.step()
+        assert not torch.equal(A_before, params[0])
     assert calls == [(3, 2, 2)] * 3  # steps 1, 4, 7: all three pairs at once
     # the B basis is (A Σp Aᵀ + damping I)-orthonormal for the A of the last refresh (step 7)
-    A, B = params[0], params[1]
+    B = params[1]
     st = opt.state[B]
     assert st["mode"] == "pair" and st["gate"].shape == (2,)
     assert bool(((st["gate"] > 0) & (st["gate"] < 1)).all())
+    proxy, task = _stats(5, 0)
+    a = A_before.double()
+    P, T = a @ proxy.double() @ a.T, a @ task.double() @ a.T
+    P = P * 2 / P.trace() + 1e-3 * torch.eye(2, dtype=torch.float64)  # trace-normalized, damped
+    T = T * 2 / T.trace()
+    V, lam = st["V"].double(), st["lam"].double()
+    torch.testing.assert_close(V.T @ P @ V, torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(T @ V, P @ V * lam, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)

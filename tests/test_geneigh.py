@@ -152,6 +152,20 @@ def test_triton_jacobi_converges_in_few_sweeps():
     assert 1 <= int(sweeps.max()) < geneigh.MAX_SWEEPS
 
 
+@pytest.mark.skipif(not (_backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_triton_odd_n_padded_tile(dtype, tol):
+    """n = 17: an odd size in a 32-wide tile (15 padded indices), B with condition number 1e4."""
+    gen = torch.Generator().manual_seed(17)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 17
+    A, B = _sym(2, n, gen, dtype).to(dev), _spd(2, n, gen, cond=1e4, dtype=dtype).to(dev)
+    w, V = forgetkern.generalized_eigh(A, B, eps=1e-3, backend="triton")
+    assert w.dtype == dtype
+    _check(A, B, 1e-3, w, V, tol=tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [16, 33, 64])
 def test_triton_gpu_sizes(n):
@@ -159,3 +173,13 @@ def test_triton_gpu_sizes(n):
     A, B = _sym(16, n, gen, torch.float32).cuda(), _spd(16, n, gen, dtype=torch.float32).cuda()
     w, V = forgetkern.generalized_eigh(A, B, eps=1e-3, backend="triton")
     _check(A, B, 1e-3, w, V, tol=1e-4)
+
+
+def test_registered_backends_and_automatic_choice(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.OP_BACKENDS["generalized_eigh"] == ("reference", "triton")
+    assert _backend.OP_BACKENDS["folora_step"] == ("reference", "triton")
+    x = torch.eye(3)
+    runnable = _backend.triton_installed() and _backend.triton_interpret()
+    assert _backend.resolve("generalized_eigh", x) == ("triton" if runnable else "reference")
+    assert _backend.resolve("generalized_eigh", x, backend="reference") == "reference"
