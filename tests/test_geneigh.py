@@ -3,6 +3,8 @@ against ``scipy.linalg.eigh(a, b)``. Checks are sign- and basis-independent: eig
 the residual ``A V - B V diag(w)`` and ``Vᵀ B V = I``."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import scipy.linalg
 import torch
 
@@ -125,6 +127,19 @@ def test_not_positive_definite_is_an_error(backend):
         forgetkern.generalized_eigh(A, A, eps=-1.0, backend=backend)
     with pytest.raises(ValueError, match="same shape"):
         forgetkern.generalized_eigh(A, A[:, :2, :2], backend=backend)
+
+
+@pytest.mark.skipif(not (_backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@settings(max_examples=8)
+@given(n=st.integers(1, 12), batch=st.integers(1, 3), eps=st.sampled_from([0.0, 1e-3, 1.0]),
+       log_cond=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_triton_fuzz_against_scipy(n, batch, eps, log_cond, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    A, B = _sym(batch, n, gen), _spd(batch, n, gen, cond=10.0**log_cond)
+    w, V = forgetkern.generalized_eigh(A.to(dev), B.to(dev), eps=eps, backend="triton")
+    _check(A, B, eps, w, V, tol=1e-9)
 
 
 def test_triton_large_n_goes_to_reference():
