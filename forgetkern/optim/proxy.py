@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import nn
