@@ -484,6 +484,23 @@ def test_validation_errors():
         FoLoRA([A], basis_norm="l2")
 
 
+def test_param_group_added_after_a_step_is_updated():
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+    opt = FoLoRA([a], lr=0.1, backend="reference")
+    a.grad = torch.randn(3, 4)
+    opt.step()
+    m_before = opt.state[a]["exp_avg"].clone()
+    with pytest.raises(ValueError, match="gate must be one of"):
+        opt.add_param_group({"params": [b], "gate": "cosine"})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b]})
+    b0 = b.detach().clone()
+    a.grad, b.grad = torch.zeros(3, 4), torch.randn(5)
+    opt.step()
+    assert not torch.equal(b0, b)
+    torch.testing.assert_close(opt.state[a]["exp_avg"], 0.9 * m_before)  # moments carried over
+
+
 def _check_wired(model, opt, stats):
     from forgetkern.optim._lora import lora_modules
 

@@ -110,18 +110,25 @@ class FoLoRA(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gate=gate,
                         tau=tau, damping=damping, basis=basis, refresh_every=refresh_every,
                         basis_norm=basis_norm, sharpness=sharpness)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_gate(group["gate"], group["tau"], group["sharpness"])
-            _validate_basis(group["basis"])
-            if group["basis_norm"] not in ("proxy", "unit"):
-                raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
+        super().__init__(params, defaults)  # validates every group (add_param_group)
         self.backend = backend
         self.eigh_backend = eigh_backend
         self._pairs: dict = {}  # B -> A
         self._flat: dict | None = None
         self._gating = None
         self._basis_cache: dict = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the flat buffers are rebuilt at the next
+        step (existing moments are carried over)."""
+        group = {**self.defaults, **param_group}  # validated before it joins the optimizer
+        check_gate(group["gate"], group["tau"], group["sharpness"])
+        _validate_basis(group["basis"])
+        if group["basis_norm"] not in ("proxy", "unit"):
+            raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
+        super().add_param_group(param_group)
+        self._flat = None
+        self._gating = None
 
     # ---- ownership ----------------------------------------------------------------------------
     def _all_params(self) -> list:
