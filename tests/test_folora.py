@@ -484,6 +484,26 @@ def test_validation_errors():
         FoLoRA([A], basis_norm="l2")
 
 
+@pytest.mark.parametrize("basis", ["dense", 8])
+def test_memory_dense_vs_lowrank_and_shared_bases(basis):
+    """Two layers reading one input share V, W and the statistics: dense keeps four d x d
+    float32 matrices, low-rank V_k, W_k and two rank-k sketches (docs/folora.md, Memory)."""
+    d, r, k = 64, 4, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, d, generator=gen)
+    proxy, task = x.T @ x / 200, torch.eye(d)
+    A1, A2 = (torch.randn(r, d, generator=gen).requires_grad_() for _ in range(2))
+    opt = FoLoRA([A1, A2], basis=basis, backend="reference", eigh_backend="reference")
+    opt.set_statistics(A1, proxy, task)
+    opt.set_statistics(A2, proxy, task)
+    assert opt.state[A1]["V"] is opt.state[A2]["V"]
+    kept = d if basis == "dense" else k
+    gates = 2 * 4 * kept  # one gate vector per parameter
+    assert opt.memory_bytes()["bases"] == 4 * (2 * d * kept + kept) + gates
+    stats = 2 * 4 * d * d if basis == "dense" else 2 * 4 * (d * k + k + 1)
+    assert opt.memory_bytes()["statistics"] == stats
+
+
 def test_param_group_added_after_a_step_is_updated():
     a, b = torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)
     opt = FoLoRA([a], lr=0.1, backend="reference")
