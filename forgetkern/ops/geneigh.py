@@ -11,7 +11,8 @@ everything in registers (``n <= MAX_N``)::
 
 The Jacobi sweeps use the round-robin (circle method) ordering: each of the ``m - 1`` rounds of
 a sweep rotates ``m / 2`` disjoint index pairs at once (``m`` = ``n`` rounded up to even), applied
-as ``C <- J^T C J`` and ``U <- U J`` with one block-diagonal rotation matrix ``J``. Padded indices
+as ``C <- J^T C J`` and ``U <- U J`` with one rotation matrix ``J`` (two nonzeros per row and
+column), computed as O(n^2) gathers of partner rows and columns (``tl.gather``). Padded indices
 (``n <= i < BLOCK_N``) hold zeros in ``C`` and never rotate.
 
 Larger ``n`` goes to :func:`forgetkern.reference.generalized_eigh` (batched cuSOLVER/LAPACK).
@@ -126,11 +127,17 @@ def _geneigh_kernel(
             sn = t * cs
             cs = tl.where(rotate, cs, 1.0)
             sn = tl.where(rotate, sn, 0.0)
-            # J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s  (p < q): C <- J^T C J zeroes C[p, q]
-            sgn_s = tl.where(lower, sn, -sn)
-            jrot = tl.where(eye, cs[:, None], tl.where(is_partner, sgn_s[:, None], 0.0))
-            c = tl.dot(tl.trans(jrot), tl.dot(c, jrot, input_precision="ieee"), input_precision="ieee")
-            u = tl.dot(u, jrot, input_precision="ieee")
+            # J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s  (p < q): C <- J^T C J zeroes C[p, q].
+            # J has two nonzeros per column, J[j, j] = cs[j] and J[pr[j], j] = off[j], so the
+            # products are O(n^2) gathers of the partner row / column instead of dense matmuls.
+            off_j = tl.where(lower, -sn, sn)
+            pr_col = tl.broadcast_to(pr[None, :], (BLOCK_N, BLOCK_N))  # [i, j] -> pr[j]
+            pr_row = tl.broadcast_to(pr[:, None], (BLOCK_N, BLOCK_N))  # [i, j] -> pr[i]
+            # (C J)[:, j] = cs[j] C[:, j] + off[j] C[:, pr[j]]
+            c = c * cs[None, :] + tl.gather(c, pr_col, axis=1) * off_j[None, :]
+            # (J^T M)[i, :] = cs[i] M[i, :] + off[i] M[pr[i], :]
+            c = c * cs[:, None] + tl.gather(c, pr_row, axis=0) * off_j[:, None]
+            u = u * cs[None, :] + tl.gather(u, pr_col, axis=1) * off_j[None, :]
         c = 0.5 * (c + tl.trans(c))
         sweeps += 1
         total = tl.sum(tl.sum(c * c, axis=1), axis=0)
