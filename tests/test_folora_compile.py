@@ -21,16 +21,18 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
 
     from forgetkern.ops.folora import _folora_adam_kernel, launch_config as step_config
-    from forgetkern.ops.geneigh import _geneigh_kernel, launch_config as eig_config
+    from forgetkern.ops.geneigh import USE_GATHER, _geneigh_kernel, launch_config as eig_config
 
     target = GPUTarget("cuda", 90, 32)
-    for ptr, fp64, n in (("*fp32", False, 16), ("*fp64", True, 5)):
+    cases = [("*fp32", False, 16, False)] + [("*fp32", False, 16, True), ("*fp64", True, 5, True)] * USE_GATHER
+    for ptr, fp64, n, gather in cases:
         cfg = eig_config(n)
         sig = {"a_ptr": ptr, "b_ptr": ptr, "w_ptr": ptr, "v_ptr": ptr, "info_ptr": "*i32",
                "sweeps_ptr": "*i32", "n": "i32", "tol2": "fp32", "BLOCK_N": "constexpr",
-               "MAX_SWEEPS": "constexpr", "ACC_FP64": "constexpr"}
+               "MAX_SWEEPS": "constexpr", "ACC_FP64": "constexpr", "USE_GATHER": "constexpr"}
         src = ASTSource(_geneigh_kernel, sig,
-                        constexprs={"BLOCK_N": cfg["BLOCK_N"], "MAX_SWEEPS": 30, "ACC_FP64": fp64})
+                        constexprs={"BLOCK_N": cfg["BLOCK_N"], "MAX_SWEEPS": 30, "ACC_FP64": fp64,
+                                    "USE_GATHER": gather})
         k = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"]})
         assert k.asm["cubin"], "no cubin"
     cfg = step_config(1 << 20)
