@@ -552,6 +552,7 @@ def test_from_model_forgetkern_lora():
 def test_from_model_peft_llama():
     peft = pytest.importorskip("peft")
     model = tiny_llama()
+    base = copy.deepcopy(model)
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])
     model = peft.get_peft_model(model, config)
@@ -559,7 +560,11 @@ def test_from_model_peft_llama():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
+        ids = torch.tensor([[1, 5, 9, 13]])
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
     proxy = sample_proxy_data(model, n_samples=2, length=6, progress=False)
+    # sampled from the pretrained model: PEFT adapters are off while sampling
+    assert torch.equal(_cat(proxy), _cat(sample_proxy_data(base, n_samples=2, length=6, progress=False)))
     task = [{"input_ids": torch.randint(3, 48, (2, 5)), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}]
     stats = calibrate(model, proxy, task, progress=False)
     assert len(stats) == 7
