@@ -29,6 +29,8 @@ class _Flat:
     s: torch.Tensor
     start: list
     numel: list
+    g_views: list = None  # per parameter: its slice of g, shaped like the parameter
+    s_views: list = None  # the same for s
 
 
 def _validate_basis(basis):
@@ -275,8 +277,9 @@ class FoLoRA(Optimizer):
         """Re-solve the ``r x r`` problems of the paired ``B`` that are due (every
         ``refresh_every`` of their steps; all with ``force``), batched by ``r``. Returns how many."""
         due = []
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for B, A in self._pairs.items():
-            group = self._group_of(B, "B")
+            group = group_of[id(B)]
             st = self.state[B]
             step = st.get("step", 0)
             last = st.get("refreshed")
@@ -339,6 +342,8 @@ class FoLoRA(Optimizer):
                 off += p.numel()
             mk = lambda: torch.zeros(off, dtype=torch.float32, device=dev)  # noqa: E731
             flat = _Flat(params, mk(), mk(), mk(), mk(), start, numel)
+            flat.g_views = [flat.g[a: a + n].view(p.shape) for p, a, n in zip(params, start, numel)]
+            flat.s_views = [flat.s[a: a + n].view(p.shape) for p, a, n in zip(params, start, numel)]
             for p, a, n in zip(params, start, numel):
                 st = self.state[p]
                 st.setdefault("step", 0)
@@ -411,8 +416,7 @@ class FoLoRA(Optimizer):
                 step_size, bc2_sqrt = F.bias_corrections(st["step"], group["lr"], beta1, beta2)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                a, n = flat.start[i], flat.numel[i]
-                g_view = flat.g[a: a + n].view(p.shape)
+                g_view = flat.g_views[i]
                 grad = p.grad.to(torch.float32)
                 coords = self._spectral(st)
                 if coords is not None:
@@ -436,18 +440,20 @@ class FoLoRA(Optimizer):
                 for i, sc in zip(active, scalars):
                     full[i] = sc
                 F.adam_step_segments(flat.g, flat.m, flat.v, flat.s, table, active, full, gate_buf)
+            updated, steps = [], []
             for i in active:
                 p = flat.params[i]
                 st = self.state[p]
-                a, n = flat.start[i], flat.numel[i]
-                s = flat.s[a: a + n].view(p.shape)
+                s = flat.s_views[i]
                 mode = st.get("mode")
                 if mode in ("dense", "pair"):
                     s = s @ st["V"].mT  # back to parameter coordinates
                 elif mode == "lowrank":
                     # s P^T with P = I - V_k diag(1 - gate) V_k^T (Σp + damping I)
                     s = s - ((s @ st["W"]) * (1.0 - st["gate"])) @ st["V"].mT
-                p.add_(s.to(p.dtype))
+                updated.append(p)
+                steps.append(s.to(p.dtype))
+            torch._foreach_add_(updated, steps)
         return loss
 
     # ---- state dict ---------------------------------------------------------------------------
