@@ -141,10 +141,24 @@ def test_sample_proxy_hf_generate_matches_plain_loop():
     assert torch.equal(rows, _cat(loop))  # same distribution, same draws: cache or no cache
 
 
-def test_sample_proxy_progress_bar(capsys):
-    sample_proxy_data(Bigram(), n_samples=3, length=4, prompts=[[1]], batch_size=2, progress=True)
+@pytest.mark.parametrize("with_tqdm", [True, False])
+def test_progress_bars(capsys, monkeypatch, with_tqdm):
+    if with_tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        import sys
+
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: plain counter
+    model = lora_toy()
+    proxy = sample_proxy_data(model, n_samples=3, length=4, prompts=[[1]], batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "proxy samples" in err and "3/3" in err
+    calibrate(model, proxy, proxy, progress=True)
+    err = capsys.readouterr().err
+    assert "proxy statistics" in err and "task statistics" in err and "2/2" in err
+    sample_proxy_data(model, n_samples=3, length=4, prompts=[[1]], progress=False)
+    calibrate(model, proxy, proxy, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_sample_proxy_errors():
