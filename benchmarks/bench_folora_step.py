@@ -104,7 +104,7 @@ def main(argv=None) -> list[common.Record]:
                            meta=meta)
     records.append(base)
     print(common.format_table([base]).splitlines()[-1], flush=True)
-    del adamw
+    adamw = None  # free its state before the FoLoRA runs
 
     wanted = args.providers.split(",") if args.providers else None
     for basis in ("dense", args.k):
@@ -138,7 +138,7 @@ def main(argv=None) -> list[common.Record]:
         if opt is not None:
             refresh_ms, _, _ = common.time_ms(lambda: opt.refresh(force=True), warmup=2, rep=10)
             print(f"  {len(pairs)} pair refreshes (one batched eigensolve): {refresh_ms:.2f} ms")
-        del opt
+        opt = None
         torch.cuda.empty_cache()
     print()
     print(common.format_table(records))

@@ -3,6 +3,8 @@ against ``scipy.linalg.eigh(a, b)``. Checks are sign- and basis-independent: eig
 the residual ``A V - B V diag(w)`` and ``Vᵀ B V = I``."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import scipy.linalg
 import torch
 
@@ -127,6 +129,36 @@ def test_not_positive_definite_is_an_error(backend):
         forgetkern.generalized_eigh(A, A[:, :2, :2], backend=backend)
 
 
+@pytest.mark.skipif(not (_backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@settings(max_examples=8)
+@given(n=st.integers(1, 12), batch=st.integers(1, 3), eps=st.sampled_from([0.0, 1e-3, 1.0]),
+       log_cond=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_triton_fuzz_against_scipy(n, batch, eps, log_cond, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    A, B = _sym(batch, n, gen), _spd(batch, n, gen, cond=10.0**log_cond)
+    w, V = forgetkern.generalized_eigh(A.to(dev), B.to(dev), eps=eps, backend="triton")
+    _check(A, B, eps, w, V, tol=1e-9)
+
+
+@pytest.mark.skipif(not (_backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("use_gather", [True, False])
+def test_triton_rotation_paths(monkeypatch, use_gather):
+    """Rotations by gathers (Triton >= 3.2) and by dense products (older Triton) agree with scipy."""
+    from forgetkern.ops import geneigh
+
+    if use_gather and not geneigh.USE_GATHER:
+        pytest.skip("this Triton has no tl.gather")
+    monkeypatch.setattr(geneigh, "USE_GATHER", use_gather)
+    gen = torch.Generator().manual_seed(11)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    A, B = _sym(2, 7, gen), _spd(2, 7, gen, cond=1e3)
+    w, V = geneigh.generalized_eigh(A.to(dev), B.to(dev), eps=1e-3)
+    _check(A, B, 1e-3, w, V, tol=1e-10)
+
+
 def test_triton_large_n_goes_to_reference():
     """n > 64 is served by the reference (batched), with the same contract."""
     from forgetkern.ops import geneigh
@@ -152,6 +184,20 @@ def test_triton_jacobi_converges_in_few_sweeps():
     assert 1 <= int(sweeps.max()) < geneigh.MAX_SWEEPS
 
 
+@pytest.mark.skipif(not (_backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_triton_odd_n_padded_tile(dtype, tol):
+    """n = 17: an odd size in a 32-wide tile (15 padded indices), B with condition number 1e4."""
+    gen = torch.Generator().manual_seed(17)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 17
+    A, B = _sym(2, n, gen, dtype).to(dev), _spd(2, n, gen, cond=1e4, dtype=dtype).to(dev)
+    w, V = forgetkern.generalized_eigh(A, B, eps=1e-3, backend="triton")
+    assert w.dtype == dtype
+    _check(A, B, 1e-3, w, V, tol=tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [16, 33, 64])
 def test_triton_gpu_sizes(n):
@@ -159,3 +205,13 @@ def test_triton_gpu_sizes(n):
     A, B = _sym(16, n, gen, torch.float32).cuda(), _spd(16, n, gen, dtype=torch.float32).cuda()
     w, V = forgetkern.generalized_eigh(A, B, eps=1e-3, backend="triton")
     _check(A, B, 1e-3, w, V, tol=1e-4)
+
+
+def test_registered_backends_and_automatic_choice(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    assert _backend.OP_BACKENDS["generalized_eigh"] == ("reference", "triton")
+    assert _backend.OP_BACKENDS["folora_step"] == ("reference", "triton")
+    x = torch.eye(3)
+    runnable = _backend.triton_installed() and _backend.triton_interpret()
+    assert _backend.resolve("generalized_eigh", x) == ("triton" if runnable else "reference")
+    assert _backend.resolve("generalized_eigh", x, backend="reference") == "reference"

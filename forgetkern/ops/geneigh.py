@@ -11,7 +11,9 @@ everything in registers (``n <= MAX_N``)::
 
 The Jacobi sweeps use the round-robin (circle method) ordering: each of the ``m - 1`` rounds of
 a sweep rotates ``m / 2`` disjoint index pairs at once (``m`` = ``n`` rounded up to even), applied
-as ``C <- J^T C J`` and ``U <- U J`` with one block-diagonal rotation matrix ``J``. Padded indices
+as ``C <- J^T C J`` and ``U <- U J`` with one rotation matrix ``J`` (two nonzeros per row and
+column), computed as O(n^2) gathers of partner rows and columns (``tl.gather``; dense products
+on Triton versions without it). Padded indices
 (``n <= i < BLOCK_N``) hold zeros in ``C`` and never rotate.
 
 Larger ``n`` goes to :func:`forgetkern.reference.generalized_eigh` (batched cuSOLVER/LAPACK).
@@ -25,6 +27,8 @@ from ._triton import HAS_TRITON, jit, next_power_of_2, tl
 
 #: Largest matrix size the one-program-per-matrix kernel handles; larger go to the reference.
 MAX_N = 64
+#: Rotations by ``tl.gather`` (Triton >= 3.2); older Triton uses dense rotation products.
+USE_GATHER = HAS_TRITON and hasattr(tl, "gather")
 #: Upper bound on Jacobi sweeps (convergence is quadratic; 6-10 sweeps are typical).
 MAX_SWEEPS = 30
 
@@ -45,6 +49,7 @@ def _geneigh_kernel(
     BLOCK_N: tl.constexpr,
     MAX_SWEEPS: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    USE_GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     dt = tl.float64 if ACC_FP64 else tl.float32
@@ -126,11 +131,21 @@ def _geneigh_kernel(
             sn = t * cs
             cs = tl.where(rotate, cs, 1.0)
             sn = tl.where(rotate, sn, 0.0)
-            # J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s  (p < q): C <- J^T C J zeroes C[p, q]
-            sgn_s = tl.where(lower, sn, -sn)
-            jrot = tl.where(eye, cs[:, None], tl.where(is_partner, sgn_s[:, None], 0.0))
-            c = tl.dot(tl.trans(jrot), tl.dot(c, jrot, input_precision="ieee"), input_precision="ieee")
-            u = tl.dot(u, jrot, input_precision="ieee")
+            # J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s  (p < q): C <- J^T C J zeroes C[p, q].
+            # J has two nonzeros per column, J[j, j] = cs[j] and J[pr[j], j] = off[j].
+            off_j = tl.where(lower, -sn, sn)
+            if USE_GATHER:  # O(n^2): gather the partner column / row
+                pr_col = tl.broadcast_to(pr[None, :], (BLOCK_N, BLOCK_N))  # [i, j] -> pr[j]
+                pr_row = tl.broadcast_to(pr[:, None], (BLOCK_N, BLOCK_N))  # [i, j] -> pr[i]
+                # (C J)[:, j] = cs[j] C[:, j] + off[j] C[:, pr[j]]
+                c = c * cs[None, :] + tl.gather(c, pr_col, axis=1) * off_j[None, :]
+                # (J^T M)[i, :] = cs[i] M[i, :] + off[i] M[pr[i], :]
+                c = c * cs[:, None] + tl.gather(c, pr_row, axis=0) * off_j[:, None]
+                u = u * cs[None, :] + tl.gather(u, pr_col, axis=1) * off_j[None, :]
+            else:  # Triton without tl.gather: J as a dense matrix, O(n^3) products
+                jrot = tl.where(eye, cs[None, :], tl.where(r2 == pr[None, :], off_j[None, :], 0.0))
+                c = tl.dot(tl.trans(jrot), tl.dot(c, jrot, input_precision="ieee"), input_precision="ieee")
+                u = tl.dot(u, jrot, input_precision="ieee")
         c = 0.5 * (c + tl.trans(c))
         sweeps += 1
         total = tl.sum(tl.sum(c * c, axis=1), axis=0)
@@ -242,7 +257,7 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
         cfg = launch_config(n)
         _geneigh_kernel[(count,)](
             a, b, w, V, info, sweeps, n, _tolerance(dtype, n),
-            MAX_SWEEPS=MAX_SWEEPS, ACC_FP64=dtype == torch.float64, **cfg,
+            MAX_SWEEPS=MAX_SWEEPS, ACC_FP64=dtype == torch.float64, USE_GATHER=USE_GATHER, **cfg,
         )
         if bool((info != 0).any()):
             bad = torch.nonzero(info).flatten()[:8].tolist()

@@ -29,6 +29,8 @@ class _Flat:
     s: torch.Tensor
     start: list
     numel: list
+    g_views: list = None  # per parameter: its slice of g, shaped like the parameter
+    s_views: list = None  # the same for s
 
 
 def _validate_basis(basis):
@@ -110,18 +112,25 @@ class FoLoRA(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gate=gate,
                         tau=tau, damping=damping, basis=basis, refresh_every=refresh_every,
                         basis_norm=basis_norm, sharpness=sharpness)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_gate(group["gate"], group["tau"], group["sharpness"])
-            _validate_basis(group["basis"])
-            if group["basis_norm"] not in ("proxy", "unit"):
-                raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
+        super().__init__(params, defaults)  # validates every group (add_param_group)
         self.backend = backend
         self.eigh_backend = eigh_backend
         self._pairs: dict = {}  # B -> A
         self._flat: dict | None = None
         self._gating = None
         self._basis_cache: dict = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the flat buffers are rebuilt at the next
+        step (existing moments are carried over)."""
+        group = {**self.defaults, **param_group}  # validated before it joins the optimizer
+        check_gate(group["gate"], group["tau"], group["sharpness"])
+        _validate_basis(group["basis"])
+        if group["basis_norm"] not in ("proxy", "unit"):
+            raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
+        super().add_param_group(param_group)
+        self._flat = None
+        self._gating = None
 
     # ---- ownership ----------------------------------------------------------------------------
     def _all_params(self) -> list:
@@ -268,8 +277,9 @@ class FoLoRA(Optimizer):
         """Re-solve the ``r x r`` problems of the paired ``B`` that are due (every
         ``refresh_every`` of their steps; all with ``force``), batched by ``r``. Returns how many."""
         due = []
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for B, A in self._pairs.items():
-            group = self._group_of(B, "B")
+            group = group_of[id(B)]
             st = self.state[B]
             step = st.get("step", 0)
             last = st.get("refreshed")
@@ -332,6 +342,8 @@ class FoLoRA(Optimizer):
                 off += p.numel()
             mk = lambda: torch.zeros(off, dtype=torch.float32, device=dev)  # noqa: E731
             flat = _Flat(params, mk(), mk(), mk(), mk(), start, numel)
+            flat.g_views = [flat.g[a: a + n].view(p.shape) for p, a, n in zip(params, start, numel)]
+            flat.s_views = [flat.s[a: a + n].view(p.shape) for p, a, n in zip(params, start, numel)]
             for p, a, n in zip(params, start, numel):
                 st = self.state[p]
                 st.setdefault("step", 0)
@@ -404,8 +416,7 @@ class FoLoRA(Optimizer):
                 step_size, bc2_sqrt = F.bias_corrections(st["step"], group["lr"], beta1, beta2)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                a, n = flat.start[i], flat.numel[i]
-                g_view = flat.g[a: a + n].view(p.shape)
+                g_view = flat.g_views[i]
                 grad = p.grad.to(torch.float32)
                 coords = self._spectral(st)
                 if coords is not None:
@@ -429,18 +440,20 @@ class FoLoRA(Optimizer):
                 for i, sc in zip(active, scalars):
                     full[i] = sc
                 F.adam_step_segments(flat.g, flat.m, flat.v, flat.s, table, active, full, gate_buf)
+            updated, steps = [], []
             for i in active:
                 p = flat.params[i]
                 st = self.state[p]
-                a, n = flat.start[i], flat.numel[i]
-                s = flat.s[a: a + n].view(p.shape)
+                s = flat.s_views[i]
                 mode = st.get("mode")
                 if mode in ("dense", "pair"):
                     s = s @ st["V"].mT  # back to parameter coordinates
                 elif mode == "lowrank":
                     # s P^T with P = I - V_k diag(1 - gate) V_k^T (Σp + damping I)
                     s = s - ((s @ st["W"]) * (1.0 - st["gate"])) @ st["V"].mT
-                p.add_(s.to(p.dtype))
+                updated.append(p)
+                steps.append(s.to(p.dtype))
+            torch._foreach_add_(updated, steps)
         return loss
 
     # ---- state dict ---------------------------------------------------------------------------

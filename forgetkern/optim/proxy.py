@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..lora import disable_adapters
+from ._progress import progress as progress_bar
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -207,7 +207,7 @@ def sample_proxy_data(
         tokenizer: HF tokenizer for string prompts.
         use_generate: force (``True``) or forbid (``False``) the HF ``generate`` path; default:
             use it for HF models.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (tqdm when installed).
 
     Returns:
         A list of ``(b, length)`` int64 CPU tensors with ``n_samples`` rows in total, in sample
@@ -238,14 +238,12 @@ def sample_proxy_data(
         else:
             batches.append([i])
 
-    from tqdm.auto import tqdm
-
     out: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     try:
-        with disable_adapters(model), tqdm(total=n_samples, desc="proxy samples", unit="seq",
-                                           disable=not progress) as bar:
+        with disable_adapters(model), progress_bar(total=n_samples, desc="proxy samples", unit="seq",
+                                                   disable=not progress) as bar:
             for rows in batches:
                 ids = torch.tensor([seeds[i % len(seeds)] for i in rows], dtype=torch.long, device=device)
                 new = length - ids.shape[1]

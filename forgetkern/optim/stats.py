@@ -249,8 +249,7 @@ def _run(model: nn.Module, batch, device: torch.device):
 
 
 def _pass(model, batches, modules, share_inputs, desc, progress, max_batches, dtype):
-    from tqdm.auto import tqdm
-
+    from ._progress import progress as progress_bar
     from .proxy import _model_device
 
     device = _model_device(model)
@@ -263,8 +262,8 @@ def _pass(model, batches, modules, share_inputs, desc, progress, max_batches, dt
     except TypeError:
         pass
     with stats:
-        for batch in tqdm(_batches(batches, max_batches), total=total, desc=desc, unit="batch",
-                          disable=not progress):
+        for batch in progress_bar(_batches(batches, max_batches), total=total, desc=desc, unit="batch",
+                                  disable=not progress):
             _run(model, batch, device)
     return stats
 
@@ -302,7 +301,7 @@ def calibrate(
         share_inputs: share statistics between layers reading the same input tensor.
         max_batches: stop each pass after this many batches.
         dtype: accumulation dtype.
-        progress: show tqdm progress bars.
+        progress: show progress bars (tqdm when installed).
 
     Returns:
         ``{name: (proxy_cov, task_cov)}`` for the layers reached by both passes.
