@@ -504,6 +504,10 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", default=None,
                    help="comma-separated LoRA target module names (default: attention and MLP)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length with --model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the built-in tiny model, whose small "
+                        "matmuls gain nothing from more and slow down a lot on a busy machine; "
+                        "torch's default with --model)")
     p.set_defaults(func=main)
 
 
@@ -540,6 +544,11 @@ def main(args) -> int:
     cfg = build_config(args)
     progress = not args.no_progress
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    threads = args.threads if args.threads is not None else (None if args.model else 1)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     if args.model:
@@ -566,6 +575,7 @@ def main(args) -> int:
             print("plot skipped: matplotlib is not installed (pip install 'forgetkern[demo]')")
     if args.json:
         payload = {"config": {**asdict(cfg), **info, "python": platform.python_version(),
+                              "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "elapsed_s": elapsed},
                    "base": base, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
