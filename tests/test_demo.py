@@ -14,9 +14,11 @@ from forgetkern.demo.run import METHODS, checkpoint_steps, forgetting_at
 def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "demo.json"
     png = tmp_path / "frontier.png"
+    threads = torch.get_num_threads()
     assert main(["demo", "--smoke", "--no-cache", "--no-progress", "--seed", "3",
                  "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the demo's --threads does not leak
     assert "retention" in printed and "base model" in printed
     payload = json.loads(out.read_text())
     cfg = payload["config"]
@@ -71,3 +73,5 @@ def test_demo_rejects_bad_arguments():
         main(["demo", "--smoke", "--methods", "sgd"])
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--model", "x"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--smoke", "--threads", "0"])

@@ -541,6 +541,14 @@ def build_config(args) -> DemoConfig:
 def main(args) -> int:
     if (args.model is None) != (args.data is None):
         raise SystemExit("--model and --data go together")
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep theirs
+
+
+def _main(args) -> int:
     cfg = build_config(args)
     progress = not args.no_progress
     log = lambda *a: print(*a, flush=True)  # noqa: E731
