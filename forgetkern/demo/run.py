@@ -482,7 +482,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="does forgetting-aware LoRA forget less? (CPU, no download)",
                        description=__doc__.split("\n\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="one kl_weight, ~3 minutes on 2 CPU cores")
+    size.add_argument("--quick", action="store_true", help="one kl_weight, ~2 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI (well under a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
