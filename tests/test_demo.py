@@ -8,7 +8,7 @@ import torch
 
 from forgetkern.cli import main
 from forgetkern.demo import data as D
-from forgetkern.demo.run import METHODS, checkpoint_steps, forgetting_at
+from forgetkern.demo.run import METHODS, checkpoint_steps, comparisons, forgetting_at
 
 
 def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
@@ -66,6 +66,22 @@ def test_curve_helpers():
     curve = [{"target_loss": 3.0, "forgetting": 0.0}, {"target_loss": 2.0, "forgetting": 1.0}]
     assert forgetting_at(curve, 2.5) == pytest.approx(0.5)
     assert forgetting_at(curve, 1.0) is None
+
+
+def test_comparisons_at_equal_target_loss():
+    def run(method, w, pts):
+        curve = [{"target_loss": t, "forgetting": f} for t, f in pts]
+        return {"method": method, "kl_weight": w, "status": "ok", "curve": curve,
+                "target_loss": pts[-1][0], "forgetting": pts[-1][1]}
+
+    results = [run("ce", None, [(3.0, 0.0), (1.0, 1.0)]),
+               run("kl", 1.0, [(3.0, 0.0), (2.0, 0.4)]),
+               run("tmkl", 1.0, [(3.0, 0.0), (1.5, 0.3)])]
+    lines = comparisons(results)
+    assert lines[0] == "kl λ=1: forgetting +0.4000 vs CE +0.5000 at the same target loss 2.000"
+    assert lines[1] == "tmkl λ=1: forgetting +0.3000 vs CE +0.7500 at the same target loss 1.500"
+    # tmkl's curve at kl's final target loss 2.0: 0.3 * (3 - 2) / (3 - 1.5) = 0.2
+    assert lines[2] == "tmkl λ=1: forgetting +0.2000 vs plain KL +0.4000 at the same target loss 2.000"
 
 
 def test_demo_rejects_bad_arguments():

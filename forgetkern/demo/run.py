@@ -445,6 +445,15 @@ def comparisons(results: list[dict]) -> list[str]:
         else:
             out.append(f"{name}: forgetting {r['forgetting']:+.4f} vs CE {ref:+.4f} at the same "
                        f"target loss {r['target_loss']:.3f}")
+        if r["method"] == "tmkl":  # masked vs plain KL at the same weight and target loss
+            kl = next((k for k in results if k["method"] == "kl" and k["status"] == "ok"
+                       and k["kl_weight"] == r["kl_weight"]), None)
+            if kl is not None:
+                t = max(r["target_loss"], kl["target_loss"])  # reached by both runs
+                mine, ref = forgetting_at(r["curve"], t), forgetting_at(kl["curve"], t)
+                if mine is not None and ref is not None:
+                    out.append(f"{name}: forgetting {mine:+.4f} vs plain KL {ref:+.4f} at the "
+                               f"same target loss {t:.3f}")
     return out
 
 
