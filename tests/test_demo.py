@@ -8,15 +8,17 @@ import torch
 
 from forgetkern.cli import main
 from forgetkern.demo import data as D
-from forgetkern.demo.run import METHODS, checkpoint_steps, forgetting_at
+from forgetkern.demo.run import METHODS, checkpoint_steps, comparisons, forgetting_at
 
 
 def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "demo.json"
     png = tmp_path / "frontier.png"
+    threads = torch.get_num_threads()
     assert main(["demo", "--smoke", "--no-cache", "--no-progress", "--seed", "3",
                  "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the demo's --threads does not leak
     assert "retention" in printed and "base model" in printed
     payload = json.loads(out.read_text())
     cfg = payload["config"]
@@ -66,8 +68,26 @@ def test_curve_helpers():
     assert forgetting_at(curve, 1.0) is None
 
 
+def test_comparisons_at_equal_target_loss():
+    def run(method, w, pts):
+        curve = [{"target_loss": t, "forgetting": f} for t, f in pts]
+        return {"method": method, "kl_weight": w, "status": "ok", "curve": curve,
+                "target_loss": pts[-1][0], "forgetting": pts[-1][1]}
+
+    results = [run("ce", None, [(3.0, 0.0), (1.0, 1.0)]),
+               run("kl", 1.0, [(3.0, 0.0), (2.0, 0.4)]),
+               run("tmkl", 1.0, [(3.0, 0.0), (1.5, 0.3)])]
+    lines = comparisons(results)
+    assert lines[0] == "kl λ=1: forgetting +0.4000 vs CE +0.5000 at the same target loss 2.000"
+    assert lines[1] == "tmkl λ=1: forgetting +0.3000 vs CE +0.7500 at the same target loss 1.500"
+    # tmkl's curve at kl's final target loss 2.0: 0.3 * (3 - 2) / (3 - 1.5) = 0.2
+    assert lines[2] == "tmkl λ=1: forgetting +0.2000 vs plain KL +0.4000 at the same target loss 2.000"
+
+
 def test_demo_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--methods", "sgd"])
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--model", "x"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--smoke", "--threads", "0"])

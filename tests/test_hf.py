@@ -150,3 +150,40 @@ def test_import_forgetkern_does_not_import_transformers():
     code = ("import sys, forgetkern, forgetkern.train, forgetkern.lora; "
             "assert 'transformers' not in sys.modules and 'peft' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_on_a_local_hf_model(tmp_path):
+    """``forgetkern demo --model DIR --data FILE`` on a tiny random Llama + byte-level tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import json
+
+    from forgetkern.cli import main
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    text = "\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}" for i in range(300))
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    model_dir = tmp_path / "model"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32,
+                                   intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    data = tmp_path / "target.txt"
+    data.write_text(text)
+    out = tmp_path / "hf.json"
+    assert main(["demo", "--smoke", "--model", str(model_dir), "--data", str(data),
+                 "--seq-len", "32", "--methods", "ce,tmkl", "--no-plot", "--no-progress",
+                 "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["config"]["model_dir"] == str(model_dir)
+    results = payload["results"]
+    assert [r["method"] for r in results] == ["ce", "tmkl"]
+    for r in results:
+        assert r["status"] == "ok"
+        assert r["target_loss"] < r["base_target_loss"]  # 8 steps on the file it evaluates near
+        assert r["forgetting"] == pytest.approx(r["retention_loss"] - r["base_retention_loss"])

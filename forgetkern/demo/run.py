@@ -76,7 +76,10 @@ PRESETS = {
                   target_eval_batches=1, accuracy_problems=16,
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 8,
                           "proxy_len": 32}),
-    "quick": dict(),
+    "quick": dict(model=TinyConfig(d_model=96, n_layers=3, n_heads=4, d_ff=288).to_dict(),
+                  pretrain_steps=500, adapt_steps=120, checkpoints=8, retention_windows=48,
+                  folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 32,
+                          "proxy_len": 128}),
     "full": dict(model=TinyConfig(d_model=192, n_layers=4, n_heads=6, d_ff=576).to_dict(),
                  pretrain_steps=3000, adapt_steps=400, kl_weights=[0.1, 0.3, 1.0, 3.0, 10.0],
                  checkpoints=14, retention_windows=128, target_eval_batches=8,
@@ -442,6 +445,15 @@ def comparisons(results: list[dict]) -> list[str]:
         else:
             out.append(f"{name}: forgetting {r['forgetting']:+.4f} vs CE {ref:+.4f} at the same "
                        f"target loss {r['target_loss']:.3f}")
+        if r["method"] == "tmkl":  # masked vs plain KL at the same weight and target loss
+            kl = next((k for k in results if k["method"] == "kl" and k["status"] == "ok"
+                       and k["kl_weight"] == r["kl_weight"]), None)
+            if kl is not None:
+                t = max(r["target_loss"], kl["target_loss"])  # reached by both runs
+                mine, ref = forgetting_at(r["curve"], t), forgetting_at(kl["curve"], t)
+                if mine is not None and ref is not None:
+                    out.append(f"{name}: forgetting {mine:+.4f} vs plain KL {ref:+.4f} at the "
+                               f"same target loss {t:.3f}")
     return out
 
 
@@ -479,7 +491,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="does forgetting-aware LoRA forget less? (CPU, no download)",
                        description=__doc__.split("\n\n")[0])
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="one kl_weight, ~3 minutes on 2 CPU cores")
+    size.add_argument("--quick", action="store_true", help="one kl_weight, ~2 minutes on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI (well under a minute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(METHODS),
@@ -501,6 +513,10 @@ def add_parser(sub) -> None:
     p.add_argument("--targets", default=None,
                    help="comma-separated LoRA target module names (default: attention and MLP)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length with --model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the built-in tiny model, whose small "
+                        "matmuls gain nothing from more and slow down a lot on a busy machine; "
+                        "torch's default with --model)")
     p.set_defaults(func=main)
 
 
@@ -534,9 +550,22 @@ def build_config(args) -> DemoConfig:
 def main(args) -> int:
     if (args.model is None) != (args.data is None):
         raise SystemExit("--model and --data go together")
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep theirs
+
+
+def _main(args) -> int:
     cfg = build_config(args)
     progress = not args.no_progress
     log = lambda *a: print(*a, flush=True)  # noqa: E731
+    threads = args.threads if args.threads is not None else (None if args.model else 1)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     if args.model:
@@ -563,6 +592,7 @@ def main(args) -> int:
             print("plot skipped: matplotlib is not installed (pip install 'forgetkern[demo]')")
     if args.json:
         payload = {"config": {**asdict(cfg), **info, "python": platform.python_version(),
+                              "threads": torch.get_num_threads(),
                               "torch": torch.__version__, "elapsed_s": elapsed},
                    "base": base, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
