@@ -10,6 +10,8 @@ both models as in LoRA, labels ``(N,)``):
 * ``torch-compile``: ``torch.compile`` of that function;
 * ``liger-fused-linear-jsd``: Liger-Kernel's ``LigerFusedLinearJSD`` with ``jsd_beta=0`` (its
   forward KL, full vocabulary, no CE term) when importable;
+* ``liger-fused-linear-ce``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CE only: one
+  model, no KL) when importable;
 * ``cce-linear-cross-entropy``: Cut Cross-Entropy's ``linear_cross_entropy`` (CE only: one
   model, no KL) when importable.
 
@@ -80,6 +82,13 @@ def providers() -> dict:
         out["liger-fused-linear-jsd"] = lambda h, w, hb, y: jsd(h, w, hb, w.detach(), y)
     except ImportError as exc:
         print(f"note: liger-kernel not importable ({exc}); liger-fused-linear-jsd is skipped")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss()
+        out["liger-fused-linear-ce"] = lambda h, w, hb, y: flce(w, h, y)
+    except ImportError as exc:
+        print(f"note: liger-kernel not importable ({exc}); liger-fused-linear-ce is skipped")
     try:
         from cut_cross_entropy import linear_cross_entropy
 

@@ -401,19 +401,10 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
             positive definite or non-finite inputs (the message lists the failing batch entries).
     """
     from . import reference
-    from ._validate import _compiling, check_float, check_tensor
+    from ._validate import _compiling, check_generalized_eigh_inputs
 
-    check_tensor(A, "A")
-    check_tensor(B, "B")
-    check_float(A, "A")
-    check_float(B, "B")
+    check_generalized_eigh_inputs(A, B, eps)
     _check_cuda("generalized_eigh", A=A, B=B)
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
-    if B.shape != A.shape:
-        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
-    if not (eps >= 0.0) or eps == float("inf"):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     n = A.shape[-1]
     if not 1 <= n <= EIGH_MAX_N:
         return reference.generalized_eigh(A, B, eps)

@@ -167,3 +167,19 @@ def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, b
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
     check_labels(labels, hidden.shape[:-1], v, ignore_index, what="hidden")
+
+
+def check_generalized_eigh_inputs(A, B, eps) -> None:
+    """``A``, ``B``: float ``(..., n, n)`` of one shape on one device; ``eps`` finite and ``>= 0``."""
+    check_tensor(A, "A")
+    check_tensor(B, "B")
+    check_float(A, "A")
+    check_float(B, "B")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
+    if B.shape != A.shape:
+        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
+    if A.device != B.device:
+        raise ValueError(f"B is on {B.device} but A is on {A.device}")
+    if not (0.0 <= eps < float("inf")):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")

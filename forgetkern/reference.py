@@ -189,20 +189,9 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
         ValueError: mismatched shapes, non-square matrices, negative ``eps``, or a ``B + eps I``
         that is not positive definite (the message lists the failing batch entries).
     """
-    from ._validate import check_float, check_tensor
+    from ._validate import check_generalized_eigh_inputs
 
-    check_tensor(A, "A")
-    check_tensor(B, "B")
-    check_float(A, "A")
-    check_float(B, "B")
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
-    if B.shape != A.shape:
-        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
-    if A.device != B.device:
-        raise ValueError(f"B is on {B.device} but A is on {A.device}")
-    if not (eps >= 0.0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_generalized_eigh_inputs(A, B, eps)
     dtype = accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
     n = A.shape[-1]
     A = A.to(dtype)

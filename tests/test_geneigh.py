@@ -123,8 +123,10 @@ def test_not_positive_definite_is_an_error(backend):
     B[1, 2, 2] = -1.0
     with pytest.raises(ValueError, match=r"not positive definite.*\[1\]"):
         forgetkern.generalized_eigh(A, B, backend=backend)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
         forgetkern.generalized_eigh(A, A, eps=-1.0, backend=backend)
+    with pytest.raises(ValueError, match="eps must be finite"):
+        forgetkern.generalized_eigh(A, A, eps=float("inf"), backend=backend)
     with pytest.raises(ValueError, match="same shape"):
         forgetkern.generalized_eigh(A, A[:, :2, :2], backend=backend)
 
@@ -209,7 +211,7 @@ def test_triton_gpu_sizes(n):
 
 def test_registered_backends_and_automatic_choice(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    assert _backend.OP_BACKENDS["generalized_eigh"] == ("reference", "triton")
+    assert _backend.OP_BACKENDS["generalized_eigh"] == ("reference", "triton", "cuda")
     assert _backend.OP_BACKENDS["folora_step"] == ("reference", "triton")
     x = torch.eye(3)
     runnable = _backend.triton_installed() and _backend.triton_interpret()

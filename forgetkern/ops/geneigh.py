@@ -187,24 +187,6 @@ def _tolerance(dtype: torch.dtype, n: int) -> float:
     return (max(n, 1) * torch.finfo(dtype).eps) ** 2
 
 
-def _check_inputs(A, B, eps):
-    """The checks of :func:`forgetkern.reference.generalized_eigh`, with the same messages."""
-    from .._validate import check_float, check_tensor
-
-    check_tensor(A, "A")
-    check_tensor(B, "B")
-    check_float(A, "A")
-    check_float(B, "B")
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
-    if B.shape != A.shape:
-        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
-    if A.device != B.device:
-        raise ValueError(f"B is on {B.device} but A is on {A.device}")
-    if not (eps >= 0.0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-
 def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
                      return_sweeps: bool = False):
     """Triton batched ``A v = lambda (B + eps I) v``; same contract as the reference.
@@ -233,7 +215,9 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
         ValueError: as the reference (shapes, negative ``eps``, ``B + eps I`` not positive
         definite, listing the failing flattened batch entries).
     """
-    _check_inputs(A, B, eps)
+    from .._validate import check_generalized_eigh_inputs
+
+    check_generalized_eigh_inputs(A, B, eps)
     n = A.shape[-1]
     if n == 0 or n > MAX_N:
         w, V = reference.generalized_eigh(A, B, eps=eps)
