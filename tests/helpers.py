@@ -83,3 +83,18 @@ def assert_close_to_ref(actual, expected, dtype, baseline=None, factor=4.0, what
     if baseline is not None:
         limit = max(floor, factor * rel_err(baseline, expected))
     assert err <= limit, f"{what}: relative error {err:.3e} exceeds {limit:.3e} ({dtype})"
+
+
+def run_tmkl(z, b, y, backend, g=None, grad_dtype=torch.float32, **kw):
+    """Per-row ``(loss, ce, kl)`` of ``tmkl_loss`` and the gradient for upstream grads ``g``.
+
+    ``g`` defaults to three fresh random row vectors (``grad_dtype``); returns ``(outs, grad, g)``.
+    """
+    import forgetkern
+
+    x = z.detach().clone().requires_grad_()
+    outs = forgetkern.tmkl_loss(x, b, y, reduction="none", return_components=True, backend=backend, **kw)
+    if g is None:
+        g = [torch.randn(y.shape, dtype=grad_dtype, device=z.device) for _ in range(3)]
+    torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
+    return [o.detach() for o in outs], x.grad, g

@@ -22,7 +22,7 @@ import forgetkern
 from forgetkern import _backend, _cuda, reference
 from forgetkern.ops.params import TMKLParams
 
-from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err
+from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err, run_tmkl
 
 EXT = _cuda.extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason=f"forgetkern._C not available: {_cuda.load_error()}")
@@ -590,13 +590,7 @@ def _gpu_inputs(n, v, dtype, *, scale=3.0, seed=0, ignore=(1,)):
 
 
 def _run(z, b, y, backend, g=None, **kw):
-    """Per-row (loss, ce, kl) and the gradient for upstream grads ``g`` (three row vectors)."""
-    x = z.detach().clone().requires_grad_()
-    outs = forgetkern.tmkl_loss(x, b, y, reduction="none", return_components=True, backend=backend, **kw)
-    if g is None:
-        g = [torch.randn(y.shape, dtype=torch.float64, device=z.device) for _ in range(3)]
-    torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
-    return [o.detach() for o in outs], x.grad, g
+    return run_tmkl(z, b, y, backend, g, grad_dtype=torch.float64, **kw)
 
 
 def _fp64_reference(z, b, y, g, **kw):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import forgetkern
 from forgetkern.ops import tmkl as tmkl_ops
 
-from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err
+from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err, run_tmkl
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,13 +34,7 @@ def _inputs(n, v, dtype=torch.float32, scale=2.0, ignore=(1,)):
 
 
 def _run(z, b, y, backend, g=None, **kw):
-    """Per-row (loss, ce, kl) and the gradient for upstream grads ``g`` (three row vectors)."""
-    x = z.detach().clone().requires_grad_()
-    outs = forgetkern.tmkl_loss(x, b, y, reduction="none", return_components=True, backend=backend, **kw)
-    if g is None:
-        g = [torch.randn(y.shape, dtype=torch.float32, device=z.device) for _ in range(3)]
-    torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
-    return [o.detach() for o in outs], x.grad, g
+    return run_tmkl(z, b, y, backend, g, grad_dtype=torch.float32, **kw)
 
 
 @pytest.mark.parametrize("direction,mask_target,temperature", OPTIONS)
