@@ -9,10 +9,8 @@
 """
 from ._info import info
 from ._version import __version__
-from .functional import generalized_eigh, tmkl_loss
-from .functional import linear_tmkl_loss
-from .nn import TMKLLoss
-from .nn import LinearTMKLLoss
+from .functional import generalized_eigh, linear_tmkl_loss, tmkl_loss
+from .nn import LinearTMKLLoss, TMKLLoss
 from .train import ForgetAwareStep
 
 __all__ = [
