@@ -1,0 +1,33 @@
+"""The TMKL and fused-linear TMKL Triton kernels compile for an sm_90 GPU (ahead of time, no GPU).
+
+The interpreter runs the kernels' numpy semantics and accepts programs the GPU compiler rejects;
+``benchmarks/sm90_kernels.py --quick`` lowers each kernel family to SASS with the launchers' own
+tile sizes. It runs in a subprocess because the test session imports the kernels in interpreter
+mode. (FoLoRA's kernels: tests/test_folora_compile.py.)
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tmkl_kernels_compile_for_sm90(tmp_path):
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, leave no cache behind
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_kernels.py"), "--quick"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "FAILED" not in out and "compiled " in proc.stdout, out[-4000:]
+    # every configuration the quick set names was compiled (tmkl fwd/bwd, linear fwd/bwd)
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith(("tmkl", "linear"))]) == 10
