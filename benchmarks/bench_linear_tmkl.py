@@ -3,7 +3,9 @@
 Providers (inputs: hidden ``h (N, D)``, base hidden ``h_b (N, D)``, head ``W (V, D)`` shared by
 both models as in LoRA, labels ``(N,)``):
 
-* ``forgetkern-triton``: :func:`forgetkern.linear_tmkl_loss` with ``backend="triton"``;
+* ``forgetkern-triton``: :func:`forgetkern.linear_tmkl_loss` with ``backend="triton"``; named
+  ``forgetkern-triton-tma`` when run with ``FORGETKERN_TMA=1`` (operand tiles loaded by TMA, see
+  ``launch_config``; ``benchmarks/gpu_suite.sh`` runs it too, for the A/B);
 * ``forgetkern-reference``: the same with ``backend="reference"`` (rows in chunks, torch matmuls);
 * ``torch-eager``: what a user writes in plain torch: both ``N x V`` logits, then CE plus the
   target-masked KL with autograd;
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import forgetkern  # noqa: E402
+from forgetkern.ops import linear_tmkl as lt_ops  # noqa: E402
 
 # (N, D, V): Llama-3-8B-like head first, then a 32k vocabulary and a longer batch
 SHAPES = [(8192, 4096, 128256), (4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 32000)]
@@ -66,10 +69,13 @@ def torch_linear_tmkl(h, w, hb, y, ignore_index=-100):
     return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
 
 
+TRITON_NAME = "forgetkern-triton-tma" if lt_ops._tma_requested() else "forgetkern-triton"
+
+
 def providers() -> dict:
     """name -> ``fn(h, w, hb, y) -> scalar loss``; peers only when importable (noted otherwise)."""
     out = {
-        "forgetkern-triton": lambda h, w, hb, y: forgetkern.linear_tmkl_loss(h, w, hb, y, backend="triton"),
+        TRITON_NAME: lambda h, w, hb, y: forgetkern.linear_tmkl_loss(h, w, hb, y, backend="triton"),
         "forgetkern-reference": lambda h, w, hb, y: forgetkern.linear_tmkl_loss(
             h, w, hb, y, backend="reference"),
         "torch-eager": torch_linear_tmkl,

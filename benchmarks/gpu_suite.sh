@@ -8,7 +8,8 @@
 # 2. runs every `gpu`-marked test (pytest -m gpu);
 # 3. if compute-sanitizer is available, runs memcheck and racecheck over the CUDA extension's GPU
 #    tests (tests/test_cuda.py);
-# 4. runs every benchmarks/bench_*.py (JSON/CSV results under OUT_DIR/bench).
+# 4. runs every benchmarks/bench_*.py (JSON/CSV results under OUT_DIR/bench), and the fused-linear
+#    benchmark once more with FORGETKERN_TMA=1 (provider forgetkern-triton-tma).
 #
 # Every step's output goes to OUT_DIR/<step>.log (and the console); OUT_DIR/summary.txt lists each
 # step's exit status. The script runs every step even when one fails, and exits non-zero if any did.
@@ -105,6 +106,9 @@ for bench in benchmarks/bench_*.py; do
   name="$(basename "$bench" .py)"
   step "$name" "$PY" "$bench" "${BENCH_ARGS[@]}"
 done
+# the fused-linear kernels with TMA operand loads (opt-in, FORGETKERN_TMA=1), for the A/B
+step bench_linear_tmkl_tma env FORGETKERN_TMA=1 "$PY" benchmarks/bench_linear_tmkl.py \
+  "${BENCH_ARGS[@]}" --providers forgetkern-triton-tma
 
 echo
 echo "::: summary ($OUT_DIR)"

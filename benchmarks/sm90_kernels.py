@@ -40,14 +40,23 @@ FLOAT_ARGS = {"inv_t", "ce_weight", "kl_scale"}
 INPUT_PTRS = {"z_ptr", "b_ptr", "h_ptr", "w_ptr", "bias_ptr", "hb_ptr", "wb_ptr", "bb_ptr"}
 
 
-def signature(kernel, dtype: torch.dtype, out_dtype: torch.dtype | None) -> dict:
+def signature(kernel, dtype: torch.dtype, out_dtype: torch.dtype | None, constexprs: dict) -> dict:
     """Triton signature of ``kernel`` for inputs of ``dtype``: labels int64, the gradient output
-    (``g_ptr``/``dh_ptr``) in ``out_dtype``, other outputs in the accumulation dtype, ints i32."""
+    (``g_ptr``/``dh_ptr``) in ``out_dtype``, other outputs in the accumulation dtype, ints i32;
+    ``*_desc`` arguments are TMA descriptors of the kernels' tiles under ``USE_TMA``, else None
+    (added to ``constexprs``)."""
     acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
     sig = {}
     for name, param in zip(kernel.arg_names, kernel.params):
         if param.is_constexpr:
             sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            if constexprs.get("USE_TMA"):
+                rows = constexprs["BLOCK_N"] if name in ("h_desc", "hb_desc") else constexprs["BLOCK_V"]
+                sig[name] = f"tensordesc<{PTR[dtype][1:]}[{rows},{constexprs['BLOCK_D']}]>"
+            else:
+                sig[name] = "constexpr"
+                constexprs[name] = None
         elif name == "y_ptr":
             sig[name] = "*i64"
         elif name in INPUT_PTRS:
@@ -65,10 +74,12 @@ def signature(kernel, dtype: torch.dtype, out_dtype: torch.dtype | None) -> dict
 
 def compile_kernel(kernel, dtype, constexprs: dict, options: dict, out_dtype=None) -> bytes:
     missing = [n for n, p in zip(kernel.arg_names, kernel.params)
-               if p.is_constexpr and n not in constexprs]
+               if p.is_constexpr and n not in constexprs]  # (descriptors are added below)
     if missing:
         raise ValueError(f"{kernel.fn.__name__}: constexprs not given: {missing}")
-    src = ASTSource(kernel, signature(kernel, dtype, out_dtype), constexprs=constexprs)
+    constexprs = dict(constexprs)
+    sig = signature(kernel, dtype, out_dtype, constexprs)
+    src = ASTSource(kernel, sig, constexprs=constexprs)
     cubin = triton.compile(src, target=TARGET, options=options).asm["cubin"]
     if not cubin:
         raise RuntimeError(f"{kernel.fn.__name__}: no cubin")
@@ -102,20 +113,24 @@ def cases(quick: bool):
         cfg = linear_tmkl.launch_config(n, v, d, dtype, None, shared_weight=shared)
         cfg.pop("splits")
         cfg.pop("bwd_rows")
+        cfg.pop("tma")
         options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        flags = dict(FORWARD_KL=True, MASK_TARGET=True, SEPARATE_CE=False, HAS_BIAS=bias,
-                     HAS_BASE_BIAS=bias, SHARED_WEIGHT=shared, ACC_FP64=dtype == torch.float64,
-                     DOT_IEEE=dtype in (torch.float32, torch.float64), DOT_UPCAST=False, **cfg)
-        what = (f"N={n} V={v} D={d}{'' if shared else ' base head'}{' bias' if bias else ''} "
-                f"tile={cfg['BLOCK_N']}x{cfg['BLOCK_V']}x{cfg['BLOCK_D']} "
-                f"warps={options['num_warps']} stages={options['num_stages']}")
-        out = torch.float64 if dtype == torch.float64 else torch.float32  # grad_hidden scratch
-        yield (f"linear fwd {SHORT[dtype]} {what}", linear_tmkl._linear_tmkl_fwd_kernel, dtype,
-               flags, options, None)
-        for grad_w in (False, True):
-            bwd = dict(flags, GRAD_H=True, GRAD_W=grad_w, GRAD_BIAS=grad_w and bias)
-            yield (f"linear bwd {SHORT[dtype]} {what}{' +dW' if grad_w else ''}",
-                   linear_tmkl._linear_tmkl_bwd_kernel, dtype, bwd, options, out)
+        for tma in (False, True) if dtype in (torch.bfloat16, torch.float16) else (False,):
+            flags = dict(FORWARD_KL=True, MASK_TARGET=True, SEPARATE_CE=False, HAS_BIAS=bias,
+                         HAS_BASE_BIAS=bias, SHARED_WEIGHT=shared, ACC_FP64=dtype == torch.float64,
+                         DOT_IEEE=dtype in (torch.float32, torch.float64), DOT_UPCAST=False,
+                         USE_TMA=tma, **cfg)
+            what = (f"N={n} V={v} D={d}{'' if shared else ' base head'}{' bias' if bias else ''} "
+                    f"tile={cfg['BLOCK_N']}x{cfg['BLOCK_V']}x{cfg['BLOCK_D']} "
+                    f"warps={options['num_warps']} stages={options['num_stages']}"
+                    f"{' TMA' if tma else ''}")
+            out = torch.float64 if dtype == torch.float64 else torch.float32  # grad_hidden scratch
+            yield (f"linear fwd {SHORT[dtype]} {what}", linear_tmkl._linear_tmkl_fwd_kernel, dtype,
+                   flags, options, None)
+            for grad_w in (False, True):
+                bwd = dict(flags, GRAD_H=True, GRAD_W=grad_w, GRAD_BIAS=grad_w and bias)
+                yield (f"linear bwd {SHORT[dtype]} {what}{' +dW' if grad_w else ''}",
+                       linear_tmkl._linear_tmkl_bwd_kernel, dtype, bwd, options, out)
 
 
 def cuobjdump() -> str | None:

@@ -441,6 +441,65 @@ def test_triton_backward_row_launches(monkeypatch, dtype):
         torch.testing.assert_close(a.double().cpu(), r, **tol)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("distinct_base", [False, True])
+def test_triton_tma_operand_loads(monkeypatch, dtype, distinct_base):
+    """``tma=True`` (tensor-descriptor operand loads) is taken for aligned inputs and gives the
+    pointer path's results: ragged rows, vocabulary and ``D`` tiles read as zero out of range."""
+    t = _inputs(shape=(37,), d=24, v=45, dtype=dtype, bias=True, distinct_base=distinct_base,
+                ignore=(3, 20))
+    small = lt_ops.launch_config
+    taken = []
+    descriptors = lt_ops._descriptors
+
+    def spy(*a, **k):
+        out = descriptors(*a, **k)
+        taken.append(out[0])
+        return out
+
+    monkeypatch.setattr(lt_ops, "_descriptors", spy)
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(lt_ops, "launch_config", lambda *a, f=tma, **k: small(*a, **{**k, "tma": f}))
+        taken.clear()
+        g = results[False][2] if results else None
+        results[tma] = _run(t, "triton", reduction="none", return_components=True, grads=g,
+                            direction="reverse" if distinct_base else "forward", temperature=1.5)
+        assert taken and all(x is tma for x in taken), taken  # forward + 3 backward launches
+    (o0, g0, _), (o1, g1, _) = results[False], results[True]
+    # the same tiles reach the same fp32 accumulation: the two paths agree to rounding
+    for a, b in zip(o0 + list(g0), o1 + list(g1)):
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2)
+    ref, ref_grads = _oracle(t, reduction="none", return_components=True, grads=results[False][2],
+                             direction="reverse" if distinct_base else "forward", temperature=1.5)
+    for a, r in zip(o1 + list(g1), ref + list(ref_grads)):
+        torch.testing.assert_close(a.double().cpu(), r, rtol=3e-2, atol=3e-2)
+
+
+def test_tma_falls_back_to_pointers_for_unaligned_or_fp64_inputs():
+    cfg = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_D": 16}
+    bf = dict(dtype=torch.bfloat16)
+    h, w = torch.randn(8, 24, **bf), torch.randn(45, 24, **bf)
+    assert lt_ops._descriptors(False, h, w, h, None, cfg)[0] is False
+    if lt_ops.interpret_mode() and importlib.util.find_spec("triton") is not None:
+        assert lt_ops._descriptors(True, h, w, h, None, cfg)[0] is True
+    # a row stride of 20 bf16 (40 bytes) is not 16-byte aligned; fp32/fp64 never go through TMA
+    h20 = torch.randn(8, 20, **bf)
+    assert lt_ops._descriptors(True, h20, torch.randn(45, 20, **bf), h20, None, cfg) == (False, (None,) * 4)
+    for dtype in (torch.float32, torch.float64):
+        assert lt_ops._descriptors(True, h.to(dtype), w.to(dtype), h.to(dtype), None, cfg)[0] is False
+    assert not lt_ops._tma_ok(torch.randn(24, 8, **bf).T)  # column stride != 1
+    assert REAL_LAUNCH_CONFIG(64, 100, 32, torch.float32, tma=True)["tma"] is True
+
+
+def test_tma_is_opt_in(monkeypatch):
+    monkeypatch.delenv("FORGETKERN_TMA", raising=False)
+    assert REAL_LAUNCH_CONFIG(64, 100, 32, torch.bfloat16)["tma"] is False
+    monkeypatch.setenv("FORGETKERN_TMA", "1")
+    assert REAL_LAUNCH_CONFIG(64, 100, 32, torch.bfloat16)["tma"] is True
+
+
 def test_launch_config_defaults():
     real = REAL_LAUNCH_CONFIG
     big = real(8192, 128256, 4096, torch.bfloat16)

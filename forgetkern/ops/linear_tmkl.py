@@ -25,6 +25,7 @@ the actual per-row coefficients.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,12 +88,15 @@ def _logit_tiles(
     wb_ptr,  # [V, D] base head (read only when not SHARED_WEIGHT)
     stride_wbv, stride_wbd,
     bb_ptr,  # [V] base bias (read only when HAS_BASE_BIAS)
+    h_desc, w_desc, hb_desc, wb_desc,  # TMA tensor descriptors of h, W, h_b, W_b (USE_TMA)
     rows,  # [BLOCK_N] int64 row indices
     cols,  # [BLOCK_V] int64 vocabulary indices
+    row0, col0,  # first row and column of the tile (int32; rows/cols are contiguous ranges)
     N, V, D,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """``z = h[rows] W[cols]^T (+ bias)`` and ``b = h_b[rows] W_b[cols]^T (+ bias_b)``, accumulated
     in fp32 (fp64 for fp64 inputs). Out-of-range rows/columns hold finite junk: callers mask them."""
@@ -103,19 +107,29 @@ def _logit_tiles(
     col_ok = cols < V
     ks = tl.arange(0, BLOCK_D).to(tl.int64)
     for k0 in range(0, D, BLOCK_D):
-        k = k0 + ks
-        k_ok = k < D
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        hb = tl.load(hb_ptr + rows[:, None] * stride_hbn + k[None, :] * stride_hbd,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if SHARED_WEIGHT:
-            wb = w
+        if USE_TMA:
+            # bulk tile copies into shared memory; out-of-range rows/columns/k read as zero
+            h = h_desc.load([row0, k0])
+            w = w_desc.load([col0, k0])
+            hb = hb_desc.load([row0, k0])
+            if SHARED_WEIGHT:
+                wb = w
+            else:
+                wb = wb_desc.load([col0, k0])
         else:
-            wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
-                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            k = k0 + ks
+            k_ok = k < D
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            hb = tl.load(hb_ptr + rows[:, None] * stride_hbn + k[None, :] * stride_hbd,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if SHARED_WEIGHT:
+                wb = w
+            else:
+                wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
+                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         z = _mma(h, tl.trans(w), z, DOT_IEEE, DOT_UPCAST)
         b = _mma(hb, tl.trans(wb), b, DOT_IEEE, DOT_UPCAST)
     if HAS_BIAS:
@@ -149,6 +163,7 @@ def _linear_tmkl_fwd_kernel(
     wb_ptr,  # [V, D] base head
     stride_wbv, stride_wbd,
     bb_ptr,  # [V] base bias
+    h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
     part_ptr,  # [N, SPLITS, 5] out: per-split partial records (PART_* columns)
     N, V, D,
@@ -158,6 +173,7 @@ def _linear_tmkl_fwd_kernel(
     FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -165,6 +181,7 @@ def _linear_tmkl_fwd_kernel(
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     NEG_INF: tl.constexpr = float("-inf")
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row0 = tl.min(rows, axis=0).to(tl.int32)  # TMA tile offset (unused by the pointer path)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     m_z = tl.full((BLOCK_N,), NEG_INF, acc_dtype)
@@ -180,11 +197,12 @@ def _linear_tmkl_fwd_kernel(
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col0 = tl.min(cols, axis=0).to(tl.int32)  # TMA tile offset (unused by the pointer path)
         z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
-                            rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
-                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
-                            DOT_UPCAST)
+                            h_desc, w_desc, hb_desc, wb_desc, rows, cols, row0, col0, N, V, D,
+                            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT,
+                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA)
         col_ok = (cols < V)[None, :]
         is_y = cols[None, :] == y[:, None]
         z_y += tl.sum(tl.where(is_y, z, 0.0), axis=1)
@@ -238,6 +256,7 @@ def _linear_tmkl_bwd_kernel(
     wb_ptr,  # [V, D] base head
     stride_wbv, stride_wbd,
     bb_ptr,  # [V] base bias
+    h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
     stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (ops/params.py)
     coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row (0 on ignored rows)
@@ -252,6 +271,7 @@ def _linear_tmkl_bwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_BIAS: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
@@ -262,6 +282,8 @@ def _linear_tmkl_bwd_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row0 = tl.min(rows, axis=0).to(tl.int32)  # TMA tile offsets (unused by the pointer path)
+    col0 = tl.min(cols, axis=0).to(tl.int32)
     row_ok = rows < N
     col_ok = cols < V
     a = tl.load(coef_ce_ptr + rows, mask=row_ok, other=0.0)
@@ -275,9 +297,9 @@ def _linear_tmkl_bwd_kernel(
         kl = tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
         z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
-                            rows, cols, N, V, D, BLOCK_N, BLOCK_V, BLOCK_D,
-                            HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT, ACC_FP64, DOT_IEEE,
-                            DOT_UPCAST)
+                            h_desc, w_desc, hb_desc, wb_desc, rows, cols, row0, col0, N, V, D,
+                            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT,
+                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA)
         is_y = cols[None, :] == y[:, None]
         drop = ~col_ok[None, :]
         if MASK_TARGET:
@@ -314,15 +336,21 @@ def _linear_tmkl_bwd_kernel(
             k_ok = k < D
             if GRAD_H:
                 # dh[rows, k] += dz @ W[cols, k]
-                w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
-                            mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                if USE_TMA:
+                    w = w_desc.load([col0, k0])
+                else:
+                    w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
+                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 dh = _mma(g_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype), DOT_IEEE, DOT_UPCAST)
                 tl.atomic_add(dh_ptr + rows[:, None] * D + k[None, :], dh.to(dh_ptr.dtype.element_ty),
                               mask=row_ok[:, None] & k_ok[None, :])
             if GRAD_W:
                 # dW[cols, k] += dz^T @ h[rows, k]
-                h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if USE_TMA:
+                    h = h_desc.load([row0, k0])
+                else:
+                    h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :] * stride_hd,
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 dw = _mma(tl.trans(g_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=acc_dtype),
                           DOT_IEEE, DOT_UPCAST)
                 tl.atomic_add(dw_ptr + cols[:, None] * D + k[None, :], dw.to(dw_ptr.dtype.element_ty),
@@ -342,7 +370,8 @@ BWD_SCRATCH_BYTES = 4 * 2**20
 def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None,
                   *, block_n: int | None = None, block_v: int | None = None,
                   block_d: int | None = None, splits: int | None = None,
-                  bwd_rows: int | None = None, shared_weight: bool = True) -> dict:
+                  bwd_rows: int | None = None, shared_weight: bool = True,
+                  tma: bool | None = None) -> dict:
     """Tile sizes, vocabulary splits, warps and pipeline stages of the fused-linear kernels.
 
     How they are chosen:
@@ -363,8 +392,13 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         still 2 row blocks x ~1000 vocabulary tiles = ~2000 programs per launch at V=128k). It
         bounds the backward's extra memory to about the gradient itself (Cut Cross-Entropy's
         footprint); the launches cost microseconds against a backward of tens of milliseconds.
-    Overrides (``block_*``, ``splits``, ``bwd_rows``) serve tests and tuning; autotuning is not
-    built in.
+      * ``tma``: load the ``h``/``W`` operand tiles with TMA tensor descriptors instead of pointer
+        tensors (Hopper and newer, 16-bit inputs; others and inputs whose strides TMA cannot take
+        use pointers anyway). Off
+        unless ``FORGETKERN_TMA=1`` or ``tma=True``: compiled for sm_90 it removes the register
+        spills of the pointer path (``benchmarks/sm90_kernels.py``), but it has not been timed.
+    Overrides (``block_*``, ``splits``, ``bwd_rows``, ``tma``) serve tests and tuning; autotuning
+    is not built in.
     """
     if block_v is None:
         block_v = 128 if V >= 128 else max(16, next_power_of_2(V))
@@ -392,7 +426,47 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         "splits": splits, "bwd_rows": bwd_rows,
         "num_warps": 8 if big else 4,
         "num_stages": 3 if shared_weight else 2,
+        "tma": _tma_requested() if tma is None else bool(tma),
     }
+
+
+def _tma_requested() -> bool:
+    return os.environ.get("FORGETKERN_TMA", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether the kernels read the 2-D tensor ``t`` through TMA: 16-bit floats (fp32 operands
+    compile to far worse spills with TMA than without), unit column stride, 16-byte aligned base
+    and row stride, on a GPU with TMA (sm_90+) or under the interpreter."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.dim() != 2 or t.numel() == 0:
+        return False
+    size = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+        return False
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return interpret_mode()
+
+
+def _descriptors(use_tma: bool, hidden, weight, base_hidden, base_weight, cfg: dict):
+    """``(USE_TMA, (h_desc, w_desc, hb_desc, wb_desc))``: tensor descriptors with the kernels' tile
+    shapes when ``use_tma`` and every operand allows it, else ``(False, (None,) * 4)``."""
+    none = (False, (None, None, None, None))
+    if not use_tma:
+        return none
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without host-side tensor descriptors
+        return none
+    wb = weight if base_weight is None else base_weight
+    if not all(_tma_ok(t) for t in (hidden, weight, base_hidden, wb)):
+        return none
+    rows = [cfg["BLOCK_N"], cfg["BLOCK_D"]]
+    cols = [cfg["BLOCK_V"], cfg["BLOCK_D"]]
+    w_desc = TensorDescriptor.from_tensor(weight, cols)
+    wb_desc = w_desc if base_weight is None else TensorDescriptor.from_tensor(wb, cols)
+    return True, (TensorDescriptor.from_tensor(hidden, rows), w_desc,
+                  TensorDescriptor.from_tensor(base_hidden, rows), wb_desc)
 
 
 def _check_triton():
@@ -475,13 +549,14 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
                         **overrides)
     splits = cfg.pop("splits")
     cfg.pop("bwd_rows")
+    use_tma, descs = _descriptors(cfg.pop("tma"), hidden, weight, base_hidden, base_weight, cfg)
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
     part = torch.empty(n, splits, 5, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]), splits)
     _linear_tmkl_fwd_kernel[grid](
-        *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), labels, part,
-        n, v, d, tiles_per_split, 1.0 / params.temperature,
-        **_flags(hidden, base_weight, bias, base_bias, params), **cfg,
+        *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,
+        part, n, v, d, tiles_per_split, 1.0 / params.temperature,
+        **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
     )
     return _merge_partials(part, labels, params)
 
@@ -517,6 +592,7 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     cfg = launch_config(n, v, d, hidden.dtype, dev, shared_weight=base_weight is None, **overrides)
     cfg.pop("splits")
     rows = cfg.pop("bwd_rows")
+    want_tma = cfg.pop("tma")
     # fp32/fp64 inputs accumulate straight into the output; 16-bit ones into an fp32 scratch
     scratch = None
     if need_h and dh.dtype != acc:
@@ -530,12 +606,14 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
         if need_h:
             dh_part = dh[r0:r1] if scratch is None else scratch[:m].zero_()
         grid = (-(-m // cfg["BLOCK_N"]) * -(-v // cfg["BLOCK_V"]),)
+        use_tma, descs = _descriptors(want_tma, hidden[r0:r1], weight, base_hidden[r0:r1],
+                                      base_weight, cfg)
         _linear_tmkl_bwd_kernel[grid](
             *_tensor_args(hidden[r0:r1], weight, base_hidden[r0:r1], base_weight, bias, base_bias),
-            labels[r0:r1], stats[r0:r1], coef_ce[r0:r1], coef_kl[r0:r1],
+            *descs, labels[r0:r1], stats[r0:r1], coef_ce[r0:r1], coef_kl[r0:r1],
             dh_part, dummy if dw is None else dw, dummy if db is None else db,
             m, v, d, 1.0 / params.temperature, **flags,
-            GRAD_H=need_h, GRAD_W=need_w, GRAD_BIAS=need_b, **cfg,
+            GRAD_H=need_h, GRAD_W=need_w, GRAD_BIAS=need_b, USE_TMA=use_tma, **cfg,
         )
         if scratch is not None:
             dh[r0:r1].copy_(dh_part)
