@@ -75,6 +75,32 @@ def test_folora_step_reference(benchmark, basis):
     benchmark(opt.step)
 
 
+@pytest.mark.parametrize("basis", ["dense", 16])
+def test_folora_step_many_layers(benchmark, basis):
+    """One FoLoRA step for 224 small LoRA pairs (a 7B model's count of adapted modules, r=8,
+    d_in=64): the per-parameter overhead that the batched rotations and element-wise runs remove."""
+    from forgetkern.optim import FoLoRA
+
+    gen = torch.Generator().manual_seed(0)
+    d, r, layers = 64, 8, 224
+    x = torch.randn(4 * d, d, generator=gen)
+    proxy, task = x.T @ x / (4 * d), torch.eye(d)
+    params = []
+    for _ in range(layers):
+        a = torch.randn(r, d, generator=gen).requires_grad_()
+        b = torch.randn(d, r, generator=gen).requires_grad_()
+        a.grad, b.grad = torch.randn(r, d, generator=gen), torch.randn(d, r, generator=gen)
+        params += [a, b]
+    opt = FoLoRA(params, basis=basis, backend="reference", eigh_backend="reference")
+    for a, b in zip(params[::2], params[1::2]):
+        opt.set_statistics(a, proxy, task)
+        opt.pair(b, a)
+    opt.step()  # builds the flat buffers and the first bases
+    benchmark.extra_info.update(op="folora_step", shape=f"layers={layers} r={r} d_in={d}",
+                                dtype="float32", basis=str(basis))
+    benchmark(opt.step)
+
+
 @pytest.fixture(scope="module")
 def linear_tmkl_inputs():
     gen = torch.Generator().manual_seed(1)

@@ -671,3 +671,82 @@ def test_fused_step_kernel_matches_torch_segments(block):
     folora_adam_step(g.to(dev), m.clone().to(dev), v.clone().to(dev), s_open, table, active,
                      rows.to(dev), None, block=block)
     assert not torch.allclose(s_open.cpu()[: numel[0]], s_ref[: numel[0]])
+
+
+def test_reference_segments_in_runs_equal_segment_by_segment():
+    """The reference element-wise path updates adjacent segments with equal hyperparameters as one
+    run of the flat buffers (gates expanded per element): bit for bit the per-segment
+    :func:`adam_step`, with runs broken by a missing gradient and by different hyperparameters."""
+    from forgetkern.ops.folora import SegmentTable
+    from forgetkern.optim import functional as Fn
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(4, 6), (6, 4), (5,), (3, 6), (2, 2), (6, 4), (7, 3)]
+    gated = [True, False, False, True, True, True, False]
+    start, numel, cols, gate_off, off, goff = [], [], [], [], 0, 0
+    for shp, gd in zip(shapes, gated):
+        start.append(off)
+        numel.append(math.prod(shp))
+        cols.append(shp[-1])
+        gate_off.append(goff if gd else -1)
+        goff += shp[-1] if gd else 0
+        off += math.prod(shp)
+    table = SegmentTable(start, numel, cols, gate_off, torch.device("cpu"))
+    gates = torch.rand(goff, generator=gen)
+    g, m, v = torch.randn(off, generator=gen), torch.randn(off, generator=gen), torch.rand(off, generator=gen)
+    one = Fn.bias_corrections(3, 1e-2, 0.9, 0.999) + (1e-8, 0.9, 0.999)
+    other = Fn.bias_corrections(3, 5e-3, 0.9, 0.999) + (1e-8, 0.9, 0.999)
+    scalars = [one, one, one, one, other, one, one]
+    active = [0, 1, 3, 4, 5, 6]  # segment 2 inactive: runs [0, 1], [3], [4], [5, 6]
+    assert Fn._runs(table, active, scalars) == [[0, 1], [3], [4], [5, 6]]
+    m1, v1, s1 = m.clone(), v.clone(), torch.full((off,), 7.0)
+    Fn.adam_step_segments(g, m1, v1, s1, table, active, scalars, gates)
+    m2, v2, s2 = m.clone(), v.clone(), torch.full((off,), 7.0)
+    for i in active:
+        a, n, c = start[i], numel[i], cols[i]
+        gate = gates[gate_off[i]: gate_off[i] + c] if gate_off[i] >= 0 else None
+        ss, bc2, eps, b1, b2 = scalars[i]
+        s2[a: a + n] = Fn.adam_step(g[a: a + n].view(-1, c), m2[a: a + n].view(-1, c),
+                                    v2[a: a + n].view(-1, c), step_size=ss, bias_correction2_sqrt=bc2,
+                                    beta1=b1, beta2=b2, eps=eps, gate=gate).view(-1)
+    assert torch.equal(m1, m2) and torch.equal(v1, v2) and torch.equal(s1, s2)
+    assert bool((s1[start[2]: start[2] + numel[2]] == 7.0).all())  # the inactive segment untouched
+    assert not torch.equal(s1[:24], Fn.adam_step(g[:24], m[:24].clone(), v[:24].clone(), step_size=one[0],
+                                                 bias_correction2_sqrt=one[1], beta1=0.9, beta2=0.999,
+                                                 eps=1e-8))  # the gates did something
+
+
+@pytest.mark.parametrize("basis", ["dense", 2])
+def test_batched_rotations_match_one_parameter_at_a_time(basis):
+    """Parameters of one shape and mode are rotated with one batched matmul: the same result as a
+    FoLoRA holding each LoRA pair alone."""
+    torch.manual_seed(5)
+    d, r, pairs = 6, 3, 3
+    init = []
+    for _ in range(pairs):
+        init += [torch.randn(r, d), torch.randn(d, r)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(4)]
+    stats = [_stats(d, i) for i in range(pairs)]
+
+    def wire(opt, params, pairs_idx):
+        for j, k in pairs_idx:
+            opt.set_statistics(params[2 * j], *stats[k])
+            opt.pair(params[2 * j + 1], params[2 * j])
+        return opt
+
+    together = [p.clone().requires_grad_() for p in init]
+    opt = wire(FoLoRA(together, lr=1e-2, basis=basis, refresh_every=2, backend="reference",
+                      eigh_backend="reference"), together, [(k, k) for k in range(pairs)])
+    alone = [p.clone().requires_grad_() for p in init]
+    opts = [wire(FoLoRA(alone[2 * k: 2 * k + 2], lr=1e-2, basis=basis, refresh_every=2,
+                        backend="reference", eigh_backend="reference"), alone[2 * k: 2 * k + 2], [(0, k)])
+            for k in range(pairs)]
+    for gs in grads:
+        for p, q, gr in zip(together, alone, gs):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q in zip(together, alone):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(together[1], init[1])

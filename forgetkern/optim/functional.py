@@ -58,18 +58,50 @@ def adam_step_segments(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: tor
     active segment of the flat buffers.
 
     ``scalars[i]`` is ``(step_size, bias_correction2_sqrt, eps, beta1, beta2)`` of segment ``i``
-    in Python floats.
+    in Python floats. Adjacent active segments with equal scalars (the usual case: one parameter
+    group) are updated as one run of the flat buffers, with their gates expanded to one
+    multiplier per element (cached on ``table``); element by element the arithmetic is that of
+    :func:`adam_step` on each segment.
     """
-    for i in active:
-        a, n, cols = table.start[i], table.numel[i], max(table.cols[i], 1)
+    for run in _runs(table, active, scalars):
+        a = table.start[run[0]]
+        b = table.start[run[-1]] + table.numel[run[-1]]
+        step_size, bc2_sqrt, eps, beta1, beta2 = scalars[run[0]]
         gate = None
-        if gates is not None and table.gate[i] >= 0:
-            gate = gates[table.gate[i]: table.gate[i] + cols]
-        step_size, bc2_sqrt, eps, beta1, beta2 = scalars[i]
-        view = (slice(a, a + n),)
-        out = adam_step(
-            g[view].view(-1, cols), m[view].view(-1, cols), v[view].view(-1, cols),
-            step_size=step_size, bias_correction2_sqrt=bc2_sqrt, beta1=beta1, beta2=beta2,
-            eps=eps, gate=gate,
+        if gates is not None and any(table.gate[i] >= 0 for i in run):
+            gate = _expanded_gates(table, gates)[a:b]
+        view = (slice(a, b),)
+        s[view] = adam_step(
+            g[view], m[view], v[view], step_size=step_size, bias_correction2_sqrt=bc2_sqrt,
+            beta1=beta1, beta2=beta2, eps=eps, gate=gate,
         )
-        s[view] = out.view(-1)
+
+
+def _runs(table, active, scalars) -> list[list[int]]:
+    """``active`` segments split into runs that are adjacent in the flat buffers and share scalars."""
+    runs: list[list[int]] = []
+    for i in active:
+        if runs:
+            j = runs[-1][-1]
+            if table.start[j] + table.numel[j] == table.start[i] and scalars[j] == scalars[i]:
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
+def _expanded_gates(table, gates: torch.Tensor) -> torch.Tensor:
+    """One gate per element of the flat buffers (1 where a segment is ungated), cached on
+    ``table`` for this gate buffer."""
+    key = ("expanded_gates", id(gates))
+    hit = table._cache.get(key)
+    if hit is not None and hit[0] is gates:
+        return hit[1]
+    total = table.start[-1] + table.numel[-1] if table.start else 0
+    out = torch.ones(total, dtype=gates.dtype, device=gates.device)
+    for a, n, cols, off in zip(table.start, table.numel, table.cols, table.gate):
+        if off >= 0 and n:
+            cols = max(cols, 1)
+            out[a: a + n].view(-1, cols).copy_(gates[off: off + cols].expand(n // cols, cols))
+    table._cache[key] = (gates, out)
+    return out

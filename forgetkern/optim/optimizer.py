@@ -404,6 +404,9 @@ class FoLoRA(Optimizer):
         for dev, flat in self._flat.items():
             table, gate_buf = self._gating[dev]
             active, scalars = [], []
+            decay: dict = {}  # weight-decay factor -> parameters
+            rotate: dict = {}  # (grad shape, grad dtype, V shape) -> [(index, grad, V)]
+            plain_dst, plain_src = [], []
             for i, p in enumerate(flat.params):
                 if p.grad is None:
                     continue
@@ -415,18 +418,31 @@ class FoLoRA(Optimizer):
                 beta1, beta2 = group["betas"]
                 step_size, bc2_sqrt = F.bias_corrections(st["step"], group["lr"], beta1, beta2)
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                g_view = flat.g_views[i]
-                grad = p.grad.to(torch.float32)
+                    decay.setdefault(1 - group["lr"] * group["weight_decay"], []).append(p)
                 coords = self._spectral(st)
                 if coords is not None:
-                    torch.matmul(grad, coords[0], out=g_view)  # g~ = g V
+                    key = (tuple(p.grad.shape), p.grad.dtype, tuple(coords[0].shape))
+                    rotate.setdefault(key, []).append((i, p.grad, coords[0]))
                 else:
-                    g_view.copy_(grad)
+                    plain_dst.append(flat.g_views[i])
+                    plain_src.append(p.grad)
                 active.append(i)
                 scalars.append((step_size, bc2_sqrt, group["eps"], beta1, beta2))
             if not active:
                 continue
+            # batched over parameters: weight decay, then g~ = g V per shape group (one bmm each)
+            for factor, ps in decay.items():
+                torch._foreach_mul_(ps, factor)
+            if plain_dst:
+                torch._foreach_copy_(plain_dst, plain_src)
+            for items in rotate.values():
+                if len(items) == 1:
+                    i, grad, V = items[0]
+                    torch.matmul(grad.to(torch.float32), V, out=flat.g_views[i])
+                    continue
+                grads = torch.stack([g for _, g, _ in items]).to(torch.float32)
+                out = torch.bmm(grads, torch.stack([V for _, _, V in items]))
+                torch._foreach_copy_([flat.g_views[i] for i, _, _ in items], list(out.unbind(0)))
             if self._use_triton(dev):
                 from ..ops.folora import folora_adam_step
 
@@ -440,19 +456,31 @@ class FoLoRA(Optimizer):
                 for i, sc in zip(active, scalars):
                     full[i] = sc
                 F.adam_step_segments(flat.g, flat.m, flat.v, flat.s, table, active, full, gate_buf)
+            # back to parameter coordinates, batched over parameters of one shape and mode
             updated, steps = [], []
+            back: dict = {}
             for i in active:
                 p = flat.params[i]
                 st = self.state[p]
-                s = flat.s_views[i]
                 mode = st.get("mode")
-                if mode in ("dense", "pair"):
-                    s = s @ st["V"].mT  # back to parameter coordinates
-                elif mode == "lowrank":
+                if mode in ("dense", "pair", "lowrank"):
+                    key = (mode, tuple(p.shape), p.dtype, tuple(st["V"].shape))
+                    back.setdefault(key, []).append((p, flat.s_views[i], st))
+                else:
+                    updated.append(p)
+                    steps.append(flat.s_views[i].to(p.dtype))
+            for (mode, *_), items in back.items():
+                s = torch.stack([sv for _, sv, _ in items])
+                V = torch.stack([st["V"] for _, _, st in items])
+                if mode == "lowrank":
                     # s P^T with P = I - V_k diag(1 - gate) V_k^T (Σp + damping I)
-                    s = s - ((s @ st["W"]) * (1.0 - st["gate"])) @ st["V"].mT
-                updated.append(p)
-                steps.append(s.to(p.dtype))
+                    W = torch.stack([st["W"] for _, _, st in items])
+                    gate = torch.stack([st["gate"] for _, _, st in items])
+                    s = s - ((s @ W) * (1.0 - gate[:, None, :])) @ V.mT
+                else:
+                    s = s @ V.mT
+                updated += [p for p, _, _ in items]
+                steps += list(s.to(items[0][0].dtype).unbind(0))
             torch._foreach_add_(updated, steps)
         return loss
 
