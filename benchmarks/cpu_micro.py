@@ -51,13 +51,11 @@ def test_generalized_eigh_reference(benchmark, n):
     benchmark(forgetkern.generalized_eigh, a, bm, eps=1e-6, backend="reference")
 
 
-@pytest.mark.parametrize("basis", ["dense", 32])
-def test_folora_step_reference(benchmark, basis):
-    """One FoLoRA step (reference element-wise path) for 8 LoRA layers, r=16, d_in=256."""
+def _folora(d: int, r: int, layers: int, basis):
+    """A reference-path FoLoRA over ``layers`` random LoRA pairs with gradients and statistics."""
     from forgetkern.optim import FoLoRA
 
     gen = torch.Generator().manual_seed(0)
-    d, r, layers = 256, 16, 8
     x = torch.randn(4 * d, d, generator=gen)
     proxy, task = x.T @ x / (4 * d), torch.eye(d)
     params = []
@@ -70,6 +68,14 @@ def test_folora_step_reference(benchmark, basis):
     for a, b in zip(params[::2], params[1::2]):
         opt.set_statistics(a, proxy, task)
         opt.pair(b, a)
+    return opt
+
+
+@pytest.mark.parametrize("basis", ["dense", 32])
+def test_folora_step_reference(benchmark, basis):
+    """One FoLoRA step (reference element-wise path) for 8 LoRA layers, r=16, d_in=256."""
+    d, r, layers = 256, 16, 8
+    opt = _folora(d, r, layers, basis)
     benchmark.extra_info.update(op="folora_step", shape=f"layers={layers} r={r} d_in={d}",
                                 dtype="float32", basis=str(basis))
     benchmark(opt.step)
@@ -79,22 +85,8 @@ def test_folora_step_reference(benchmark, basis):
 def test_folora_step_many_layers(benchmark, basis):
     """One FoLoRA step for 224 small LoRA pairs (a 7B model's count of adapted modules, r=8,
     d_in=64): the per-parameter overhead that the batched rotations and element-wise runs remove."""
-    from forgetkern.optim import FoLoRA
-
-    gen = torch.Generator().manual_seed(0)
     d, r, layers = 64, 8, 224
-    x = torch.randn(4 * d, d, generator=gen)
-    proxy, task = x.T @ x / (4 * d), torch.eye(d)
-    params = []
-    for _ in range(layers):
-        a = torch.randn(r, d, generator=gen).requires_grad_()
-        b = torch.randn(d, r, generator=gen).requires_grad_()
-        a.grad, b.grad = torch.randn(r, d, generator=gen), torch.randn(d, r, generator=gen)
-        params += [a, b]
-    opt = FoLoRA(params, basis=basis, backend="reference", eigh_backend="reference")
-    for a, b in zip(params[::2], params[1::2]):
-        opt.set_statistics(a, proxy, task)
-        opt.pair(b, a)
+    opt = _folora(d, r, layers, basis)
     opt.step()  # builds the flat buffers and the first bases
     benchmark.extra_info.update(op="folora_step", shape=f"layers={layers} r={r} d_in={d}",
                                 dtype="float32", basis=str(basis))

@@ -623,19 +623,11 @@ def opt_layers(model):
     return list(lora_layers(model).values())
 
 
-@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block", [16, None])
-def test_fused_step_kernel_matches_torch_segments(block):
-    """The fused kernel vs the torch reference, segment by segment: segments spanning several
-    blocks and ending mid-block, gate columns that do not divide the block, an inactive segment
-    left untouched, per-segment hyperparameters."""
-    from forgetkern.ops.folora import NUM_SCALARS, SegmentTable, folora_adam_step
-    from forgetkern.optim.functional import adam_step_segments, bias_corrections
+def _segment_table(shapes, gated, device):
+    """A SegmentTable of consecutive segments shaped ``shapes``; ``gated[i]``: segment ``i`` has
+    its own gates (one per column). Returns ``(table, total elements, total gates)``."""
+    from forgetkern.ops.folora import SegmentTable
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(7)
-    shapes = [(7, 5), (3, 11), (13,), (4, 3), (1, 1)]  # numel 35, 33, 13, 12, 1
-    gated = [True, False, False, True, True]
     start, numel, cols, gate_off, off, goff = [], [], [], [], 0, 0
     for shp, gd in zip(shapes, gated):
         start.append(off)
@@ -644,7 +636,23 @@ def test_fused_step_kernel_matches_torch_segments(block):
         gate_off.append(goff if gd else -1)
         goff += shp[-1] if gd else 0
         off += math.prod(shp)
-    table = SegmentTable(start, numel, cols, gate_off, torch.device(dev))
+    return SegmentTable(start, numel, cols, gate_off, torch.device(device)), off, goff
+
+
+@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("block", [16, None])
+def test_fused_step_kernel_matches_torch_segments(block):
+    """The fused kernel vs the torch reference, segment by segment: segments spanning several
+    blocks and ending mid-block, gate columns that do not divide the block, an inactive segment
+    left untouched, per-segment hyperparameters."""
+    from forgetkern.ops.folora import NUM_SCALARS, folora_adam_step
+    from forgetkern.optim.functional import adam_step_segments, bias_corrections
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(7, 5), (3, 11), (13,), (4, 3), (1, 1)]  # numel 35, 33, 13, 12, 1
+    table, off, goff = _segment_table(shapes, [True, False, False, True, True], dev)
+    start, numel = table.start, table.numel
     gates = torch.rand(goff, generator=gen)
     g = torch.randn(off, generator=gen)
     m = torch.randn(off, generator=gen) * 0.1
@@ -677,21 +685,12 @@ def test_reference_segments_in_runs_equal_segment_by_segment():
     """The reference element-wise path updates adjacent segments with equal hyperparameters as one
     run of the flat buffers (gates expanded per element): bit for bit the per-segment
     :func:`adam_step`, with runs broken by a missing gradient and by different hyperparameters."""
-    from forgetkern.ops.folora import SegmentTable
     from forgetkern.optim import functional as Fn
 
     gen = torch.Generator().manual_seed(11)
     shapes = [(4, 6), (6, 4), (5,), (3, 6), (2, 2), (6, 4), (7, 3)]
-    gated = [True, False, False, True, True, True, False]
-    start, numel, cols, gate_off, off, goff = [], [], [], [], 0, 0
-    for shp, gd in zip(shapes, gated):
-        start.append(off)
-        numel.append(math.prod(shp))
-        cols.append(shp[-1])
-        gate_off.append(goff if gd else -1)
-        goff += shp[-1] if gd else 0
-        off += math.prod(shp)
-    table = SegmentTable(start, numel, cols, gate_off, torch.device("cpu"))
+    table, off, goff = _segment_table(shapes, [True, False, False, True, True, True, False], "cpu")
+    start, numel, cols, gate_off = table.start, table.numel, table.cols, table.gate
     gates = torch.rand(goff, generator=gen)
     g, m, v = torch.randn(off, generator=gen), torch.randn(off, generator=gen), torch.rand(off, generator=gen)
     one = Fn.bias_corrections(3, 1e-2, 0.9, 0.999) + (1e-8, 0.9, 0.999)
