@@ -43,6 +43,15 @@ def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --from-json replays the same table without training
+    replot = tmp_path / "replot.png"
+    assert main(["demo", "--from-json", str(out), "--plot", str(replot)]) == 0
+    replayed = capsys.readouterr().out
+    table = lambda text: text[text.index("method"):text.index("target: held-out")]  # noqa: E731
+    assert table(replayed) == table(printed)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert replot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_corpus_split_is_deterministic_and_disjoint():
     files = D.stdlib_files()
@@ -84,10 +93,32 @@ def test_comparisons_at_equal_target_loss():
     assert lines[2] == "tmkl λ=1: forgetting +0.2000 vs plain KL +0.4000 at the same target loss 2.000"
 
 
-def test_demo_rejects_bad_arguments():
+def test_plot_of_a_kl_weight_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    from forgetkern.demo.run import write_plot
+
+    def run(method, w, end):
+        curve = [{"target_loss": 3.0, "forgetting": 0.0}, {"target_loss": end[0], "forgetting": end[1]}]
+        return {"method": method, "kl_weight": w, "status": "ok", "curve": curve,
+                "target_loss": end[0], "forgetting": end[1]}
+
+    results = [run("ce", None, (1.0, 0.5)), run("kl", 0.1, (1.1, 0.4)), run("kl", 1.0, (1.5, 0.2)),
+               run("tmkl", 0.1, (1.1, 0.3)), run("tmkl", 1.0, (1.4, 0.1)),
+               {"method": "folora", "kl_weight": None, "status": "skipped", "note": "x"}]
+    png = tmp_path / "sweep.png"
+    assert write_plot(str(png), results, "sweep")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--methods", "sgd"])
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--model", "x"])
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--threads", "0"])
+    with pytest.raises(SystemExit, match="--from-json"):
+        main(["demo", "--from-json", str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text('{"results": []}')
+    with pytest.raises(SystemExit, match="missing config, base"):
+        main(["demo", "--from-json", str(tmp_path / "other.json")])

@@ -438,7 +438,7 @@ def comparisons(results: list[dict]) -> list[str]:
         if r["method"] == "ce" or r["status"] != "ok":
             continue
         ref = forgetting_at(ce["curve"], r["target_loss"])
-        name = r["method"] + ("" if r["kl_weight"] is None else f" λ={r['kl_weight']:g}")
+        name = _run_name(r)
         if ref is None:
             out.append(f"{name}: target loss {r['target_loss']:.3f} is outside CE's curve "
                        f"(CE reached {ce['target_loss']:.3f}); no same-target-loss comparison")
@@ -457,28 +457,78 @@ def comparisons(results: list[dict]) -> list[str]:
     return out
 
 
+METHOD_COLORS = {"ce": "#444444", "kl": "#1f77b4", "tmkl": "#d62728", "folora": "#2ca02c",
+                 "tmkl+folora": "#9467bd"}
+
+
+def _run_name(r: dict) -> str:
+    return r["method"] + ("" if r["kl_weight"] is None else f" λ={r['kl_weight']:g}")
+
+
 def write_plot(path: str, results: list[dict], title: str) -> bool:
+    """PNG of the learning/forgetting frontier; ``False`` when matplotlib is missing.
+
+    Left: every run's trajectory (target loss vs forgetting at the checkpoints), one colour per
+    method, darker for larger ``kl_weight``. Right, when some method swept ``kl_weight``: each
+    run's end point, joined across ``kl_weight`` per method, against CE's own trajectory (CE
+    stopped early is the baseline every regularizer has to beat at equal target loss).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import to_rgb
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for r in results:
-        if r["status"] != "ok":
-            continue
+    ok = [r for r in results if r["status"] == "ok"]
+    weights = {}
+    for r in ok:
+        weights.setdefault(r["method"], []).append(r["kl_weight"])
+    swept = any(len(w) > 1 for w in weights.values())
+
+    def colour(r):
+        rgb = to_rgb(METHOD_COLORS.get(r["method"], "#8c564b"))
+        ws = sorted(w for w in weights[r["method"]] if w is not None)
+        if r["kl_weight"] is None or len(ws) < 2:
+            return rgb
+        mix = 0.55 * (1 - ws.index(r["kl_weight"]) / (len(ws) - 1))  # small λ lighter
+        return tuple(c + (1 - c) * mix for c in rgb)
+
+    fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(12.5 if swept else 7, 5),
+                             squeeze=False)
+    ax = axes[0, 0]
+    for r in ok:
         xs = [c["forgetting"] for c in r["curve"]]
         ys = [c["target_loss"] for c in r["curve"]]
-        name = r["method"] + ("" if r["kl_weight"] is None else f" λ={r['kl_weight']:g}")
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        ax.annotate(name, (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("forgetting: retention loss − base model's (nats/token)")
-    ax.set_ylabel("target loss (held-out, nats/token)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, color=colour(r),
+                label=_run_name(r))
+    ax.set_title("trajectories during adaptation" if swept else title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2 if len(ok) > 8 else 1)
+    if swept:
+        ax = axes[0, 1]
+        ce = next((r for r in ok if r["method"] == "ce"), None)
+        if ce is not None:
+            ax.plot([c["forgetting"] for c in ce["curve"]], [c["target_loss"] for c in ce["curve"]],
+                    linestyle="--", color=METHOD_COLORS["ce"], linewidth=1.2,
+                    label="ce (trajectory: stopped early)")
+        for method, ws in weights.items():
+            runs = sorted((r for r in ok if r["method"] == method),
+                          key=lambda r: -1.0 if r["kl_weight"] is None else r["kl_weight"])
+            xs, ys = [r["forgetting"] for r in runs], [r["target_loss"] for r in runs]
+            ax.plot(xs, ys, marker="o", markersize=5, color=colour(runs[-1]),
+                    label=f"{method} (end points" + (", λ swept)" if len(runs) > 1 else ")"))
+            for r, x, y in zip(runs, xs, ys):
+                if r["kl_weight"] is not None and len(runs) > 1:
+                    ax.annotate(f"{r['kl_weight']:g}", (x, y), fontsize=7, xytext=(4, 2),
+                                textcoords="offset points", color=colour(runs[-1]))
+        ax.set_title("end of adaptation, per kl_weight", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=11)
+    for ax in axes[0]:
+        ax.set_xlabel("forgetting: retention loss − base model's (nats/token)")
+        ax.set_ylabel("target loss (held-out, nats/token)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=130)
@@ -500,6 +550,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="adaptation steps per run")
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate")
     p.add_argument("--json", default=None, metavar="PATH", help="write config and results as JSON")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="no training: print the table and write the plot of a run saved with --json")
     p.add_argument("--plot", default="forgetkern-demo.png", metavar="PATH",
                    help="PNG of the learning/forgetting frontier (default %(default)s)")
     p.add_argument("--no-plot", action="store_true")
@@ -558,6 +610,8 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
+    if args.from_json:
+        return replay(args)
     cfg = build_config(args)
     progress = not args.no_progress
     log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -571,32 +625,55 @@ def _main(args) -> int:
     if args.model:
         exp, info = hf_experiment(cfg, args.model, args.data, seq_len=args.seq_len,
                                   progress=progress, log=log)
-        acc_name = "token acc"
-        title = f"{os.path.basename(args.model.rstrip('/'))}: learning vs forgetting"
     else:
         exp, info = tiny_experiment(cfg, use_cache=not args.no_cache, progress=progress, log=log)
-        acc_name = "accuracy"
-        title = f"forgetkern demo ({cfg.mode}, seed {cfg.seed}): stdlib LM → 2-digit addition"
     base, results = exp.run_all()
     elapsed = time.perf_counter() - start
+    config = {**asdict(cfg), **info, "python": platform.python_version(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "elapsed_s": elapsed}
+    report(config, base, results, args)
+    if args.json:
+        payload = {"config": config, "base": base, "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"json: {args.json}")
+    return 0
+
+
+def report(config: dict, base: dict, results: list[dict], args) -> None:
+    """Print the table and the equal-target-loss comparisons; write the plot unless --no-plot."""
+    hf = isinstance(config.get("model"), dict) and "hf" in config["model"]
+    if hf:
+        title = f"{os.path.basename(str(config['model']['hf']).rstrip('/'))}: learning vs forgetting"
+    else:
+        title = (f"forgetkern demo ({config.get('mode', '?')}, seed {config.get('seed', '?')}): "
+                 "stdlib LM → 2-digit addition")
     print()
-    print(format_table(results, base, acc_name))
+    print(format_table(results, base, "token acc" if hf else "accuracy"))
     for line in comparisons(results):
         print("  " + line)
-    print(f"\ntarget: held-out {'problems' if not args.model else 'text'}; retention: held-out "
-          f"stdlib source; same steps/lr/rank/init per run; total {elapsed:.0f} s on {cfg.device}")
+    elapsed = config.get("elapsed_s")
+    print(f"\ntarget: held-out {'text' if hf else 'problems'}; retention: held-out stdlib source; "
+          f"same steps/lr/rank/init per run"
+          + ("" if elapsed is None else f"; total {elapsed:.0f} s on {config.get('device', '?')}"))
     if not args.no_plot:
         if write_plot(args.plot, results, title):
             print(f"plot: {args.plot}")
         else:
             print("plot skipped: matplotlib is not installed (pip install 'forgetkern[demo]')")
-    if args.json:
-        payload = {"config": {**asdict(cfg), **info, "python": platform.python_version(),
-                              "threads": torch.get_num_threads(),
-                              "torch": torch.__version__, "elapsed_s": elapsed},
-                   "base": base, "results": results}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"json: {args.json}")
+
+
+def replay(args) -> int:
+    """``--from-json PATH``: the table, comparisons and plot of a saved run, without training."""
+    try:
+        with open(args.from_json) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from-json: cannot read {args.from_json}: {e}") from None
+    missing = [k for k in ("config", "base", "results") if k not in payload]
+    if missing:
+        raise SystemExit(f"--from-json: {args.from_json} is not a demo result "
+                         f"(missing {', '.join(missing)})")
+    report(payload["config"], payload["base"], payload["results"], args)
     return 0
