@@ -119,6 +119,8 @@ def test_demo_rejects_bad_arguments(tmp_path):
         main(["demo", "--smoke", "--threads", "0"])
     with pytest.raises(SystemExit, match="--from-json"):
         main(["demo", "--from-json", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="nothing new for --json"):
+        main(["demo", "--from-json", "a.json", "--json", "b.json"])
     (tmp_path / "other.json").write_text('{"results": []}')
     with pytest.raises(SystemExit, match="missing config, base"):
         main(["demo", "--from-json", str(tmp_path / "other.json")])

@@ -666,6 +666,8 @@ def report(config: dict, base: dict, results: list[dict], args) -> None:
 
 def replay(args) -> int:
     """``--from-json PATH``: the table, comparisons and plot of a saved run, without training."""
+    if args.json:
+        raise SystemExit("--from-json replays a saved run; there is nothing new for --json to write")
     try:
         with open(args.from_json) as f:
             payload = json.load(f)
