@@ -103,6 +103,23 @@ void check_launch(const std::string& fn, const char* kernel, int status, uintptr
 // ---------------------------------------------------------------------------------------------
 // TMKL
 // ---------------------------------------------------------------------------------------------
+// Checks shared by both TMKL launchers: sizes, row strides and temperature ...
+void check_tmkl_sizes(const std::string& fn, int64_t n, int64_t v, int64_t stride_z, int64_t stride_b,
+                      double inv_t) {
+  check_range(fn, "n", n, 0, kMaxGrid);
+  check_range(fn, "v", v, 1, std::numeric_limits<int64_t>::max() / 16);
+  check_range(fn, "stride_z", stride_z, 0, std::numeric_limits<int64_t>::max() / 16);
+  check_range(fn, "stride_b", stride_b, 0, std::numeric_limits<int64_t>::max() / 16);
+  if (!(inv_t > 0.0) || !std::isfinite(inv_t)) fail(fn, "inv_t (1 / temperature) must be finite and > 0");
+}
+
+// ... and the input pointers (logits, base logits, int64 labels).
+void check_tmkl_inputs(const std::string& fn, uintptr_t z, uintptr_t b, uintptr_t y, int64_t esize) {
+  check_ptr(fn, "z", z, esize);
+  check_ptr(fn, "b", b, esize);
+  check_ptr(fn, "y", y, 8);
+}
+
 fk::TMKLForwardArgs tmkl_forward_args(const std::string& fn, uintptr_t z, int64_t stride_z, uintptr_t b,
                                       int64_t stride_b, uintptr_t y, uintptr_t loss, uintptr_t ce,
                                       uintptr_t kl, uintptr_t stats, int64_t n, int64_t v,
@@ -111,18 +128,12 @@ fk::TMKLForwardArgs tmkl_forward_args(const std::string& fn, uintptr_t z, int64_
                                       bool separate_ce, int dtype, int threads) {
   const int64_t esize = dtype_size(fn, dtype);
   const int64_t asize = dtype == fk::kFloat64 ? 8 : 4;
-  check_range(fn, "n", n, 0, kMaxGrid);
-  check_range(fn, "v", v, 1, std::numeric_limits<int64_t>::max() / 16);
-  check_range(fn, "stride_z", stride_z, 0, std::numeric_limits<int64_t>::max() / 16);
-  check_range(fn, "stride_b", stride_b, 0, std::numeric_limits<int64_t>::max() / 16);
-  if (!(inv_t > 0.0) || !std::isfinite(inv_t)) fail(fn, "inv_t (1 / temperature) must be finite and > 0");
+  check_tmkl_sizes(fn, n, v, stride_z, stride_b, inv_t);
   check_finite(fn, "ce_weight", ce_weight);
   check_finite(fn, "kl_scale", kl_scale);
   check_threads(fn, threads, fk::kTMKLMaxThreads);
   if (n > 0) {
-    check_ptr(fn, "z", z, esize);
-    check_ptr(fn, "b", b, esize);
-    check_ptr(fn, "y", y, 8);
+    check_tmkl_inputs(fn, z, b, y, esize);
     check_ptr(fn, "loss", loss, asize);
     check_ptr(fn, "ce", ce, asize);
     check_ptr(fn, "kl", kl, asize);
@@ -139,18 +150,12 @@ fk::TMKLBackwardArgs tmkl_backward_args(const std::string& fn, uintptr_t z, int6
                                         bool mask_target, bool separate_ce, int dtype, int threads) {
   const int64_t esize = dtype_size(fn, dtype);
   const int64_t asize = dtype == fk::kFloat64 ? 8 : 4;
-  check_range(fn, "n", n, 0, kMaxGrid);
-  check_range(fn, "v", v, 1, std::numeric_limits<int64_t>::max() / 16);
-  check_range(fn, "stride_z", stride_z, 0, std::numeric_limits<int64_t>::max() / 16);
-  check_range(fn, "stride_b", stride_b, 0, std::numeric_limits<int64_t>::max() / 16);
+  check_tmkl_sizes(fn, n, v, stride_z, stride_b, inv_t);
   // output rows must not overlap (rows of the inputs may, e.g. a broadcast base row)
   check_range(fn, "stride_g", stride_g, n > 1 ? v : 0, std::numeric_limits<int64_t>::max() / 16);
-  if (!(inv_t > 0.0) || !std::isfinite(inv_t)) fail(fn, "inv_t (1 / temperature) must be finite and > 0");
   check_threads(fn, threads, fk::kTMKLMaxThreads);
   if (n > 0) {
-    check_ptr(fn, "z", z, esize);
-    check_ptr(fn, "b", b, esize);
-    check_ptr(fn, "y", y, 8);
+    check_tmkl_inputs(fn, z, b, y, esize);
     check_ptr(fn, "stats", stats, asize);
     check_ptr(fn, "coef_ce", coef_ce, asize);
     check_ptr(fn, "coef_kl", coef_kl, asize);

@@ -21,14 +21,10 @@ template <typename T>
 int launch_typed(const TMKLForwardArgs& p, cudaStream_t stream) {
   const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
   int status = 0;
-  dispatch_bool(p.forward_kl, [&](auto fwd) {
-    dispatch_bool(p.mask_target, [&](auto mask) {
-      dispatch_bool(p.separate_ce, [&](auto sep) {
-        tmkl_fwd_kernel<T, decltype(fwd)::value, decltype(mask)::value, decltype(sep)::value>
-            <<<static_cast<unsigned>(p.n), threads, 0, stream>>>(p);
-        status = static_cast<int>(cudaGetLastError());
-      });
-    });
+  dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
+    tmkl_fwd_kernel<T, decltype(fwd)::value, decltype(mask)::value, decltype(sep)::value>
+        <<<static_cast<unsigned>(p.n), threads, 0, stream>>>(p);
+    status = static_cast<int>(cudaGetLastError());
   });
   return status;
 }
@@ -54,40 +50,26 @@ void emulate_rows(const TMKLForwardArgs& p, int threads) {
   }
 }
 
-template <typename T> void emulate_typed(const TMKLForwardArgs& p) {
-  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
-  dispatch_bool(p.forward_kl, [&](auto fwd) {
-    dispatch_bool(p.mask_target, [&](auto mask) {
-      dispatch_bool(p.separate_ce, [&](auto sep) {
-        emulate_rows<T, decltype(fwd)::value, decltype(mask)::value, decltype(sep)::value>(p, threads);
-      });
-    });
-  });
-}
-
 }  // namespace
 
 int tmkl_forward_launch(const TMKLForwardArgs& p, uintptr_t stream) {
   if (p.n == 0) return 0;
   cudaGetLastError();  // clear a stale error of this runtime so the check after the launch is ours
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: return launch_typed<float>(p, s);
-    case kFloat16: return launch_typed<__half>(p, s);
-    case kBFloat16: return launch_typed<__nv_bfloat16>(p, s);
-    case kFloat64: return launch_typed<double>(p, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  int status = static_cast<int>(cudaErrorInvalidValue);
+  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
+    status = launch_typed<typename decltype(t)::type>(p, reinterpret_cast<cudaStream_t>(stream));
+  });
+  return status;
 }
 
 void tmkl_forward_emulate(const TMKLForwardArgs& p) {
-  switch (p.dtype) {
-    case kFloat32: return emulate_typed<float>(p);
-    case kFloat16: return emulate_typed<__half>(p);
-    case kBFloat16: return emulate_typed<__nv_bfloat16>(p);
-    case kFloat64: return emulate_typed<double>(p);
-    default: return;
-  }
+  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
+  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
+    dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
+      emulate_rows<typename decltype(t)::type, decltype(fwd)::value, decltype(mask)::value,
+                   decltype(sep)::value>(p, threads);
+    });
+  });
 }
 
 }  // namespace fk
