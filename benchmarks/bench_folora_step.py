@@ -85,11 +85,8 @@ def main(argv=None) -> list[common.Record]:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     p.add_argument("--k", type=int, default=256, help="directions kept by low-rank gating")
     args = p.parse_args(argv)
-    common.require_gpu("bench_folora_step.py")
+    meta, floors, _ = common.start("bench_folora_step.py", args)
     blocks = 4 if args.quick else args.blocks
-    meta = common.meta()
-    floors = common.measure_floors()
-    print(f"{meta['gpu']}: {floors.describe()}")
     pairs = lora_params(blocks, args.rank)
     params = [p for pair in pairs for p in pair]
     n_params = sum(p.numel() for p in params)
@@ -140,11 +137,7 @@ def main(argv=None) -> list[common.Record]:
             print(f"  {len(pairs)} pair refreshes (one batched eigensolve): {refresh_ms:.2f} ms")
         opt = None
         torch.cuda.empty_cache()
-    print()
-    print(common.format_table(records))
-    path = common.save(records, args.out)
-    print(f"\nwrote {path}")
-    return records
+    return common.finish(records, args.out)
 
 
 if __name__ == "__main__":

@@ -53,13 +53,7 @@ def providers() -> dict:
 
 def main(argv=None) -> list[common.Record]:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    common.require_gpu("bench_geneigh.py")
-    meta = common.meta()
-    floors = common.measure_floors()
-    print(f"{meta['gpu']}: {floors.describe()}")
-    provs = providers()
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+    meta, floors, provs = common.start("bench_geneigh.py", args, providers)
     records = []
     for batch, n in (QUICK if args.quick else SIZES):
         a, b = problem(batch, n)
@@ -76,11 +70,7 @@ def main(argv=None) -> list[common.Record]:
                 rec.note = (rec.note + " " if rec.note else "") + f"{base.median_ms / rec.median_ms:.1f}x vs torch-eager"
             print(common.format_table([rec]).splitlines()[-1], flush=True)
         records += case
-    print()
-    print(common.format_table(records))
-    path = common.save(records, args.out)
-    print(f"\nwrote {path}")
-    return records
+    return common.finish(records, args.out)
 
 
 if __name__ == "__main__":

@@ -57,16 +57,7 @@ TARGET_MEM_VS_CCE = 1.1
 
 def torch_linear_tmkl(h, w, hb, y, ignore_index=-100):
     """Plain torch, fully materialized: both logits, CE + target-masked forward KL (mean)."""
-    z = (h @ w.T).float()
-    b = (hb @ w.detach().T).float()
-    valid = y != ignore_index
-    ys = torch.where(valid, y, 0)
-    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
-    hit = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ys[:, None], True)
-    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
-    lp = b.masked_fill(hit, float("-inf")).log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).masked_fill(hit, 0.0).sum(-1)
-    return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
+    return common.torch_tmkl(h @ w.T, hb @ w.detach().T, y, ignore_index)
 
 
 TRITON_NAME = "forgetkern-triton-tma" if lt_ops._tma_requested() else "forgetkern-triton"
@@ -141,13 +132,7 @@ def main(argv=None) -> list[common.Record]:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--train-weight", action="store_true", help="the head also gets a gradient")
     args = p.parse_args(argv)
-    common.require_gpu("bench_linear_tmkl.py")
-    meta = common.meta()
-    floors = common.measure_floors()
-    print(f"{meta['gpu']}: {floors.describe()}")
-    provs = providers()
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+    meta, floors, provs = common.start("bench_linear_tmkl.py", args, providers)
     modes = args.modes.split(",")
     dtype = torch.bfloat16
     # a trained head is a different op for the records (one more GEMM in backward)
@@ -175,14 +160,7 @@ def main(argv=None) -> list[common.Record]:
                 print(common.format_table([rec]).splitlines()[-1], flush=True)
         del h, hb, w, y
         torch.cuda.empty_cache()
-    print()
-    print(common.format_table(records))
-    if not args.train_weight:
-        print()
-        print("\n".join(check_targets(records)))
-    path = common.save(records, args.out)
-    print(f"\nwrote {path}")
-    return records
+    return common.finish(records, args.out, () if args.train_weight else check_targets(records))
 
 
 if __name__ == "__main__":

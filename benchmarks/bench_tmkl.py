@@ -25,24 +25,12 @@ SHAPES = [(n, v) for v in (32000, 128256, 256000) for n in (4096, 8192, 16384)]
 QUICK = [(8192, 128256)]
 
 
-def torch_tmkl(z, b, y, ignore_index=-100):
-    """What a user writes in plain torch: CE + target-masked forward KL, fully materialized."""
-    valid = y != ignore_index
-    ys = torch.where(valid, y, 0)
-    ce = torch.nn.functional.cross_entropy(z.float(), ys, reduction="none")
-    hit = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ys[:, None], True)
-    lq = z.float().masked_fill(hit, float("-inf")).log_softmax(-1)
-    lp = b.float().masked_fill(hit, float("-inf")).log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).masked_fill(hit, 0.0).sum(-1)
-    return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
-
-
 def providers() -> dict:
     out = {
         "forgetkern-triton": lambda z, b, y: forgetkern.tmkl_loss(z, b, y, backend="triton"),
         "forgetkern-reference": lambda z, b, y: forgetkern.tmkl_loss(z, b, y, backend="reference"),
-        "torch-eager": torch_tmkl,
-        "torch-compile": torch.compile(torch_tmkl, dynamic=False),
+        "torch-eager": common.torch_tmkl,
+        "torch-compile": torch.compile(common.torch_tmkl, dynamic=False),
     }
     if forgetkern.info()["cuda_extension"]:
         out["forgetkern-cuda"] = lambda z, b, y: forgetkern.tmkl_loss(z, b, y, backend="cuda")
@@ -59,13 +47,7 @@ def providers() -> dict:
 
 def main(argv=None) -> list[common.Record]:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    common.require_gpu("bench_tmkl.py")
-    meta = common.meta()
-    floors = common.measure_floors()
-    print(f"{meta['gpu']}: {floors.describe()}")
-    provs = providers()
-    if args.providers:
-        provs = {k: v for k, v in provs.items() if k in args.providers.split(",")}
+    meta, floors, provs = common.start("bench_tmkl.py", args, providers)
     modes = args.modes.split(",")
     dtype = torch.bfloat16
     records = []
@@ -88,11 +70,7 @@ def main(argv=None) -> list[common.Record]:
                 print(common.format_table([rec]).splitlines()[-1], flush=True)
         del z, b, y
         torch.cuda.empty_cache()
-    print()
-    print(common.format_table(records))
-    path = common.save(records, args.out)
-    print(f"\nwrote {path}")
-    return records
+    return common.finish(records, args.out)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,46 @@ def require_gpu(script: str) -> None:
         )
 
 
+def start(script: str, args: argparse.Namespace, providers: Callable[[], dict] | None = None):
+    """A benchmark script's set-up: GPU check, run metadata, the two floors (printed), and the
+    providers (``providers()``) that ``--providers`` selects. Returns ``(meta, floors, providers)``."""
+    require_gpu(script)
+    info = meta()
+    floors = measure_floors()
+    print(f"{info['gpu']}: {floors.describe()}")
+    provs = providers() if providers is not None else {}
+    if args.providers:
+        wanted = args.providers.split(",")
+        provs = {k: v for k, v in provs.items() if k in wanted}
+    return info, floors, provs
+
+
+def finish(records: list[Record], out_dir: Path | str | None, after_table: list[str] = ()) -> list[Record]:
+    """Prints the table of all records (then ``after_table``), saves them, prints where."""
+    print()
+    print(format_table(records))
+    if after_table:
+        print()
+        print("\n".join(after_table))
+    path = save(records, out_dir)
+    print(f"\nwrote {path}")
+    return records
+
+
+def torch_tmkl(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, ignore_index: int = -100):
+    """What a user writes in plain torch on materialized logits: CE + target-masked forward KL,
+    in fp32, mean over the non-ignored rows (the eager and ``torch.compile`` baseline)."""
+    z, b = z.float(), b.float()
+    valid = y != ignore_index
+    ys = torch.where(valid, y, 0)
+    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
+    hit = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ys[:, None], True)
+    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
+    lp = b.masked_fill(hit, float("-inf")).log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).masked_fill(hit, 0.0).sum(-1)
+    return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
+
+
 MODES = ("forward", "backward", "full")
 
 

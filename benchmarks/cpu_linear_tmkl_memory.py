@@ -65,21 +65,8 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _torch_tmkl(z, b, y, ignore_index=-100):
-    """Plain torch: CE + target-masked forward KL on materialized logits (mean over valid rows)."""
-    import torch
-
-    valid = y != ignore_index
-    ys = torch.where(valid, y, 0)
-    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
-    hit = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ys[:, None], True)
-    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
-    lp = b.masked_fill(hit, float("-inf")).log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).masked_fill(hit, 0.0).sum(-1)
-    return ((ce + kl) * valid).sum() / valid.sum().clamp_min(1)
-
-
 def _step(variant, h, w, hb, y):
+    import common  # benchmarks/common.py: this script runs from its own folder
     import forgetkern
 
     if variant == "chunked":
@@ -88,7 +75,7 @@ def _step(variant, h, w, hb, y):
         z = h @ w.T
         b = (hb @ w.T).detach()
         if variant == "materialized":
-            loss = _torch_tmkl(z, b, y)
+            loss = common.torch_tmkl(z, b, y)
         else:
             loss = forgetkern.tmkl_loss(z, b, y, backend="reference")
     loss.backward()

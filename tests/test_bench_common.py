@@ -69,3 +69,22 @@ def test_bench_cli_without_gpu_runs_cpu_micro_benchmarks(capsys, monkeypatch):
     assert "GPU results need a GPU" in capsys.readouterr().out
     assert calls and calls[0][:3] == [sys.executable, "-m", "pytest"]
     assert str(BENCH / "cpu_micro.py") in calls[0] and "generalized_eigh" in calls[0]
+
+
+def test_torch_baseline_matches_forgetkern(common):
+    """The plain-torch baseline the benchmarks time computes the same loss and gradient."""
+    import torch
+
+    import forgetkern
+
+    gen = torch.Generator().manual_seed(5)
+    z = (torch.randn(9, 37, generator=gen) * 3).requires_grad_()
+    b = torch.randn(9, 37, generator=gen) * 3
+    y = torch.randint(0, 37, (9,), generator=gen)
+    y[::4] = -100
+    up = torch.rand((), generator=gen) + 0.5
+    (gz,) = torch.autograd.grad(common.torch_tmkl(z, b, y) * up, z)
+    ref = forgetkern.tmkl_loss(z.double(), b.double(), y, backend="reference")
+    (gr,) = torch.autograd.grad(ref * up.double(), z)
+    assert common.torch_tmkl(z, b, y).item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(gz, gr.float(), rtol=1e-5, atol=1e-6)
