@@ -30,6 +30,18 @@ def _logaddexp(a, b):
 
 
 @jit
+def _online_lse(m, s, x):
+    """Fold the block ``x`` of one row into the running ``(max, sum)``; returns ``(m_new, s_new,
+    alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (a fully ``-inf``
+    prefix keeps ``s = 0``)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(x - m_safe)
+    return m_new, s * alpha + tl.sum(e, axis=0), alpha, e
+
+
+@jit
 def _tmkl_fwd_kernel(
     z_ptr,  # [N, V] adapted logits, unit stride along V
     stride_z,  # row stride of z (elements)
@@ -83,18 +95,9 @@ def _tmkl_fwd_kernel(
             if MASK_TARGET:
                 x = tl.where(offs == y, NEG_INF, x)
                 u = tl.where(offs == y, NEG_INF, u)
-            # online LSE of z/T over the kept columns (a fully -inf prefix keeps s = 0)
-            m_z_new = tl.maximum(m_z, tl.max(x, axis=0))
-            m_z_safe = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
-            alpha_z = tl.exp(m_z - m_z_safe)
-            e_z = tl.exp(x - m_z_safe)
-            s_z = s_z * alpha_z + tl.sum(e_z, axis=0)
-            # online LSE of b/T
-            m_b_new = tl.maximum(m_b, tl.max(u, axis=0))
-            m_b_safe = tl.where(m_b_new == NEG_INF, 0.0, m_b_new)
-            alpha_b = tl.exp(m_b - m_b_safe)
-            e_b = tl.exp(u - m_b_safe)
-            s_b = s_b * alpha_b + tl.sum(e_b, axis=0)
+            # online LSEs of z/T and b/T over the kept columns
+            m_z_new, s_z, alpha_z, e_z = _online_lse(m_z, s_z, x)
+            m_b_new, s_b, alpha_b, e_b = _online_lse(m_b, s_b, u)
             if FORWARD_KL:
                 # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
                 term = tl.where(u == NEG_INF, 0.0, e_b * (u - x))
@@ -106,10 +109,7 @@ def _tmkl_fwd_kernel(
             m_z = m_z_new
             m_b = m_b_new
             if SEPARATE_CE:
-                m_c_new = tl.maximum(m_c, tl.max(z, axis=0))
-                m_c_safe = tl.where(m_c_new == NEG_INF, 0.0, m_c_new)
-                s_c = s_c * tl.exp(m_c - m_c_safe) + tl.sum(tl.exp(z - m_c_safe), axis=0)
-                m_c = m_c_new
+                m_c, s_c, _, _ = _online_lse(m_c, s_c, z)
 
         lse_z = m_z + tl.log(s_z)
         lse_b = m_b + tl.log(s_b)
