@@ -28,6 +28,13 @@ def check_float(x: torch.Tensor, name: str) -> None:
         )
 
 
+def check_same_shape(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+        )
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     name0, t0 = items[0]
@@ -95,11 +102,7 @@ def check_tmkl_inputs(logits, base_logits, labels, ignore_index: int, reduction:
         raise ValueError("logits must have at least one dimension (..., V)")
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension (V > 0)")
-    if base_logits.shape != logits.shape:
-        raise ValueError(
-            f"base_logits must have the same shape as logits {tuple(logits.shape)}, "
-            f"got {tuple(base_logits.shape)}"
-        )
+    check_same_shape(base_logits, "base_logits", logits, "logits")
     if base_logits.dtype != logits.dtype:
         raise TypeError(
             f"base_logits dtype {base_logits.dtype} does not match logits dtype {logits.dtype}; "
@@ -123,11 +126,7 @@ def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, b
     d = hidden.shape[-1]
     if d == 0:
         raise ValueError("hidden must have a non-empty feature dimension (D > 0)")
-    if base_hidden.shape != hidden.shape:
-        raise ValueError(
-            f"base_hidden must have the same shape as hidden {tuple(hidden.shape)}, "
-            f"got {tuple(base_hidden.shape)}"
-        )
+    check_same_shape(base_hidden, "base_hidden", hidden, "hidden")
     if weight.dim() != 2:
         raise ValueError(f"weight must be a (V, D) matrix, got shape {tuple(weight.shape)}")
     if weight.shape[1] != d:
@@ -144,11 +143,7 @@ def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, b
             )
     if base_weight is not None:
         check_tensor(base_weight, "base_weight")
-        if base_weight.shape != weight.shape:
-            raise ValueError(
-                f"base_weight must have the same shape as weight {tuple(weight.shape)}, "
-                f"got {tuple(base_weight.shape)}"
-            )
+        check_same_shape(base_weight, "base_weight", weight, "weight")
         if base_weight.dtype != hidden.dtype:
             raise TypeError(
                 f"base_weight dtype {base_weight.dtype} does not match hidden dtype {hidden.dtype}"
@@ -177,8 +172,7 @@ def check_generalized_eigh_inputs(A, B, eps) -> None:
     check_float(B, "B")
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must be (..., n, n) square matrices, got shape {tuple(A.shape)}")
-    if B.shape != A.shape:
-        raise ValueError(f"B must have the same shape as A {tuple(A.shape)}, got {tuple(B.shape)}")
+    check_same_shape(B, "B", A, "A")
     if A.device != B.device:
         raise ValueError(f"B is on {B.device} but A is on {A.device}")
     if not (0.0 <= eps < float("inf")):
