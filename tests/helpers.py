@@ -1,6 +1,8 @@
 """Shared test utilities: an independent fp64 TMKL oracle and dtype-aware tolerances."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
@@ -98,3 +100,18 @@ def run_tmkl(z, b, y, backend, g=None, grad_dtype=torch.float32, **kw):
         g = [torch.randn(y.shape, dtype=grad_dtype, device=z.device) for _ in range(3)]
     torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
     return [o.detach() for o in outs], x.grad, g
+
+
+def aot_compile_env(tmp_path) -> dict:
+    """Environment of a subprocess that compiles Triton kernels for a real GPU target (no
+    interpreter, a fresh cache under ``tmp_path``, none left behind); skips the calling test when
+    Triton's NVIDIA backend is not installed."""
+    import pytest
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    return env

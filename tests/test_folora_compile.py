@@ -14,6 +14,8 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from .helpers import aot_compile_env  # noqa: E402
+
 SCRIPT = textwrap.dedent(
     """
     import triton
@@ -50,13 +52,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, leave no cache behind
+    env = aot_compile_env(tmp_path)
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -5,7 +5,6 @@ The interpreter runs the kernels' numpy semantics and accepts programs the GPU c
 tile sizes. It runs in a subprocess because the test session imports the kernels in interpreter
 mode. (FoLoRA's kernels: tests/test_folora_compile.py.)
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,14 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+
+from .helpers import aot_compile_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tmkl_kernels_compile_for_sm90(tmp_path):
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, leave no cache behind
+    env = aot_compile_env(tmp_path)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_kernels.py"), "--quick"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
