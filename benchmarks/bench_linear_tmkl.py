@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import forgetkern  # noqa: E402
-from forgetkern.ops import linear_tmkl as lt_ops  # noqa: E402
+from forgetkern._params import ENV_TMA, env_flag  # noqa: E402
 
 # (N, D, V): Llama-3-8B-like head first, then a 32k vocabulary and a longer batch
 SHAPES = [(8192, 4096, 128256), (4096, 4096, 128256), (16384, 4096, 128256), (8192, 4096, 32000)]
@@ -60,7 +60,7 @@ def torch_linear_tmkl(h, w, hb, y, ignore_index=-100):
     return common.torch_tmkl(h @ w.T, hb @ w.detach().T, y, ignore_index)
 
 
-TRITON_NAME = "forgetkern-triton-tma" if lt_ops._tma_requested() else "forgetkern-triton"
+TRITON_NAME = "forgetkern-triton-tma" if env_flag(ENV_TMA) else "forgetkern-triton"
 
 
 def providers() -> dict:

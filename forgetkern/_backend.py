@@ -1,45 +1,112 @@
-"""The one place that picks ``reference | triton | cuda`` for a call.
+"""The one table: ``(op, backend)`` -> implementation, and the one place that picks the backend.
 
-Order (DESIGN.md): an explicit ``backend=`` argument, then the ``FORGETKERN_BACKEND`` environment
-variable, then the CUDA extension if it is built and the tensors are on a GPU, then Triton on a GPU
-(or on the CPU when ``TRITON_INTERPRET=1``), else the reference.
+Every op has one interface, and every backend of the op implements it with the same signatures
+(``docs/architecture.md`` lists them):
+
+===================  ==========================  ==================================================
+op                   interface                   backends
+===================  ==========================  ==================================================
+``tmkl``             ``forward``, ``backward``   reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
+``linear_tmkl``      ``forward``, ``backward``   reference, triton (``ops/linear_tmkl.py``)
+``generalized_eigh`` ``solve``                   reference, triton (``ops/geneigh.py``), cuda
+``folora_step``      ``step``                    reference, triton (``ops/folora.py``)
+===================  ==========================  ==================================================
+
+Choice, in order (DESIGN.md): an explicit ``backend=`` argument, then the ``FORGETKERN_BACKEND``
+environment variable, then the CUDA extension if it is built and the tensors are on a GPU, then
+Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference. A backend whose
+kernel does not cover a problem size (the on-chip eigensolvers above ``EIGH_MAX_N``) hands that
+call to the reference, here and nowhere else.
 
 An explicit ``backend=`` that cannot serve the call is an error that says why. The environment
 variable is a process-wide preference: for an op that has no such backend at all (for example
 ``cuda`` for an op implemented only in Triton) the automatic choice applies; for an op that has it
 but cannot use it for these tensors, the call fails with the reason.
 
-Nothing here initializes CUDA or imports Triton at import time.
+Nothing here initializes CUDA or imports Triton at import time: implementations are imported on
+their first use.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import os
-from functools import lru_cache
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
-ENV_VAR = "FORGETKERN_BACKEND"
+from ._params import BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, env_backend, triton_interpret
 
-# Which backends implement each op. Ops register themselves here (one line per op).
-OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "tmkl": ("reference", "triton", "cuda"),
-    "linear_tmkl": ("reference", "triton"),
-    "generalized_eigh": ("reference", "triton", "cuda"),
-    "folora_step": ("reference", "triton"),
+# op -> the names of its interface functions
+INTERFACES: dict[str, tuple[str, ...]] = {
+    "tmkl": ("forward", "backward"),
+    "linear_tmkl": ("forward", "backward"),
+    "generalized_eigh": ("solve",),
+    "folora_step": ("step",),
+}
+
+# (op, backend) -> (module, one attribute per interface function, in INTERFACES order)
+TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("tmkl", "reference"): ("forgetkern.reference", ("tmkl_forward", "tmkl_backward")),
+    ("tmkl", "triton"): ("forgetkern.ops.tmkl", ("tmkl_forward", "tmkl_backward")),
+    ("tmkl", "cuda"): ("forgetkern._cuda", ("tmkl_forward", "tmkl_backward")),
+    ("linear_tmkl", "reference"): ("forgetkern.reference",
+                                   ("linear_tmkl_forward", "linear_tmkl_backward")),
+    ("linear_tmkl", "triton"): ("forgetkern.ops.linear_tmkl",
+                                ("linear_tmkl_forward", "linear_tmkl_backward")),
+    ("generalized_eigh", "reference"): ("forgetkern.reference", ("generalized_eigh",)),
+    ("generalized_eigh", "triton"): ("forgetkern.ops.geneigh", ("generalized_eigh",)),
+    ("generalized_eigh", "cuda"): ("forgetkern._cuda", ("generalized_eigh",)),
+    ("folora_step", "reference"): ("forgetkern.reference", ("folora_step",)),
+    ("folora_step", "triton"): ("forgetkern.ops.folora", ("folora_step",)),
 }
 
 
-@lru_cache(maxsize=None)
+def _op_backends() -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for op, backend in TABLE:
+        out[op] = out.get(op, ()) + (backend,)
+    return out
+
+
+#: Which backends implement each op (derived from :data:`TABLE`).
+OP_BACKENDS: dict[str, tuple[str, ...]] = _op_backends()
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op: the op's interface functions by name
+    (``forward``/``backward``, ``solve`` or ``step``; the others are ``None``)."""
+
+    op: str
+    backend: str
+    forward: Callable | None = None
+    backward: Callable | None = None
+    solve: Callable | None = None
+    step: Callable | None = None
+
+
+_LOADED: dict[tuple[str, str], Implementation] = {}  # a plain dict: torch.compile reads it
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    """The :class:`Implementation` of ``op`` on ``backend`` (imported on first use)."""
+    key = (op, backend)
+    impl = _LOADED.get(key)
+    if impl is None:
+        if key not in TABLE:
+            raise ValueError(f"op {op!r} has no {backend!r} backend "
+                             f"(it has: {', '.join(OP_BACKENDS.get(op, ()))})")
+        module_name, attrs = TABLE[key]
+        module = importlib.import_module(module_name)
+        fns = {name: getattr(module, attr) for name, attr in zip(INTERFACES[op], attrs)}
+        impl = _LOADED[key] = Implementation(op=op, backend=backend, **fns)
+    return impl
+
+
 def triton_installed() -> bool:
     """Whether the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpret() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def cuda_extension_available() -> bool:
@@ -67,7 +134,7 @@ def why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
         return None
     if backend == "triton":
         if not triton_installed():
-            return "Triton is not installed"
+            return TRITON_MISSING
         if device.type == "cuda":
             return None
         if device.type == "cpu" and triton_interpret():
@@ -86,16 +153,21 @@ def why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve(op: str, *tensors, backend: str | None = None) -> str:
-    """Pick the backend for one call of ``op`` on ``tensors``.
+def _covers(op: str, backend: str, size: int | None) -> bool:
+    """Whether ``backend``'s kernel covers a problem of ``size`` (the eigensolvers' ``n``)."""
+    if op == "generalized_eigh" and backend != "reference" and size is not None:
+        return 1 <= size <= EIGH_MAX_N
+    return True
+
+
+def resolve_name(op: str, *tensors, backend: str | None = None, size: int | None = None) -> str:
+    """The backend name for one call of ``op`` on ``tensors`` (see the module docstring).
 
     Args:
-        op: op name, a key of :data:`OP_BACKENDS`.
+        op: op name, a key of :data:`INTERFACES`.
         tensors: the call's tensors (the first tensor's device decides).
         backend: explicit choice, or ``None`` for the environment variable / automatic choice.
-
-    Returns:
-        One of ``"reference"``, ``"triton"``, ``"cuda"``.
+        size: the problem size where a backend's kernel has a limit (``n`` of the eigensolver).
 
     Raises:
         ValueError: an unknown backend name.
@@ -109,20 +181,26 @@ def resolve(op: str, *tensors, backend: str | None = None) -> str:
         reason = why_unavailable(backend, op, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
-        return backend
-    env = os.environ.get(ENV_VAR, "").strip().lower()
+        return backend if _covers(op, backend, size) else "reference"
+    env = env_backend()
     if env:
         if env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+            raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
         if env in supported:
             reason = why_unavailable(env, op, device)
             if reason is not None:
-                raise RuntimeError(f"{ENV_VAR}={env} cannot run {op}: {reason}")
-            return env
+                raise RuntimeError(f"{ENV_BACKEND}={env} cannot run {op}: {reason}")
+            return env if _covers(op, env, size) else "reference"
     for candidate in ("cuda", "triton"):
-        if candidate in supported and why_unavailable(candidate, op, device) is None:
+        if (candidate in supported and why_unavailable(candidate, op, device) is None
+                and _covers(op, candidate, size)):
             return candidate
     return "reference"
+
+
+def resolve(op: str, *tensors, backend: str | None = None, size: int | None = None) -> Implementation:
+    """The :class:`Implementation` for one call of ``op`` (arguments as :func:`resolve_name`)."""
+    return implementation(op, resolve_name(op, *tensors, backend=backend, size=size))
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from . import _backend, _cuda
+from ._params import env_backend, triton_interpret
 from ._version import __version__
 
 
@@ -28,8 +29,6 @@ def info() -> dict:
         except Exception as exc:  # pragma: no cover - broken install
             triton_version = f"broken: {exc}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    import os
-
     return {
         "version": __version__,
         "torch": torch.__version__,
@@ -39,8 +38,8 @@ def info() -> dict:
         "gpu": gpu,
         "torch_cuda": torch.version.cuda,
         "backends": _backend.available_backends(),
-        "triton_interpret": _backend.triton_interpret(),
-        "backend_env": os.environ.get(_backend.ENV_VAR) or None,
+        "triton_interpret": triton_interpret(),
+        "backend_env": env_backend(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }

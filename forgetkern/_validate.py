@@ -1,19 +1,22 @@
-"""Input checks shared by the public functions. Every check runs before any kernel launches and
-raises with a message naming the argument and what was expected."""
+"""The one input boundary: every op's checks, run once in the public function before any kernel
+launches, each raising with a message naming the argument and what was expected. Backends and the
+C++ bindings check nothing more than guards their own pointers and sizes.
+
+Also the one failure contract of the eigensolvers (:func:`check_eigh_status`), shared by every
+backend.
+"""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
-from .ops.params import REDUCTIONS
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._params import (EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
+                      REDUCTIONS, TMKLParams)
 
 
 def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
+    return torch.compiler.is_compiling()
 
 
 def check_tensor(x, name: str) -> None:
@@ -75,6 +78,9 @@ def check_labels(labels: torch.Tensor, expected_shape, num_classes: int, ignore_
 
 
 def check_num_items(num_items_in_batch) -> None:
+    """``num_items_in_batch``: ``None``, or a positive whole number of tokens (a Python int, an
+    integral float, or a one-element tensor as HF Trainer passes it). A tensor's value is read (one
+    device sync), except while ``torch.compile`` traces."""
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -82,18 +88,43 @@ def check_num_items(num_items_in_batch) -> None:
             raise ValueError(
                 f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}"
             )
-        return
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must be a number, got {num_items_in_batch.dtype}")
+        if _compiling():
+            return
+        value = num_items_in_batch.item()
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
         raise TypeError(
             f"num_items_in_batch must be an int or a scalar tensor, got {type(num_items_in_batch).__name__}"
         )
-    if num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    else:
+        value = num_items_in_batch
+    if not (value > 0 and float(value).is_integer()):
+        raise ValueError(
+            f"num_items_in_batch must be > 0 and a whole number of tokens, got {value}"
+        )
 
 
-def check_tmkl_inputs(logits, base_logits, labels, ignore_index: int, reduction: str,
-                      num_items_in_batch) -> None:
-    """All checks of ``tmkl_loss`` on its tensors (options are checked by ``TMKLParams``)."""
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``(..., V)`` to ``(N, V)`` with unit stride along ``V`` (rows may keep any stride)."""
+    out = x.reshape(-1, x.shape[-1])
+    if out.shape[1] > 1 and out.stride(-1) != 1:
+        out = out.contiguous()
+    return out
+
+
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``(...)`` labels as one contiguous ``(N,)`` vector: every backend indexes labels with unit
+    stride (a strided view, e.g. a column of a 2-D tensor, is copied)."""
+    return labels.reshape(-1).contiguous()
+
+
+def tmkl_inputs(logits, base_logits, labels, params: TMKLParams, reduction: str,
+                num_items_in_batch):
+    """All checks of ``tmkl_loss`` on its tensors (options were checked by ``TMKLParams``); returns
+    the layout every backend takes: ``(N, V)`` logits and base logits (unit stride along V, the
+    base detached) and contiguous ``(N,)`` labels."""
+    ignore_index = params.ignore_index
     check_tensor(logits, "logits")
     check_tensor(base_logits, "base_logits")
     check_float(logits, "logits")
@@ -113,11 +144,16 @@ def check_tmkl_inputs(logits, base_logits, labels, ignore_index: int, reduction:
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    return rows(logits), rows(base_logits.detach()), flat_labels(labels)
 
 
-def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, base_bias,
-                             ignore_index: int, reduction: str, num_items_in_batch) -> None:
-    """All checks of ``linear_tmkl_loss`` on its tensors (options are checked by its params)."""
+def linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, base_bias,
+                       params: TMKLParams, reduction: str, num_items_in_batch):
+    """All checks of ``linear_tmkl_loss`` on its tensors (options were checked by its params);
+    returns ``(h (N, D), h_b (N, D) detached, W_b or None (None: the base shares weight),
+    base bias or None, labels (N,) contiguous)``. With the head shared and no ``base_bias`` given,
+    the base uses ``bias``."""
+    ignore_index = params.ignore_index
     for name, t in (("hidden", hidden), ("weight", weight), ("base_hidden", base_hidden)):
         check_tensor(t, name)
         check_float(t, name)
@@ -162,6 +198,12 @@ def check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, b
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
     check_labels(labels, hidden.shape[:-1], v, ignore_index, what="hidden")
+    if base_bias is None and base_weight is None and bias is not None:
+        base_bias = bias
+    shared = base_weight is None or base_weight is weight
+    return (hidden.reshape(-1, d), base_hidden.detach().reshape(-1, d),
+            None if shared else base_weight.detach(),
+            None if base_bias is None else base_bias.detach(), flat_labels(labels))
 
 
 def check_generalized_eigh_inputs(A, B, eps) -> None:
@@ -177,3 +219,35 @@ def check_generalized_eigh_inputs(A, B, eps) -> None:
         raise ValueError(f"B is on {B.device} but A is on {A.device}")
     if not (0.0 <= eps < float("inf")):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def check_eigh_status(status: torch.Tensor, eps: float) -> None:
+    """The eigensolvers' one failure contract, for every backend: per-problem ``status`` codes
+    (``forgetkern._params.EIGH_*``) become
+
+    * ``ValueError`` "non-finite values in A or B" (NaN/inf input, or produced by whitening),
+    * ``ValueError`` "B + eps*I is not positive definite ...; increase eps",
+    * ``RuntimeWarning`` when Jacobi did not converge in ``EIGH_MAX_SWEEPS`` sweeps,
+
+    each naming up to 8 failing batch entries (flattened indices). Skipped while tracing.
+    """
+    if _compiling() or status.numel() == 0:
+        return
+    flat = status.reshape(-1).cpu()
+
+    def entries(mask):
+        return torch.nonzero(mask).flatten()[:8].tolist()
+
+    bad = entries(flat == EIGH_NON_FINITE)
+    if bad:
+        raise ValueError(f"non-finite values in A or B (NaN or inf, or overflow while whitening) "
+                         f"for batch entries {bad} (flattened indices)")
+    bad = entries(flat > 0)
+    if bad:
+        raise ValueError(f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
+                         "(flattened indices); increase eps")
+    bad = entries(flat == EIGH_NO_CONVERGENCE)
+    if bad:
+        warnings.warn(f"forgetkern.generalized_eigh: Jacobi iteration did not converge in "
+                      f"{EIGH_MAX_SWEEPS} sweeps for batch entries {bad} (flattened indices); "
+                      "results may be inaccurate", RuntimeWarning, stacklevel=3)

@@ -1,10 +1,12 @@
-"""Public functional API."""
+"""Public functional API. Each function validates its inputs once (``_validate``), resolves the
+backend once (``_backend``) and hands that implementation to the autograd Function."""
 from __future__ import annotations
 
 import torch
 
 from . import _backend, _validate
-from .ops.params import TMKLParams
+from ._autograd import LinearTMKLFunction, TMKLFunction
+from ._params import LinearTMKLParams, TMKLParams, accumulation_dtype
 
 
 def _reduce(per_row: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -23,14 +25,6 @@ def _reduce(per_row: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_
     else:
         denom = torch.tensor(num_items_in_batch, device=total.device)
     return total / denom.to(total.dtype).clamp_min(1)
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``(..., V)`` to ``(N, V)`` with unit stride along ``V`` (rows may keep any stride)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    return rows
 
 
 def tmkl_loss(
@@ -86,20 +80,14 @@ def tmkl_loss(
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``. Losses are float32
         (float64 for float64 logits). A batch with no valid token gives ``0``.
     """
-    _validate.check_tmkl_inputs(logits, base_logits, labels, ignore_index, reduction,
-                                num_items_in_batch)
-    chosen = _backend.resolve("tmkl", logits, backend=backend)
     params = TMKLParams(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
-        mask_target=bool(mask_target), ignore_index=ignore_index,
-        inplace_backward=bool(inplace_backward), backend=chosen,
+        mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
     )
-    from .ops.tmkl import TMKLFunction
-
-    z = _as_rows(logits)
-    b = _as_rows(base_logits.detach())
-    y = labels.reshape(-1)
-    loss, ce, kl = TMKLFunction.apply(z, b, y, params)
+    z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
+                                    num_items_in_batch)
+    impl = _backend.resolve("tmkl", logits, backend=backend)
+    loss, ce, kl = TMKLFunction.apply(z, b, y, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
         return reduce(loss), reduce(ce), reduce(kl)
@@ -127,14 +115,11 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
     Returns:
         ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.
     """
-    chosen = _backend.resolve("generalized_eigh", A, backend=backend)
-    if chosen == "reference":
-        from .reference import generalized_eigh as impl
-    elif chosen == "triton":
-        from .ops.geneigh import generalized_eigh as impl
-    else:
-        from ._cuda import generalized_eigh as impl
-    return impl(A, B, eps=eps)
+    _validate.check_generalized_eigh_inputs(A, B, eps)
+    impl = _backend.resolve("generalized_eigh", A, backend=backend, size=A.shape[-1])
+    w, V, status = impl.solve(A, B, float(eps))
+    _validate.check_eigh_status(status, eps)
+    return w, V
 
 
 def linear_tmkl_loss(
@@ -194,35 +179,25 @@ def linear_tmkl_loss(
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``, reduced as in
         :func:`tmkl_loss`; float32 (float64 for float64 inputs).
     """
-    _validate.check_linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias,
-                                       base_bias, ignore_index, reduction, num_items_in_batch)
-    chosen = _backend.resolve("linear_tmkl", hidden, backend=backend)
-    from .ops.linear_tmkl import LinearTMKLFunction, LinearTMKLParams
-
     params = LinearTMKLParams(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
-        mask_target=bool(mask_target), ignore_index=ignore_index,
-        inplace_backward=bool(inplace_backward), backend=chosen, chunk_size=chunk_size,
+        mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
+        chunk_size=chunk_size,
     )
-    if base_bias is None and base_weight is None and bias is not None:
-        base_bias = bias
-    shared = base_weight is None or base_weight is weight
-    d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
-    hb = base_hidden.detach().reshape(-1, d)
-    y = labels.reshape(-1)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h, hb, wb, bb, y = _validate.linear_tmkl_inputs(
+        hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
+        num_items_in_batch)
+    impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
+    acc = accumulation_dtype(hidden.dtype)
     # the upstream gradient each row's loss receives from the reduction (1/denominator for
-    # "mean"): the reference backend precomputes gradients for it during the forward
+    # "mean"): an implementation that can precomputes gradients for it during the forward
     row_weight = torch.ones((), dtype=acc, device=hidden.device)
     if reduction == "mean" and y.numel() > 0:
         unit = torch.zeros(y.numel(), dtype=acc, device=hidden.device)
         unit[0] = 1.0
         row_weight = _reduce(unit, labels, reduction, ignore_index, num_items_in_batch)
     loss, ce, kl = LinearTMKLFunction.apply(
-        h, weight, hb, None if shared else base_weight.detach(), bias,
-        None if base_bias is None else base_bias.detach(), y, row_weight,
-        torch.is_grad_enabled(), params)
+        h, weight, hb, wb, bias, bb, y, row_weight, torch.is_grad_enabled(), params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
         return reduce(loss), reduce(ce), reduce(kl)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .ops.params import TMKLParams
+from ._params import LinearTMKLParams, TMKLParams
+from ._validate import check_reduction
 
 
 class TMKLLoss(nn.Module):
@@ -22,8 +23,6 @@ class TMKLLoss(nn.Module):
         # validate the options now rather than at the first call
         TMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                    direction=direction, mask_target=mask_target, ignore_index=ignore_index)
-        from ._validate import check_reduction
-
         check_reduction(reduction)
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
@@ -66,9 +65,6 @@ class LinearTMKLLoss(nn.Module):
                  inplace_backward: bool = False, chunk_size: int | None = None,
                  backend: str | None = None):
         super().__init__()
-        from ._validate import check_reduction
-        from .ops.linear_tmkl import LinearTMKLParams
-
         # validate the options now rather than at the first call
         LinearTMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                          direction=direction, mask_target=mask_target, ignore_index=ignore_index,

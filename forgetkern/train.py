@@ -33,12 +33,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._params import LOSSES, PATHS, LossConfig
+from .functional import linear_tmkl_loss, tmkl_loss
 from .lora import adapter_parameters, disable_adapters, is_peft_model
 
-LOSSES = ("ce", "kl", "tmkl")
-PATHS = ("auto", "fused", "logits")
+__all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget_aware_loss",
+           "ForgetAwareStep", "fused_parts", "batch_labels", "count_items",
+           "shift_labels_for_causal_lm"]
+
 _NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch")
 _KL_OPTIONS = ("kl_weight", "ce_weight", "temperature", "direction", "backend", "chunk_size")
+
+
+def loss_config(loss: str = "tmkl", *, path: str = "auto", ignore_index: int = -100,
+                **options) -> LossConfig:
+    """The validated :class:`~forgetkern._params.LossConfig` of a training loss: ``loss`` is
+    ``"ce"``, ``"kl"`` or ``"tmkl"``, ``path`` ``"auto"``, ``"fused"`` or ``"logits"``, and
+    ``options`` some of ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``,
+    ``backend``, ``chunk_size``. Every invalid name or value raises here, once."""
+    unknown = set(options) - set(_KL_OPTIONS)
+    if unknown:
+        raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of {_KL_OPTIONS}")
+    return LossConfig(loss=loss, path=path, ignore_index=ignore_index, **options)
 
 
 @dataclass
@@ -121,12 +137,6 @@ def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linea
     return hidden_fn, head
 
 
-def _linear_tmkl():
-    import forgetkern
-
-    return getattr(forgetkern, "linear_tmkl_loss", None)
-
-
 def _logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -180,15 +190,17 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
     Returns:
         :class:`LossOutput` with the differentiable ``loss`` and detached ``ce``/``kl`` means.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    unknown = set(options) - set(_KL_OPTIONS)
-    if unknown:
-        raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of {_KL_OPTIONS}")
+    config = loss_config(loss, path=path, ignore_index=ignore_index, **options)
+    return config_loss(model, batch, config, num_items_in_batch=num_items_in_batch,
+                       shift_labels=shift_labels)
+
+
+def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_in_batch=None,
+                shift_labels: bool = True) -> LossOutput:
+    """:func:`forget_aware_loss` with its options as one validated :class:`LossConfig`."""
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    ignore_index = config.ignore_index
     labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
     inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
     tokens = int((labels != ignore_index).sum())
@@ -196,19 +208,13 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
         num_items_in_batch = tokens
 
     parts = None
-    if path != "logits":
+    if config.path != "logits":
         parts = fused_parts(model)
-        linear_tmkl = _linear_tmkl()
-        if parts is None or linear_tmkl is None:
-            if path == "fused":
-                why = ("forgetkern.linear_tmkl_loss is not available" if linear_tmkl is None else
-                       "the model exposes no final hidden states and plain linear head")
-                raise ValueError(f"path='fused' impossible: {why}")
-            parts = None
+        if parts is None and config.path == "fused":
+            raise ValueError("path='fused' impossible: the model exposes no final hidden states "
+                             "and plain linear head")
 
-    if loss == "ce":
-        chunk = options.pop("chunk_size", None)  # noqa: F841 - CE has one path
-        ce_w = float(options.get("ce_weight", 1.0))
+    if not config.uses_base:
         if parts is not None:
             hidden_fn, head = parts
             logits = head(hidden_fn(**inputs))
@@ -219,11 +225,10 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
         ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=ignore_index, reduction="sum")
         ce = ce_sum / max(float(num_items_in_batch), 1.0)
-        return LossOutput(ce_w * ce, ce.detach(), None, tokens, used)
+        return LossOutput(config.ce_weight * ce, ce.detach(), None, tokens, used)
 
-    kwargs = dict(options)
-    kwargs.update(mask_target=(loss == "tmkl"), ignore_index=ignore_index, reduction="mean",
-                  num_items_in_batch=num_items_in_batch, return_components=True)
+    kwargs = config.loss_kwargs()
+    kwargs.update(reduction="mean", num_items_in_batch=num_items_in_batch, return_components=True)
     if parts is not None:
         hidden_fn, head = parts
         with torch.no_grad(), _eval_mode(model), disable_adapters(model):
@@ -231,12 +236,9 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
         hidden = hidden_fn(**inputs)
         weight = head.weight.to(hidden.dtype)
         bias = head.bias.to(hidden.dtype) if head.bias is not None else None
-        total, ce, kl = linear_tmkl(hidden, weight, base_hidden.to(hidden.dtype), labels,
-                                    bias=bias, **kwargs)
+        total, ce, kl = linear_tmkl_loss(hidden, weight, base_hidden.to(hidden.dtype), labels,
+                                         bias=bias, chunk_size=config.chunk_size, **kwargs)
         return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
-    from .functional import tmkl_loss
-
-    kwargs.pop("chunk_size", None)
     with torch.no_grad(), _eval_mode(model), disable_adapters(model):
         base_logits = _logits_of(model(**inputs))
     logits = _logits_of(model(**inputs))
@@ -286,14 +288,7 @@ class ForgetAwareStep:
                  scheduler=None, max_grad_norm: float | None = None, autocast: bool | None = None,
                  shift_labels: bool = True, ignore_index: int = -100, path: str = "auto",
                  **loss_options):
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        unknown = set(loss_options) - set(_KL_OPTIONS)
-        if unknown:
-            raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of "
-                            f"{_KL_OPTIONS}")
+        self.config = loss_config(loss, path=path, ignore_index=ignore_index, **loss_options)
         self.model = model
         self.loss = loss
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -308,8 +303,6 @@ class ForgetAwareStep:
         self.autocast = (self.device.type == "cuda") if autocast is None else bool(autocast)
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
-        self.path = path
-        self.loss_options = loss_options
         self.steps = 0
 
     def _autocast(self):
@@ -320,11 +313,9 @@ class ForgetAwareStep:
     def loss_of(self, batch: dict, num_items_in_batch=None) -> LossOutput:
         """The loss of one micro-batch under this step's settings (no backward)."""
         with self._autocast():
-            return forget_aware_loss(self.model, _move(batch, self.device), loss=self.loss,
-                                     num_items_in_batch=num_items_in_batch,
-                                     shift_labels=self.shift_labels,
-                                     ignore_index=self.ignore_index, path=self.path,
-                                     **self.loss_options)
+            return config_loss(self.model, _move(batch, self.device), self.config,
+                               num_items_in_batch=num_items_in_batch,
+                               shift_labels=self.shift_labels)
 
     def __call__(self, batch) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
@@ -336,13 +327,18 @@ class ForgetAwareStep:
         total = ce = 0.0
         kl = None
         used = None
-        for mb in micro:
-            out = self.loss_of(mb, num_items_in_batch=n_items)
-            out.loss.backward()
-            total += float(out.loss.detach())
-            ce += float(out.ce)
-            kl = None if out.kl is None else (kl or 0.0) + float(out.kl)
-            used = out.path
+        try:
+            for mb in micro:
+                out = self.loss_of(mb, num_items_in_batch=n_items)
+                out.loss.backward()
+                total += float(out.loss.detach())
+                ce += float(out.ce)
+                kl = None if out.kl is None else (kl or 0.0) + float(out.kl)
+                used = out.path
+        except BaseException:
+            # a failed micro-batch must not leave the earlier ones' gradients for the next step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         metrics = {}
         if self.max_grad_norm is not None:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params,

@@ -30,34 +30,60 @@ def test_resolution_order(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("FORGETKERN_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _backend.resolve("tmkl", cpu) == "reference"
+    assert _backend.resolve_name("tmkl", cpu) == "reference"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _backend.resolve("tmkl", cpu) == "triton"
-    assert _backend.resolve("tmkl", cpu, backend="reference") == "reference"
+    assert _backend.resolve_name("tmkl", cpu) == "triton"
+    assert _backend.resolve_name("tmkl", cpu, backend="reference") == "reference"
     monkeypatch.setenv("FORGETKERN_BACKEND", "reference")
-    assert _backend.resolve("tmkl", cpu) == "reference"
+    assert _backend.resolve_name("tmkl", cpu) == "reference"
     # explicit argument wins over the environment
-    assert _backend.resolve("tmkl", cpu, backend="triton") == "triton"
+    assert _backend.resolve_name("tmkl", cpu, backend="triton") == "triton"
 
 
 def test_explicit_unavailable_backend_says_why(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        _backend.resolve("tmkl", cpu, backend="triton")
+        _backend.resolve_name("tmkl", cpu, backend="triton")
     with pytest.raises(RuntimeError, match="CUDA tensors|no .cuda. backend"):
-        _backend.resolve("tmkl", cpu, backend="cuda")
+        _backend.resolve_name("tmkl", cpu, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
-        _backend.resolve("tmkl", cpu, backend="fast")
+        _backend.resolve_name("tmkl", cpu, backend="fast")
     monkeypatch.setenv("FORGETKERN_BACKEND", "turbo")
     with pytest.raises(ValueError, match="FORGETKERN_BACKEND"):
-        _backend.resolve("tmkl", cpu)
+        _backend.resolve_name("tmkl", cpu)
 
 
 def test_env_backend_falls_back_for_ops_without_it(monkeypatch):
-    monkeypatch.setitem(_backend.OP_BACKENDS, "only_ref", ("reference",))
+    # linear_tmkl has no CUDA-extension backend: the environment preference does not apply
     monkeypatch.setenv("FORGETKERN_BACKEND", "cuda")
-    assert _backend.resolve("only_ref", torch.zeros(1)) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.resolve_name("linear_tmkl", torch.zeros(1)) == "reference"
+
+
+def test_table_is_the_one_dispatch():
+    """Every op's backends come from the table, each with its op's whole interface."""
+    for (op, backend) in _backend.TABLE:
+        impl = _backend.implementation(op, backend)
+        assert (impl.op, impl.backend) == (op, backend)
+        for name in _backend.INTERFACES[op]:
+            assert callable(getattr(impl, name)), (op, backend, name)
+    assert set(_backend.OP_BACKENDS) == set(_backend.INTERFACES)
+    assert _backend.resolve("tmkl", torch.zeros(1), backend="reference").forward is \
+        forgetkern.reference.tmkl_forward
+
+
+def test_eigensolver_size_fallback_is_decided_in_the_table(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FORGETKERN_BACKEND", raising=False)
+    cpu = torch.zeros(1)
+    from forgetkern._params import EIGH_MAX_N
+
+    if _backend.triton_installed():
+        assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_MAX_N) == "triton"
+        assert _backend.resolve_name("generalized_eigh", cpu, backend="triton",
+                                     size=EIGH_MAX_N + 1) == "reference"
+    assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_MAX_N + 1) == "reference"
 
 
 def test_cli_info(capsys):

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import forgetkern
-from forgetkern import reference
+from forgetkern import _autograd, _backend, reference
+from forgetkern._params import triton_interpret
 from forgetkern.ops import linear_tmkl as lt_ops
 
 from .helpers import assert_close_to_ref, oracle_tmkl, rel_err
@@ -209,6 +210,7 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
         target = (lt_ops, "linear_tmkl_forward")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(*target, spy)
+        mp.setattr(_backend, "_LOADED", {})  # the table loads the spy
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
                                     bias=t["bias"], backend=backend)
     assert seen == [True]
@@ -322,14 +324,15 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
 
     monkeypatch.setattr(reference, "linear_tmkl_pass", counting)
     rescales = []  # (scale, whether the precomputed tensors came back untouched)
-    real_rescale = lt_ops._rescale
+    real_rescale = _autograd._rescale
 
     def spy_rescale(grads, scale):
         out = real_rescale(grads, scale)
         rescales.append((float(scale), all(a is b for a, b in zip(out, grads))))
         return out
 
-    monkeypatch.setattr(lt_ops, "_rescale", spy_rescale)
+    monkeypatch.setattr(_autograd, "_rescale", spy_rescale)
+    monkeypatch.setattr(_backend, "_LOADED", {})  # the table loads the counting pass
     t = _inputs(shape=(9,), bias=True, ignore=(4,))
     cases = [
         # upstream exactly 1: one pass, the precomputed tensors returned as they are
@@ -364,6 +367,7 @@ def test_reference_no_grad_skips_gradient_work(monkeypatch):
     original = reference.linear_tmkl_pass
     monkeypatch.setattr(reference, "linear_tmkl_pass",
                         lambda *a, **k: seen.append(a[8] is not None) or original(*a, **k))
+    monkeypatch.setattr(_backend, "_LOADED", {})
     t = _inputs()
     with torch.no_grad():
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
@@ -482,7 +486,7 @@ def test_tma_falls_back_to_pointers_for_unaligned_or_fp64_inputs():
     bf = dict(dtype=torch.bfloat16)
     h, w = torch.randn(8, 24, **bf), torch.randn(45, 24, **bf)
     assert lt_ops._descriptors(False, h, w, h, None, cfg)[0] is False
-    if lt_ops.interpret_mode() and importlib.util.find_spec("triton") is not None:
+    if triton_interpret() and importlib.util.find_spec("triton") is not None:
         assert lt_ops._descriptors(True, h, w, h, None, cfg)[0] is True
     # a row stride of 20 bf16 (40 bytes) is not 16-byte aligned; fp32/fp64 never go through TMA
     h20 = torch.randn(8, 20, **bf)

@@ -6,7 +6,7 @@ import torch
 
 import forgetkern
 from forgetkern import reference
-from forgetkern.ops.params import TMKLParams
+from forgetkern._params import TMKLParams
 
 from .helpers import oracle_tmkl
 
@@ -171,11 +171,14 @@ def test_generalized_eigh_reference():
     a = a + a.mT
     m = torch.randn(3, n, n, dtype=torch.float64)
     bm = m @ m.mT + 0.1 * torch.eye(n, dtype=torch.float64)
-    w, vecs = reference.generalized_eigh(a, bm, eps=1e-3)
+    w, vecs, status = reference.generalized_eigh(a, bm, eps=1e-3)
+    assert (status == 0).all()
     bd = bm + 1e-3 * torch.eye(n, dtype=torch.float64)
     assert (w[:, 1:] >= w[:, :-1]).all()
     torch.testing.assert_close(vecs.mT @ bd @ vecs, torch.eye(n, dtype=torch.float64).expand(3, n, n),
                                atol=1e-10, rtol=0)
     torch.testing.assert_close(a @ vecs, bd @ vecs * w[:, None, :], atol=1e-9, rtol=0)
+    _, _, status = reference.generalized_eigh(a, -bm)
+    assert (status > 0).all()
     with pytest.raises(ValueError, match="not positive definite"):
-        reference.generalized_eigh(a, -bm)
+        forgetkern.generalized_eigh(a, -bm, backend="reference")

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("forgetkern.integrations.hf needs transformers: "
                       "pip install 'forgetkern[hf]'") from exc
 
-from ..train import LOSSES, PATHS, forget_aware_loss
+from ..train import config_loss, loss_config
 
 __all__ = ["TMKLTrainer", "compute_tmkl_loss"]
 
@@ -47,8 +47,9 @@ def compute_tmkl_loss(model, inputs: dict, *, loss: str = "tmkl", num_items_in_b
 
     but from hidden states and the head weight when possible. Returns ``(loss, LossOutput)``.
     """
-    out = forget_aware_loss(model, inputs, loss=loss, num_items_in_batch=num_items_in_batch,
-                            shift_labels=True, ignore_index=ignore_index, path=path, **options)
+    config = loss_config(loss, path=path, ignore_index=ignore_index, **options)
+    out = config_loss(model, inputs, config, num_items_in_batch=num_items_in_batch,
+                      shift_labels=True)
     return out.loss, out
 
 
@@ -67,14 +68,9 @@ class TMKLTrainer(Trainer):
 
     def __init__(self, *args, tmkl_loss: str = "tmkl", tmkl_options: dict | None = None,
                  tmkl_path: str = "auto", **kwargs):
-        if tmkl_loss not in LOSSES:
-            raise ValueError(f"tmkl_loss must be one of {LOSSES}, got {tmkl_loss!r}")
-        if tmkl_path not in PATHS:
-            raise ValueError(f"tmkl_path must be one of {PATHS}, got {tmkl_path!r}")
+        # every option is validated here, once, before the Trainer is built
+        self.tmkl_config = loss_config(tmkl_loss, path=tmkl_path, **dict(tmkl_options or {}))
         super().__init__(*args, **kwargs)
-        self.tmkl_loss = tmkl_loss
-        self.tmkl_options = dict(tmkl_options or {})
-        self.tmkl_path = tmkl_path
         # Our loss is normalized by num_items_in_batch itself: ask the Trainer to count the items
         # and not to divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -82,10 +78,9 @@ class TMKLTrainer(Trainer):
         self._tmkl_last: dict = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ignore_index = -100
-        loss, out = compute_tmkl_loss(model, inputs, loss=self.tmkl_loss,
-                                      num_items_in_batch=num_items_in_batch, path=self.tmkl_path,
-                                      ignore_index=ignore_index, **self.tmkl_options)
+        out = config_loss(model, inputs, self.tmkl_config, num_items_in_batch=num_items_in_batch,
+                          shift_labels=True)
+        loss = out.loss
         if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)
                 and self.accelerator.num_processes > 1):
             # num_items_in_batch counts every process's tokens; DDP averages the gradients

@@ -10,7 +10,7 @@ the first call that needs them.
 """
 from __future__ import annotations
 
-import os
+from .._params import TRITON_MISSING
 
 try:  # pragma: no cover - exercised implicitly by the import
     import triton
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         float32 = float64 = int64 = None
 
         def __getattr__(self, name):
-            raise RuntimeError("Triton is not installed; install it or use backend='reference'")
+            raise RuntimeError(TRITON_MISSING)
 
     tl = _TLStub()
 
@@ -39,18 +39,17 @@ except ImportError:  # pragma: no cover - depends on the environment
                 __name__ = f.__name__
 
                 def __getitem__(self, grid):
-                    raise RuntimeError(
-                        f"Triton kernel {f.__name__} cannot run: Triton is not installed"
-                    )
+                    raise RuntimeError(f"Triton kernel {f.__name__} cannot run: {TRITON_MISSING}")
 
             return _Missing()
 
         return wrap(fn) if fn is not None else wrap
 
 
-def interpret_mode() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+def check_triton() -> None:
+    """Raise the one "Triton is missing" error when a launcher is called without Triton."""
+    if not HAS_TRITON:
+        raise RuntimeError(TRITON_MISSING)
 
 
 def next_power_of_2(n: int) -> int:

@@ -9,54 +9,24 @@ Triton path
     per-row online statistics (target-excluded LSE of both models, the KL accumulator, the CE
     normalizer when ``T != 1``, the target logit). Each program writes one partial record per row;
     the ``splits`` partial records of a row are merged afterwards (:func:`_merge_partials`) into
-    the four per-row statistics of :mod:`forgetkern.ops.params`.
+    the four per-row statistics of :mod:`forgetkern._params`.
   * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
     them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
     (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
     ``tl.dot`` and fp32 atomic adds; rows go in launches of ``bwd_rows`` so ``dh`` is accumulated
     in fp32 only a few MiB at a time.
 
-Reference path (:func:`forgetkern.reference.linear_tmkl_pass`): rows in chunks with torch matmuls;
-during a forward that will be differentiated it also computes the gradients chunk by chunk, so the
-backward only rescales them (or returns them as they are when the upstream gradient is exactly the
-one assumed). When the upstream gradients do not have that form (separate gradients for the
-``ce``/``kl`` components, or per-row gradients of ``reduction="none"``), backward recomputes with
-the actual per-row coefficients.
+The reference backend of the same op is :func:`forgetkern.reference.linear_tmkl_forward` /
+``linear_tmkl_backward``; the autograd Function is :class:`forgetkern._autograd.LinearTMKLFunction`.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 
-from .. import reference
-from ._triton import HAS_TRITON, interpret_mode, jit, next_power_of_2, tl
-from .params import TMKLParams
-
-# Columns of the per-(row, split) partial record written by the forward kernel.
-PART_LSE_Z = 0  # LSE over the split's kept columns of z/T
-PART_LSE_B = 1  # LSE over the split's kept columns of b/T
-PART_KL = 2  # the split's KL accumulator normalized by its own weight distribution
-PART_LSE_CE = 3  # LSE over the split's columns of z (only when T != 1)
-PART_ZY = 4  # z_y if the target column lies in the split, else 0
-NUM_PART = 5
-
-
-@dataclass(frozen=True)
-class LinearTMKLParams(TMKLParams):
-    """:class:`TMKLParams` plus the reference path's ``chunk_size`` (rows per chunk, ``None`` =
-    sized from :data:`forgetkern.reference.REFERENCE_CHUNK_BYTES`)."""
-
-    chunk_size: int | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.chunk_size is not None:
-            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
-                raise TypeError(f"chunk_size must be an int or None, got {type(self.chunk_size).__name__}")
-            if self.chunk_size <= 0:
-                raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+from .._params import (ENV_TMA, NUM_PART, NUM_STATS, TMKLParams, accumulation_dtype, env_flag,
+                       row_outputs, triton_interpret)
+from ._tmkl_math import grad_tile, kl_accumulate, online_lse
+from ._triton import check_triton, jit, next_power_of_2, tl
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,18 +110,6 @@ def _logit_tiles(
 
 
 @jit
-def _online_lse(m, s, x):
-    """Fold the rows of the ``[BLOCK_N, BLOCK_V]`` tile ``x`` into running ``(max, sum)``; returns
-    ``(m_new, s_new, alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (a fully
-    ``-inf`` prefix keeps ``s = 0``)."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe[:, None])
-    return m_new, s * alpha + tl.sum(e, axis=1), alpha, e
-
-
-@jit
 def _linear_tmkl_fwd_kernel(
     h_ptr,  # [N, D] adapted hidden states
     stride_hn, stride_hd,
@@ -211,20 +169,11 @@ def _linear_tmkl_fwd_kernel(
             drop = drop | is_y
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
-        m_z_new, s_z, alpha_z, e_z = _online_lse(m_z, s_z, x)
-        m_b_new, s_b, alpha_b, e_b = _online_lse(m_b, s_b, u)
-        if FORWARD_KL:
-            # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
-            term = tl.where(u == NEG_INF, 0.0, e_b * (u - x))
-            kl_acc = kl_acc * alpha_b + tl.sum(term, axis=1)
-        else:
-            # acc = sum_{v != y} exp(z_v/T - m_z) (z_v - b_v) / T
-            term = tl.where(x == NEG_INF, 0.0, e_z * (x - u))
-            kl_acc = kl_acc * alpha_z + tl.sum(term, axis=1)
-        m_z = m_z_new
-        m_b = m_b_new
+        m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 1)
+        m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 1)
+        kl_acc = kl_accumulate(kl_acc, x, u, alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 1)
         if SEPARATE_CE:
-            m_c, s_c, _, _ = _online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF))
+            m_c, s_c, _, _ = online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF), 1)
     lse_z = m_z + tl.log(s_z)
     lse_b = m_b + tl.log(s_b)
     # the split's KL accumulator over its own weight distribution (base for forward, adapted for
@@ -258,7 +207,7 @@ def _linear_tmkl_bwd_kernel(
     bb_ptr,  # [V] base bias
     h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
-    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (ops/params.py)
+    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (_params.py)
     coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row (0 on ignored rows)
     coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled; 0 on ignored rows)
     dh_ptr,  # [N, D] out (accumulated atomically, accumulation dtype, contiguous rows of this launch)
@@ -306,28 +255,9 @@ def _linear_tmkl_bwd_kernel(
             drop = drop | is_y
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
-        log_q = x - lse_z[:, None]
-        log_p = u - lse_b[:, None]
-        q = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
-        p = tl.where(u == NEG_INF, 0.0, tl.exp(log_p))
-        if FORWARD_KL:
-            # dKL/dz_v = (q~_v - p~_v) / T
-            d_kl = (q - p) * inv_t
-        else:
-            # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
-            d_kl = tl.where(q > 0.0, q * (log_q - log_p - kl[:, None]), 0.0) * inv_t
-        # dCE/dz = softmax(z) - e_y
-        if SEPARATE_CE:
-            sm = tl.where(col_ok[None, :] & (z != NEG_INF), tl.exp(z - lse_ce[:, None]), 0.0)
-        elif MASK_TARGET:
-            # off the target softmax(z)_v = q~_v exp(LSE'(z) - LSE(z)) when T == 1
-            sm = tl.where(is_y, tl.exp(z - lse_ce[:, None]), q * tl.exp(lse_z - lse_ce)[:, None])
-        else:
-            sm = q
-        d_ce = sm - tl.where(is_y, 1.0, 0.0)
-        # dL/dz = coef_ce * dCE/dz + coef_kl * dKL/dz (a zero coefficient never meets inf/nan)
-        g = tl.where(a[:, None] != 0.0, a[:, None] * d_ce, 0.0) + \
-            tl.where(c[:, None] != 0.0, c[:, None] * d_kl, 0.0)
+        # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
+        g = grad_tile(z, x, u, is_y, lse_z[:, None], lse_b[:, None], lse_ce[:, None], kl[:, None],
+                      a[:, None], c[:, None], inv_t, FORWARD_KL, MASK_TARGET, SEPARATE_CE)
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         g_op = g.to(w_ptr.dtype.element_ty)
         ks = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -426,12 +356,8 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         "splits": splits, "bwd_rows": bwd_rows,
         "num_warps": 8 if big else 4,
         "num_stages": 3 if shared_weight else 2,
-        "tma": _tma_requested() if tma is None else bool(tma),
+        "tma": env_flag(ENV_TMA) if tma is None else bool(tma),
     }
-
-
-def _tma_requested() -> bool:
-    return os.environ.get("FORGETKERN_TMA", "0").lower() in ("1", "true", "yes", "on")
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -445,7 +371,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cuda":
         return torch.cuda.get_device_capability(t.device)[0] >= 9
-    return interpret_mode()
+    return triton_interpret()
 
 
 def _descriptors(use_tma: bool, hidden, weight, base_hidden, base_weight, cfg: dict):
@@ -467,11 +393,6 @@ def _descriptors(use_tma: bool, hidden, weight, base_hidden, base_weight, cfg: d
     wb_desc = w_desc if base_weight is None else TensorDescriptor.from_tensor(wb, cols)
     return True, (TensorDescriptor.from_tensor(hidden, rows), w_desc,
                   TensorDescriptor.from_tensor(base_hidden, rows), wb_desc)
-
-
-def _check_triton():
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package")
 
 
 def _tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias):
@@ -497,7 +418,7 @@ def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
         HAS_BASE_BIAS=base_bias is not None, SHARED_WEIGHT=base_weight is None,
         ACC_FP64=hidden.dtype == torch.float64,
         DOT_IEEE=hidden.dtype in (torch.float32, torch.float64),
-        DOT_UPCAST=hidden.dtype == torch.bfloat16 and interpret_mode(),
+        DOT_UPCAST=hidden.dtype == torch.bfloat16 and triton_interpret(),
     )
 
 
@@ -529,36 +450,39 @@ def _merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams
     ce = lse_ce - z_y
     y = labels.long()
     valid = y != params.ignore_index
-    return reference._chunk_outputs((ce, kl, lse_z, lse_b, lse_ce), valid, params)
+    return row_outputs(ce, kl, lse_z, lse_b, lse_ce, valid, params)
 
 
 def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                        params: TMKLParams, **overrides):
-    """Triton forward: per-row ``(loss, ce, kl, stats)`` for ``(N, D)`` hidden states and ``(V, D)``
-    heads (``base_weight=None``: the base uses ``weight``). ``overrides`` go to
+                        params: TMKLParams, row_weight=None, needs=(False, False, False),
+                        **overrides):
+    """Triton forward: per-row ``(loss, ce, kl, stats, None)`` for ``(N, D)`` hidden states and
+    ``(V, D)`` heads (``base_weight=None``: the base uses ``weight``). The backward recomputes, so
+    no gradient is precomputed (``row_weight`` and ``needs`` are unused). ``overrides`` go to
     :func:`launch_config`."""
-    _check_triton()
+    check_triton()
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = reference.accumulation_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     labels = labels.contiguous()  # the kernels index labels with unit stride
     if n == 0:
         empty = torch.zeros(0, dtype=acc, device=hidden.device)
-        return empty, empty.clone(), empty.clone(), torch.zeros(0, 4, dtype=acc, device=hidden.device)
+        return (empty, empty.clone(), empty.clone(),
+                torch.zeros(0, NUM_STATS, dtype=acc, device=hidden.device), None)
     cfg = launch_config(n, v, d, hidden.dtype, hidden.device, shared_weight=base_weight is None,
                         **overrides)
     splits = cfg.pop("splits")
     cfg.pop("bwd_rows")
     use_tma, descs = _descriptors(cfg.pop("tma"), hidden, weight, base_hidden, base_weight, cfg)
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
-    part = torch.empty(n, splits, 5, dtype=acc, device=hidden.device)
+    part = torch.empty(n, splits, NUM_PART, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]), splits)
     _linear_tmkl_fwd_kernel[grid](
         *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,
         part, n, v, d, tiles_per_split, 1.0 / params.temperature,
         **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
     )
-    return _merge_partials(part, labels, params)
+    return (*_merge_partials(part, labels, params), None)
 
 
 def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
@@ -572,10 +496,10 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     of ``bwd_rows x D`` and casts it into the output, so the backward's extra memory beyond the
     gradient itself stays a few MiB instead of an fp32 copy of ``N x D``.
     """
-    _check_triton()
+    check_triton()
     n, d = hidden.shape
     v = weight.shape[0]
-    acc = reference.accumulation_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     need_h, need_w, need_b = (bool(x) for x in needs)
     dev = hidden.device
     dh = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
@@ -618,110 +542,3 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
         if scratch is not None:
             dh[r0:r1].copy_(dh_part)
     return dh, dw, db
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
-def _coefficients(g_loss, g_ce, g_kl, p: TMKLParams, n: int, dtype, device):
-    """Per-row coefficients of dCE/dz and dKL/dz from the three upstream gradients (as
-    :class:`forgetkern.ops.tmkl.TMKLFunction`)."""
-    zeros = torch.zeros(n, dtype=dtype, device=device)
-    g_loss = zeros if g_loss is None else g_loss.to(dtype)
-    coef_ce = g_loss * p.ce_weight + (zeros if g_ce is None else g_ce.to(dtype))
-    coef_kl = g_loss * p.kl_scale + (zeros if g_kl is None else g_kl.to(dtype))
-    return coef_ce, coef_kl
-
-
-def _uniform_scale(g_loss: torch.Tensor, valid: torch.Tensor, row_weight: torch.Tensor):
-    """``s`` such that ``g_loss == s * row_weight`` on every valid row, or ``None`` when the valid
-    rows' upstream gradients differ (one host sync)."""
-    g = g_loss[valid]
-    if g.numel() == 0:
-        return torch.ones((), dtype=row_weight.dtype, device=row_weight.device)
-    if not bool((g == g[0]).all()):
-        return None
-    return g[0] / row_weight
-
-
-def _rescale(grads: tuple, scale: torch.Tensor) -> tuple:
-    """The precomputed gradients times ``scale``; the very same tensors when ``scale`` is exactly 1
-    (the usual ``loss.backward()`` of a reduced loss: backward does no arithmetic at all)."""
-    if bool(scale == 1):
-        return grads
-    return tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
-
-
-class LinearTMKLFunction(torch.autograd.Function):
-    """Per-row fused-linear TMKL ``(loss, ce, kl)``; reductions happen outside.
-
-    ``forward(hidden (N, D), weight (V, D), base_hidden (N, D), base_weight (V, D) or None,
-    bias (V,) or None, base_bias (V,) or None, labels (N,), row_weight (0-dim), precompute,
-    params)``. ``row_weight`` is the upstream gradient each row's loss is expected to receive (the
-    reduction's ``1/denominator``); with ``precompute`` (reference backend, gradients wanted) the
-    forward computes the gradients for exactly that upstream gradient, and the backward rescales
-    them when the actual one is a uniform multiple of it, else recomputes. Only ``hidden``,
-    ``weight`` and ``bias`` get gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, base_hidden, base_weight, bias, base_bias, labels, row_weight,
-                precompute: bool, params: LinearTMKLParams):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 bias is not None and ctx.needs_input_grad[4])
-        ctx.params = params
-        ctx.needs = needs
-        ctx.set_materialize_grads(False)
-        ctx.pre = None
-        if params.backend == "reference":
-            wb = weight if base_weight is None else base_weight
-            n = hidden.shape[0]
-            coef_ce = coef_kl = None
-            if precompute and any(needs):
-                acc = reference.accumulation_dtype(hidden.dtype)
-                ones = torch.ones(n, dtype=acc, device=hidden.device) * row_weight.to(acc)
-                coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
-            loss, ce, kl, stats, gh, gw, gb = reference.linear_tmkl_pass(
-                hidden, weight, base_hidden, wb, bias, base_bias, labels, params,
-                coef_ce, coef_kl, needs, chunk_size=params.chunk_size)
-            if coef_ce is not None:
-                ctx.pre = (gh, gw, gb)
-        else:
-            loss, ce, kl, stats = linear_tmkl_forward(hidden, weight, base_hidden, base_weight,
-                                                      bias, base_bias, labels, params)
-        ctx.save_for_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                              stats, row_weight)
-        return loss, ce, kl
-
-    @staticmethod
-    def backward(ctx, g_loss, g_ce, g_kl):
-        hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats, row_weight = \
-            ctx.saved_tensors
-        p: LinearTMKLParams = ctx.params
-        needs = ctx.needs
-        none = (None,) * 7
-        if not any(needs):
-            return (None,) * 3 + none
-        grads = None
-        if ctx.pre is not None and g_ce is None and g_kl is None and g_loss is not None:
-            valid = labels.long() != p.ignore_index
-            scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
-            if scale is not None:
-                grads = _rescale(ctx.pre, scale)
-        if grads is None:
-            n = hidden.shape[0]
-            coef_ce, coef_kl = _coefficients(g_loss, g_ce, g_kl, p, n, stats.dtype, hidden.device)
-            if p.backend == "reference":
-                wb = weight if base_weight is None else base_weight
-                grads = reference.linear_tmkl_pass(
-                    hidden, weight, base_hidden, wb, bias, base_bias, labels, p, coef_ce, coef_kl,
-                    needs, chunk_size=p.chunk_size)[4:]
-            else:
-                grads = linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias,
-                                             base_bias, labels, stats, coef_ce, coef_kl, p, needs)
-        ctx.pre = None
-        gh, gw, gb = grads
-        gh = None if gh is None else gh.to(hidden.dtype)
-        gw = None if gw is None else gw.to(weight.dtype)
-        gb = None if gb is None else gb.to(bias.dtype)
-        return gh, gw, None, None, gb, None, None, None, None, None

@@ -1,4 +1,4 @@
-"""Target-masked KL (TMKL) on logits: Triton kernels, launchers and the autograd Function.
+"""Target-masked KL (TMKL) on logits: Triton kernels and launchers (the ``tmkl`` op's Triton backend).
 
 Per token (DESIGN.md): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
 ``CE = LSE(z) - z_y`` and KL between the base and adapted distributions over ``v != y``, both
@@ -14,33 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ._triton import HAS_TRITON, jit, next_power_of_2, tl
-from .params import NUM_STATS, TMKLParams
+from .._params import NUM_STATS, TMKLParams, accumulation_dtype
+from ._tmkl_math import grad_tile, kl_accumulate, logaddexp, online_lse
+from ._triton import check_triton, jit, next_power_of_2, tl
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-@jit
-def _logaddexp(a, b):
-    mx = tl.maximum(a, b)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
-
-
-@jit
-def _online_lse(m, s, x):
-    """Fold the block ``x`` of one row into the running ``(max, sum)``; returns ``(m_new, s_new,
-    alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (a fully ``-inf``
-    prefix keeps ``s = 0``)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(x - m_safe)
-    return m_new, s * alpha + tl.sum(e, axis=0), alpha, e
-
-
 @jit
 def _tmkl_fwd_kernel(
     z_ptr,  # [N, V] adapted logits, unit stride along V
@@ -51,7 +32,7 @@ def _tmkl_fwd_kernel(
     loss_ptr,  # [N] out: ce_weight * CE + kl_weight * T^2 * KL (0 for ignored rows)
     ce_ptr,  # [N] out: CE
     kl_ptr,  # [N] out: KL (unscaled)
-    stats_ptr,  # [N, 4] out: lse_z, lse_b, lse_ce, kl (see ops/params.py)
+    stats_ptr,  # [N, 4] out: lse_z, lse_b, lse_ce, kl (see _params.py)
     V,
     ignore_index,
     inv_t,  # 1 / T
@@ -95,21 +76,12 @@ def _tmkl_fwd_kernel(
             if MASK_TARGET:
                 x = tl.where(offs == y, NEG_INF, x)
                 u = tl.where(offs == y, NEG_INF, u)
-            # online LSEs of z/T and b/T over the kept columns
-            m_z_new, s_z, alpha_z, e_z = _online_lse(m_z, s_z, x)
-            m_b_new, s_b, alpha_b, e_b = _online_lse(m_b, s_b, u)
-            if FORWARD_KL:
-                # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
-                term = tl.where(u == NEG_INF, 0.0, e_b * (u - x))
-                kl_acc = kl_acc * alpha_b + tl.sum(term, axis=0)
-            else:
-                # acc = sum_{v != y} exp(z_v/T - m_z) (z_v - b_v) / T
-                term = tl.where(x == NEG_INF, 0.0, e_z * (x - u))
-                kl_acc = kl_acc * alpha_z + tl.sum(term, axis=0)
-            m_z = m_z_new
-            m_b = m_b_new
+            # online LSEs of z/T and b/T over the kept columns, and the KL accumulator
+            m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 0)
+            m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 0)
+            kl_acc = kl_accumulate(kl_acc, x, u, alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 0)
             if SEPARATE_CE:
-                m_c, s_c, _, _ = _online_lse(m_c, s_c, z)
+                m_c, s_c, _, _ = online_lse(m_c, s_c, z, 0)
 
         lse_z = m_z + tl.log(s_z)
         lse_b = m_b + tl.log(s_b)
@@ -126,7 +98,7 @@ def _tmkl_fwd_kernel(
         if SEPARATE_CE:
             lse_ce = m_c + tl.log(s_c)
         elif MASK_TARGET:
-            lse_ce = _logaddexp(lse_z, z_y)
+            lse_ce = logaddexp(lse_z, z_y)
         else:
             lse_ce = lse_z
         ce = lse_ce - z_y
@@ -181,9 +153,6 @@ def _tmkl_bwd_kernel(
         kl = tl.load(stats_ptr + row * 4 + 3)
         a = tl.load(coef_ce_ptr + row).to(acc_dtype)
         c = tl.load(coef_kl_ptr + row).to(acc_dtype)
-        # softmax(z)_v = q~_v * exp(LSE'(z) - LSE(z)) off the target when T == 1
-        ratio = tl.exp(lse_z - lse_ce)
-        z_y = tl.load(z_row + y).to(acc_dtype)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             inb = offs < V
@@ -195,25 +164,9 @@ def _tmkl_bwd_kernel(
             if MASK_TARGET:
                 x = tl.where(is_y, NEG_INF, x)
                 u = tl.where(is_y, NEG_INF, u)
-            log_q = x - lse_z
-            log_p = u - lse_b
-            q = tl.where(x == NEG_INF, 0.0, tl.exp(log_q))
-            p = tl.where(u == NEG_INF, 0.0, tl.exp(log_p))
-            if FORWARD_KL:
-                # dKL/dz_v = (q~_v - p~_v) / T
-                d_kl = (q - p) * inv_t
-            else:
-                # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
-                d_kl = tl.where(q > 0.0, q * (log_q - log_p - kl), 0.0) * inv_t
-            # dCE/dz = softmax(z) - e_y
-            if SEPARATE_CE:
-                sm = tl.where(z == NEG_INF, 0.0, tl.exp(z - lse_ce))
-            elif MASK_TARGET:
-                sm = tl.where(is_y, tl.exp(z_y - lse_ce), q * ratio)
-            else:
-                sm = q
-            d_ce = sm - tl.where(is_y, 1.0, 0.0)
-            g = tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
+            # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
+            g = grad_tile(z, x, u, is_y, lse_z, lse_b, lse_ce, kl, a, c, inv_t,
+                          FORWARD_KL, MASK_TARGET, SEPARATE_CE)
             tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=inb)
 
 
@@ -237,16 +190,11 @@ def launch_config(V: int, dtype: torch.dtype, block_v: int | None = None) -> dic
     return {"BLOCK_V": block_v, "num_warps": num_warps}
 
 
-def _check_triton():
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package")
-
-
 def tmkl_forward(logits, base_logits, labels, params: TMKLParams, block_v: int | None = None):
     """Triton forward: ``(loss, ce, kl, stats)`` per row for ``(N, V)`` logits (unit column stride)."""
-    _check_triton()
+    check_triton()
     n, v = logits.shape
-    acc = reference.accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     ce = torch.empty_like(loss)
     kl = torch.empty_like(loss)
@@ -267,12 +215,12 @@ def tmkl_forward(logits, base_logits, labels, params: TMKLParams, block_v: int |
 def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
                   grad_out, block_v: int | None = None):
     """Triton backward: writes the per-row weighted gradient into ``grad_out`` (may be ``logits``)."""
-    _check_triton()
+    check_triton()
     n, v = logits.shape
     if n == 0:
         return grad_out
     cfg = launch_config(v, logits.dtype, block_v)
-    acc = reference.accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     _tmkl_bwd_kernel[(n,)](
         logits, logits.stride(0), base_logits, base_logits.stride(0), labels, stats,
         coef_ce.to(acc).contiguous(), coef_kl.to(acc).contiguous(), grad_out, grad_out.stride(0),
@@ -281,56 +229,3 @@ def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: 
         SEPARATE_CE=params.separate_ce, ACC_FP64=acc == torch.float64, **cfg,
     )
     return grad_out
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
-def _implementation(backend: str):
-    """``(forward, backward)`` of a backend, all with the interface of :mod:`forgetkern.reference`."""
-    if backend == "reference":
-        return reference.tmkl_forward, reference.tmkl_backward
-    if backend == "triton":
-        return tmkl_forward, tmkl_backward
-    if backend == "cuda":
-        from .. import _cuda
-
-        return _cuda.tmkl_forward, _cuda.tmkl_backward
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-class TMKLFunction(torch.autograd.Function):
-    """Per-row TMKL ``(loss, ce, kl)`` of ``(N, V)`` logits; reductions happen outside.
-
-    Backward combines the three upstream gradients into two per-row coefficients
-    (``coef_ce = g_loss * ce_weight + g_ce``, ``coef_kl = g_loss * kl_weight * T^2 + g_kl``) and
-    recomputes the gradient from the logits. ``base_logits`` never receives a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, base_logits, labels, params: TMKLParams):
-        fwd, _ = _implementation(params.backend)
-        loss, ce, kl, stats = fwd(logits, base_logits, labels, params)
-        ctx.save_for_backward(logits, base_logits, labels, stats)
-        ctx.params = params
-        ctx.set_materialize_grads(False)
-        return loss, ce, kl
-
-    @staticmethod
-    def backward(ctx, g_loss, g_ce, g_kl):
-        logits, base_logits, labels, stats = ctx.saved_tensors
-        p: TMKLParams = ctx.params
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        n = logits.shape[0]
-        zeros = torch.zeros(n, dtype=stats.dtype, device=logits.device)
-        g_loss = zeros if g_loss is None else g_loss.to(stats.dtype)
-        coef_ce = g_loss * p.ce_weight + (zeros if g_ce is None else g_ce.to(stats.dtype))
-        coef_kl = g_loss * p.kl_scale + (zeros if g_kl is None else g_kl.to(stats.dtype))
-        if p.inplace_backward:
-            grad = logits
-        else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        _, bwd = _implementation(p.backend)
-        grad = bwd(logits, base_logits, labels, stats, coef_ce, coef_kl, p, grad)
-        return grad, None, None, None

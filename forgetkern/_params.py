@@ -1,0 +1,283 @@
+"""The ground layer: every fact that host code and kernels share, defined once.
+
+Option dataclasses (validated once, passed to the autograd Functions), the accumulation dtype,
+environment flags, limits, and the layouts that kernels and host code read alike (per-row
+statistics, partial records, the FoLoRA segment table and scalars, the eigensolver's status codes).
+
+This module imports nothing of forgetkern; everything else may import it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+BACKENDS = ("reference", "triton", "cuda")
+DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("mean", "sum", "none")
+LOSSES = ("ce", "kl", "tmkl")  # the training losses of ForgetAwareStep / TMKLTrainer
+PATHS = ("auto", "fused", "logits")  # how a training loss gets its logits
+
+# --------------------------------------------------------------------------------------------
+# Environment flags (read on each call, never cached: tests and users may change them)
+# --------------------------------------------------------------------------------------------
+ENV_BACKEND = "FORGETKERN_BACKEND"  # process-wide backend preference
+ENV_TMA = "FORGETKERN_TMA"  # fused-linear Triton kernels load operands with TMA descriptors
+ENV_CUDA_SYNC = "FORGETKERN_CUDA_SYNC"  # synchronize after every CUDA-extension launch
+ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # Triton's own CPU interpreter switch
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value (1/true/yes/on)."""
+    return os.environ.get(name, "0").strip().lower() in _TRUE
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return env_flag(ENV_TRITON_INTERPRET)
+
+
+def env_backend() -> str | None:
+    """The ``FORGETKERN_BACKEND`` preference, lower-cased, or ``None`` when unset."""
+    value = os.environ.get(ENV_BACKEND, "").strip().lower()
+    return value or None
+
+
+TRITON_MISSING = "the triton package is not installed (pip install triton, or use backend='reference')"
+
+# --------------------------------------------------------------------------------------------
+# Dtypes
+# --------------------------------------------------------------------------------------------
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other float dtype (every backend)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# TMKL layouts
+# --------------------------------------------------------------------------------------------
+# Per-row statistics that a TMKL forward saves for its backward, as columns of an (N, 4) tensor
+# in the accumulation dtype. Every backend (reference, Triton, CUDA) uses this layout.
+STAT_LSE_Z = 0  # LSE_{v != y}(z_v / T)   (over all v when mask_target=False)
+STAT_LSE_B = 1  # LSE_{v != y}(b_v / T)
+STAT_LSE_CE = 2  # LSE_v(z_v), the cross-entropy normalizer (temperature never applies)
+STAT_KL = 3  # the row's KL (unscaled: no T^2, no kl_weight)
+NUM_STATS = 4
+
+# Columns of the per-(row, vocabulary split) partial record of the fused-linear Triton forward.
+PART_LSE_Z = 0  # LSE over the split's kept columns of z/T
+PART_LSE_B = 1  # LSE over the split's kept columns of b/T
+PART_KL = 2  # the split's KL accumulator normalized by its own weight distribution
+PART_LSE_CE = 3  # LSE over the split's columns of z (only when T != 1)
+PART_ZY = 4  # z_y if the target column lies in the split, else 0
+NUM_PART = 5
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TMKLParams:
+    """Non-tensor options of one TMKL call (see ``forgetkern.tmkl_loss`` for their meaning).
+
+    The per-token loss is ``ce_weight * CE + kl_weight * temperature**2 * KL``.
+    """
+
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    direction: str = "forward"
+    mask_target: bool = True
+    ignore_index: int = -100
+    inplace_backward: bool = False
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        for name in ("kl_weight", "ce_weight", "temperature"):
+            object.__setattr__(self, name, _check_number(name, getattr(self, name)))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        for name in ("mask_target", "inplace_backward"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @property
+    def forward_kl(self) -> bool:
+        return self.direction == "forward"
+
+    @property
+    def kl_scale(self) -> float:
+        """Weight of the raw KL in the token loss: ``kl_weight * T**2``."""
+        return self.kl_weight * self.temperature**2
+
+    @property
+    def separate_ce(self) -> bool:
+        """CE needs its own log-sum-exp (temperature != 1); otherwise it reuses the KL statistics.
+        Every backend (Triton flag, CUDA template switch, reference) reads this one rule."""
+        return self.temperature != 1.0
+
+
+@dataclass(frozen=True)
+class LinearTMKLParams(TMKLParams):
+    """:class:`TMKLParams` plus the reference path's ``chunk_size`` (rows per chunk, ``None`` =
+    sized from ``forgetkern.reference.REFERENCE_CHUNK_BYTES``)."""
+
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.chunk_size is not None:
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
+                raise TypeError(f"chunk_size must be an int or None, got {type(self.chunk_size).__name__}")
+            if self.chunk_size <= 0:
+                raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+
+
+def guarded(weight: float, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value`` with a zero weight giving exactly zero (never ``0 * inf = nan``)."""
+    return value * weight if weight != 0.0 else torch.zeros_like(value)
+
+
+def row_outputs(ce, kl, lse_z, lse_b, lse_ce, valid, p: TMKLParams):
+    """Per-row ``(loss, ce, kl, stats)`` from per-row CE, KL and log-sum-exps (any backend that
+    finishes rows on the host); loss, CE and KL are zero on rows where ``valid`` is false."""
+    zero = torch.zeros_like(ce)
+    ce = torch.where(valid, ce, zero)
+    kl = torch.where(valid, kl, zero)
+    loss = guarded(p.ce_weight, ce) + guarded(p.kl_scale, kl)
+    stats = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
+    return loss, ce, kl, stats
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How a training step turns a batch into a loss, validated once and shared by
+    ``ForgetAwareStep``, ``forget_aware_loss`` and ``TMKLTrainer``.
+
+    ``loss``: ``"ce"`` (plain fine-tuning), ``"kl"`` (CE + full-vocabulary KL) or ``"tmkl"``;
+    ``path``: ``"fused"`` (hidden states + LM head, no logits), ``"logits"`` or ``"auto"``;
+    ``tmkl``: the options of the KL term (``mask_target`` follows ``loss``).
+    """
+
+    loss: str = "tmkl"
+    path: str = "auto"
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    direction: str = "forward"
+    ignore_index: int = -100
+    backend: str | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        # validates kl_weight, ce_weight, temperature, direction, ignore_index, chunk_size
+        self.params()
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether the loss needs the base model's outputs."""
+        return self.loss != "ce"
+
+    def params(self) -> LinearTMKLParams:
+        """The loss options as the kernels' parameter bundle."""
+        return LinearTMKLParams(
+            kl_weight=self.kl_weight, ce_weight=self.ce_weight, temperature=self.temperature,
+            direction=self.direction, mask_target=self.loss == "tmkl",
+            ignore_index=self.ignore_index, chunk_size=self.chunk_size)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of ``tmkl_loss`` / ``linear_tmkl_loss`` for this configuration."""
+        kw = dict(kl_weight=self.kl_weight, ce_weight=self.ce_weight, temperature=self.temperature,
+                  direction=self.direction, mask_target=self.loss == "tmkl",
+                  ignore_index=self.ignore_index, backend=self.backend)
+        return kw
+
+
+# --------------------------------------------------------------------------------------------
+# Generalized eigensolver: limits and the status codes every backend reports
+# --------------------------------------------------------------------------------------------
+#: Largest ``n`` the on-chip eigensolvers (Triton program, CUDA thread block) handle; larger
+#: problems run on the reference (cuSOLVER / LAPACK through torch). The CUDA extension reports its
+#: own value as ``_C.EIGH_MAX_N`` and a test ties the two.
+EIGH_MAX_N = 64
+#: Cyclic Jacobi sweeps of the on-chip eigensolvers before they report non-convergence
+#: (``_C.EIGH_MAX_SWEEPS`` must match).
+EIGH_MAX_SWEEPS = 40
+# Per-problem status codes written by the on-chip eigensolvers (and derived by the reference).
+EIGH_OK = 0
+EIGH_NOT_PD = 1  # B + eps I is not positive definite (CUDA reports the failing pivot, > 0)
+EIGH_NON_FINITE = -1  # NaN or inf in A or B, or produced by the whitening
+EIGH_NO_CONVERGENCE = -2  # Jacobi did not converge in EIGH_MAX_SWEEPS sweeps
+
+# --------------------------------------------------------------------------------------------
+# FoLoRA: the flat segment table and the per-segment scalars of the gated Adam step
+# --------------------------------------------------------------------------------------------
+#: Columns of the per-segment scalar table, read by the reference and the Triton step alike.
+FOLORA_SCALARS = ("neg_step_size", "bc2_sqrt", "eps", "beta2", "w1", "w2")
+NUM_FOLORA_SCALARS = len(FOLORA_SCALARS)
+
+
+@dataclass
+class SegmentTable:
+    """Where each parameter (segment) lives in FoLoRA's flat buffers and which gates it uses.
+
+    Host lists (``start``, ``numel``, ``cols``, ``gate``) serve the reference path; the device
+    block table for the Triton kernel is built on demand by :meth:`device_tables` and cached per
+    set of active segments.
+    """
+
+    start: list[int]
+    numel: list[int]
+    cols: list[int]
+    gate: list[int]  # offset into the flat gate buffer, -1 when ungated
+    device: torch.device
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def device_tables(self, active: tuple[int, ...], block: int):
+        """``(blk_seg, blk_start, seg_start, seg_end, seg_cols, seg_gate)`` for ``active``
+        segments (indices into this table), as device tensors."""
+        key = (active, block)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        blk_seg, blk_start = [], []
+        for i in active:
+            for off in range(self.start[i], self.start[i] + self.numel[i], block):
+                blk_seg.append(i)
+                blk_start.append(off)
+        dev = self.device
+        tables = (
+            torch.tensor(blk_seg, dtype=torch.int32, device=dev),
+            torch.tensor(blk_start, dtype=torch.int64, device=dev),
+            torch.tensor(self.start, dtype=torch.int64, device=dev),
+            torch.tensor([s + n for s, n in zip(self.start, self.numel)], dtype=torch.int64, device=dev),
+            torch.tensor([max(c, 1) for c in self.cols], dtype=torch.int64, device=dev),
+            torch.tensor(self.gate, dtype=torch.int64, device=dev),
+        )
+        if len(self._cache) > 8:
+            self._cache.clear()
+        self._cache[key] = tables
+        return tables
