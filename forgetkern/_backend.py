@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from . import _cuda
 from ._params import BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, env_backend, triton_interpret
 
 # op -> the names of its interface functions
@@ -111,8 +112,6 @@ def triton_installed() -> bool:
 
 def cuda_extension_available() -> bool:
     """Whether the compiled ``forgetkern._C`` extension loads in this process."""
-    from . import _cuda
-
     return _cuda.available()
 
 
@@ -147,8 +146,6 @@ def why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the CUDA extension needs CUDA tensors (got {device.type} tensors)"
     if not cuda_extension_available():
-        from . import _cuda
-
         return f"the forgetkern._C extension is not available: {_cuda.load_error()}"
     return None
 

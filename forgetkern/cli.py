@@ -5,10 +5,12 @@ import argparse
 import json
 import sys
 
+from . import _bench
+from ._info import info
+from .demo import run as _demo
+
 
 def _cmd_info(args) -> int:
-    from . import info
-
     data = info()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -25,11 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, GPU and available backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
     p_info.set_defaults(func=_cmd_info)
-    from . import _bench
-
     _bench.add_parser(sub)
-    from .demo import run as _demo
-
     _demo.add_parser(sub)
     return parser
 
