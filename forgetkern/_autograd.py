@@ -52,6 +52,11 @@ class TMKLFunction(torch.autograd.Function):
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad = ctx.impl.backward(logits, base_logits, labels, stats, coef_ce, coef_kl, p, grad)
+        if p.inplace_backward:
+            # the logits' storage now holds the gradient: bump its version so that any other node
+            # that saved these logits (or a second backward through this one) raises torch's
+            # in-place error instead of reading the gradient as logits
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
 
 

@@ -66,21 +66,31 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # TMKL layouts
 # --------------------------------------------------------------------------------------------
-# Per-row statistics that a TMKL forward saves for its backward, as columns of an (N, 4) tensor
-# in the accumulation dtype. Every backend (reference, Triton, CUDA) uses this layout.
-STAT_LSE_Z = 0  # LSE_{v != y}(z_v / T)   (over all v when mask_target=False)
-STAT_LSE_B = 1  # LSE_{v != y}(b_v / T)
-STAT_LSE_CE = 2  # LSE_v(z_v), the cross-entropy normalizer (temperature never applies)
-STAT_KL = 3  # the row's KL (unscaled: no T^2, no kl_weight)
-NUM_STATS = 4
+# Per-row statistics that a TMKL forward saves for its backward, as columns of an (N, 7) tensor
+# in the accumulation dtype. Every backend (reference, Triton, CUDA) uses this layout. Each
+# normalizer is kept as its row max and its log-sum apart (``LSE = m + ls``): log-probabilities are
+# formed as ``(x - m) - ls``, which is shift-invariant (``x - LSE`` is not: LSE carries the logits'
+# rounding). A max is stored as 0 for a row with no finite entry (its log-sum is then -inf).
+STAT_M_Z = 0  # max over the kept columns of z/T (all columns when mask_target=False)
+STAT_LS_Z = 1  # log sum exp(z/T - m_z) over the kept columns
+STAT_M_B = 2  # max over the kept columns of b/T
+STAT_LS_B = 3  # log sum exp(b/T - m_b) over the kept columns
+STAT_M_CE = 4  # max of the CE normalizer, over every column of z (temperature never applies)
+STAT_LS_CE = 5  # log sum exp(z - m_ce) over every column
+STAT_KL = 6  # the row's KL (unscaled: no T^2, no kl_weight)
+NUM_STATS = 7
 
-# Columns of the per-(row, vocabulary split) partial record of the fused-linear Triton forward.
-PART_LSE_Z = 0  # LSE over the split's kept columns of z/T
-PART_LSE_B = 1  # LSE over the split's kept columns of b/T
-PART_KL = 2  # the split's KL accumulator normalized by its own weight distribution
-PART_LSE_CE = 3  # LSE over the split's columns of z (only when T != 1)
-PART_ZY = 4  # z_y if the target column lies in the split, else 0
-NUM_PART = 5
+# Columns of the per-(row, vocabulary split) partial record of the fused-linear Triton forward;
+# maxima and log-sums as in the statistics above, over the split's columns only.
+PART_M_Z = 0
+PART_LS_Z = 1
+PART_M_B = 2
+PART_LS_B = 3
+PART_KL = 4  # the split's KL accumulator over its own weight distribution, offsets to its maxima
+PART_M_CE = 5  # (only when T != 1)
+PART_LS_CE = 6  # (only when T != 1)
+PART_ZY = 7  # z_y if the target column lies in the split, else 0
+NUM_PART = 8
 
 
 def _check_number(name: str, value) -> float:
@@ -155,15 +165,35 @@ def guarded(weight: float, value: torch.Tensor) -> torch.Tensor:
     return value * weight if weight != 0.0 else torch.zeros_like(value)
 
 
-def row_outputs(ce, kl, lse_z, lse_b, lse_ce, valid, p: TMKLParams):
-    """Per-row ``(loss, ce, kl, stats)`` from per-row CE, KL and log-sum-exps (any backend that
-    finishes rows on the host); loss, CE and KL are zero on rows where ``valid`` is false."""
+def row_outputs(ce, kl, stats, valid, p: TMKLParams):
+    """Per-row ``(loss, ce, kl, stats)`` from per-row CE, KL and ``(N, NUM_STATS)`` statistics (any
+    backend that finishes rows on the host). Loss, CE, KL and statistics are zero on rows where
+    ``valid`` is false; a KL below zero by rounding reports as 0 (NaN stays NaN)."""
     zero = torch.zeros_like(ce)
     ce = torch.where(valid, ce, zero)
-    kl = torch.where(valid, kl, zero)
+    kl = torch.where(valid & ~(kl < 0), kl, zero)
     loss = guarded(p.ce_weight, ce) + guarded(p.kl_scale, kl)
-    stats = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
+    stats = torch.where(valid[:, None], stats, torch.zeros_like(stats))
     return loss, ce, kl, stats
+
+
+def merge_lse(m: torch.Tensor, ls: torch.Tensor, dim: int = 1):
+    """Merge log-sum-exps given as ``(max, log-sum)`` pairs along ``dim`` into one pair, keeping the
+    max and the log-sum apart (shift-invariant). An empty part has ``ls = -inf``; an empty result
+    has max ``0`` and log-sum ``-inf``."""
+    raw = torch.where(ls == float("-inf"), torch.full_like(m, float("-inf")), m)
+    top = raw.amax(dim=dim)
+    top = top.masked_fill(top == float("-inf"), 0.0)
+    return top, ((m - top.unsqueeze(dim)) + ls).exp().sum(dim=dim).log()
+
+
+def with_target(m_z: torch.Tensor, ls_z: torch.Tensor, z_y: torch.Tensor):
+    """``(max, log-sum)`` of the CE normalizer ``LSE(z) = logaddexp(LSE'(z), z_y)`` from the kept
+    columns' pair and the target logit (``T == 1``, target masked)."""
+    raw = torch.where(ls_z == float("-inf"), torch.full_like(m_z, float("-inf")), m_z)
+    m_c = torch.maximum(raw, z_y)
+    m_c = m_c.masked_fill(m_c == float("-inf"), 0.0)
+    return m_c, (((m_z - m_c) + ls_z).exp() + (z_y - m_c).exp()).log()
 
 
 @dataclass(frozen=True)

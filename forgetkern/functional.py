@@ -21,7 +21,7 @@ def _reduce(per_row: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_
     if num_items_in_batch is None:
         denom = (labels != ignore_index).sum()
     elif isinstance(num_items_in_batch, torch.Tensor):
-        denom = num_items_in_batch.to(device=total.device)
+        denom = num_items_in_batch.to(device=total.device).reshape(())
     else:
         denom = torch.tensor(num_items_in_batch, device=total.device)
     return total / denom.to(total.dtype).clamp_min(1)

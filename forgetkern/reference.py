@@ -1,24 +1,32 @@
-"""Plain-PyTorch implementations of the forgetkern contract (DESIGN.md "The math").
+"""Plain-PyTorch implementations of every op's interface (DESIGN.md "The math").
 
 These are the test oracle, the CPU production path and the benchmark baseline. They compute in
 float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs, and they process
 rows in chunks so that memory stays bounded by a few copies of one chunk's ``rows x V`` whatever
-the number of rows.
+the number of rows. Inputs arrive validated and laid out by ``forgetkern._validate``.
 
-The TMKL functions share one interface with every other backend:
+The interfaces, shared with every other backend (``forgetkern._backend.INTERFACES``):
 
 * ``tmkl_forward(logits, base_logits, labels, params) -> (loss, ce, kl, stats)`` with ``(N, V)``
   logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, 4)`` statistics (layout in
-  :mod:`forgetkern.ops.params`); ignored rows give zeros.
+  :mod:`forgetkern._params`); ignored rows give zeros.
 * ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
   writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``
   (which may be ``logits`` itself for an in-place backward) and returns it.
+* ``linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, params,
+  row_weight=None, needs=(False, False, False)) -> (loss, ce, kl, stats, pre)`` and
+  ``linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
+  coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``; ``pre`` is the
+  gradient precomputed for the upstream gradient ``row_weight`` per row, or ``None``.
+* ``generalized_eigh(A, B, eps) -> (w, V, status)``.
 """
 from __future__ import annotations
 
 import torch
 
-from .ops.params import NUM_STATS, TMKLParams
+from ._params import (EIGH_NON_FINITE, EIGH_NOT_PD, EIGH_OK, NUM_STATS, STAT_LS_B, STAT_LS_CE,
+                      STAT_LS_Z, STAT_M_CE, TMKLParams, accumulation_dtype, row_outputs,
+                      with_target)
 
 NEG_INF = float("-inf")
 
@@ -28,11 +36,6 @@ REFERENCE_CHUNK_BYTES = 256 * 2**20
 _TEMPS_PER_CHUNK = 10
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
     """Rows per chunk so that the chunk's temporaries fit in ``chunk_bytes``."""
     budget = REFERENCE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
@@ -40,75 +43,97 @@ def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None
     return max(1, budget // per_row)
 
 
-def _log_normalize(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``x - lse`` row-wise, keeping ``-inf`` entries ``-inf`` even when ``lse`` is ``-inf``."""
-    return torch.where(x == NEG_INF, x, x - lse[:, None])
+def _shifted(x: torch.Tensor):
+    """Row-wise ``(x - m, exp(x - m), m, s)`` with ``m`` the row max (``0`` for a row that is all
+    ``-inf``) and ``s = sum exp(x - m)``: log-probabilities are then ``(x - m) - log s``, the max and
+    the log-sum kept apart (never ``x - logsumexp(x)``, which carries the logits' rounding)."""
+    m = x.amax(dim=1)
+    m = m.masked_fill(m == NEG_INF, 0.0)
+    xs = x - m[:, None]
+    e = xs.exp()
+    return xs, e, m, e.sum(dim=1)
 
 
-def _guarded(weight: float, value: torch.Tensor) -> torch.Tensor:
-    """``weight * value`` with a zero weight giving exactly zero (never ``0 * inf = nan``)."""
-    return value * weight if weight != 0.0 else torch.zeros_like(value)
+def _kl_rows(xs_w, e_w, s_w, ls_w, xs_o, ls_o):
+    """Per-row ``KL(w || o) = sum_v w_v (log w_v - log o_v)`` from shifted logits, the weights'
+    ``exp(xs_w)`` and row sums; ``0`` where ``w`` has no mass, ``inf`` where ``w`` has mass that
+    ``o`` lacks. Zero weights give exactly zero (never ``0 * inf``); NaN propagates."""
+    terms = (xs_w - xs_o).mul_(e_w).masked_fill_(e_w == 0, 0.0)
+    kl = terms.sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
+    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
+    return torch.where(s_w == 0, torch.zeros_like(kl), kl)
 
 
-def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
+class _Parts:
+    """One chunk's per-row results and the distributions its gradient needs."""
+
+    __slots__ = ("ce", "kl", "stats", "xs", "us", "q", "pb")
+
+
+def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> _Parts:
     """Everything one chunk of rows needs, in the accumulation dtype.
 
-    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype;
-    ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index.
+    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype (``z`` is
+    not modified); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index.
     """
-    x = z / p.temperature
-    u = b / p.temperature
+    inv_t = 1.0 / p.temperature
+    x = z * inv_t if inv_t != 1.0 else z.clone()
+    u = b * inv_t if inv_t != 1.0 else b.clone()
     if p.mask_target:
-        target = torch.zeros_like(x, dtype=torch.bool).scatter_(1, y[:, None], True)
-        x = x.masked_fill(target, NEG_INF)
-        u = u.masked_fill(target, NEG_INF)
-    lse_z = torch.logsumexp(x, dim=1)
-    lse_b = torch.logsumexp(u, dim=1)
-    log_q = _log_normalize(x, lse_z)  # log q~ (adapted), -inf at the target when masked
-    log_p = _log_normalize(u, lse_b)  # log p~ (base)
-    del x, u  # chunk-sized temporaries: free them before the next ones
-    q = log_q.exp()
-    pb = log_p.exp()
-    # (in place, so one chunk-sized temporary; zero weight gives exactly 0, never 0 * inf)
+        x.scatter_(1, y[:, None], NEG_INF)
+        u.scatter_(1, y[:, None], NEG_INF)
+    xs, e_z, m_z, s_z = _shifted(x)
+    del x
+    us, e_b, m_b, s_b = _shifted(u)
+    del u
+    ls_z, ls_b = s_z.log(), s_b.log()
     if p.forward_kl:
-        terms = (log_p - log_q).mul_(pb).masked_fill_(~(pb > 0), 0.0)
+        kl = _kl_rows(us, e_b, s_b, ls_b, xs, ls_z)
     else:
-        terms = (log_q - log_p).mul_(q).masked_fill_(~(q > 0), 0.0)
-    kl = terms.sum(dim=1)
-    del terms
-    lse_ce = torch.logsumexp(z, dim=1)
-    ce = lse_ce - z.gather(1, y[:, None]).squeeze(1)
-    return ce, kl, lse_z, lse_b, lse_ce, log_q, log_p, q, pb
+        kl = _kl_rows(xs, e_z, s_z, ls_z, us, ls_b)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    if p.separate_ce:
+        zs, e_c, m_c, s_c = _shifted(z)
+        del zs, e_c
+        ls_c = s_c.log()
+    elif p.mask_target:
+        # the target joins the kept columns: LSE(z) = logaddexp(LSE'(z), z_y), max and sum apart
+        m_c, ls_c = with_target(m_z, ls_z, z_y)
+    else:
+        m_c, ls_c = m_z, ls_z
+    out = _Parts()
+    out.ce = (m_c - z_y) + ls_c
+    out.kl = kl
+    out.stats = torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
+    out.xs, out.us = xs, us
+    # q~ (adapted) and p~ (base), 0 at the target when masked and on rows without mass
+    out.q = e_z.div_(s_z.masked_fill(s_z == 0, 1.0)[:, None])
+    out.pb = e_b.div_(s_b.masked_fill(s_b == 0, 1.0)[:, None])
+    return out
 
 
-def _chunk_outputs(parts, valid, p: TMKLParams):
-    """Per-row ``(loss, ce, kl, stats)`` of one chunk from :func:`_chunk`'s ``parts``; loss, CE
-    and KL are zero on invalid rows."""
-    ce, kl, lse_z, lse_b, lse_ce, *_ = parts
-    zero = torch.zeros_like(ce)
-    ce = torch.where(valid, ce, zero)
-    kl = torch.where(valid, kl, zero)
-    loss = _guarded(p.ce_weight, ce) + _guarded(p.kl_scale, kl)
-    stats = torch.stack([lse_z, lse_b, lse_ce, kl], dim=1)
-    return loss, ce, kl, stats
+def _chunk_outputs(parts: _Parts, valid, p: TMKLParams):
+    """Per-row ``(loss, ce, kl, stats)`` of one chunk from :func:`_chunk`'s ``parts``."""
+    return row_outputs(parts.ce, parts.kl, parts.stats, valid, p)
 
 
-def _chunk_grad(z, y, valid, parts, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
+def _chunk_grad(z, y, valid, parts: _Parts, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
     """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk, zero on invalid rows.
 
     ``parts`` is what :func:`_chunk` returned for ``z``; ``coef_*``: ``(R,)``. Result in z's dtype.
     """
-    _, kl, _, _, lse_ce, log_q, log_p, q, pb = parts
+    st = parts.stats
     # (in place throughout: two chunk-sized buffers; a zero coefficient gives exactly 0)
-    # dCE/dz = softmax(z) - e_y
-    d_ce = _log_normalize(z, lse_ce).exp_()
+    # dCE/dz = softmax(z) - e_y, softmax(z) = exp((z - m) - log s)
+    d_ce = (z - st[:, STAT_M_CE, None]).sub_(st[:, STAT_LS_CE, None]).exp_()
     d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
     if p.forward_kl:
         # dKL/dz = (q~ - p~) / T
-        d_kl = (q - pb).mul_(1.0 / p.temperature)
+        d_kl = (parts.q - parts.pb).mul_(1.0 / p.temperature)
     else:
         # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
-        d_kl = (log_q - log_p).sub_(kl[:, None]).mul_(q).masked_fill_(~(q > 0), 0.0)
+        log_ratio = (parts.xs - parts.us).sub_((st[:, STAT_LS_Z] - st[:, STAT_LS_B])[:, None])
+        d_kl = log_ratio.sub_(parts.kl[:, None]).mul_(parts.q).masked_fill_(parts.q == 0, 0.0)
         d_kl.mul_(1.0 / p.temperature)
     a = coef_ce.to(z.dtype)[:, None]
     c = coef_kl.to(z.dtype)[:, None]
@@ -182,37 +207,42 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
         eps: non-negative damping added to the diagonal of ``B``.
 
     Returns:
-        ``(w, V)``: eigenvalues ``(..., n)`` in ascending order and eigenvectors ``(..., n, n)``
-        (columns), in float64 for float64 inputs and float32 otherwise.
-
-    Raises:
-        ValueError: mismatched shapes, non-square matrices, negative ``eps``, or a ``B + eps I``
-        that is not positive definite (the message lists the failing batch entries).
+        ``(w, V, status)``: eigenvalues ``(...,  n)`` in ascending order, eigenvectors
+        ``(..., n, n)`` (columns), in float64 for float64 inputs and float32 otherwise, and the
+        per-problem ``(...)`` int32 status (``forgetkern._params.EIGH_*``). Failed problems hold
+        NaN; the public function turns the status into its error.
     """
-    from ._validate import check_generalized_eigh_inputs
-
-    check_generalized_eigh_inputs(A, B, eps)
     dtype = accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
     n = A.shape[-1]
+    batch = A.shape[:-2]
     A = A.to(dtype)
     B = B.to(dtype)
     A = 0.5 * (A + A.mT)
     B = 0.5 * (B + B.mT)
     if eps:
         B = B + eps * torch.eye(n, dtype=dtype, device=B.device)
+    finite = torch.isfinite(A).all(-1).all(-1) & torch.isfinite(B).all(-1).all(-1)
+    eye = torch.eye(n, dtype=dtype, device=B.device)
+    # failed problems are replaced by the identity so that one bad entry cannot fail the batch
+    B = torch.where(finite[..., None, None], B, eye)
     L, info = torch.linalg.cholesky_ex(B)
-    if bool((info != 0).any()):
-        bad = torch.nonzero(info.reshape(-1)).flatten()[:8].tolist()
-        raise ValueError(
-            f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
-            "(flattened indices); increase eps"
-        )
+    pd = info == 0
+    L = torch.where(pd[..., None, None], L, eye)
+    A = torch.where((finite & pd)[..., None, None], A, torch.zeros_like(A))
     Y = torch.linalg.solve_triangular(L, A, upper=False)  # L^-1 A
     C = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT  # L^-1 A L^-T
     C = 0.5 * (C + C.mT)
+    whitened = torch.isfinite(C).all(-1).all(-1)  # overflow while whitening
+    C = torch.where(whitened[..., None, None], C, torch.zeros_like(C))
     w, U = torch.linalg.eigh(C)
     V = torch.linalg.solve_triangular(L.mT, U, upper=True)  # L^-T U
-    return w, V
+    status = torch.full(batch, EIGH_OK, dtype=torch.int32, device=A.device)
+    status = torch.where(pd, status, torch.full_like(status, EIGH_NOT_PD))
+    status = torch.where(finite & whitened, status, torch.full_like(status, EIGH_NON_FINITE))
+    ok = status == EIGH_OK
+    w = torch.where(ok[..., None], w, torch.full_like(w, float("nan")))
+    V = torch.where(ok[..., None, None], V, torch.full_like(V, float("nan")))
+    return w, V, status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,3 +335,126 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
         else:
             del parts, z
     return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b
+
+
+def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                        params: TMKLParams, row_weight: torch.Tensor | None = None,
+                        needs: tuple[bool, bool, bool] = (False, False, False)):
+    """Per-row ``(loss, ce, kl, stats, pre)`` of the fused-linear TMKL (``base_weight=None``: the
+    base uses ``weight``). With ``row_weight`` (the 0-dim upstream gradient each row's loss is
+    expected to receive) and any of ``needs`` (hidden, weight, bias), the same pass also computes
+    those gradients for exactly that upstream gradient and returns them as ``pre``."""
+    wb = weight if base_weight is None else base_weight
+    coef_ce = coef_kl = None
+    if row_weight is not None and any(needs):
+        acc = accumulation_dtype(hidden.dtype)
+        ones = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) * row_weight.to(acc)
+        coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
+    loss, ce, kl, stats, gh, gw, gb = linear_tmkl_pass(
+        hidden, weight, base_hidden, wb, bias, base_bias, labels, params, coef_ce, coef_kl, needs,
+        chunk_size=getattr(params, "chunk_size", None))
+    return loss, ce, kl, stats, (None if coef_ce is None else (gh, gw, gb))
+
+
+def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
+                         coef_ce, coef_kl, params: TMKLParams, needs):
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``,
+    each ``None`` unless flagged in ``needs``; recomputed chunk by chunk (``stats`` unused)."""
+    wb = weight if base_weight is None else base_weight
+    return linear_tmkl_pass(hidden, weight, base_hidden, wb, bias, base_bias, labels, params,
+                            coef_ce, coef_kl, needs, chunk_size=getattr(params, "chunk_size", None))[4:]
+
+
+# --------------------------------------------------------------------------------------------
+# FoLoRA: the gated Adam step of every segment of the optimizer's flat buffers
+# --------------------------------------------------------------------------------------------
+from ._params import FOLORA_SCALARS  # noqa: E402
+
+
+def folora_adam(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                neg_step_size: float, bc2_sqrt: float, eps: float, beta2: float, w1: float,
+                w2: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """One segment's gated Adam step, with exactly the torch operations of ``torch.optim.AdamW``
+    (single-tensor path), so that with no gate FoLoRA reproduces AdamW bit for bit::
+
+        exp_avg.lerp_(g, w1)                                     # w1 = 1 - beta1
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=w2)          # w2 = 1 - beta2
+        step = neg_step_size * exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * gate
+
+    ``g``, ``exp_avg``, ``exp_avg_sq``: any one shape (moments updated in place); ``gate``:
+    broadcastable to it (per column, or one multiplier per element). Returns the step, shaped
+    like ``g``. The scalars are the columns of ``_params.FOLORA_SCALARS``.
+    """
+    exp_avg.lerp_(g, w1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=w2)
+    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    step = torch.zeros_like(exp_avg).addcdiv_(exp_avg, denom, value=neg_step_size)
+    if gate is not None:
+        step.mul_(gate)
+    return step
+
+
+def folora_step(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor, table,
+                active, scalars: torch.Tensor, gates: torch.Tensor | None) -> None:
+    """FoLoRA's element-wise step: :func:`folora_adam` on every ``active`` segment of flat buffers.
+
+    In plain torch, for each active segment ``i`` (``a = table.start[i]``, ``n = table.numel[i]``,
+    ``c = table.cols[i]``, ``o = table.gate[i]``)::
+
+        sc = dict(zip(FOLORA_SCALARS, scalars[i].tolist()))
+        gate = gates[o:o + c] if o >= 0 else None                    # (c,) per column
+        s[a:a + n] = folora_adam(g[a:a + n].view(-1, c), m[a:a + n].view(-1, c),
+                                 v[a:a + n].view(-1, c), gate=gate, **sc).view(-1)
+
+    Args:
+        g, m, v, s: ``(N,)`` float32 flat buffers of gradient coordinates, first and second
+            moments (updated in place) and the step (written on active segments only).
+        table: :class:`forgetkern._params.SegmentTable`, the segments' layout and gate offsets.
+        active: indices of the segments to update; the others are left untouched.
+        scalars: ``(S, NUM_FOLORA_SCALARS)`` float32 per-segment scalars, columns in
+            ``_params.FOLORA_SCALARS`` order (rows of inactive segments are not read); the
+            host builds it each step, and this path reads it on the host.
+        gates: ``(G,)`` float32 gates of all gated segments, or ``None`` when none is gated.
+
+    Adjacent active segments with equal scalars (the usual case: one parameter group) are updated
+    as one run of the flat buffers, their gates expanded to one multiplier per element (cached on
+    ``table``); element by element the arithmetic is that of the loop above.
+    """
+    rows = scalars.tolist()
+    for run in _folora_runs(table, active, rows):
+        a = table.start[run[0]]
+        b = table.start[run[-1]] + table.numel[run[-1]]
+        gate = None
+        if gates is not None and any(table.gate[i] >= 0 for i in run):
+            gate = _folora_expanded_gates(table, gates)[a:b]
+        s[a:b] = folora_adam(g[a:b], m[a:b], v[a:b], gate=gate, **dict(zip(FOLORA_SCALARS, rows[run[0]])))
+
+
+def _folora_runs(table, active, rows) -> list[list[int]]:
+    """``active`` segments split into runs that are adjacent in the flat buffers and share scalars."""
+    runs: list[list[int]] = []
+    for i in active:
+        if runs:
+            j = runs[-1][-1]
+            if table.start[j] + table.numel[j] == table.start[i] and rows[j] == rows[i]:
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
+def _folora_expanded_gates(table, gates: torch.Tensor) -> torch.Tensor:
+    """One gate per element of the flat buffers (1 where a segment is ungated), cached on
+    ``table`` for this gate buffer."""
+    key = ("expanded_gates", id(gates))
+    hit = table._cache.get(key)
+    if hit is not None and hit[0] is gates:
+        return hit[1]
+    total = table.start[-1] + table.numel[-1] if table.start else 0
+    out = torch.ones(total, dtype=gates.dtype, device=gates.device)
+    for a, n, cols, off in zip(table.start, table.numel, table.cols, table.gate):
+        if off >= 0 and n:
+            cols = max(cols, 1)
+            out[a: a + n].view(-1, cols).copy_(gates[off: off + cols].expand(n // cols, cols))
+    table._cache[key] = (gates, out)
+    return out

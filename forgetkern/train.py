@@ -204,8 +204,9 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
     labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
     inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
     tokens = int((labels != ignore_index).sum())
-    if num_items_in_batch is None:
-        num_items_in_batch = tokens
+    if num_items_in_batch is None or tokens == 0:
+        # no target token here: the loss is 0 whatever the denominator (never a division by 0)
+        num_items_in_batch = tokens or None
 
     parts = None
     if config.path != "logits":
@@ -224,7 +225,7 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
             used = "logits"
         ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=ignore_index, reduction="sum")
-        ce = ce_sum / max(float(num_items_in_batch), 1.0)
+        ce = ce_sum / (1.0 if num_items_in_batch is None else max(float(num_items_in_batch), 1.0))
         return LossOutput(config.ce_weight * ce, ce.detach(), None, tokens, used)
 
     kwargs = config.loss_kwargs()

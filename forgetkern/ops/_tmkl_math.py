@@ -6,68 +6,112 @@ caller where a helper takes them already shaped like the tile).
 """
 from __future__ import annotations
 
-from ._triton import jit, tl
+from .. import _params
+from ._triton import constant, jit, tl
+
+# The per-row statistics' columns (forgetkern._params.STAT_*), readable inside kernels.
+NUM_STATS = constant(_params.NUM_STATS)
+STAT_M_Z = constant(_params.STAT_M_Z)
+STAT_LS_Z = constant(_params.STAT_LS_Z)
+STAT_M_B = constant(_params.STAT_M_B)
+STAT_LS_B = constant(_params.STAT_LS_B)
+STAT_M_CE = constant(_params.STAT_M_CE)
+STAT_LS_CE = constant(_params.STAT_LS_CE)
+STAT_KL = constant(_params.STAT_KL)
 
 
 @jit
-def logaddexp(a, b):
-    """``log(exp(a) + exp(b))`` element-wise, ``-inf`` when both are ``-inf``."""
-    mx = tl.maximum(a, b)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+def safe_max(m):
+    """A running max for use as an offset: ``0`` where nothing finite has been seen (``-inf``)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @jit
 def online_lse(m, s, x, AXIS: tl.constexpr):
     """Fold the block ``x`` into running row ``(max, sum)`` along ``AXIS``; returns ``(m_new,
-    s_new, alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (a fully ``-inf``
-    prefix keeps ``s = 0``)."""
+    s_new, alpha, e)`` with ``alpha = exp(m - m_new)`` and ``e = exp(x - m_new)`` (offsets from
+    :func:`safe_max`, so a fully ``-inf`` prefix keeps ``s = 0``)."""
     m_new = tl.maximum(m, tl.max(x, axis=AXIS))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_safe = safe_max(m_new)
     alpha = tl.exp(m - m_safe)
     e = tl.exp(x - tl.expand_dims(m_safe, AXIS))
     return m_new, s * alpha + tl.sum(e, axis=AXIS), alpha, e
 
 
 @jit
-def kl_accumulate(acc, x, u, alpha_z, e_z, alpha_b, e_b, FORWARD_KL: tl.constexpr,
-                  AXIS: tl.constexpr):
+def kl_accumulate(acc, s_z, s_b, m_z_old, m_b_old, m_z, m_b, x, u, alpha_z, e_z, alpha_b, e_b,
+                  FORWARD_KL: tl.constexpr, AXIS: tl.constexpr):
     """The streaming KL accumulator after one block, from the block's scaled, masked logits
-    ``x = z/T``, ``u = b/T`` and the :func:`online_lse` outputs of both."""
+    ``x = z/T``, ``u = b/T``, the sums ``s_z``, ``s_b`` before the block, the maxima before
+    (``*_old``) and after it, and the :func:`online_lse` outputs of both.
+
+    ``acc = sum_v w_v ((a_v - m_a) - (o_v - m_o))`` over the columns so far, with ``w = exp(u - m_b)``,
+    ``a, o = u, x`` (forward) or ``w = exp(x - m_z)``, ``a, o = x, u`` (reverse): every term is a
+    difference of offsets to the row maxima (exactly 0 at a shared peak), so the KL keeps plain
+    torch's shift invariance. When a max moves, earlier terms shift by the change of the offsets.
+    """
+    x_off = x - tl.expand_dims(safe_max(m_z), AXIS)
+    u_off = u - tl.expand_dims(safe_max(m_b), AXIS)
+    shift = (safe_max(m_b_old) - safe_max(m_b)) - (safe_max(m_z_old) - safe_max(m_z))
     if FORWARD_KL:
-        # acc = sum_{v != y} exp(b_v/T - m_b) (b_v - z_v) / T ; -inf base entries add 0
-        term = tl.where(u == float("-inf"), 0.0, e_b * (u - x))
-        return acc * alpha_b + tl.sum(term, axis=AXIS)
+        # acc = sum_{v != y} exp(b_v/T - m_b) ((b_v/T - m_b) - (z_v/T - m_z)); -inf base entries add 0
+        term = tl.where(u == float("-inf"), 0.0, e_b * (u_off - x_off))
+        return alpha_b * (acc + tl.where(s_b == 0.0, 0.0, s_b * shift)) + tl.sum(term, axis=AXIS)
     else:
-        # acc = sum_{v != y} exp(z_v/T - m_z) (z_v - b_v) / T
-        term = tl.where(x == float("-inf"), 0.0, e_z * (x - u))
-        return acc * alpha_z + tl.sum(term, axis=AXIS)
+        # acc = sum_{v != y} exp(z_v/T - m_z) ((z_v/T - m_z) - (b_v/T - m_b))
+        term = tl.where(x == float("-inf"), 0.0, e_z * (x_off - u_off))
+        return alpha_z * (acc - tl.where(s_z == 0.0, 0.0, s_z * shift)) + tl.sum(term, axis=AXIS)
 
 
 @jit
-def grad_tile(z, x, u, is_y, lse_z, lse_b, lse_ce, kl, a, c, inv_t,
+def grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, inv_t,
               FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr):
     """``a * dCE/dz + c * dKL/dz`` on one block: ``z`` raw logits, ``x = z/T`` and ``u = b/T``
-    masked (``-inf`` where dropped), ``is_y`` the target column; the saved row statistics and the
-    row coefficients ``a``, ``c`` come shaped to broadcast against the block."""
-    log_q = x - lse_z
-    log_p = u - lse_b
+    masked (``-inf`` where dropped), ``is_y`` the target column; the saved row statistics (maxima
+    ``m_*`` and log-sums ``ls_*`` apart, ``forgetkern._params.STAT_*``) and the row coefficients
+    ``a``, ``c`` come shaped to broadcast against the block."""
+    # log q~ = (z/T - m_z) - ls_z, log p~ = (b/T - m_b) - ls_b: shift-invariant
+    log_q = (x - m_z) - ls_z
+    log_p = (u - m_b) - ls_b
     q = tl.where(x == float("-inf"), 0.0, tl.exp(log_q))
     p = tl.where(u == float("-inf"), 0.0, tl.exp(log_p))
     if FORWARD_KL:
         # dKL/dz_v = (q~_v - p~_v) / T
         d_kl = (q - p) * inv_t
     else:
-        # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
-        d_kl = tl.where(q > 0.0, q * (log_q - log_p - kl), 0.0) * inv_t
+        # dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T  (NaN propagates, zero weight gives 0)
+        d_kl = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl)) * inv_t
     # dCE/dz = softmax(z) - e_y
     if SEPARATE_CE:
-        sm = tl.where(z == float("-inf"), 0.0, tl.exp(z - lse_ce))
+        sm = tl.where(z == float("-inf"), 0.0, tl.exp((z - m_c) - ls_c))
     elif MASK_TARGET:
         # off the target softmax(z)_v = q~_v exp(LSE'(z) - LSE(z)) when T == 1
-        sm = tl.where(is_y, tl.exp(z - lse_ce), q * tl.exp(lse_z - lse_ce))
+        sm = tl.where(is_y, tl.exp((z - m_c) - ls_c), q * tl.exp((m_z - m_c) + (ls_z - ls_c)))
     else:
         sm = q
     d_ce = sm - tl.where(is_y, 1.0, 0.0)
     # a zero coefficient never meets inf/nan
     return tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
+
+
+@jit
+def finish_kl(acc, s_z, s_b, FORWARD_KL: tl.constexpr):
+    """The row's KL from the accumulator and the sums: ``acc / s_w - log s_w + log s_o``; 0 where
+    the weight distribution has no mass, ``inf`` where it has mass the other one lacks."""
+    if FORWARD_KL:
+        kl = acc / s_b - tl.log(s_b) + tl.log(s_z)
+        kl = tl.where(s_z == 0.0, float("inf"), kl)
+        return tl.where(s_b == 0.0, 0.0, kl)
+    else:
+        kl = acc / s_z - tl.log(s_z) + tl.log(s_b)
+        kl = tl.where(s_b == 0.0, float("inf"), kl)
+        return tl.where(s_z == 0.0, 0.0, kl)
+
+
+@jit
+def with_target(m_z, s_z, z_y):
+    """``(max, log-sum)`` of the CE normalizer ``LSE(z) = logaddexp(LSE'(z), z_y)`` from the kept
+    columns' running ``(max, sum)`` and the target logit (``T == 1``, target masked)."""
+    m_c = safe_max(tl.maximum(m_z, z_y))
+    kept = tl.where(s_z == 0.0, 0.0, s_z * tl.exp(safe_max(m_z) - m_c))
+    return m_c, tl.log(kept + tl.exp(z_y - m_c))

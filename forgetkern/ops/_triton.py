@@ -46,6 +46,11 @@ except ImportError:  # pragma: no cover - depends on the environment
         return wrap(fn) if fn is not None else wrap
 
 
+def constant(value):
+    """A module-level constant that kernels may read (Triton only reads ``tl.constexpr`` globals)."""
+    return tl.constexpr(value) if HAS_TRITON else value
+
+
 def check_triton() -> None:
     """Raise the one "Triton is missing" error when a launcher is called without Triton."""
     if not HAS_TRITON:

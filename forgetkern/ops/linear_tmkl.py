@@ -23,9 +23,24 @@ from __future__ import annotations
 
 import torch
 
-from .._params import (ENV_TMA, NUM_PART, NUM_STATS, TMKLParams, accumulation_dtype, env_flag,
-                       row_outputs, triton_interpret)
-from ._tmkl_math import grad_tile, kl_accumulate, online_lse
+from .. import _params
+from .._params import (ENV_TMA, PART_KL, PART_LS_B, PART_LS_CE, PART_LS_Z, PART_M_B, PART_M_CE,
+                       PART_M_Z, PART_ZY, TMKLParams, accumulation_dtype, env_flag, merge_lse,
+                       row_outputs, triton_interpret, with_target)
+from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
+                         STAT_M_Z, grad_tile, kl_accumulate, online_lse, safe_max)
+from ._triton import constant
+
+# the partial record's columns (forgetkern._params.PART_*), readable inside kernels
+NUM_PART = constant(_params.NUM_PART)
+P_M_Z = constant(PART_M_Z)
+P_LS_Z = constant(PART_LS_Z)
+P_M_B = constant(PART_M_B)
+P_LS_B = constant(PART_LS_B)
+P_KL = constant(PART_KL)
+P_M_CE = constant(PART_M_CE)
+P_LS_CE = constant(PART_LS_CE)
+P_ZY = constant(PART_ZY)
 from ._triton import check_triton, jit, next_power_of_2, tl
 
 
@@ -123,7 +138,7 @@ def _linear_tmkl_fwd_kernel(
     bb_ptr,  # [V] base bias
     h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
-    part_ptr,  # [N, SPLITS, 5] out: per-split partial records (PART_* columns)
+    part_ptr,  # [N, SPLITS, 8] out: per-split partial records (_params.PART_* columns)
     N, V, D,
     tiles_per_split,  # vocabulary tiles handled by one program
     inv_t,  # 1 / T
@@ -169,28 +184,35 @@ def _linear_tmkl_fwd_kernel(
             drop = drop | is_y
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
+        m_z_old = m_z
+        m_b_old = m_b
+        s_z_old = s_z
+        s_b_old = s_b
         m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 1)
         m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 1)
-        kl_acc = kl_accumulate(kl_acc, x, u, alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 1)
+        kl_acc = kl_accumulate(kl_acc, s_z_old, s_b_old, m_z_old, m_b_old, m_z, m_b, x, u,
+                               alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 1)
         if SEPARATE_CE:
             m_c, s_c, _, _ = online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF), 1)
-    lse_z = m_z + tl.log(s_z)
-    lse_b = m_b + tl.log(s_b)
     # the split's KL accumulator over its own weight distribution (base for forward, adapted for
-    # reverse); a split with no weight mass contributes nothing
+    # reverse), offsets to the split's maxima; a split with no weight mass contributes nothing
     if FORWARD_KL:
         kl_part = tl.where(s_b == 0.0, 0.0, kl_acc / s_b)
     else:
         kl_part = tl.where(s_z == 0.0, 0.0, kl_acc / s_z)
-    out = part_ptr + (rows * splits + pid_s) * 5
-    tl.store(out + 0, lse_z, mask=row_ok)
-    tl.store(out + 1, lse_b, mask=row_ok)
-    tl.store(out + 2, kl_part, mask=row_ok)
+    out = part_ptr + (rows * splits + pid_s) * NUM_PART
+    tl.store(out + P_M_Z, safe_max(m_z), mask=row_ok)
+    tl.store(out + P_LS_Z, tl.log(s_z), mask=row_ok)
+    tl.store(out + P_M_B, safe_max(m_b), mask=row_ok)
+    tl.store(out + P_LS_B, tl.log(s_b), mask=row_ok)
+    tl.store(out + P_KL, kl_part, mask=row_ok)
     if SEPARATE_CE:
-        tl.store(out + 3, m_c + tl.log(s_c), mask=row_ok)
+        tl.store(out + P_M_CE, safe_max(m_c), mask=row_ok)
+        tl.store(out + P_LS_CE, tl.log(s_c), mask=row_ok)
     else:
-        tl.store(out + 3, lse_z, mask=row_ok)
-    tl.store(out + 4, z_y, mask=row_ok)
+        tl.store(out + P_M_CE, safe_max(m_z), mask=row_ok)
+        tl.store(out + P_LS_CE, tl.log(s_z), mask=row_ok)
+    tl.store(out + P_ZY, z_y, mask=row_ok)
 
 
 @jit
@@ -207,7 +229,7 @@ def _linear_tmkl_bwd_kernel(
     bb_ptr,  # [V] base bias
     h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
-    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward (_params.py)
+    stats_ptr,  # [N, 7] m_z, ls_z, m_b, ls_b, m_ce, ls_ce, kl from the forward (_params.STAT_*)
     coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row (0 on ignored rows)
     coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled; 0 on ignored rows)
     dh_ptr,  # [N, D] out (accumulated atomically, accumulation dtype, contiguous rows of this launch)
@@ -240,10 +262,14 @@ def _linear_tmkl_bwd_kernel(
     # a row block whose rows all have zero coefficients (ignored tokens) contributes nothing
     if tl.max(tl.abs(a) + tl.abs(c), axis=0) > 0.0:
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        lse_z = tl.load(stats_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
-        lse_b = tl.load(stats_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
-        lse_ce = tl.load(stats_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
-        kl = tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
+        st = stats_ptr + rows * NUM_STATS
+        m_z = tl.load(st + STAT_M_Z, mask=row_ok, other=0.0)
+        ls_z = tl.load(st + STAT_LS_Z, mask=row_ok, other=0.0)
+        m_b = tl.load(st + STAT_M_B, mask=row_ok, other=0.0)
+        ls_b = tl.load(st + STAT_LS_B, mask=row_ok, other=0.0)
+        m_c = tl.load(st + STAT_M_CE, mask=row_ok, other=0.0)
+        ls_c = tl.load(st + STAT_LS_CE, mask=row_ok, other=0.0)
+        kl = tl.load(st + STAT_KL, mask=row_ok, other=0.0)
         z, b = _logit_tiles(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, bias_ptr,
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
                             h_desc, w_desc, hb_desc, wb_desc, rows, cols, row0, col0, N, V, D,
@@ -256,8 +282,9 @@ def _linear_tmkl_bwd_kernel(
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
         # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
-        g = grad_tile(z, x, u, is_y, lse_z[:, None], lse_b[:, None], lse_ce[:, None], kl[:, None],
-                      a[:, None], c[:, None], inv_t, FORWARD_KL, MASK_TARGET, SEPARATE_CE)
+        g = grad_tile(z, x, u, is_y, m_z[:, None], ls_z[:, None], m_b[:, None], ls_b[:, None],
+                      m_c[:, None], ls_c[:, None], kl[:, None], a[:, None], c[:, None], inv_t,
+                      FORWARD_KL, MASK_TARGET, SEPARATE_CE)
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         g_op = g.to(w_ptr.dtype.element_ty)
         ks = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -423,34 +450,41 @@ def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
 
 
 def _merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams):
-    """Merge ``(N, splits, 5)`` partial records into per-row ``(loss, ce, kl, stats)``.
+    """Merge ``(N, splits, 8)`` partial records into per-row ``(loss, ce, kl, stats)``.
 
-    LSEs merge by log-sum-exp. Each split's KL accumulator is an expectation under the split's own
-    normalized weight distribution ``P`` (base for forward KL, adapted for reverse), so the row's
-    is their mixture with weights ``exp(LSE_s(P) - LSE(P))``; then ``KL = E - LSE(P) + LSE(Q)``.
+    Maxima and log-sums merge apart (:func:`forgetkern._params.merge_lse`). Each split's KL
+    accumulator is an expectation under the split's own normalized weight distribution (base for
+    forward KL, adapted for reverse) of offsets to the split's maxima; moved to the row's maxima and
+    mixed with the splits' weights it gives ``KL = E_w[(a - M_a) - (o - M_o)] - LS_w + LS_o``.
     """
-    lse_z_s, lse_b_s, kl_s, lse_c_s, zy_s = part.unbind(-1)
-    lse_z = torch.logsumexp(lse_z_s, dim=1)
-    lse_b = torch.logsumexp(lse_b_s, dim=1)
-    z_y = zy_s.sum(dim=1)
-    lse_p_s, lse_p, lse_q = (lse_b_s, lse_b, lse_z) if params.forward_kl else (lse_z_s, lse_z, lse_b)
-    mix = torch.where(lse_p_s == float("-inf"), torch.zeros_like(lse_p_s),
-                      (lse_p_s - lse_p[:, None]).exp())
-    expect = torch.where(mix > 0, mix * kl_s, torch.zeros_like(kl_s)).sum(dim=1)
-    kl = expect - lse_p + lse_q
-    # no weight mass: KL 0; weight mass where the other distribution has none: infinite
-    kl = torch.where(lse_q == float("-inf"), torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(lse_p == float("-inf"), torch.zeros_like(kl), kl)
-    if params.separate_ce:
-        lse_ce = torch.logsumexp(lse_c_s, dim=1)
-    elif params.mask_target:
-        lse_ce = torch.logaddexp(lse_z, z_y)
+    p = part.unbind(-1)
+    m_z, ls_z = merge_lse(p[PART_M_Z], p[PART_LS_Z])
+    m_b, ls_b = merge_lse(p[PART_M_B], p[PART_LS_B])
+    z_y = p[PART_ZY].sum(dim=1)
+    # offsets of each split's maxima from the row's (the split offsets are relative to the former)
+    dz = p[PART_M_Z] - m_z[:, None]
+    db = p[PART_M_B] - m_b[:, None]
+    if params.forward_kl:
+        d_w, ls_w, ls_w_row, ls_o_row, shift = db, p[PART_LS_B], ls_b, ls_z, db - dz
     else:
-        lse_ce = lse_z
-    ce = lse_ce - z_y
-    y = labels.long()
-    valid = y != params.ignore_index
-    return row_outputs(ce, kl, lse_z, lse_b, lse_ce, valid, params)
+        d_w, ls_w, ls_w_row, ls_o_row, shift = dz, p[PART_LS_Z], ls_z, ls_b, dz - db
+    mix = torch.where(ls_w == float("-inf"), torch.zeros_like(ls_w),
+                      (d_w + ls_w - ls_w_row[:, None]).exp())
+    expect = torch.where(mix > 0, mix * (p[PART_KL] + shift), torch.zeros_like(mix)).sum(dim=1)
+    kl = expect - ls_w_row + ls_o_row
+    # no weight mass: KL 0; weight mass where the other distribution has none: infinite
+    kl = torch.where(ls_o_row == float("-inf"), torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(ls_w_row == float("-inf"), torch.zeros_like(kl), kl)
+    if params.separate_ce:
+        m_c, ls_c = merge_lse(p[PART_M_CE], p[PART_LS_CE])
+    elif params.mask_target:
+        m_c, ls_c = with_target(m_z, ls_z, z_y)
+    else:
+        m_c, ls_c = m_z, ls_z
+    ce = (m_c - z_y) + ls_c
+    valid = labels.long() != params.ignore_index
+    stats = torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
+    return row_outputs(ce, kl, stats, valid, params)
 
 
 def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
@@ -468,14 +502,14 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     if n == 0:
         empty = torch.zeros(0, dtype=acc, device=hidden.device)
         return (empty, empty.clone(), empty.clone(),
-                torch.zeros(0, NUM_STATS, dtype=acc, device=hidden.device), None)
+                torch.zeros(0, _params.NUM_STATS, dtype=acc, device=hidden.device), None)
     cfg = launch_config(n, v, d, hidden.dtype, hidden.device, shared_weight=base_weight is None,
                         **overrides)
     splits = cfg.pop("splits")
     cfg.pop("bwd_rows")
     use_tma, descs = _descriptors(cfg.pop("tma"), hidden, weight, base_hidden, base_weight, cfg)
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
-    part = torch.empty(n, splits, NUM_PART, dtype=acc, device=hidden.device)
+    part = torch.empty(n, splits, _params.NUM_PART, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]), splits)
     _linear_tmkl_fwd_kernel[grid](
         *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,

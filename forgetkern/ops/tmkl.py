@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .._params import NUM_STATS, TMKLParams, accumulation_dtype
-from ._tmkl_math import grad_tile, kl_accumulate, logaddexp, online_lse
+from .. import _params
+from .._params import TMKLParams, accumulation_dtype
+from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
+                         STAT_M_Z, finish_kl, grad_tile, kl_accumulate, online_lse, safe_max,
+                         with_target)
 from ._triton import check_triton, jit, next_power_of_2, tl
 
 
@@ -32,7 +35,7 @@ def _tmkl_fwd_kernel(
     loss_ptr,  # [N] out: ce_weight * CE + kl_weight * T^2 * KL (0 for ignored rows)
     ce_ptr,  # [N] out: CE
     kl_ptr,  # [N] out: KL (unscaled)
-    stats_ptr,  # [N, 4] out: lse_z, lse_b, lse_ce, kl (see _params.py)
+    stats_ptr,  # [N, 7] out: m_z, ls_z, m_b, ls_b, m_ce, ls_ce, kl (_params.STAT_*)
     V,
     ignore_index,
     inv_t,  # 1 / T
@@ -53,8 +56,8 @@ def _tmkl_fwd_kernel(
         tl.store(loss_ptr + row, zero)
         tl.store(ce_ptr + row, zero)
         tl.store(kl_ptr + row, zero)
-        for j in tl.static_range(4):
-            tl.store(stats_ptr + row * 4 + j, zero)
+        for j in tl.static_range(NUM_STATS):
+            tl.store(stats_ptr + row * NUM_STATS + j, zero)
     else:
         z_row = z_ptr + row * stride_z
         b_row = b_ptr + row * stride_b
@@ -77,39 +80,42 @@ def _tmkl_fwd_kernel(
                 x = tl.where(offs == y, NEG_INF, x)
                 u = tl.where(offs == y, NEG_INF, u)
             # online LSEs of z/T and b/T over the kept columns, and the KL accumulator
+            m_z_old = m_z
+            m_b_old = m_b
+            s_z_old = s_z
+            s_b_old = s_b
             m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 0)
             m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 0)
-            kl_acc = kl_accumulate(kl_acc, x, u, alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 0)
+            kl_acc = kl_accumulate(kl_acc, s_z_old, s_b_old, m_z_old, m_b_old, m_z, m_b, x, u,
+                                   alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 0)
             if SEPARATE_CE:
                 m_c, s_c, _, _ = online_lse(m_c, s_c, z, 0)
-
-        lse_z = m_z + tl.log(s_z)
-        lse_b = m_b + tl.log(s_b)
-        if FORWARD_KL:
-            # KL = acc/s_b - (LSE'(b/T) - LSE'(z/T)); no base mass: 0; base mass but no adapted: inf
-            kl = kl_acc / s_b - (m_b - m_z) - tl.log(s_b / s_z)
-            kl = tl.where(s_z == 0.0, float("inf"), kl)
-            kl = tl.where(s_b == 0.0, 0.0, kl)
-        else:
-            kl = kl_acc / s_z - (m_z - m_b) - tl.log(s_z / s_b)
-            kl = tl.where(s_b == 0.0, float("inf"), kl)
-            kl = tl.where(s_z == 0.0, 0.0, kl)
+        kl = finish_kl(kl_acc, s_z, s_b, FORWARD_KL)
         z_y = tl.load(z_row + y).to(acc_dtype)
+        # CE = (m_ce - z_y) + ls_ce: the max and the log-sum apart
         if SEPARATE_CE:
-            lse_ce = m_c + tl.log(s_c)
+            m_c = safe_max(m_c)
+            ls_c = tl.log(s_c)
         elif MASK_TARGET:
-            lse_ce = logaddexp(lse_z, z_y)
+            m_c, ls_c = with_target(m_z, s_z, z_y)
         else:
-            lse_ce = lse_z
-        ce = lse_ce - z_y
-        loss = tl.where(ce_weight != 0.0, ce_weight * ce, 0.0) + tl.where(kl_scale != 0.0, kl_scale * kl, 0.0)
+            m_c = safe_max(m_z)
+            ls_c = tl.log(s_z)
+        ce = (m_c - z_y) + ls_c
+        kl_out = tl.where(kl < 0.0, 0.0, kl)  # below zero by rounding only (NaN stays NaN)
+        loss = tl.where(ce_weight != 0.0, ce_weight * ce, 0.0) + \
+            tl.where(kl_scale != 0.0, kl_scale * kl_out, 0.0)
         tl.store(loss_ptr + row, loss)
         tl.store(ce_ptr + row, ce)
-        tl.store(kl_ptr + row, kl)
-        tl.store(stats_ptr + row * 4 + 0, lse_z)
-        tl.store(stats_ptr + row * 4 + 1, lse_b)
-        tl.store(stats_ptr + row * 4 + 2, lse_ce)
-        tl.store(stats_ptr + row * 4 + 3, kl)
+        tl.store(kl_ptr + row, kl_out)
+        st = stats_ptr + row * NUM_STATS
+        tl.store(st + STAT_M_Z, safe_max(m_z))
+        tl.store(st + STAT_LS_Z, tl.log(s_z))
+        tl.store(st + STAT_M_B, safe_max(m_b))
+        tl.store(st + STAT_LS_B, tl.log(s_b))
+        tl.store(st + STAT_M_CE, m_c)
+        tl.store(st + STAT_LS_CE, ls_c)
+        tl.store(st + STAT_KL, kl)
 
 
 @jit
@@ -119,7 +125,7 @@ def _tmkl_bwd_kernel(
     b_ptr,  # [N, V] base logits
     stride_b,
     y_ptr,  # [N] labels
-    stats_ptr,  # [N, 4] lse_z, lse_b, lse_ce, kl from the forward
+    stats_ptr,  # [N, 7] m_z, ls_z, m_b, ls_b, m_ce, ls_ce, kl from the forward
     coef_ce_ptr,  # [N] upstream coefficient of dCE/dz per row
     coef_kl_ptr,  # [N] upstream coefficient of dKL/dz per row (KL unscaled)
     g_ptr,  # [N, V] out: gradient, may alias z_ptr (in-place backward)
@@ -147,10 +153,14 @@ def _tmkl_bwd_kernel(
             tl.store(g_row + offs, tl.zeros((BLOCK_V,), dtype=acc_dtype).to(g_ptr.dtype.element_ty),
                      mask=offs < V)
     else:
-        lse_z = tl.load(stats_ptr + row * 4 + 0)
-        lse_b = tl.load(stats_ptr + row * 4 + 1)
-        lse_ce = tl.load(stats_ptr + row * 4 + 2)
-        kl = tl.load(stats_ptr + row * 4 + 3)
+        st = stats_ptr + row * NUM_STATS
+        m_z = tl.load(st + STAT_M_Z)
+        ls_z = tl.load(st + STAT_LS_Z)
+        m_b = tl.load(st + STAT_M_B)
+        ls_b = tl.load(st + STAT_LS_B)
+        m_c = tl.load(st + STAT_M_CE)
+        ls_c = tl.load(st + STAT_LS_CE)
+        kl = tl.load(st + STAT_KL)
         a = tl.load(coef_ce_ptr + row).to(acc_dtype)
         c = tl.load(coef_kl_ptr + row).to(acc_dtype)
         for start in range(0, V, BLOCK_V):
@@ -165,7 +175,7 @@ def _tmkl_bwd_kernel(
                 x = tl.where(is_y, NEG_INF, x)
                 u = tl.where(is_y, NEG_INF, u)
             # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
-            g = grad_tile(z, x, u, is_y, lse_z, lse_b, lse_ce, kl, a, c, inv_t,
+            g = grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, inv_t,
                           FORWARD_KL, MASK_TARGET, SEPARATE_CE)
             tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=inb)
 
@@ -198,7 +208,7 @@ def tmkl_forward(logits, base_logits, labels, params: TMKLParams, block_v: int |
     loss = torch.empty(n, dtype=acc, device=logits.device)
     ce = torch.empty_like(loss)
     kl = torch.empty_like(loss)
-    stats = torch.empty(n, NUM_STATS, dtype=acc, device=logits.device)
+    stats = torch.empty(n, _params.NUM_STATS, dtype=acc, device=logits.device)
     if n == 0:
         return loss, ce, kl, stats
     cfg = launch_config(v, logits.dtype, block_v)
