@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import forgetkern
+from forgetkern.optim import FoLoRA
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -53,8 +54,6 @@ def test_generalized_eigh_reference(benchmark, n):
 
 def _folora(d: int, r: int, layers: int, basis):
     """A reference-path FoLoRA over ``layers`` random LoRA pairs with gradients and statistics."""
-    from forgetkern.optim import FoLoRA
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4 * d, d, generator=gen)
     proxy, task = x.T @ x / (4 * d), torch.eye(d)

@@ -19,13 +19,16 @@ The interfaces, shared with every other backend (``forgetkern._backend.INTERFACE
   coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``; ``pre`` is the
   gradient precomputed for the upstream gradient ``row_weight`` per row, or ``None``.
 * ``generalized_eigh(A, B, eps) -> (w, V, status)``.
+* ``folora_step(g, m, v, s, table, active, scalars, gates) -> None``: the gated Adam step of every
+  active segment of FoLoRA's flat buffers (``m``, ``v`` updated, ``s`` written).
 """
 from __future__ import annotations
 
 import torch
 
-from ._params import (EIGH_NON_FINITE, EIGH_NOT_PD, EIGH_OK, NUM_STATS, STAT_LS_B, STAT_LS_CE,
-                      STAT_LS_Z, STAT_M_CE, TMKLParams, accumulation_dtype, row_outputs,
+from ._params import (EIGH_NON_FINITE, EIGH_NOT_PD, EIGH_OK, NUM_STATS, STAT_KL, STAT_LS_B,
+                      STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE, STAT_M_Z, TMKLParams,
+                      FOLORA_SCALARS, accumulation_dtype, row_outputs,
                       with_target)
 
 NEG_INF = float("-inf")
@@ -44,102 +47,103 @@ def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None
 
 
 def _shifted(x: torch.Tensor):
-    """Row-wise ``(x - m, exp(x - m), m, s)`` with ``m`` the row max (``0`` for a row that is all
-    ``-inf``) and ``s = sum exp(x - m)``: log-probabilities are then ``(x - m) - log s``, the max and
-    the log-sum kept apart (never ``x - logsumexp(x)``, which carries the logits' rounding)."""
+    """Shift the rows of ``x`` in place by their max ``m`` (``0`` for a row that is all ``-inf``)
+    and return ``(m, s)`` with ``s = sum exp(x - m)``: log-probabilities are then
+    ``(x - m) - log s``, the max and the log-sum kept apart (never ``x - logsumexp(x)``, which
+    carries the logits' rounding)."""
     m = x.amax(dim=1)
-    m = m.masked_fill(m == NEG_INF, 0.0)
-    xs = x - m[:, None]
-    e = xs.exp()
-    return xs, e, m, e.sum(dim=1)
+    m.masked_fill_(m == NEG_INF, 0.0)
+    x.sub_(m[:, None])
+    return m, x.exp().sum(dim=1)
 
 
-def _kl_rows(xs_w, e_w, s_w, ls_w, xs_o, ls_o):
-    """Per-row ``KL(w || o) = sum_v w_v (log w_v - log o_v)`` from shifted logits, the weights'
-    ``exp(xs_w)`` and row sums; ``0`` where ``w`` has no mass, ``inf`` where ``w`` has mass that
-    ``o`` lacks. Zero weights give exactly zero (never ``0 * inf``); NaN propagates."""
-    terms = (xs_w - xs_o).mul_(e_w).masked_fill_(e_w == 0, 0.0)
-    kl = terms.sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
-    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
-    return torch.where(s_w == 0, torch.zeros_like(kl), kl)
-
-
-class _Parts:
-    """One chunk's per-row results and the distributions its gradient needs."""
-
-    __slots__ = ("ce", "kl", "stats", "xs", "us", "q", "pb")
-
-
-def _chunk(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> _Parts:
-    """Everything one chunk of rows needs, in the accumulation dtype.
-
-    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype (``z`` is
-    not modified); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index.
-    """
-    inv_t = 1.0 / p.temperature
-    x = z * inv_t if inv_t != 1.0 else z.clone()
-    u = b * inv_t if inv_t != 1.0 else b.clone()
+def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
+    """A fresh ``z / T`` with the target column at ``-inf`` when masked."""
+    x = z * (1.0 / p.temperature) if p.temperature != 1.0 else z.clone()
     if p.mask_target:
         x.scatter_(1, y[:, None], NEG_INF)
-        u.scatter_(1, y[:, None], NEG_INF)
-    xs, e_z, m_z, s_z = _shifted(x)
-    del x
-    us, e_b, m_b, s_b = _shifted(u)
-    del u
+    return x
+
+
+def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
+    """Per-row ``(ce, kl, stats)`` of one chunk of rows, in the accumulation dtype.
+
+    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype (not
+    modified); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index. The KL is
+    ``sum_v w_v ((a_v - m_a) - (o_v - m_o)) / s_w - ls_w + ls_o`` with ``w = exp(a - m_a)`` the weight
+    distribution's (base for forward, adapted for reverse) terms: differences of offsets to the row
+    maxima, so shift-invariant. ``0`` where the weights have no mass, ``inf`` where they have mass
+    the other distribution lacks; zero weights give exactly zero; NaN propagates.
+    """
+    xs = _scaled(z, y, p)
+    m_z, s_z = _shifted(xs)
+    us = _scaled(b, y, p)
+    m_b, s_b = _shifted(us)
     ls_z, ls_b = s_z.log(), s_b.log()
     if p.forward_kl:
-        kl = _kl_rows(us, e_b, s_b, ls_b, xs, ls_z)
+        w, terms, s_w, ls_w, ls_o = us.exp(), us.sub_(xs), s_b, ls_b, ls_z
     else:
-        kl = _kl_rows(xs, e_z, s_z, ls_z, us, ls_b)
+        w, terms, s_w, ls_w, ls_o = xs.exp(), xs.sub_(us), s_z, ls_z, ls_b
+    del xs, us
+    kl = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
+    del w, terms
+    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
     z_y = z.gather(1, y[:, None]).squeeze(1)
     if p.separate_ce:
-        zs, e_c, m_c, s_c = _shifted(z)
-        del zs, e_c
+        zs = z.clone()
+        m_c, s_c = _shifted(zs)
+        del zs
         ls_c = s_c.log()
     elif p.mask_target:
         # the target joins the kept columns: LSE(z) = logaddexp(LSE'(z), z_y), max and sum apart
         m_c, ls_c = with_target(m_z, ls_z, z_y)
     else:
         m_c, ls_c = m_z, ls_z
-    out = _Parts()
-    out.ce = (m_c - z_y) + ls_c
-    out.kl = kl
-    out.stats = torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
-    out.xs, out.us = xs, us
-    # q~ (adapted) and p~ (base), 0 at the target when masked and on rows without mass
-    out.q = e_z.div_(s_z.masked_fill(s_z == 0, 1.0)[:, None])
-    out.pb = e_b.div_(s_b.masked_fill(s_b == 0, 1.0)[:, None])
-    return out
+    ce = (m_c - z_y) + ls_c
+    return ce, kl, torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
 
 
-def _chunk_outputs(parts: _Parts, valid, p: TMKLParams):
-    """Per-row ``(loss, ce, kl, stats)`` of one chunk from :func:`_chunk`'s ``parts``."""
-    return row_outputs(parts.ce, parts.kl, parts.stats, valid, p)
+def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tensor,
+               p: TMKLParams) -> torch.Tensor:
+    """``log q~ = (z/T - m) - ls`` from the saved row max and log-sum (``-inf`` where dropped, and
+    on a row with no mass)."""
+    return _scaled(z, y, p).sub_(m[:, None]).sub_(ls.masked_fill(ls == NEG_INF, 0.0)[:, None])
 
 
-def _chunk_grad(z, y, valid, parts: _Parts, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
-    """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk, zero on invalid rows.
+def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
+    """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk from its saved statistics
+    ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in z's dtype.
 
-    ``parts`` is what :func:`_chunk` returned for ``z``; ``coef_*``: ``(R,)``. Result in z's dtype.
+    Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
+    dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
+    at the target when ``mask_target``.
     """
-    st = parts.stats
-    # (in place throughout: two chunk-sized buffers; a zero coefficient gives exactly 0)
+    inv_t = 1.0 / p.temperature
+    log_q = _log_probs(z, y, st[:, STAT_M_Z], st[:, STAT_LS_Z], p)
+    log_p = _log_probs(b, y, st[:, STAT_M_B], st[:, STAT_LS_B], p)
+    if p.forward_kl:
+        # dKL/dz = (q~ - p~) / T
+        d_kl = log_q.exp_().sub_(log_p.exp_())
+    else:
+        # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0 (NaN propagates)
+        q = log_q.exp()
+        d_kl = log_q.sub_(log_p).sub_(st[:, STAT_KL, None]).mul_(q).masked_fill_(q == 0, 0.0)
+        del q
+    del log_p
+    if inv_t != 1.0:
+        d_kl.mul_(inv_t)
     # dCE/dz = softmax(z) - e_y, softmax(z) = exp((z - m) - log s)
     d_ce = (z - st[:, STAT_M_CE, None]).sub_(st[:, STAT_LS_CE, None]).exp_()
     d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
-    if p.forward_kl:
-        # dKL/dz = (q~ - p~) / T
-        d_kl = (parts.q - parts.pb).mul_(1.0 / p.temperature)
-    else:
-        # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0
-        log_ratio = (parts.xs - parts.us).sub_((st[:, STAT_LS_Z] - st[:, STAT_LS_B])[:, None])
-        d_kl = log_ratio.sub_(parts.kl[:, None]).mul_(parts.q).masked_fill_(parts.q == 0, 0.0)
-        d_kl.mul_(1.0 / p.temperature)
-    a = coef_ce.to(z.dtype)[:, None]
-    c = coef_kl.to(z.dtype)[:, None]
-    grad = d_ce.mul_(a).masked_fill_(a == 0, 0.0)
-    grad += d_kl.mul_(c).masked_fill_(c == 0, 0.0)
-    return grad.masked_fill_(~valid[:, None], 0.0)
+    # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan)
+    a = coef_ce.to(z.dtype).masked_fill(~valid, 0.0)[:, None]
+    c = coef_kl.to(z.dtype).masked_fill(~valid, 0.0)[:, None]
+    grad = d_ce.mul_(a)
+    if bool((a == 0).any()):
+        grad.masked_fill_(a == 0, 0.0)
+    grad.add_(d_kl.mul_(c).masked_fill_(c == 0, 0.0) if bool((c == 0).any()) else d_kl.mul_(c))
+    return grad
 
 
 def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
@@ -167,7 +171,8 @@ def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.
     kl_out = torch.zeros_like(loss)
     stats = torch.zeros(n, NUM_STATS, dtype=acc, device=logits.device)
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
-        outs = _chunk_outputs(_chunk(z, b, y, params), valid, params)
+        ce, kl, st = _chunk_stats(z, b, y, params)
+        outs = row_outputs(ce, kl, st, valid, params)
         for out, value in zip((loss, ce_out, kl_out, stats), outs):
             out[start:stop] = value
     return loss, ce_out, kl_out, stats
@@ -177,16 +182,10 @@ def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.
 def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
                   stats: torch.Tensor | None, coef_ce: torch.Tensor, coef_kl: torch.Tensor,
                   params: TMKLParams, grad_out: torch.Tensor, chunk_bytes: int | None = None):
-    """Write ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for every row into ``grad_out``.
-
-    Gradients (DESIGN.md), with ``KL`` unscaled:
-      dCE/dz = softmax(z) - e_y;
-      forward: dKL/dz_v = (q~_v - p~_v) / T;  reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T;
-      both zero at the target when ``mask_target``.
-    ``stats`` is accepted for interface parity and not needed: the reference recomputes.
-    """
+    """Write ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for every row into ``grad_out``,
+    from the forward's statistics (:func:`_chunk_grad`)."""
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
-        grad = _chunk_grad(z, y, valid, _chunk(z, b, y, params), coef_ce[start:stop],
+        grad = _chunk_grad(z, b, y, valid, stats[start:stop], coef_ce[start:stop],
                            coef_kl[start:stop], params)
         grad_out[start:stop] = grad.to(grad_out.dtype)
     return grad_out
@@ -316,15 +315,14 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
         h = hidden[start:stop]
         z = _logits_chunk(h, weight, bias, acc)
         b = _logits_chunk(base_hidden[start:stop], base_weight, base_bias, acc)
-        parts = _chunk(z, b, y, params)
-        del b
-        outs = _chunk_outputs(parts, valid, params)
+        ce, kl, st = _chunk_stats(z, b, y, params)
+        outs = row_outputs(ce, kl, st, valid, params)
         for out, value in zip((loss, ce_out, kl_out, stats), outs):
             out[start:stop] = value
         if need_h or need_w or need_b:
             # dL/dz per row, then through the linear layer: dh = dz W, dW = dz^T h, dbias = sum_rows dz
-            g = _chunk_grad(z, y, valid, parts, coef_ce[start:stop], coef_kl[start:stop], params)
-            del parts, z
+            g = _chunk_grad(z, b, y, valid, st, coef_ce[start:stop], coef_kl[start:stop], params)
+            del z, b
             if need_h:
                 grad_h[start:stop] = g.to(weight.dtype) @ weight
             if need_w:
@@ -333,7 +331,7 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
                 grad_b += g.sum(0)
             del g
         else:
-            del parts, z
+            del z, b
     return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b
 
 
@@ -368,7 +366,6 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
 # --------------------------------------------------------------------------------------------
 # FoLoRA: the gated Adam step of every segment of the optimizer's flat buffers
 # --------------------------------------------------------------------------------------------
-from ._params import FOLORA_SCALARS  # noqa: E402
 
 
 def folora_adam(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,

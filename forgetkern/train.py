@@ -36,6 +36,7 @@ from torch import nn
 from ._params import LOSSES, PATHS, LossConfig
 from .functional import linear_tmkl_loss, tmkl_loss
 from .lora import adapter_parameters, disable_adapters, is_peft_model
+from .lora.discovery import logits_of
 
 __all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget_aware_loss",
            "ForgetAwareStep", "fused_parts", "batch_labels", "count_items",
@@ -137,16 +138,6 @@ def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linea
     return hidden_fn, head
 
 
-def _logits_of(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot find logits in the model output of type {type(out).__name__}")
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     was_training = model.training
@@ -221,7 +212,7 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
             logits = head(hidden_fn(**inputs))
             used = "fused"
         else:
-            logits = _logits_of(model(**inputs))
+            logits = logits_of(model(**inputs))
             used = "logits"
         ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=ignore_index, reduction="sum")
@@ -241,8 +232,8 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
                                          bias=bias, chunk_size=config.chunk_size, **kwargs)
         return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
     with torch.no_grad(), _eval_mode(model), disable_adapters(model):
-        base_logits = _logits_of(model(**inputs))
-    logits = _logits_of(model(**inputs))
+        base_logits = logits_of(model(**inputs))
+    logits = logits_of(model(**inputs))
     total, ce, kl = tmkl_loss(logits, base_logits.to(logits.dtype), labels, **kwargs)
     return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
 

@@ -1,18 +1,21 @@
 """FoLoRA: proxy sampling, activation statistics, gates and the gated Adam optimizer."""
 import copy
 import io
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from forgetkern import _backend
+from forgetkern._params import EIGH_MAX_N, triton_interpret
 from forgetkern.lora import disable_adapters, inject_lora
+from forgetkern.lora.discovery import lora_modules
 from forgetkern.optim import ActivationStats, FoLoRA, calibrate, sample_proxy_data
 from forgetkern.optim.gating import gate_values
 
-HAS_TRITON_RUN = _backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpret())
+HAS_TRITON_RUN = _backend.triton_installed() and (torch.cuda.is_available() or triton_interpret())
+
+
 def _step_device(backend):
     """Where a backend's tensors live: the Triton step runs on a GPU, or on the CPU interpreter."""
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
@@ -536,8 +539,6 @@ def test_param_group_added_after_a_step_is_updated():
 
 
 def _check_wired(model, opt, stats):
-    from forgetkern.optim._lora import lora_modules
-
     layers = lora_modules(model)
     assert sorted(stats) == sorted(layers)
     for name, layer in layers.items():
@@ -618,101 +619,7 @@ def test_docs_example_trains_a_tiny_llama():
 
 
 def opt_layers(model):
-    from forgetkern.lora import lora_layers
-
-    return list(lora_layers(model).values())
-
-
-def _segment_table(shapes, gated, device):
-    """A SegmentTable of consecutive segments shaped ``shapes``; ``gated[i]``: segment ``i`` has
-    its own gates (one per column). Returns ``(table, total elements, total gates)``."""
-    from forgetkern.ops.folora import SegmentTable
-
-    start, numel, cols, gate_off, off, goff = [], [], [], [], 0, 0
-    for shp, gd in zip(shapes, gated):
-        start.append(off)
-        numel.append(math.prod(shp))
-        cols.append(shp[-1])
-        gate_off.append(goff if gd else -1)
-        goff += shp[-1] if gd else 0
-        off += math.prod(shp)
-    return SegmentTable(start, numel, cols, gate_off, torch.device(device)), off, goff
-
-
-@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block", [16, None])
-def test_fused_step_kernel_matches_torch_segments(block):
-    """The fused kernel vs the torch reference, segment by segment: segments spanning several
-    blocks and ending mid-block, gate columns that do not divide the block, an inactive segment
-    left untouched, per-segment hyperparameters."""
-    from forgetkern.ops.folora import NUM_SCALARS, folora_adam_step
-    from forgetkern.optim.functional import adam_step_segments, bias_corrections
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(7)
-    shapes = [(7, 5), (3, 11), (13,), (4, 3), (1, 1)]  # numel 35, 33, 13, 12, 1
-    table, off, goff = _segment_table(shapes, [True, False, False, True, True], dev)
-    start, numel = table.start, table.numel
-    gates = torch.rand(goff, generator=gen)
-    g = torch.randn(off, generator=gen)
-    m = torch.randn(off, generator=gen) * 0.1
-    v = torch.rand(off, generator=gen) * 0.01
-    active = (0, 1, 3, 4)  # segment 2 has no gradient this step
-    hyper = [(1e-2, 0.9, 0.999, 1e-8, 3), (3e-3, 0.8, 0.99, 1e-6, 1), (1e-2, 0.9, 0.999, 1e-8, 5),
-             (5e-2, 0.95, 0.9, 1e-8, 2), (1e-1, 0.5, 0.9, 1e-3, 10)]
-    ref_scalars, rows = [], torch.zeros(len(shapes), NUM_SCALARS)
-    for i, (lr, b1, b2, eps, step) in enumerate(hyper):
-        ss, bc2 = bias_corrections(step, lr, b1, b2)
-        ref_scalars.append((ss, bc2, eps, b1, b2))
-        rows[i] = torch.tensor([-ss, bc2, eps, b2, 1 - b1, 1 - b2])
-    m_ref, v_ref, s_ref = m.clone(), v.clone(), torch.full((off,), 123.0)
-    adam_step_segments(g, m_ref, v_ref, s_ref, table, active, ref_scalars, gates)
-    m_k, v_k, s_k = m.clone().to(dev), v.clone().to(dev), torch.full((off,), 123.0, device=dev)
-    folora_adam_step(g.to(dev), m_k, v_k, s_k, table, active, rows.to(dev), gates.to(dev), block=block)
-    torch.testing.assert_close(m_k.cpu(), m_ref, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(v_k.cpu(), v_ref, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(s_k.cpu(), s_ref, rtol=1e-5, atol=1e-8)
-    seg2 = slice(start[2], start[2] + numel[2])
-    assert torch.equal(m_k.cpu()[seg2], m[seg2]) and bool((s_k.cpu()[seg2] == 123.0).all())
-    # the gates did something: an ungated launch differs on the gated segments
-    s_open = torch.full((off,), 123.0, device=dev)
-    folora_adam_step(g.to(dev), m.clone().to(dev), v.clone().to(dev), s_open, table, active,
-                     rows.to(dev), None, block=block)
-    assert not torch.allclose(s_open.cpu()[: numel[0]], s_ref[: numel[0]])
-
-
-def test_reference_segments_in_runs_equal_segment_by_segment():
-    """The reference element-wise path updates adjacent segments with equal hyperparameters as one
-    run of the flat buffers (gates expanded per element): bit for bit the per-segment
-    :func:`adam_step`, with runs broken by a missing gradient and by different hyperparameters."""
-    from forgetkern.optim import functional as Fn
-
-    gen = torch.Generator().manual_seed(11)
-    shapes = [(4, 6), (6, 4), (5,), (3, 6), (2, 2), (6, 4), (7, 3)]
-    table, off, goff = _segment_table(shapes, [True, False, False, True, True, True, False], "cpu")
-    start, numel, cols, gate_off = table.start, table.numel, table.cols, table.gate
-    gates = torch.rand(goff, generator=gen)
-    g, m, v = torch.randn(off, generator=gen), torch.randn(off, generator=gen), torch.rand(off, generator=gen)
-    one = Fn.bias_corrections(3, 1e-2, 0.9, 0.999) + (1e-8, 0.9, 0.999)
-    other = Fn.bias_corrections(3, 5e-3, 0.9, 0.999) + (1e-8, 0.9, 0.999)
-    scalars = [one, one, one, one, other, one, one]
-    active = [0, 1, 3, 4, 5, 6]  # segment 2 inactive: runs [0, 1], [3], [4], [5, 6]
-    assert Fn._runs(table, active, scalars) == [[0, 1], [3], [4], [5, 6]]
-    m1, v1, s1 = m.clone(), v.clone(), torch.full((off,), 7.0)
-    Fn.adam_step_segments(g, m1, v1, s1, table, active, scalars, gates)
-    m2, v2, s2 = m.clone(), v.clone(), torch.full((off,), 7.0)
-    for i in active:
-        a, n, c = start[i], numel[i], cols[i]
-        gate = gates[gate_off[i]: gate_off[i] + c] if gate_off[i] >= 0 else None
-        ss, bc2, eps, b1, b2 = scalars[i]
-        s2[a: a + n] = Fn.adam_step(g[a: a + n].view(-1, c), m2[a: a + n].view(-1, c),
-                                    v2[a: a + n].view(-1, c), step_size=ss, bias_correction2_sqrt=bc2,
-                                    beta1=b1, beta2=b2, eps=eps, gate=gate).view(-1)
-    assert torch.equal(m1, m2) and torch.equal(v1, v2) and torch.equal(s1, s2)
-    assert bool((s1[start[2]: start[2] + numel[2]] == 7.0).all())  # the inactive segment untouched
-    assert not torch.equal(s1[:24], Fn.adam_step(g[:24], m[:24].clone(), v[:24].clone(), step_size=one[0],
-                                                 bias_correction2_sqrt=one[1], beta1=0.9, beta2=0.999,
-                                                 eps=1e-8))  # the gates did something
+    return [found.module for found in lora_modules(model).values()]
 
 
 @pytest.mark.parametrize("basis", ["dense", 2])
@@ -749,3 +656,73 @@ def test_batched_rotations_match_one_parameter_at_a_time(basis):
     for p, q in zip(together, alone):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert not torch.equal(together[1], init[1])
+
+
+# ---- the choice of the step's implementation (no Triton on import: tests/test_architecture.py) --------------------------------------
+def _one_param_opt(**options):
+    a = torch.randn(3, 4, requires_grad=True)
+    opt = FoLoRA([a], lr=0.1, **options)
+    a.grad = torch.randn(3, 4)
+    return a, opt
+
+
+def test_step_implementation_is_resolved_once_per_device(monkeypatch):
+    calls = []
+    real = _backend.resolve
+
+    def counting(op, *tensors, **kw):
+        calls.append(op)
+        return real(op, *tensors, **kw)
+
+    monkeypatch.setattr(_backend, "resolve", counting)
+    a, opt = _one_param_opt(backend="reference")
+    for _ in range(3):
+        opt.step()
+    assert calls.count("folora_step") == 1
+    assert [flat.impl.backend for flat in opt._flat.values()] == ["reference"]
+    opt.backend = None  # re-resolved for the buffers already built
+    assert calls.count("folora_step") == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device Triton cannot serve")
+def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a, opt = _one_param_opt(backend="triton")
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run folora_step"):
+        opt.step()
+    assert torch.equal(a, before)
+    a, opt = _one_param_opt()  # automatic: the reference serves
+    opt.step()
+    assert opt._flat[a.device].impl.backend == "reference"
+
+
+def test_options_are_validated_the_same_in_init_and_add_param_group():
+    a, b = torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True)
+    bad = [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps"),
+           ({"weight_decay": -0.1}, "weight_decay"), ({"damping": float("nan")}, "damping"),
+           ({"basis": True}, "basis"), ({"refresh_every": 0}, "refresh_every"),
+           ({"basis_norm": "l2"}, "basis_norm"), ({"gate": "sigmoid", "sharpness": 0.0}, "sharpness")]
+    for options, name in bad:
+        with pytest.raises(ValueError, match=name):
+            FoLoRA([a], **options)
+        opt = FoLoRA([a])
+        with pytest.raises(ValueError, match=name):
+            opt.add_param_group({"params": [b], **options})
+        assert len(opt.param_groups) == 1
+    for backend in ("cuda", "bogus"):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            FoLoRA([a], backend=backend)
+
+
+@pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
+def test_large_layer_input_falls_back_to_the_reference_eigensolver():
+    """``eigh_backend="triton"`` with ``d_in`` above the on-chip limit: the table hands the solve
+    to the reference (no special case in the optimizer)."""
+    d = EIGH_MAX_N + 1
+    proxy, task = _stats(d, 0)
+    A = torch.randn(2, d, requires_grad=True)
+    opt = FoLoRA([A], eigh_backend="triton", backend="reference")
+    opt.set_statistics(A, proxy, task)
+    V, W = opt.state[A]["V"].double(), opt.state[A]["W"].double()
+    torch.testing.assert_close(W.T @ V, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-4)

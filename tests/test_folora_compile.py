@@ -22,28 +22,33 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from forgetkern.ops.folora import _folora_adam_kernel, launch_config as step_config
-    from forgetkern.ops.geneigh import USE_GATHER, _geneigh_kernel, launch_config as eig_config
+    from forgetkern._params import (EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE,
+                                    NUM_FOLORA_SCALARS)
+    from forgetkern.ops.folora import _folora_step_kernel, launch_config as step_config
+    from forgetkern.ops.geneigh import USE_GATHER, _generalized_eigh_kernel, launch_config as eig_config
 
     target = GPUTarget("cuda", 90, 32)
     cases = [("*fp32", False, 16, False)] + [("*fp32", False, 16, True), ("*fp64", True, 5, True)] * USE_GATHER
     for ptr, fp64, n, gather in cases:
         cfg = eig_config(n)
-        sig = {"a_ptr": ptr, "b_ptr": ptr, "w_ptr": ptr, "v_ptr": ptr, "info_ptr": "*i32",
+        sig = {"a_ptr": ptr, "b_ptr": ptr, "w_ptr": ptr, "v_ptr": ptr, "status_ptr": "*i32",
                "sweeps_ptr": "*i32", "n": "i32", "tol2": "fp32", "BLOCK_N": "constexpr",
-               "MAX_SWEEPS": "constexpr", "ACC_FP64": "constexpr", "USE_GATHER": "constexpr"}
-        src = ASTSource(_geneigh_kernel, sig,
-                        constexprs={"BLOCK_N": cfg["BLOCK_N"], "MAX_SWEEPS": 30, "ACC_FP64": fp64,
-                                    "USE_GATHER": gather})
+               "MAX_SWEEPS": "constexpr", "NON_FINITE": "constexpr", "NO_CONVERGENCE": "constexpr",
+               "ACC_FP64": "constexpr", "USE_GATHER": "constexpr"}
+        src = ASTSource(_generalized_eigh_kernel, sig,
+                        constexprs={"BLOCK_N": cfg["BLOCK_N"], "MAX_SWEEPS": EIGH_MAX_SWEEPS,
+                                    "NON_FINITE": EIGH_NON_FINITE, "NO_CONVERGENCE": EIGH_NO_CONVERGENCE,
+                                    "ACC_FP64": fp64, "USE_GATHER": gather})
         k = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"]})
         assert k.asm["cubin"], "no cubin"
     cfg = step_config(1 << 20)
     sig = {name: "*fp32" for name in ("g_ptr", "m_ptr", "v_ptr", "s_ptr")}
     sig.update(blk_seg_ptr="*i32", blk_start_ptr="*i64", seg_start_ptr="*i64", seg_end_ptr="*i64",
                seg_cols_ptr="*i64", seg_gate_ptr="*i64", scal_ptr="*fp32", gate_ptr="*fp32",
-               BLOCK="constexpr", HAS_GATES="constexpr")
+               BLOCK="constexpr", NUM_SCALARS="constexpr", HAS_GATES="constexpr")
     for gates in (True, False):
-        src = ASTSource(_folora_adam_kernel, sig, constexprs={"BLOCK": cfg["BLOCK"], "HAS_GATES": gates})
+        src = ASTSource(_folora_step_kernel, sig, constexprs={"BLOCK": cfg["BLOCK"], "HAS_GATES": gates,
+                                                              "NUM_SCALARS": NUM_FOLORA_SCALARS})
         k = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"]})
         assert k.asm["cubin"], "no cubin"
     print("compiled")

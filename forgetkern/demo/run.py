@@ -131,7 +131,8 @@ def _folora_module():
 @torch.no_grad()
 def mean_ce(model, batches, device, *, accuracy: bool = False) -> tuple[float, float | None]:
     """Token-mean cross-entropy (and top-1 next-token accuracy) of ``model`` on ``batches``."""
-    from ..train import _logits_of, batch_labels
+    from ..lora.discovery import logits_of as _logits_of
+    from ..train import batch_labels
 
     was = model.training
     model.eval()

@@ -63,7 +63,9 @@ class TMKLTrainer(Trainer):
         tmkl_path: ``"auto"``, ``"fused"`` or ``"logits"``.
         *args, **kwargs: everything ``transformers.Trainer`` takes.
 
-    The last computed components are logged as ``tmkl_ce`` and ``tmkl_kl``.
+    Next to the Trainer's ``loss`` the components are logged as ``tmkl_ce`` and ``tmkl_kl``, on the
+    same scale: summed over the micro-batches of each optimizer step (each is a mean over the whole
+    batch's ``num_items_in_batch``) and averaged over the steps since the last log.
     """
 
     def __init__(self, *args, tmkl_loss: str = "tmkl", tmkl_options: dict | None = None,
@@ -75,7 +77,8 @@ class TMKLTrainer(Trainer):
         # and not to divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True  # count num_items_in_batch over labels[..., 1:]
-        self._tmkl_last: dict = {}
+        self._tmkl_sums: dict = {}  # training components since the last log
+        self._tmkl_logged_step = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = config_loss(model, inputs, self.tmkl_config, num_items_in_batch=num_items_in_batch,
@@ -85,14 +88,19 @@ class TMKLTrainer(Trainer):
                 and self.accelerator.num_processes > 1):
             # num_items_in_batch counts every process's tokens; DDP averages the gradients
             loss = loss * self.accelerator.num_processes
-        self._tmkl_last = {"tmkl_ce": float(out.ce)}
-        if out.kl is not None:
-            self._tmkl_last["tmkl_kl"] = float(out.kl)
+        if model.training:
+            scale = float(loss.detach()) / float(out.loss.detach()) if float(out.loss) else 1.0
+            parts = {"tmkl_ce": out.ce} if out.kl is None else {"tmkl_ce": out.ce, "tmkl_kl": out.kl}
+            for key, value in parts.items():
+                self._tmkl_sums[key] = self._tmkl_sums.get(key, 0.0) + float(value) * scale
         if return_outputs:
             return loss, {"loss": loss}
         return loss
 
     def log(self, logs: dict, *args, **kwargs):
-        if "loss" in logs and self._tmkl_last:
-            logs = {**logs, **self._tmkl_last}
+        if "loss" in logs and self._tmkl_sums:
+            steps = max(1, self.state.global_step - self._tmkl_logged_step)
+            logs = {**logs, **{k: v / steps for k, v in self._tmkl_sums.items()}}
+            self._tmkl_sums = {}
+            self._tmkl_logged_step = self.state.global_step
         return super().log(logs, *args, **kwargs)

@@ -1,7 +1,8 @@
-"""Thin LoRA: injection into any ``nn.Module``, adapter switching, merging, adapter files, and
-PEFT interop (the same functions accept HF PEFT models)."""
-from .inject import (adapter_parameters, disable_adapters, inject_lora, is_peft_model, lora_layers,
-                     merge_adapters, unmerge_adapters)
+"""Thin LoRA: injection into any ``nn.Module``, adapter switching, merging, adapter files, the one
+LoRA-layer discovery (``discovery``), and PEFT interop (the same functions accept HF PEFT models)."""
+from .discovery import lora_layers
+from .inject import (adapter_parameters, disable_adapters, inject_lora, is_peft_model, merge_adapters,
+                     unmerge_adapters)
 from .io import load_adapters, read_adapters, save_adapters
 from .layer import LoRALinear
 

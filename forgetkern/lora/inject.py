@@ -7,6 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
+from .discovery import lora_layers
 from .layer import LoRALinear
 
 
@@ -53,11 +54,6 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], rank: int
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(mod, rank, alpha, dropout))
     return model
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """All :class:`LoRALinear` layers of ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -20,7 +20,8 @@ import zipfile
 import torch
 from torch import nn
 
-from .inject import is_peft_model, lora_layers
+from .discovery import lora_layers
+from .inject import is_peft_model
 
 FORMAT = "forgetkern-lora"
 VERSION = 1

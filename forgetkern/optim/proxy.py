@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..lora import disable_adapters
+from ..lora.discovery import logits_of
 from ._progress import progress as progress_bar
 
 
@@ -115,18 +116,10 @@ class _Sampler:
         return out.scatter_(1, tok[:, None], 0.0)
 
 
-def _logits_of(output) -> torch.Tensor:
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
-
-
 def _sample_loop(model, ids, new_tokens, generator, temperature, top_p):
     """KV-free fallback: recompute the whole prefix for every new token."""
     for _ in range(new_tokens):
-        logits = _logits_of(model(ids))
+        logits = logits_of(model(ids))
         if logits.dim() != 3 or logits.shape[:2] != ids.shape:
             raise ValueError(
                 "sample_proxy_data: the model must map token ids (B, T) to logits (B, T, V) "

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..lora import disable_adapters
-from ._lora import lora_modules
+from ..lora.discovery import lora_modules
+from ._progress import progress as progress_bar
+from .proxy import _model_device
 
 
 class _Accumulator:
@@ -249,9 +251,6 @@ def _run(model: nn.Module, batch, device: torch.device):
 
 
 def _pass(model, batches, modules, share_inputs, desc, progress, max_batches, dtype):
-    from ._progress import progress as progress_bar
-    from .proxy import _model_device
-
     device = _model_device(model)
     stats = ActivationStats(model, modules, share_inputs=share_inputs, dtype=dtype)
     total = None

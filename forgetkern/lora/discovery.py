@@ -1,11 +1,13 @@
-"""Finding the LoRA-adapted linear layers of a model: forgetkern ``LoRALinear`` and PEFT LoRA."""
+"""What forgetkern finds in a model: its LoRA-adapted linear layers (forgetkern ``LoRALinear`` and
+PEFT LoRA), and the logits in its outputs. The one place that walks a model for LoRA layers."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
-from ..lora import LoRALinear
+from .layer import LoRALinear
 
 
 class LoRAModule(NamedTuple):
@@ -41,14 +43,15 @@ def _peft_adapter(module: nn.Module, adapter_name: str | None) -> str | None:
     return None
 
 
-def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, LoRAModule]:
+def lora_modules(model: nn.Module, adapter_name: str | None = None, *,
+                 peft: bool = True) -> dict[str, LoRAModule]:
     """All LoRA-adapted linear layers of ``model`` by qualified name.
 
-    Finds forgetkern :class:`~forgetkern.lora.LoRALinear` layers and PEFT LoRA layers
-    (``peft.tuners.lora.LoraLayer`` whose ``lora_A[adapter]`` is an ``nn.Linear``; the first active
-    adapter, or ``adapter_name``). PEFT embedding and convolution LoRA layers are skipped.
+    Finds forgetkern :class:`~forgetkern.lora.LoRALinear` layers and (with ``peft``) PEFT LoRA
+    layers (``peft.tuners.lora.LoraLayer`` whose ``lora_A[adapter]`` is an ``nn.Linear``; the first
+    active adapter, or ``adapter_name``). PEFT embedding and convolution LoRA layers are skipped.
     """
-    peft_type = _peft_lora_layer_type()
+    peft_type = _peft_lora_layer_type() if peft else None
     found: dict[str, LoRAModule] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -59,3 +62,20 @@ def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str,
                 found[name] = LoRAModule(name, module, module.lora_A[adapter].weight,
                                          module.lora_B[adapter].weight)
     return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """All forgetkern :class:`LoRALinear` layers of ``model`` by qualified name."""
+    return {name: found.module for name, found in lora_modules(model, peft=False).items()}
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``output.logits`` (HF), or the first
+    element of a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find logits in the model output of type {type(output).__name__}")

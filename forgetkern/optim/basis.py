@@ -1,0 +1,301 @@
+"""FoLoRA's spectral bases: the generalized eigenbasis of (task, proxy) statistics per layer input,
+the batched ``r x r`` bases of paired LoRA ``B``, their cache, and the change of Adam coordinates.
+
+A parameter's basis lives in its optimizer state (``state[p]``), in one of three modes:
+
+* ``"dense"`` (a LoRA ``A`` ``(r, n)``): ``lam (n,)``, ``V, W (n, n)``, ``gate (n,)`` and the
+  trace-normalized statistics ``proxy, task (n, n)``; the Adam moments live in spectral
+  coordinates ``g V``.
+* ``"lowrank"`` (a LoRA ``A`` with ``basis=k``): ``lam (k,)``, ``V, W (n, k)``, ``gate (k,)`` and
+  the sketches ``{proxy,task}_{Q,s,rho}``; the moments stay in parameter coordinates.
+* ``"pair"`` (a LoRA ``B`` ``(d_out, r)``): ``lam (r,)``, ``V, W (r, r)``, ``gate (r,)`` of
+  ``(A Σt Aᵀ, A Σp Aᵀ)``, re-solved at ``refreshed`` (its step count); spectral moments.
+
+Everything is pure torch; the eigensolver is :func:`forgetkern.functional.generalized_eigh`, whose
+backend (and its fallback for large ``n``) the implementation table picks.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from .. import functional
+from .gating import gate_values
+
+#: Dtype the ``d_in x d_in`` generalized eigenproblems are solved in (stored results are float32).
+SOLVE_DTYPE = torch.float64
+#: State keys of a parameter's basis (all modes); replaced together when the basis changes.
+BASIS_KEYS = ("mode", "lam", "V", "W", "gate", "refreshed", "proxy", "task", "proxy_Q", "proxy_s",
+              "proxy_rho", "task_Q", "task_s", "task_rho")
+
+
+# --------------------------------------------------------------------------------------------
+# Spectral math
+# --------------------------------------------------------------------------------------------
+def trace_normalize(S: torch.Tensor, name: str = "statistic") -> torch.Tensor:
+    """``S * n / trace(S)`` (mean eigenvalue 1) for ``(..., n, n)``; symmetrized.
+
+    Raises:
+        ValueError: non-finite entries or a non-positive trace.
+    """
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError(f"{name} has non-finite entries")
+    n = S.shape[-1]
+    tr = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1)
+    if bool((tr <= 0).any()):
+        raise ValueError(f"{name} has a non-positive trace; statistics must be E[x x^T] of real data")
+    S = 0.5 * (S + S.mT)
+    return S * (n / tr)[..., None, None]
+
+
+def damped(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """``S + damping * I``."""
+    if not damping:
+        return S
+    return S + damping * torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+
+
+class Basis(NamedTuple):
+    """Generalized eigenbasis of ``(task, proxy + damping I)`` (both trace-normalized).
+
+    ``V^T (proxy + damping I) V = I`` over the kept directions and
+    ``task V = (proxy + damping I) V diag(lam)``.
+
+    Attributes:
+        lam: ``(..., k)`` ascending ratios (task utility per unit proxy penalty).
+        V: ``(..., n, k)`` eigenvectors (columns).
+        W: ``(..., n, k)`` ``(proxy + damping I) V``; ``W^T = V^-1`` when ``k = n``. The spectral
+            coefficients of a vector ``u`` are ``u W`` and ``u = (u W) V^T`` (row convention).
+    """
+
+    lam: torch.Tensor
+    V: torch.Tensor
+    W: torch.Tensor
+
+
+def spectral_basis(task: torch.Tensor, proxy: torch.Tensor, damping: float, k: int | None = None,
+                   backend: str | None = None) -> Basis:
+    """Generalized eigenbasis of already trace-normalized ``task`` and ``proxy`` ``(..., n, n)``.
+
+    Keeps the ``k`` lowest-ratio directions (all when ``k`` is ``None`` or ``>= n``).
+
+    Raises:
+        ValueError: ``proxy + damping I`` is not positive definite (message names ``proxy_cov``).
+    """
+    try:
+        lam, V = functional.generalized_eigh(task, proxy, eps=damping, backend=backend)
+    except ValueError as exc:
+        if "positive definite" in str(exc):
+            raise ValueError(
+                f"proxy_cov (trace-normalized) + damping*I is not positive definite with "
+                f"damping={damping}; increase damping ({exc})"
+            ) from None
+        raise
+    n = task.shape[-1]
+    if k is not None and k < n:
+        lam, V = lam[..., :k].contiguous(), V[..., :k].contiguous()
+    W = damped(proxy.to(V.dtype), damping) @ V
+    return Basis(lam, V, W)
+
+
+def normalized(V: torch.Tensor, W: torch.Tensor, basis_norm: str):
+    """``basis_norm="unit"``: unit-length columns ``V D^-1`` with ``W D`` (``Wᵀ V = I`` kept)."""
+    if basis_norm == "proxy":
+        return V, W
+    d = torch.linalg.vector_norm(V, dim=-2).clamp_min(torch.finfo(V.dtype).tiny)
+    return V / d[..., None, :], W * d[..., None, :]
+
+
+class Sketch(NamedTuple):
+    """Low-rank-plus-isotropic approximation ``S ~ Q diag(s) Q^T + rho (I - Q Q^T)`` of a
+    trace-normalized statistic (exact when ``Q`` has all ``n`` columns)."""
+
+    Q: torch.Tensor  # (n, k) top-k eigenvectors
+    s: torch.Tensor  # (k,) their eigenvalues
+    rho: torch.Tensor  # () mean of the remaining eigenvalues
+
+
+def sketch(S: torch.Tensor, k: int) -> Sketch:
+    """Top-``k`` eigenpairs of a symmetric ``(n, n)`` ``S`` plus the mean of the rest."""
+    n = S.shape[-1]
+    evals, evecs = torch.linalg.eigh(S)
+    k = min(k, n)
+    s = evals[n - k:].clamp_min(0.0).contiguous()
+    Q = evecs[:, n - k:].contiguous()
+    rest = (torch.diagonal(S).sum() - s.sum()) / max(n - k, 1)
+    rho = rest.clamp_min(0.0) if k < n else torch.zeros((), dtype=S.dtype, device=S.device)
+    return Sketch(Q, s, rho)
+
+
+def project(A: torch.Tensor, stat) -> torch.Tensor:
+    """``A S A^T`` for ``A`` ``(r, n)`` and a dense ``S`` ``(n, n)`` or a :class:`Sketch`."""
+    if isinstance(stat, Sketch):
+        AQ = A @ stat.Q
+        # A (Q diag(s - rho) Q^T + rho I) A^T
+        out = (AQ * (stat.s - stat.rho)) @ AQ.mT + stat.rho * (A @ A.mT)
+        return 0.5 * (out + out.mT)
+    out = (A @ stat) @ A.mT
+    return 0.5 * (out + out.mT)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer bases (LoRA A): solve and cache
+# --------------------------------------------------------------------------------------------
+def check_statistics(param: torch.Tensor, proxy_cov, task_cov) -> None:
+    """``param`` is a LoRA ``A`` ``(r, n)`` and both statistics are floating ``(n, n)`` tensors."""
+    if param.dim() != 2:
+        raise ValueError(f"param must be a LoRA A matrix (r, d_in), got shape {tuple(param.shape)}")
+    n = param.shape[1]
+    for name, stat in (("proxy_cov", proxy_cov), ("task_cov", task_cov)):
+        if not isinstance(stat, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(stat).__name__}")
+        if tuple(stat.shape) != (n, n):
+            raise ValueError(
+                f"{name} must be (d_in, d_in) = ({n}, {n}) for a LoRA A of shape "
+                f"{tuple(param.shape)}, got {tuple(stat.shape)}"
+            )
+        if not stat.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {stat.dtype}")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def solve_layer(proxy_cov, task_cov, k: int | None, damping: float, basis_norm: str, device,
+                eigh_backend: str | None = None) -> dict:
+    """The state entries of a LoRA ``A``'s basis (``"dense"`` or ``"lowrank"``, see the module
+    docstring, without ``gate``): solved in :data:`SOLVE_DTYPE`, stored in float32."""
+    proxy = trace_normalize(proxy_cov.detach().to(device=device, dtype=SOLVE_DTYPE), "proxy_cov")
+    task = trace_normalize(task_cov.detach().to(device=device, dtype=SOLVE_DTYPE), "task_cov")
+    basis = spectral_basis(task, proxy, damping, k, backend=eigh_backend)
+    V, W = normalized(basis.V, basis.W, basis_norm)
+    out = {"lam": _f32(basis.lam), "V": _f32(V), "W": _f32(W)}
+    if k is None or k >= proxy.shape[-1]:
+        out.update(mode="dense", proxy=_f32(proxy), task=_f32(task))
+    else:
+        out["mode"] = "lowrank"
+        for name, stat in (("proxy", proxy), ("task", task)):
+            sk = sketch(stat, k)
+            out.update({f"{name}_Q": _f32(sk.Q), f"{name}_s": _f32(sk.s), f"{name}_rho": _f32(sk.rho)})
+    return out
+
+
+class BasisCache:
+    """Solved layer bases by the identity of their statistic tensors (and the options), so that
+    layers given the very same statistics (q/k/v, gate/up) share one basis. Holds the statistics
+    weakly: an entry dies with its tensors."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def clear(self) -> None:
+        self._entries = {}
+
+    def get(self, proxy_cov, task_cov, k, damping, basis_norm, device, eigh_backend=None) -> dict:
+        """:func:`solve_layer` of these arguments, solved once per live pair of statistics."""
+        self._entries = {key: e for key, e in self._entries.items()
+                         if e[0]() is not None and e[1]() is not None}  # drop dead entries
+        key = (id(proxy_cov), id(task_cov), k, float(damping), basis_norm, str(device))
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is proxy_cov and hit[1]() is task_cov:
+            return hit[2]
+        new = solve_layer(proxy_cov, task_cov, k, float(damping), basis_norm, device, eigh_backend)
+        self._entries[key] = (weakref.ref(proxy_cov), weakref.ref(task_cov), new)
+        return new
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates
+# --------------------------------------------------------------------------------------------
+def gates_of(group: dict, lam: torch.Tensor, dim: int) -> torch.Tensor:
+    """float32 gates of a parameter group's gate option for ratios ``lam`` of a ``dim``-space."""
+    return gate_values(lam, group["gate"], group["tau"], group["sharpness"], dim=dim).to(torch.float32)
+
+
+def spectral(state: dict):
+    """``(V, W)`` when the moments of this parameter live in spectral coordinates, else ``None``."""
+    if state.get("mode") in ("dense", "pair"):
+        return state["V"], state["W"]
+    return None
+
+
+def change_coordinates(state: dict, old, new) -> None:
+    """Carry Adam moments from ``old`` to ``new`` coordinates (``(V, W)``; ``None``: parameter ones).
+
+    The first moment transforms like the gradient (``g_new = g_old W_oldᵀ V_new``); the second
+    moment with the element-wise squared transition matrix (exact when the coordinates of the
+    gradient are uncorrelated)."""
+    if "exp_avg" not in state or state.get("step", 0) == 0 or (old is None and new is None):
+        return
+    n = state["exp_avg"].shape[-1]
+    T = torch.eye(n, dtype=torch.float32, device=state["exp_avg"].device)
+    if old is not None:
+        T = old[1].mT.to(T)
+    if new is not None:
+        T = T @ new[0].to(T)
+    state["exp_avg"].copy_(state["exp_avg"] @ T)
+    state["exp_avg_sq"].copy_(state["exp_avg_sq"] @ (T * T))
+
+
+def set_basis(state: dict, new: dict | None) -> None:
+    """Replace a parameter's basis entries by ``new`` (``None``: plain AdamW) and carry its moments."""
+    old = spectral(state)
+    for key in BASIS_KEYS:
+        state.pop(key, None)
+    if new:
+        state.update(new)
+    change_coordinates(state, old, spectral(state))
+
+
+# --------------------------------------------------------------------------------------------
+# Pair bases (LoRA B): one batched r x r solve
+# --------------------------------------------------------------------------------------------
+def _layer_stat(a_state: dict, name: str):
+    if a_state["mode"] == "dense":
+        return a_state[name]
+    return Sketch(a_state[f"{name}_Q"], a_state[f"{name}_s"], a_state[f"{name}_rho"])
+
+
+@torch.no_grad()
+def solve_pairs(items, state, eigh_backend: str | None = None) -> None:
+    """Re-solve the bases of paired ``B``, all of one rank ``r`` and device, in one eigensolver call.
+
+    ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state. Per pair,
+    in plain torch (``tn``: trace-normalize; ``damping`` of ``B``'s group)::
+
+        P = tn(A Σp Aᵀ) + damping * I;  T = tn(A Σt Aᵀ)                  # (r, r)
+        lam, V = generalized_eigh(T, P);  W = P @ V                     # batched over pairs
+    """
+    B0 = items[0][0]
+    r, device = B0.shape[1], B0.device
+    proxies, tasks = [], []
+    for _, A, _ in items:
+        a = A.detach().to(torch.float32)
+        proxies.append(project(a, _layer_stat(state[A], "proxy")))
+        tasks.append(project(a, _layer_stat(state[A], "task")))
+    proxy, task = torch.stack(proxies), torch.stack(tasks)
+    tr = torch.diagonal(proxy, dim1=-2, dim2=-1).sum(-1)
+    if bool((tr <= 0).any()):
+        raise ValueError(
+            "A Σp Aᵀ has a non-positive trace for a paired LoRA A (an all-zero A?); "
+            "pair B only with a non-zero A"
+        )
+    proxy = trace_normalize(proxy, "A proxy_cov A^T")
+    task = trace_normalize(task, "A task_cov A^T")
+    damping = torch.tensor([g["damping"] for _, _, g in items], dtype=proxy.dtype, device=device)
+    # per-pair damping folded into the proxy side (one batched call even with mixed groups)
+    proxy = proxy + damping[:, None, None] * torch.eye(r, dtype=proxy.dtype, device=device)
+    try:
+        lam, V = functional.generalized_eigh(task, proxy, eps=0.0, backend=eigh_backend)
+    except ValueError as exc:
+        raise ValueError(f"A Σp Aᵀ + damping*I is not positive definite; increase damping ({exc})") from None
+    W = proxy @ V
+    for i, (B, _, group) in enumerate(items):
+        Vi, Wi = normalized(V[i], W[i], group["basis_norm"])
+        st = state[B]
+        lam_i = _f32(lam[i])
+        set_basis(st, {"mode": "pair", "lam": lam_i, "V": _f32(Vi), "W": _f32(Wi),
+                       "gate": gates_of(group, lam_i, r), "refreshed": st.get("step", 0)})
