@@ -105,6 +105,13 @@ def implementation(op: str, backend: str) -> Implementation:
     return impl
 
 
+# The implementations that import no Triton are loaded now, so that a call traced by
+# torch.compile finds them in _LOADED (dynamo does not trace importlib).
+for _key, (_module, _) in TABLE.items():
+    if _module in ("forgetkern.reference", "forgetkern._cuda"):
+        implementation(*_key)
+
+
 def triton_installed() -> bool:
     """Whether the ``triton`` package can be imported (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None

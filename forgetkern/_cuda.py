@@ -11,11 +11,18 @@ fake (meta) implementations, so ``torch.compile`` traces through them without gr
 * ``forgetkern::tmkl_forward`` -> ``(loss, ce, kl, stats)`` per row;
 * ``forgetkern::tmkl_backward`` writes the gradient into a given buffer;
 * ``forgetkern::tmkl_backward_inplace`` writes it over the logits;
-* ``forgetkern::generalized_eigh`` -> ``(w, V, info)`` for a batch of ``n <= 64`` problems.
+* ``forgetkern::generalized_eigh`` -> ``(w, V, status)`` for a batch of ``n <= EIGH_MAX_N`` problems.
 
-:func:`tmkl_forward` / :func:`tmkl_backward` have the backend interface of
-:mod:`forgetkern.reference` (used by ``TMKLFunction`` for ``backend="cuda"``);
-:func:`generalized_eigh` is ``forgetkern.generalized_eigh(..., backend="cuda")``.
+Checks: the public functions validate every input once (``forgetkern._validate``) and the binding
+(``csrc/bindings.cpp``) guards its own pointers and sizes. This module checks only what neither can
+know -- that the extension loaded and the tensors live on a CUDA device -- and normalizes the layouts
+the kernels need (unit stride along a row, int64 labels, contiguous statistics and matrices).
+
+Backend interfaces (``forgetkern._backend``): :func:`tmkl_forward` / :func:`tmkl_backward` (the
+``tmkl`` op) and :func:`generalized_eigh` (``solve`` of the ``generalized_eigh`` op), with the
+signatures of :mod:`forgetkern.reference`. :func:`emulated` returns the same interfaces running the
+kernels' own per-thread code on the CPU (``_C.emulate_*``), so tests can run the CUDA backend's
+code without a GPU.
 
 Set ``FORGETKERN_CUDA_SYNC=1`` to synchronize after every launch, so that a fault inside a kernel
 is reported by the call that launched it (debugging, compute-sanitizer runs).
@@ -23,16 +30,12 @@ is reported by the call that launched it (debugging, compute-sanitizer runs).
 from __future__ import annotations
 
 import importlib
-import os
-import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .ops.params import NUM_STATS, TMKLParams
-
-#: Largest ``n`` the batched eigensolver kernel handles (``_C.EIGH_MAX_N``); larger problems use
-#: the reference (cuSOLVER through torch).
-EIGH_MAX_N = 64
+from ._params import ENV_CUDA_SYNC, NUM_STATS, TMKLParams, accumulation_dtype, env_flag
 
 #: dtype codes of the launchers (``_C.DTYPE_CODES``).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -88,19 +91,22 @@ def _require(fn: str):
     return ext
 
 
-def _sync() -> bool:
-    return os.environ.get("FORGETKERN_CUDA_SYNC", "0").lower() in ("1", "true", "yes", "on")
+# --------------------------------------------------------------------------------------------
+# What the C boundary cannot know: where the memory is
+# --------------------------------------------------------------------------------------------
+def _check_device(fn: str, kinds: tuple[str, ...], **tensors: torch.Tensor) -> None:
+    """Every tensor on one device of a type in ``kinds``; raises before anything is launched.
 
-
-def _check_cuda(fn: str, **tensors: torch.Tensor) -> None:
-    """Every tensor on the same CUDA device; raises before anything is launched."""
+    The launchers get raw pointers: ``("cuda",)`` for the device ops, ``("cuda", "meta")`` while
+    tracing (fake tensors), ``("cpu",)`` for the host emulation."""
     device = None
     for name, t in tensors.items():
-        if t.device.type != "cuda":
-            raise ValueError(
-                f"forgetkern._cuda.{fn}: {name} must be a CUDA tensor, got a {t.device.type} tensor "
-                "(the CUDA backend runs on GPU tensors only; use backend='reference' or 'triton')"
-            )
+        if t.device.type not in kinds:
+            where = "a CUDA tensor" if kinds[0] == "cuda" else "a CPU tensor"
+            hint = (" (the CUDA backend runs on GPU tensors only; use backend='reference' or 'triton')"
+                    if kinds[0] == "cuda" else " (the host emulation reads host memory)")
+            raise ValueError(f"forgetkern._cuda.{fn}: {name} must be {where}, got a "
+                             f"{t.device.type} tensor{hint}")
         if device is None:
             device = t.device
         elif t.device != device:
@@ -108,34 +114,25 @@ def _check_cuda(fn: str, **tensors: torch.Tensor) -> None:
                              f"are on {device}")
 
 
-def _check_fake_device(fn: str, **tensors: torch.Tensor) -> None:
-    """Tracing: CUDA and meta tensors are fine; CPU tensors would fail when the graph runs."""
-    for name, t in tensors.items():
-        if t.device.type not in ("cuda", "meta"):
-            raise ValueError(f"forgetkern::{fn}: {name} must be a CUDA tensor, got a "
-                             f"{t.device.type} tensor")
+def _check_cuda(fn: str, **tensors: torch.Tensor) -> None:
+    _check_device(fn, ("cuda",), **tensors)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _check_traced(fn: str, **tensors: torch.Tensor) -> None:
+    # tracing: CUDA and meta tensors are fine; CPU tensors would fail when the graph runs
+    _check_device(fn, ("cuda", "meta"), **tensors)
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _launch_options(device: torch.device) -> dict:
+    """The device launchers' stream and sync arguments (the host emulation takes neither)."""
+    return {"stream": torch.cuda.current_stream(device).cuda_stream, "sync": env_flag(ENV_CUDA_SYNC)}
 
 
-def _check_rows(fn: str, logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor):
-    if logits.dim() != 2 or base_logits.shape != logits.shape:
-        raise ValueError(f"forgetkern::{fn}: logits and base_logits must be (N, V) of one shape, got "
-                         f"{tuple(logits.shape)} and {tuple(base_logits.shape)}")
-    if logits.dtype not in DTYPE_CODES or base_logits.dtype != logits.dtype:
-        raise TypeError(f"forgetkern::{fn}: logits and base_logits must share a float dtype, got "
-                        f"{logits.dtype} and {base_logits.dtype}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"forgetkern::{fn}: labels must have shape ({logits.shape[0]},), "
-                         f"got {tuple(labels.shape)}")
-    if logits.shape[1] == 0:
-        raise ValueError(f"forgetkern::{fn}: the vocabulary dimension must be non-empty")
+# --------------------------------------------------------------------------------------------
+# Layouts the kernels need, and the pointer arguments (one adaptation for launch and emulation)
+# --------------------------------------------------------------------------------------------
+def _dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES.get(dtype, -1)  # the binding rejects an unknown code with its own error
 
 
 def _unit_cols(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +146,63 @@ def _row_stride(x: torch.Tensor) -> int:
 
 def _labels64(labels: torch.Tensor) -> torch.Tensor:
     return labels.to(torch.int64).contiguous()
+
+
+def _tmkl_forward_call(launcher, logits, base_logits, labels, ignore_index, temperature, ce_weight,
+                       kl_scale, forward_kl, mask_target, separate_ce, **launch):
+    z, b, y = _unit_cols(logits), _unit_cols(base_logits), _labels64(labels)
+    n, v = z.shape
+    acc = accumulation_dtype(z.dtype)
+    loss = torch.empty(n, dtype=acc, device=z.device)
+    ce = torch.empty_like(loss)
+    kl = torch.empty_like(loss)
+    stats = torch.empty(n, NUM_STATS, dtype=acc, device=z.device)
+    launcher(z=z.data_ptr(), stride_z=_row_stride(z), b=b.data_ptr(), stride_b=_row_stride(b),
+             y=y.data_ptr(), loss=loss.data_ptr(), ce=ce.data_ptr(), kl=kl.data_ptr(),
+             stats=stats.data_ptr(), n=n, v=v, ignore_index=ignore_index, inv_t=1.0 / temperature,
+             ce_weight=ce_weight, kl_scale=kl_scale, forward_kl=forward_kl, mask_target=mask_target,
+             separate_ce=separate_ce, dtype=_dtype_code(z.dtype), **launch)
+    return loss, ce, kl, stats
+
+
+def _tmkl_backward_call(launcher, logits, base_logits, labels, stats, coef_ce, coef_kl, grad,
+                        ignore_index, temperature, forward_kl, mask_target, separate_ce, **launch):
+    # the kernel writes rows with unit stride along V: another layout gets a buffer, copied back
+    g = grad if grad.shape[1] <= 1 or grad.stride(1) == 1 else torch.empty(
+        grad.shape, dtype=grad.dtype, device=grad.device)
+    inplace = g is grad and grad.data_ptr() == logits.data_ptr() and grad.numel() > 0
+    z = grad if inplace else _unit_cols(logits)
+    b, y = _unit_cols(base_logits), _labels64(labels)
+    acc = accumulation_dtype(z.dtype)
+    s, a, c = stats.contiguous(), coef_ce.to(acc).contiguous(), coef_kl.to(acc).contiguous()
+    n, v = z.shape
+    launcher(z=z.data_ptr(), stride_z=_row_stride(z), b=b.data_ptr(), stride_b=_row_stride(b),
+             y=y.data_ptr(), stats=s.data_ptr(), coef_ce=a.data_ptr(), coef_kl=c.data_ptr(),
+             g=g.data_ptr(), stride_g=_row_stride(g), n=n, v=v, ignore_index=ignore_index, inv_t=1.0 / temperature, forward_kl=forward_kl,
+             mask_target=mask_target, separate_ce=separate_ce, dtype=_dtype_code(z.dtype), **launch)
+    if g is not grad:
+        grad.copy_(g)
+
+
+def _generalized_eigh_call(launcher, A, B, eps, **launch):
+    batch, n, _ = A.shape
+    a, b = A.contiguous(), B.contiguous()
+    w = torch.empty(batch, n, dtype=A.dtype, device=A.device)
+    vecs = torch.empty(batch, n, n, dtype=A.dtype, device=A.device)
+    status = torch.empty(batch, dtype=torch.int32, device=A.device)
+    launcher(a=a.data_ptr(), b=b.data_ptr(), w=w.data_ptr(), vecs=vecs.data_ptr(),
+             info=status.data_ptr(), batch=batch, n=n, eps=eps, dtype=_dtype_code(A.dtype), **launch)
+    return w, vecs, status
+
+
+def _tmkl_forward_options(params: TMKLParams) -> tuple:
+    return (params.ignore_index, params.temperature, params.ce_weight, params.kl_scale,
+            params.forward_kl, params.mask_target, params.separate_ce)
+
+
+def _tmkl_backward_options(params: TMKLParams) -> tuple:
+    return (params.ignore_index, params.temperature, params.forward_kl, params.mask_target,
+            params.separate_ce)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,75 +219,34 @@ def _tmkl_forward_op(
     kl_scale: float,
     forward_kl: bool,
     mask_target: bool,
+    separate_ce: bool,  # TMKLParams.separate_ce: CE keeps its own log-sum-exp
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "tmkl_forward"
-    _check_cuda(fn, logits=logits, base_logits=base_logits, labels=labels)
-    _check_rows(fn, logits, base_logits, labels)
     ext = _require(fn)
-    z, b, y = _unit_cols(logits), _unit_cols(base_logits), _labels64(labels)
-    n, v = z.shape
-    acc = _acc_dtype(z.dtype)
-    loss = torch.empty(n, dtype=acc, device=z.device)
-    ce = torch.empty_like(loss)
-    kl = torch.empty_like(loss)
-    stats = torch.empty(n, NUM_STATS, dtype=acc, device=z.device)
-    with torch.cuda.device(z.device):
-        ext.tmkl_forward(
-            z=z.data_ptr(), stride_z=_row_stride(z), b=b.data_ptr(), stride_b=_row_stride(b),
-            y=y.data_ptr(), loss=loss.data_ptr(), ce=ce.data_ptr(), kl=kl.data_ptr(),
-            stats=stats.data_ptr(), n=n, v=v, ignore_index=ignore_index, inv_t=1.0 / temperature,
-            ce_weight=ce_weight, kl_scale=kl_scale, forward_kl=forward_kl, mask_target=mask_target,
-            separate_ce=temperature != 1.0, dtype=DTYPE_CODES[z.dtype], stream=_stream(z.device),
-            sync=_sync(),
-        )
-    return loss, ce, kl, stats
+    _check_cuda(fn, logits=logits, base_logits=base_logits, labels=labels)
+    with torch.cuda.device(logits.device):
+        return _tmkl_forward_call(ext.tmkl_forward, logits, base_logits, labels, ignore_index,
+                                  temperature, ce_weight, kl_scale, forward_kl, mask_target,
+                                  separate_ce, **_launch_options(logits.device))
 
 
 @_tmkl_forward_op.register_fake
 def _(logits, base_logits, labels, ignore_index, temperature, ce_weight, kl_scale, forward_kl,
-      mask_target):
-    _check_fake_device("tmkl_forward", logits=logits, base_logits=base_logits, labels=labels)
-    _check_rows("tmkl_forward", logits, base_logits, labels)
+      mask_target, separate_ce):
+    _check_traced("tmkl_forward", logits=logits, base_logits=base_logits, labels=labels)
     n = logits.shape[0]
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((n,), dtype=acc)
     return loss, torch.empty_like(loss), torch.empty_like(loss), logits.new_empty((n, NUM_STATS), dtype=acc)
 
 
-def _launch_backward(fn, logits, base_logits, labels, stats, coef_ce, coef_kl, grad, ignore_index,
-                     temperature, forward_kl, mask_target):
+def _launch_backward(fn, logits, base_logits, labels, stats, coef_ce, coef_kl, grad, *options):
+    ext = _require(fn)
     _check_cuda(fn, logits=logits, base_logits=base_logits, labels=labels, stats=stats,
                 coef_ce=coef_ce, coef_kl=coef_kl, grad=grad)
-    _check_rows(fn, logits, base_logits, labels)
-    n, v = logits.shape
-    acc = _acc_dtype(logits.dtype)
-    if stats.shape != (n, NUM_STATS) or stats.dtype != acc:
-        raise ValueError(f"forgetkern::{fn}: stats must be ({n}, {NUM_STATS}) {acc} from tmkl_forward, "
-                         f"got {tuple(stats.shape)} {stats.dtype}")
-    if grad.shape != logits.shape or grad.dtype != logits.dtype or (v > 1 and grad.stride(1) != 1):
-        raise ValueError(f"forgetkern::{fn}: grad must be {tuple(logits.shape)} {logits.dtype} with unit "
-                         f"stride along V, got {tuple(grad.shape)} {grad.dtype} strides {grad.stride()}")
-    if n > 1 and grad.stride(0) < v:
-        raise ValueError(f"forgetkern::{fn}: grad rows must not overlap (row stride {grad.stride(0)} < V={v})")
-    ext = _require(fn)
-    inplace = grad.data_ptr() == logits.data_ptr()
-    z = logits if inplace else _unit_cols(logits)
-    b, y = _unit_cols(base_logits), _labels64(labels)
-    stats = stats.contiguous()
-    a = coef_ce.to(acc).contiguous()
-    c = coef_kl.to(acc).contiguous()
-    if a.shape != (n,) or c.shape != (n,):
-        raise ValueError(f"forgetkern::{fn}: coef_ce and coef_kl must have shape ({n},), "
-                         f"got {tuple(coef_ce.shape)} and {tuple(coef_kl.shape)}")
-    with torch.cuda.device(z.device):
-        ext.tmkl_backward(
-            z=z.data_ptr(), stride_z=_row_stride(z), b=b.data_ptr(), stride_b=_row_stride(b),
-            y=y.data_ptr(), stats=stats.data_ptr(), coef_ce=a.data_ptr(), coef_kl=c.data_ptr(),
-            g=grad.data_ptr(), stride_g=_row_stride(grad), n=n, v=v, ignore_index=ignore_index,
-            inv_t=1.0 / temperature, forward_kl=forward_kl, mask_target=mask_target,
-            separate_ce=temperature != 1.0, dtype=DTYPE_CODES[z.dtype], stream=_stream(z.device),
-            sync=_sync(),
-        )
+    with torch.cuda.device(logits.device):
+        _tmkl_backward_call(ext.tmkl_backward, logits, base_logits, labels, stats, coef_ce, coef_kl,
+                            grad, *options, **_launch_options(logits.device))
 
 
 @torch.library.custom_op("forgetkern::tmkl_backward", mutates_args=("grad",))
@@ -244,28 +257,30 @@ def _tmkl_backward_op(
     stats: torch.Tensor,  # [N, 4] from tmkl_forward
     coef_ce: torch.Tensor,  # [N] coefficient of dCE/dz per row
     coef_kl: torch.Tensor,  # [N] coefficient of dKL/dz per row (KL unscaled)
-    grad: torch.Tensor,  # [N, V] out, dtype of logits, unit stride along V
+    grad: torch.Tensor,  # [N, V] out, dtype of logits; must not alias logits
     ignore_index: int,
     temperature: float,
     forward_kl: bool,
     mask_target: bool,
+    separate_ce: bool,
 ) -> None:
+    # the op's schema says only grad is written: an aliasing call must use the in-place op
     if grad.data_ptr() == logits.data_ptr() and grad.numel() > 0:
         raise ValueError("forgetkern::tmkl_backward: grad aliases logits; use tmkl_backward_inplace")
     _launch_backward("tmkl_backward", logits, base_logits, labels, stats, coef_ce, coef_kl, grad,
-                     ignore_index, temperature, forward_kl, mask_target)
+                     ignore_index, temperature, forward_kl, mask_target, separate_ce)
 
 
 @_tmkl_backward_op.register_fake
 def _(logits, base_logits, labels, stats, coef_ce, coef_kl, grad, ignore_index, temperature,
-      forward_kl, mask_target):
-    _check_fake_device("tmkl_backward", logits=logits, grad=grad)
+      forward_kl, mask_target, separate_ce):
+    _check_traced("tmkl_backward", logits=logits, grad=grad)
     return None
 
 
 @torch.library.custom_op("forgetkern::tmkl_backward_inplace", mutates_args=("logits",))
 def _tmkl_backward_inplace_op(
-    logits: torch.Tensor,  # [N, V] adapted logits, overwritten by the gradient (unit stride along V)
+    logits: torch.Tensor,  # [N, V] adapted logits, overwritten by the gradient
     base_logits: torch.Tensor,
     labels: torch.Tensor,
     stats: torch.Tensor,
@@ -275,22 +290,17 @@ def _tmkl_backward_inplace_op(
     temperature: float,
     forward_kl: bool,
     mask_target: bool,
+    separate_ce: bool,
 ) -> None:
     _launch_backward("tmkl_backward_inplace", logits, base_logits, labels, stats, coef_ce, coef_kl,
-                     logits, ignore_index, temperature, forward_kl, mask_target)
+                     logits, ignore_index, temperature, forward_kl, mask_target, separate_ce)
 
 
 @_tmkl_backward_inplace_op.register_fake
 def _(logits, base_logits, labels, stats, coef_ce, coef_kl, ignore_index, temperature, forward_kl,
-      mask_target):
-    _check_fake_device("tmkl_backward_inplace", logits=logits)
+      mask_target, separate_ce):
+    _check_traced("tmkl_backward_inplace", logits=logits)
     return None
-
-
-def _check_tmkl_call(fn: str, logits, base_logits, labels):
-    _check_cuda(fn, logits=logits, base_logits=base_logits, labels=labels)
-    if not torch.compiler.is_compiling():  # the op checks again when it runs
-        _require(fn)
 
 
 def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
@@ -303,10 +313,7 @@ def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.
         kl = masked KL over v != y of softmax(b/T) vs softmax(z/T)             # (N,)
         loss = ce_weight * ce + kl_weight * T**2 * kl;  stats: (N, 4)           # zeros where ignored
     """
-    _check_tmkl_call("tmkl_forward", logits, base_logits, labels)
-    return torch.ops.forgetkern.tmkl_forward(
-        logits, base_logits, labels, params.ignore_index, params.temperature, params.ce_weight,
-        params.kl_scale, params.forward_kl, params.mask_target)
+    return torch.ops.forgetkern.tmkl_forward(logits, base_logits, labels, *_tmkl_forward_options(params))
 
 
 def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor,
@@ -320,9 +327,8 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
         d_kl = dKL/dz (DESIGN.md; zero at y when masked)                         # (N, V)
         grad_out[:] = coef_ce[:, None] * d_ce + coef_kl[:, None] * d_kl          # zeros where ignored
     """
-    _check_tmkl_call("tmkl_backward", logits, base_logits, labels)
     args = (base_logits, labels, stats, coef_ce, coef_kl)
-    opts = (params.ignore_index, params.temperature, params.forward_kl, params.mask_target)
+    opts = _tmkl_backward_options(params)
     if grad_out is logits:
         if torch.compiler.is_compiling():
             # a traced graph must not mutate a tensor saved for backward: write a fresh buffer
@@ -340,95 +346,105 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("forgetkern::generalized_eigh", mutates_args=())
 def _generalized_eigh_op(
-    A: torch.Tensor,  # [batch, n, n] symmetric, float32/float64
+    A: torch.Tensor,  # [batch, n, n] symmetric, float32/float64, n <= EIGH_MAX_N
     B: torch.Tensor,  # [batch, n, n] symmetric positive definite after damping, dtype of A
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = "generalized_eigh"
-    _check_cuda(fn, A=A, B=B)
-    _check_eigh_batch(fn, A, B)
     ext = _require(fn)
-    batch, n, _ = A.shape
-    a, b = A.contiguous(), B.contiguous()
-    w = torch.empty(batch, n, dtype=A.dtype, device=A.device)
-    vecs = torch.empty(batch, n, n, dtype=A.dtype, device=A.device)
-    info = torch.empty(batch, dtype=torch.int32, device=A.device)
+    _check_cuda(fn, A=A, B=B)
     with torch.cuda.device(A.device):
-        ext.generalized_eigh(a=a.data_ptr(), b=b.data_ptr(), w=w.data_ptr(), vecs=vecs.data_ptr(),
-                             info=info.data_ptr(), batch=batch, n=n, eps=eps,
-                             dtype=DTYPE_CODES[A.dtype], stream=_stream(A.device), sync=_sync())
-    return w, vecs, info
-
-
-def _check_eigh_batch(fn, A, B):
-    if A.dim() != 3 or A.shape[1] != A.shape[2] or B.shape != A.shape:
-        raise ValueError(f"forgetkern::{fn}: A and B must be (batch, n, n) of one shape, got "
-                         f"{tuple(A.shape)} and {tuple(B.shape)}")
-    if not 1 <= A.shape[1] <= EIGH_MAX_N:
-        raise ValueError(f"forgetkern::{fn}: n must be in [1, {EIGH_MAX_N}], got {A.shape[1]}")
-    if A.dtype not in (torch.float32, torch.float64) or B.dtype != A.dtype:
-        raise TypeError(f"forgetkern::{fn}: A and B must both be float32 or both float64, got "
-                        f"{A.dtype} and {B.dtype}")
+        return _generalized_eigh_call(ext.generalized_eigh, A, B, eps, **_launch_options(A.device))
 
 
 @_generalized_eigh_op.register_fake
 def _(A, B, eps):
-    _check_fake_device("generalized_eigh", A=A, B=B)
-    _check_eigh_batch("generalized_eigh", A, B)
+    _check_traced("generalized_eigh", A=A, B=B)
     batch, n, _ = A.shape
     return A.new_empty((batch, n)), A.new_empty((batch, n, n)), A.new_empty((batch,), dtype=torch.int32)
 
 
-def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
-    """Batched ``A v = w (B + eps I) v`` on the GPU: one thread block per problem for ``n <= 64``.
+def _solve(run, A: torch.Tensor, B: torch.Tensor, eps: float):
+    """``(..., n, n)`` problems as one flat batch in the working dtype through ``run``."""
+    n = A.shape[-1]
+    batch_shape = A.shape[:-2]
+    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))  # fp64 if either is fp64
+    w, vecs, status = run(A.to(dtype).reshape(-1, n, n), B.to(dtype).reshape(-1, n, n), float(eps))
+    return w.reshape(*batch_shape, n), vecs.reshape(*batch_shape, n, n), status.reshape(batch_shape)
 
-    In plain torch (what the reference does, and what this does for ``n > 64``)::
+
+def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
+    """Batched ``A v = w (B + eps I) v`` on the GPU: one thread block per problem (``n <= 64``).
+
+    The ``solve`` interface of the ``generalized_eigh`` op: inputs already validated
+    (``forgetkern._validate``), ``n <= EIGH_MAX_N`` (the table sends larger problems to the
+    reference); the caller turns ``status`` into errors (``_validate.check_eigh_status``).
+    In plain torch::
 
         L = torch.linalg.cholesky(B + eps * I)                      # (..., n, n)
         w, U = torch.linalg.eigh(L.inverse() @ A @ L.inverse().mT)  # ascending w: (..., n)
         V = L.inverse().mT @ U                                      # V^T (B + eps I) V = I
 
-    Args:
-        A: ``(..., n, n)`` symmetric CUDA tensor (only its symmetric part is used).
-        B: ``(..., n, n)`` symmetric, positive definite once ``eps * I`` is added.
-        eps: non-negative damping added to the diagonal of ``B``.
-
     Returns:
-        ``(w, V)`` in float64 for float64 inputs and float32 otherwise. No autograd.
-
-    Raises:
-        ValueError: CPU tensors, mismatched shapes, negative ``eps``, a ``B + eps I`` that is not
-            positive definite or non-finite inputs (the message lists the failing batch entries).
+        ``(w, V, status)``: ``(..., n)`` and ``(..., n, n)`` in float64 if ``A`` or ``B`` is
+        float64 and float32 otherwise, and the ``(...)`` int32 status codes
+        (``forgetkern._params.EIGH_*``; NaN outputs where a problem failed). No autograd.
     """
-    from . import reference
-    from ._validate import _compiling, check_generalized_eigh_inputs
+    return _solve(torch.ops.forgetkern.generalized_eigh, A, B, eps)
 
-    check_generalized_eigh_inputs(A, B, eps)
-    _check_cuda("generalized_eigh", A=A, B=B)
-    n = A.shape[-1]
-    if not 1 <= n <= EIGH_MAX_N:
-        return reference.generalized_eigh(A, B, eps)
-    _require("generalized_eigh")
-    dtype = reference.accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
-    batch_shape = A.shape[:-2]
-    a = A.to(dtype).reshape(-1, n, n)
-    b = B.to(dtype).reshape(-1, n, n)
-    w, vecs, info = torch.ops.forgetkern.generalized_eigh(a, b, float(eps))
-    if not _compiling() and info.numel():
-        flat = info.cpu()
-        bad = torch.nonzero(flat > 0).flatten()[:8].tolist()
-        if bad:
-            raise ValueError(
-                f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
-                "(flattened indices); increase eps"
-            )
-        bad = torch.nonzero(flat == -1).flatten()[:8].tolist()
-        if bad:
-            raise ValueError(f"non-finite values in A or B (after whitening) for batch entries {bad} "
-                             "(flattened indices)")
-        bad = torch.nonzero(flat == -2).flatten()[:8].tolist()
-        if bad:
-            warnings.warn(f"forgetkern.generalized_eigh: Jacobi iteration did not converge in "
-                          f"{extension().EIGH_MAX_SWEEPS} sweeps for batch entries {bad}; results "
-                          "may be inaccurate", RuntimeWarning, stacklevel=2)
-    return w.reshape(*batch_shape, n), vecs.reshape(*batch_shape, n, n)
+
+# --------------------------------------------------------------------------------------------
+# Host emulation with the backend interfaces (tests without a GPU)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Emulated:
+    """The CUDA backend's interface of one op running the kernels' code on the CPU: ``forward``
+    and ``backward`` (``tmkl``) or ``solve`` (``generalized_eigh``); the others are ``None``."""
+
+    op: str
+    forward: Callable | None = None
+    backward: Callable | None = None
+    solve: Callable | None = None
+
+
+def emulated(op: str, *, threads: int = 0, max_sweeps: int = 0) -> Emulated:
+    """The CUDA kernels of ``op`` run thread by thread on the CPU (``_C.emulate_*``), with the
+    signatures of :func:`tmkl_forward` / :func:`tmkl_backward` or :func:`generalized_eigh`, on
+    CPU tensors. Tests only: it is slow and it is not a backend of the table.
+
+    Args:
+        op: ``"tmkl"`` or ``"generalized_eigh"``.
+        threads: threads per emulated block (``0``: the launch setting the device would use).
+        max_sweeps: the eigensolver's Jacobi sweep limit (``0``: ``EIGH_MAX_SWEEPS``; fewer
+            forces the non-convergence status in tests).
+    """
+    ext = _require(f"emulated({op!r})")
+    if op == "tmkl":
+        def forward(logits, base_logits, labels, params: TMKLParams):
+            _check_device("emulated('tmkl').forward", ("cpu",), logits=logits,
+                          base_logits=base_logits, labels=labels)
+            return _tmkl_forward_call(ext.emulate_tmkl_forward, logits, base_logits, labels,
+                                      *_tmkl_forward_options(params), threads=threads)
+
+        def backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
+                     grad_out):
+            _check_device("emulated('tmkl').backward", ("cpu",), logits=logits,
+                          base_logits=base_logits, labels=labels, stats=stats, coef_ce=coef_ce,
+                          coef_kl=coef_kl, grad_out=grad_out)
+            _tmkl_backward_call(ext.emulate_tmkl_backward, logits, base_logits, labels, stats,
+                                coef_ce, coef_kl, grad_out, *_tmkl_backward_options(params),
+                                threads=threads)
+            return grad_out
+
+        return Emulated(op, forward=forward, backward=backward)
+    if op == "generalized_eigh":
+        def run(a, b, eps):
+            return _generalized_eigh_call(ext.emulate_generalized_eigh, a, b, eps, threads=threads,
+                                          max_sweeps=max_sweeps)
+
+        def solve(A, B, eps: float = 0.0):
+            _check_device("emulated('generalized_eigh').solve", ("cpu",), A=A, B=B)
+            return _solve(run, A, B, eps)
+
+        return Emulated(op, solve=solve)
+    raise ValueError(f"op must be 'tmkl' or 'generalized_eigh', got {op!r}")

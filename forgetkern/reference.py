@@ -211,7 +211,7 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
         per-problem ``(...)`` int32 status (``forgetkern._params.EIGH_*``). Failed problems hold
         NaN; the public function turns the status into its error.
     """
-    dtype = accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
+    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))
     n = A.shape[-1]
     batch = A.shape[:-2]
     A = A.to(dtype)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ._params import LOSSES, PATHS, LossConfig
 from .functional import linear_tmkl_loss, tmkl_loss
-from .lora import adapter_parameters, disable_adapters, is_peft_model
+from .lora import adapter_parameters, disable_adapters, has_adapters, is_peft_model, merged_layers
 from .lora.discovery import logits_of
 
 __all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget_aware_loss",
@@ -286,6 +286,12 @@ class ForgetAwareStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (inject adapters first)")
+        if self.config.uses_base and not has_adapters(model):
+            raise ValueError(
+                f"loss={loss!r} compares the model with its base model (the model with its adapters "
+                "off), but this model has no adapters: add them first with "
+                "forgetkern.lora.inject_lora(model, target_modules, rank, alpha) or "
+                "peft.get_peft_model, or train with loss='ce'")
         if optimizer is None:
             optimizer = torch.optim.AdamW(adapter_parameters(model) or self.params, lr=lr)
         self.optimizer = optimizer
@@ -313,6 +319,12 @@ class ForgetAwareStep:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
         if not micro:
             raise ValueError("empty list of micro-batches")
+        merged = merged_layers(self.model)
+        if merged:
+            raise RuntimeError(
+                f"the adapters of {len(merged)} layer(s) (e.g. {merged[0]!r}) are merged into their "
+                "base weights and get no gradient: call forgetkern.lora.unmerge_adapters(model) "
+                "before training")
         start = time.perf_counter()
         self.model.train()
         n_items = count_items(micro, shift_labels=self.shift_labels, ignore_index=self.ignore_index)

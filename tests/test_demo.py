@@ -124,3 +124,22 @@ def test_demo_rejects_bad_arguments(tmp_path):
     (tmp_path / "other.json").write_text('{"results": []}')
     with pytest.raises(SystemExit, match="missing config, base"):
         main(["demo", "--from-json", str(tmp_path / "other.json")])
+
+
+def test_bad_paths_fail_before_any_training(tmp_path, capsys):
+    """An unwritable --json / --plot or a missing --model folder stops the demo at once."""
+    import time
+
+    from forgetkern.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match="--json .*cannot write"):
+        main(["demo", "--smoke", "--no-plot", "--json", str(blocker / "out.json")])
+    with pytest.raises(SystemExit, match="--plot .*cannot write"):
+        main(["demo", "--smoke", "--plot", str(blocker / "plot.png")])
+    with pytest.raises(SystemExit, match="--model .*no such folder"):
+        main(["demo", "--smoke", "--model", str(tmp_path / "missing"), "--data", str(blocker)])
+    assert time.perf_counter() - start < 5  # nothing was trained
+    assert not (tmp_path / "out.json").exists()

@@ -141,6 +141,8 @@ def test_trainer_runs_with_gradient_accumulation(tmp_path, monkeypatch):
     assert moved
     logs = [h for h in trainer.state.log_history if "tmkl_ce" in h]
     assert logs and logs[0]["tmkl_kl"] >= 0
+    # the components are on the loss's scale: summed over the step's micro-batches
+    assert logs[0]["loss"] == pytest.approx(logs[0]["tmkl_ce"] + 0.5 * logs[0]["tmkl_kl"], rel=1e-3)
 
 
 def test_import_forgetkern_does_not_import_transformers():

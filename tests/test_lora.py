@@ -202,3 +202,37 @@ def test_load_mismatch_errors(tmp_path):
     torch.save({"x": torch.ones(1)}, bad)
     with pytest.raises(ValueError, match="not a forgetkern adapter file"):
         load_adapters(model, bad)
+
+
+@pytest.mark.parametrize("save_merged,load_merged", [(True, False), (True, True), (False, True)])
+def test_state_dict_applies_the_adapters_once_whatever_the_merge_state(save_merged, load_merged):
+    """A state dict holds the unmerged base weight: taken while merged and loaded into a fresh
+    adapter model (merged or not), the model computes what the saved one did."""
+    torch.manual_seed(5)
+    model = Net()
+    inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8)
+    _randomize_adapters(model)
+    x = torch.randn(3, 24)
+    adapted = model(x)
+    if save_merged:
+        merge_adapters(model)
+    state = model.state_dict()
+    torch.manual_seed(6)
+    fresh = Net()
+    inject_lora(fresh, ["q_proj", "v_proj"], rank=4, alpha=8)
+    if load_merged:
+        merge_adapters(fresh)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-5)
+    unmerge_adapters(fresh) if load_merged else None
+    torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-5)
+    with disable_adapters(fresh), torch.no_grad():
+        base = fresh(x)
+    with disable_adapters(model), torch.no_grad():
+        torch.testing.assert_close(base, model(x), rtol=0, atol=0)
+
+
+def test_disable_adapters_on_a_plain_model_says_what_to_do():
+    with pytest.raises(ValueError, match="inject_lora"):
+        with disable_adapters(Net()):
+            pass

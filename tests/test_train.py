@@ -151,3 +151,58 @@ def test_errors():
         ForgetAwareStep(TinyLM(CFG).requires_grad_(False))
     with pytest.raises(ValueError, match="path='fused' impossible"):
         forget_aware_loss(LogitsOnly(model), _batch(), path="fused")
+
+
+# ------------------------------------------------------------------------------------------------
+# failures must not leave state behind or pass silently
+
+
+def test_failed_micro_batch_leaves_no_gradient_for_the_next_step():
+    model = _model()
+    step = ForgetAwareStep(model, loss="tmkl", lr=1e-3)
+    bad = {"input_ids": _batch()["input_ids"], "labels": torch.full((3, 12), 10**6)}
+    with pytest.raises(ValueError, match="labels must be in"):
+        step([_batch(seed=2), bad])
+    assert all(p.grad is None for p in step.params)
+
+
+def test_steps_with_every_target_ignored_give_zero_loss_and_gradient():
+    for loss in ("ce", "kl", "tmkl"):
+        model = _model()
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        step = ForgetAwareStep(model, loss=loss, optimizer=sgd)
+        batch = _batch()
+        batch["labels"] = torch.full_like(batch["labels"], -100)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        out = step(batch)
+        assert out["loss"] == 0.0 and out["tokens"] == 0
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p, before[n]), n  # SGD with a zero gradient: no move
+
+
+def test_kl_losses_refuse_a_model_without_adapters():
+    torch.manual_seed(0)
+    plain = TinyLM(CFG)
+    with pytest.raises(ValueError, match="no adapters.*inject_lora"):
+        ForgetAwareStep(plain, loss="tmkl")
+    with pytest.raises(ValueError, match="no adapters"):
+        forget_aware_loss(plain, _batch(), loss="kl")
+    ForgetAwareStep(plain, loss="ce")  # CE needs no base model
+    with disable_adapters(plain, require=False):  # a plain model is its own base when asked
+        pass
+
+
+def test_training_a_merged_model_says_to_unmerge():
+    from forgetkern.lora import merge_adapters
+
+    model = _model()
+    step = ForgetAwareStep(model, loss="tmkl")
+    merge_adapters(model)
+    with pytest.raises(RuntimeError, match="unmerge_adapters"):
+        step(_batch())
+
+
+def test_ignore_index_must_be_an_int():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ForgetAwareStep(_model(), loss="tmkl", ignore_index=None)

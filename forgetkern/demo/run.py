@@ -610,9 +610,37 @@ def main(args) -> int:
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep theirs
 
 
+def _writable(path: str, flag: str) -> None:
+    """Fail now, not after the whole run, when ``path`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    existed = os.path.exists(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_inputs_and_outputs(args) -> None:
+    """Every path the run reads or writes, checked before any training."""
+    if args.model is not None and not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model}: no such folder (a local Hugging Face model "
+                         "folder with config.json and weights)")
+    if args.data is not None and not os.path.isfile(args.data):
+        raise SystemExit(f"--data {args.data}: no such file")
+    if args.json:
+        _writable(args.json, "--json")
+    if not args.no_plot:
+        _writable(args.plot, "--plot")
+
+
 def _main(args) -> int:
     if args.from_json:
         return replay(args)
+    check_inputs_and_outputs(args)
     cfg = build_config(args)
     progress = not args.no_progress
     log = lambda *a: print(*a, flush=True)  # noqa: E731

@@ -83,13 +83,13 @@ class TMKLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = config_loss(model, inputs, self.tmkl_config, num_items_in_batch=num_items_in_batch,
                           shift_labels=True)
-        loss = out.loss
+        scale = 1
         if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)
                 and self.accelerator.num_processes > 1):
             # num_items_in_batch counts every process's tokens; DDP averages the gradients
-            loss = loss * self.accelerator.num_processes
+            scale = self.accelerator.num_processes
+        loss = out.loss * scale if scale != 1 else out.loss
         if model.training:
-            scale = float(loss.detach()) / float(out.loss.detach()) if float(out.loss) else 1.0
             parts = {"tmkl_ce": out.ce} if out.kl is None else {"tmkl_ce": out.ce, "tmkl_kl": out.kl}
             for key, value in parts.items():
                 self._tmkl_sums[key] = self._tmkl_sums.get(key, 0.0) + float(value) * scale

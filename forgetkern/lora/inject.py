@@ -7,7 +7,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .discovery import lora_layers
+from .discovery import lora_layers, lora_modules
 from .layer import LoRALinear
 
 
@@ -61,13 +61,24 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` has adapters to switch off (forgetkern LoRA layers, or a PEFT model)."""
+    return bool(lora_layers(model)) or hasattr(model, "disable_adapter")
+
+
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module):
+def disable_adapters(model: nn.Module, *, require: bool = True):
     """Run ``model`` as its base model inside the block.
 
     Works for forgetkern LoRA models and for HF PEFT models (through their ``disable_adapter()``).
     For forgetkern layers the base output is bit-identical to the model before injection, merged
     or not (a merged layer computes with its saved pre-merge weight).
+
+    Args:
+        model: a forgetkern-LoRA or PEFT model.
+        require: raise when ``model`` has no adapters (the default: a "base model" that is the
+            trained model itself makes every KL to it 0). ``False`` runs a plain model as it is,
+            for callers to whom a plain model already is the base (proxy sampling, calibration).
 
     Example::
 
@@ -79,6 +90,12 @@ def disable_adapters(model: nn.Module):
             yield model
         return
     layers = list(lora_layers(model).values())
+    if not layers and require:
+        raise ValueError(
+            "disable_adapters: the model has no adapters, so its base model is the model itself "
+            "(a KL to it is 0 and every weight would train); add adapters first with "
+            "forgetkern.lora.inject_lora(model, target_modules, rank, alpha) or "
+            "peft.get_peft_model(model, LoraConfig(...))")
     previous = [layer.adapters_enabled for layer in layers]
     try:
         for layer in layers:
@@ -111,6 +128,12 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for layer in _require_layers(model, "unmerge_adapters").values():
         layer.unmerge()
     return model
+
+
+def merged_layers(model: nn.Module) -> list[str]:
+    """Names of the adapted layers whose adapters are merged into their base weight (forgetkern or
+    PEFT layers): they train nothing until :func:`unmerge_adapters`."""
+    return [m.name for m in lora_modules(model).values() if getattr(m.module, "merged", False)]
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

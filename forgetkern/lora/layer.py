@@ -44,6 +44,23 @@ class LoRALinear(nn.Module):
         # The exact pre-merge base weight while merged: unmerging restores it bit for bit, and a
         # disabled merged layer computes with it (subtracting the delta again would round).
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        # a state dict holds the unmerged base weight whatever the merge state, so loading it
+        # anywhere (merged or not) applies the adapters exactly once
+        self._register_state_dict_hook(LoRALinear._canonical_state)
+        self.register_load_state_dict_post_hook(LoRALinear._remerge_after_load)
+
+    @staticmethod
+    def _canonical_state(module, state_dict, prefix, local_metadata):
+        if module.merged:
+            state_dict[prefix + "base.weight"] = module._unmerged_weight
+        return state_dict
+
+    @staticmethod
+    @torch.no_grad()
+    def _remerge_after_load(module, incompatible_keys):
+        if module.merged:  # the loaded base weight is unmerged: fold the loaded adapters in again
+            module._unmerged_weight = module.base.weight.detach().clone()
+            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
 
     @property
     def in_features(self) -> int:

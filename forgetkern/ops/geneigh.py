@@ -1,7 +1,7 @@
 """Batched generalized symmetric eigensolver: Triton kernel and launcher.
 
 Solves ``A v = lambda (B + eps I) v`` for a batch of small matrices, one program per matrix,
-everything in registers (``n <= MAX_N``)::
+everything in registers (``n <= EIGH_MAX_N``)::
 
     L = cholesky(B + eps I)                 # right-looking, one column per iteration
     Li = L^-1                               # forward substitution
@@ -16,38 +16,59 @@ column), computed as O(n^2) gathers of partner rows and columns (``tl.gather``; 
 on Triton versions without it). Padded indices
 (``n <= i < BLOCK_N``) hold zeros in ``C`` and never rotate.
 
-Larger ``n`` goes to :func:`forgetkern.reference.generalized_eigh` (batched cuSOLVER/LAPACK).
+Every problem gets a status code (``forgetkern._params.EIGH_*``, the same as the CUDA kernel's):
+``EIGH_NON_FINITE`` for NaN/inf in ``A`` or ``B`` (or a whitened matrix / result that overflowed),
+``k + 1`` when the Cholesky factorization fails at column ``k`` (not positive definite),
+``EIGH_NO_CONVERGENCE`` after ``EIGH_MAX_SWEEPS`` sweeps (the last iterate is returned). Failed
+problems get NaN outputs; ``forgetkern.generalized_eigh`` turns the codes into errors and warnings.
+Larger ``n`` goes to the reference; the choice is made in ``forgetkern._backend``.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ._triton import HAS_TRITON, jit, next_power_of_2, tl
+from .._params import (EIGH_MAX_N, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE,
+                       accumulation_dtype)
+from ._triton import HAS_TRITON, check_triton, jit, next_power_of_2, tl
 
-#: Largest matrix size the one-program-per-matrix kernel handles; larger go to the reference.
-MAX_N = 64
 #: Rotations by ``tl.gather`` (Triton >= 3.2); older Triton uses dense rotation products.
 USE_GATHER = HAS_TRITON and hasattr(tl, "gather")
-#: Upper bound on Jacobi sweeps (convergence is quadratic; 6-10 sweeps are typical).
-MAX_SWEEPS = 30
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 @jit
-def _geneigh_kernel(
+def _any_nonfinite(x):
+    """Whether a ``[BLOCK_N, BLOCK_N]`` tile holds a NaN or an inf (``x - x`` is NaN exactly then)."""
+    return tl.sum(tl.sum(((x - x) != 0.0).to(tl.int32), axis=1), axis=0) > 0
+
+
+@jit
+def _off_and_total(c, eye):
+    """``(sum_{i != j} C_ij^2, sum_ij C_ij^2)`` of ``C / max|C|``: scale-free, so entries near the
+    dtype's range (1e30 in fp32) cannot overflow the squares and stop the sweeps early."""
+    scale = tl.max(tl.max(tl.abs(c), axis=1), axis=0)
+    cn = c / tl.where(scale > 0.0, scale, 1.0)
+    total = tl.sum(tl.sum(cn * cn, axis=1), axis=0)
+    off = tl.sum(tl.sum(tl.where(eye, 0.0, cn * cn), axis=1), axis=0)  # not total - diag: cancels
+    return off, total
+
+
+@jit
+def _generalized_eigh_kernel(
     a_ptr,  # [batch, n, n] symmetric A (only its symmetric part is used), contiguous
     b_ptr,  # [batch, n, n] symmetric B + eps I (damping added by the launcher), contiguous
-    w_ptr,  # [batch, n] out: eigenvalues, ascending
+    w_ptr,  # [batch, n] out: eigenvalues, ascending (NaN where the problem failed)
     v_ptr,  # [batch, n, n] out: eigenvectors as columns, V^T (B + eps I) V = I
-    info_ptr,  # [batch] out int32: 0 ok, 1 B + eps I is not positive definite
+    status_ptr,  # [batch] out int32: EIGH_* status (k + 1: Cholesky failed at column k)
     sweeps_ptr,  # [batch] out int32: Jacobi sweeps used
     n,  # matrix size (<= BLOCK_N)
     tol2,  # stop when sum_{i != j} C_ij^2 <= tol2 * sum_ij C_ij^2
     BLOCK_N: tl.constexpr,
-    MAX_SWEEPS: tl.constexpr,
+    MAX_SWEEPS: tl.constexpr,  # EIGH_MAX_SWEEPS
+    NON_FINITE: tl.constexpr,  # EIGH_NON_FINITE
+    NO_CONVERGENCE: tl.constexpr,  # EIGH_NO_CONVERGENCE
     ACC_FP64: tl.constexpr,
     USE_GATHER: tl.constexpr,
 ):
@@ -62,8 +83,11 @@ def _geneigh_kernel(
     offs = base + r2.to(tl.int64) * n + c2
     a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(dt)
     b = tl.load(b_ptr + offs, mask=inb, other=0.0).to(dt)
-    a = 0.5 * (a + tl.trans(a))
-    b = 0.5 * (b + tl.trans(b))
+    # a NaN or inf input is reported as such (not as "not positive definite")
+    status = tl.where(_any_nonfinite(a) | _any_nonfinite(b), NON_FINITE, 0)
+    # symmetric parts, halved before the sum (no overflow near the dtype's max)
+    a = 0.5 * a + 0.5 * tl.trans(a)
+    b = 0.5 * b + 0.5 * tl.trans(b)
     zero2 = tl.zeros((BLOCK_N, BLOCK_N), dtype=dt)
     one2 = zero2 + 1.0
     # M = B + eps I on the n x n block, identity on the padding
@@ -71,11 +95,10 @@ def _geneigh_kernel(
 
     # ---- Cholesky M = L L^T (right-looking) -------------------------------------------------
     low = zero2
-    bad = tl.zeros((), dtype=tl.int32)
     for k in range(0, n):
         col = tl.sum(tl.where(c2 == k, m, 0.0), axis=1)  # M[:, k]
         d = tl.sum(tl.where(idx == k, col, 0.0), axis=0)  # M[k, k]
-        bad = bad | ((d <= 0.0) | (d != d)).to(tl.int32)
+        status = tl.where((status == 0) & ((d <= 0.0) | (d != d)), k + 1, status)
         d_safe = tl.where(d > 0.0, d, 1.0)
         # L[:, k] = M[k:, k] / sqrt(M[k, k]);  M -= L[:, k] L[:, k]^T
         lk = tl.where(idx >= k, col / tl.sqrt(d_safe), 0.0)
@@ -96,16 +119,17 @@ def _geneigh_kernel(
 
     # ---- whitening C = Li A Li^T ----------------------------------------------------------------
     c = tl.dot(tl.dot(li, a, input_precision="ieee"), tl.trans(li), input_precision="ieee")
-    c = 0.5 * (c + tl.trans(c))
+    c = 0.5 * c + 0.5 * tl.trans(c)
+    status = tl.where((status == 0) & _any_nonfinite(c), NON_FINITE, status)  # overflow
+    c = tl.where(status == 0, c, 0.0)  # a failed problem sweeps nothing (its outputs are NaN)
 
     # ---- parallel cyclic Jacobi: C = U diag(w) U^T --------------------------------------------
     u = tl.where(eye, one2, zero2)
     players = n + (n % 2)  # even number of players for the circle method
     last = players - 1
-    total = tl.sum(tl.sum(c * c, axis=1), axis=0)
-    off = tl.sum(tl.sum(tl.where(eye, 0.0, c * c), axis=1), axis=0)  # not total - diag: cancels
+    off, total = _off_and_total(c, eye)
     sweeps = tl.zeros((), dtype=tl.int32)
-    while (sweeps < MAX_SWEEPS) & (off > tol2 * total):
+    while (sweeps < MAX_SWEEPS) & (off > tol2 * total) & (status == 0):
         for rnd in range(0, last):
             # partner of i in round rnd (player `last` fixed, the others rotate); padding: itself
             pr = (2 * rnd - idx + 2 * last) % last
@@ -114,7 +138,11 @@ def _geneigh_kernel(
             pr = tl.where(idx >= players, idx, pr)
             is_partner = c2 == pr[:, None]
             diag = tl.sum(tl.where(eye, c, 0.0), axis=1)  # C[i, i]
-            cpq = tl.sum(tl.where(is_partner, c, 0.0), axis=1)  # C[i, partner(i)]
+            # C[i, partner(i)] and C[partner(i), i], averaged: both ends of a pair must compute the
+            # same rotation (with C_pp ~ C_qq, theta = (C_qq - C_pp) / 2 C_pq is ill-conditioned,
+            # and the row and column updates leave C_pq, C_qp a rounding apart)
+            cpq = 0.5 * (tl.sum(tl.where(is_partner, c, 0.0), axis=1)
+                         + tl.sum(tl.where(r2 == pr[None, :], c, 0.0), axis=0))
             dpart = tl.sum(tl.where(is_partner, diag[None, :], 0.0), axis=1)  # C[partner, partner]
             lower = idx < pr
             app = tl.where(lower, diag, dpart)
@@ -146,14 +174,17 @@ def _geneigh_kernel(
                 jrot = tl.where(eye, cs[None, :], tl.where(r2 == pr[None, :], off_j[None, :], 0.0))
                 c = tl.dot(tl.trans(jrot), tl.dot(c, jrot, input_precision="ieee"), input_precision="ieee")
                 u = tl.dot(u, jrot, input_precision="ieee")
-        c = 0.5 * (c + tl.trans(c))
+        c = 0.5 * c + 0.5 * tl.trans(c)
         sweeps += 1
-        total = tl.sum(tl.sum(c * c, axis=1), axis=0)
-        off = tl.sum(tl.sum(tl.where(eye, 0.0, c * c), axis=1), axis=0)
+        off, total = _off_and_total(c, eye)
+    status = tl.where((status == 0) & (off > tol2 * total), NO_CONVERGENCE, status)
 
     # ---- back-transform V = Li^T U and ascending sort -----------------------------------------
     v = tl.dot(tl.trans(li), u, input_precision="ieee")
     w = tl.sum(tl.where(eye, c, 0.0), axis=1)
+    solved = (status == 0) | (status == NO_CONVERGENCE)
+    status = tl.where(solved & (_any_nonfinite(v) | _any_nonfinite(tl.where(eye, c, 0.0))),
+                      NON_FINITE, status)  # a result that overflowed is a failure, never returned
     w = tl.where(idx < n, w, float("inf"))
     # rank_i = #{j : w_j < w_i or (w_j == w_i and j < i)};  V_sorted = V P with P[i, rank_i] = 1
     before = (w[None, :] < w[:, None]) | ((w[None, :] == w[:, None]) & (c2 < r2))
@@ -161,9 +192,12 @@ def _geneigh_kernel(
     perm = tl.where(rank[:, None] == c2, one2, zero2)
     v = tl.dot(v, perm, input_precision="ieee")
     w_sorted = tl.sum(tl.where(rank[:, None] == c2, w[:, None], 0.0), axis=0)
+    failed = (status != 0) & (status != NO_CONVERGENCE)
+    v = tl.where(failed, float("nan"), v)
+    w_sorted = tl.where(failed, float("nan"), w_sorted)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inb)
     tl.store(w_ptr + pid * n + idx, w_sorted.to(w_ptr.dtype.element_ty), mask=idx < n)
-    tl.store(info_ptr + pid, bad)
+    tl.store(status_ptr + pid, status)
     tl.store(sweeps_ptr + pid, sweeps)
 
 
@@ -171,7 +205,7 @@ def _geneigh_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------
 def launch_config(n: int) -> dict:
-    """Tile size and warps for :func:`_geneigh_kernel`.
+    """Tile size and warps for :func:`_generalized_eigh_kernel`.
 
     One program holds a few ``BLOCK_N x BLOCK_N`` tiles (C, U, Li and a rotation) in registers;
     ``tl.dot`` needs ``BLOCK_N >= 16``. Warps grow with the tile so each thread keeps about 16-32
@@ -189,42 +223,34 @@ def _tolerance(dtype: torch.dtype, n: int) -> float:
 
 def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
                      return_sweeps: bool = False):
-    """Triton batched ``A v = lambda (B + eps I) v``; same contract as the reference.
+    """Triton batched ``A v = lambda (B + eps I) v``: one program per matrix, ``n <= 64``.
 
+    The ``solve`` interface of the ``generalized_eigh`` op: inputs already validated
+    (``forgetkern._validate``), ``1 <= n <= EIGH_MAX_N`` (the table sends other sizes to the
+    reference); the caller turns ``status`` into errors (``_validate.check_eigh_status``).
     In plain torch::
 
         L = torch.linalg.cholesky(B + eps * I)
         w, U = torch.linalg.eigh(L.inverse() @ A @ L.inverse().mT)
         V = L.inverse().mT @ U
 
-    Matrices with ``n <= MAX_N`` (64) run one Triton program each; larger ``n`` (and ``n == 0``)
-    go to :func:`forgetkern.reference.generalized_eigh`, batched across the whole input.
-
     Args:
-        A: ``(..., n, n)`` symmetric.
+        A: ``(..., n, n)`` symmetric (only its symmetric part is used).
         B: ``(..., n, n)`` symmetric, positive definite once ``eps * I`` is added.
         eps: non-negative damping.
-        return_sweeps: also return the ``(...)`` int32 Jacobi sweep counts (kernel path only;
-            ``None`` when the reference ran).
+        return_sweeps: also return the ``(...)`` int32 Jacobi sweep counts.
 
     Returns:
-        ``(w, V)`` with ascending eigenvalues ``(..., n)`` and eigenvectors ``(..., n, n)``
-        (columns), float64 for float64 inputs and float32 otherwise.
-
-    Raises:
-        ValueError: as the reference (shapes, negative ``eps``, ``B + eps I`` not positive
-        definite, listing the failing flattened batch entries).
+        ``(w, V, status)``: ascending eigenvalues ``(..., n)``, eigenvectors ``(..., n, n)``
+        (columns), float64 if ``A`` or ``B`` is float64 and float32 otherwise, and the ``(...)``
+        int32 status codes (``forgetkern._params.EIGH_*``; NaN outputs where a problem failed).
     """
-    from .._validate import check_generalized_eigh_inputs
-
-    check_generalized_eigh_inputs(A, B, eps)
+    check_triton()
     n = A.shape[-1]
-    if n == 0 or n > MAX_N:
-        w, V = reference.generalized_eigh(A, B, eps=eps)
-        return (w, V, None) if return_sweeps else (w, V)
-    if not HAS_TRITON:
-        raise RuntimeError("backend='triton' needs the triton package")
-    dtype = reference.accumulation_dtype(A.dtype if A.dtype == torch.float64 else B.dtype)
+    if not 1 <= n <= EIGH_MAX_N:
+        raise ValueError(f"the Triton eigensolver handles 1 <= n <= {EIGH_MAX_N}, got n={n} "
+                         "(forgetkern._backend sends other sizes to the reference)")
+    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))  # fp64 if either is fp64
     batch_shape = A.shape[:-2]
     a = A.reshape(-1, n, n).to(dtype).contiguous()
     b = B.reshape(-1, n, n).to(dtype)
@@ -235,22 +261,13 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
     count = a.shape[0]
     w = torch.empty(count, n, dtype=dtype, device=A.device)
     V = torch.empty(count, n, n, dtype=dtype, device=A.device)
-    info = torch.zeros(count, dtype=torch.int32, device=A.device)
+    status = torch.zeros(count, dtype=torch.int32, device=A.device)
     sweeps = torch.zeros(count, dtype=torch.int32, device=A.device)
     if count:
-        cfg = launch_config(n)
-        _geneigh_kernel[(count,)](
-            a, b, w, V, info, sweeps, n, _tolerance(dtype, n),
-            MAX_SWEEPS=MAX_SWEEPS, ACC_FP64=dtype == torch.float64, USE_GATHER=USE_GATHER, **cfg,
+        _generalized_eigh_kernel[(count,)](
+            a, b, w, V, status, sweeps, n, _tolerance(dtype, n),
+            MAX_SWEEPS=EIGH_MAX_SWEEPS, NON_FINITE=EIGH_NON_FINITE, NO_CONVERGENCE=EIGH_NO_CONVERGENCE,
+            ACC_FP64=dtype == torch.float64, USE_GATHER=USE_GATHER, **launch_config(n),
         )
-        if bool((info != 0).any()):
-            bad = torch.nonzero(info).flatten()[:8].tolist()
-            raise ValueError(
-                f"B + eps*I is not positive definite (eps={eps}) for batch entries {bad} "
-                "(flattened indices); increase eps"
-            )
-    w = w.reshape(*batch_shape, n)
-    V = V.reshape(*batch_shape, n, n)
-    if return_sweeps:
-        return w, V, sweeps.reshape(batch_shape)
-    return w, V
+    out = (w.reshape(*batch_shape, n), V.reshape(*batch_shape, n, n), status.reshape(batch_shape))
+    return (*out, sweeps.reshape(batch_shape)) if return_sweeps else out

@@ -235,7 +235,7 @@ def sample_proxy_data(
     was_training = model.training
     model.eval()
     try:
-        with disable_adapters(model), progress_bar(total=n_samples, desc="proxy samples", unit="seq",
+        with disable_adapters(model, require=False), progress_bar(total=n_samples, desc="proxy samples", unit="seq",
                                                    disable=not progress) as bar:
             for rows in batches:
                 ids = torch.tensor([seeds[i % len(seeds)] for i in rows], dtype=torch.long, device=device)

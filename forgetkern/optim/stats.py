@@ -311,7 +311,7 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        with disable_adapters(model):
+        with disable_adapters(model, require=False):
             proxy = _pass(model, proxy_batches, modules, share_inputs, "proxy statistics", progress,
                           max_batches, dtype)
         task = _pass(model, task_batches, modules, share_inputs, "task statistics", progress,
