@@ -212,7 +212,8 @@ void emulate_tmkl_backward(uintptr_t z, int64_t stride_z, uintptr_t b, int64_t s
 // Generalized eigensolver
 // ---------------------------------------------------------------------------------------------
 fk::GeneralizedEighArgs eigh_args(const std::string& fn, uintptr_t a, uintptr_t b, uintptr_t w, uintptr_t vecs,
-                                  uintptr_t info, int64_t batch, int64_t n, double eps, int dtype, int threads) {
+                                  uintptr_t info, int64_t batch, int64_t n, double eps, int dtype, int threads,
+                                  int max_sweeps) {
   dtype_size(fn, dtype);
   if (dtype != fk::kFloat32 && dtype != fk::kFloat64) {
     fail(fn, std::string("dtype must be float32 (0) or float64 (3), got ") + dtype_name(dtype));
@@ -222,6 +223,7 @@ fk::GeneralizedEighArgs eigh_args(const std::string& fn, uintptr_t a, uintptr_t 
   check_range(fn, "n", n, 1, fk::kEighMaxN);
   if (!(eps >= 0.0) || !std::isfinite(eps)) fail(fn, "eps must be finite and >= 0");
   check_threads(fn, threads, fk::kEighMaxThreads);
+  check_range(fn, "max_sweeps", max_sweeps, 0, fk::kEighMaxSweeps);
   if (batch > 0) {
     check_ptr(fn, "a", a, asize);
     check_ptr(fn, "b", b, asize);
@@ -229,19 +231,21 @@ fk::GeneralizedEighArgs eigh_args(const std::string& fn, uintptr_t a, uintptr_t 
     check_ptr(fn, "vecs", vecs, asize);
     check_ptr(fn, "info", info, 4);
   }
-  return fk::GeneralizedEighArgs{a, b, w, vecs, info, batch, n, eps, dtype, threads};
+  return fk::GeneralizedEighArgs{a, b, w, vecs, info, batch, n, eps, dtype, threads, max_sweeps};
 }
 
 void generalized_eigh(uintptr_t a, uintptr_t b, uintptr_t w, uintptr_t vecs, uintptr_t info, int64_t batch,
-                      int64_t n, double eps, int dtype, int threads, uintptr_t stream, bool sync) {
-  const auto args = eigh_args("generalized_eigh", a, b, w, vecs, info, batch, n, eps, dtype, threads);
+                      int64_t n, double eps, int dtype, int threads, int max_sweeps, uintptr_t stream,
+                      bool sync) {
+  const auto args = eigh_args("generalized_eigh", a, b, w, vecs, info, batch, n, eps, dtype, threads, max_sweeps);
   check_launch("generalized_eigh", "generalized_eigh_kernel", fk::generalized_eigh_launch(args, stream), stream,
                sync);
 }
 
 void emulate_generalized_eigh(uintptr_t a, uintptr_t b, uintptr_t w, uintptr_t vecs, uintptr_t info,
-                              int64_t batch, int64_t n, double eps, int dtype, int threads) {
-  const auto args = eigh_args("emulate_generalized_eigh", a, b, w, vecs, info, batch, n, eps, dtype, threads);
+                              int64_t batch, int64_t n, double eps, int dtype, int threads, int max_sweeps) {
+  const auto args = eigh_args("emulate_generalized_eigh", a, b, w, vecs, info, batch, n, eps, dtype, threads,
+                              max_sweeps);
   py::gil_scoped_release release;
   fk::generalized_eigh_emulate(args);
 }
@@ -259,6 +263,7 @@ PYBIND11_MODULE(_C, m) {
   codes["bfloat16"] = static_cast<int>(fk::kBFloat16);
   codes["float64"] = static_cast<int>(fk::kFloat64);
   m.attr("DTYPE_CODES") = codes;
+  m.attr("NUM_STATS") = static_cast<int>(fk::kNumStats);
   m.attr("EIGH_MAX_N") = fk::kEighMaxN;
   m.attr("EIGH_MAX_SWEEPS") = fk::kEighMaxSweeps;
   m.attr("TMKL_MAX_THREADS") = fk::kTMKLMaxThreads;
@@ -279,7 +284,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), py::arg("v"), py::arg("ignore_index"), py::arg("inv_t"), py::arg("ce_weight"),
         py::arg("kl_scale"), py::arg("forward_kl"), py::arg("mask_target"), py::arg("separate_ce"),
         py::arg("dtype"), py::arg("threads") = 0, py::arg("stream") = 0, py::arg("sync") = false,
-        "Launch tmkl_fwd_kernel: per-row loss, ce, kl and (N, 4) stats.");
+        "Launch tmkl_fwd_kernel: per-row loss, ce, kl and (N, NUM_STATS) stats.");
   m.def("tmkl_backward", &tmkl_backward, py::kw_only(), py::arg("z"), py::arg("stride_z"), py::arg("b"),
         py::arg("stride_b"), py::arg("y"), py::arg("stats"), py::arg("coef_ce"), py::arg("coef_kl"), py::arg("g"),
         py::arg("stride_g"), py::arg("n"), py::arg("v"), py::arg("ignore_index"), py::arg("inv_t"),
@@ -288,8 +293,9 @@ PYBIND11_MODULE(_C, m) {
         "Launch tmkl_bwd_kernel: g = coef_ce * dCE/dz + coef_kl * dKL/dz (g may be z).");
   m.def("generalized_eigh", &generalized_eigh, py::kw_only(), py::arg("a"), py::arg("b"), py::arg("w"),
         py::arg("vecs"), py::arg("info"), py::arg("batch"), py::arg("n"), py::arg("eps"), py::arg("dtype"),
-        py::arg("threads") = 0, py::arg("stream") = 0, py::arg("sync") = false,
-        "Launch generalized_eigh_kernel on a batch of n x n problems (n <= EIGH_MAX_N).");
+        py::arg("threads") = 0, py::arg("max_sweeps") = 0, py::arg("stream") = 0, py::arg("sync") = false,
+        "Launch generalized_eigh_kernel on a batch of n x n problems (n <= EIGH_MAX_N); info gets each "
+        "problem's status (0 ok, k > 0 not positive definite, -1 non-finite, -2 not converged).");
 
   m.def("emulate_tmkl_forward", &emulate_tmkl_forward, py::kw_only(), py::arg("z"), py::arg("stride_z"),
         py::arg("b"), py::arg("stride_b"), py::arg("y"), py::arg("loss"), py::arg("ce"), py::arg("kl"),
@@ -304,6 +310,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("threads") = 0, "Run tmkl_bwd_kernel's per-thread code on the CPU (host pointers; tests only).");
   m.def("emulate_generalized_eigh", &emulate_generalized_eigh, py::kw_only(), py::arg("a"), py::arg("b"),
         py::arg("w"), py::arg("vecs"), py::arg("info"), py::arg("batch"), py::arg("n"), py::arg("eps"),
-        py::arg("dtype"), py::arg("threads") = 0,
+        py::arg("dtype"), py::arg("threads") = 0, py::arg("max_sweeps") = 0,
         "Run generalized_eigh_kernel's phases thread by thread on the CPU (host pointers; tests only).");
 }

@@ -1,7 +1,8 @@
-// Generalized eigensolver launchers: dtype dispatch, launch settings (threads, shared memory) and
-// the host emulation of the kernel (tests without a GPU).
+// Generalized eigensolver launcher: launch settings (threads, dynamic shared memory) and the
+// eigensolver's kernel family (instantiation, host emulation) for the launch template of dispatch.h.
 #include <vector>
 
+#include "dispatch.h"
 #include "generalized_eigh.cuh"
 
 namespace fk {
@@ -22,53 +23,35 @@ std::size_t generalized_eigh_shared_bytes(int64_t n, int dtype) {
 
 namespace {
 
-template <typename A> int launch_typed(const GeneralizedEighArgs& p, cudaStream_t stream) {
-  const int threads = p.threads > 0 ? p.threads : generalized_eigh_threads(p.n);
-  const std::size_t smem = EighLayout<A>::bytes(static_cast<int>(p.n));
-  // above 48 KiB a kernel must opt in to dynamic shared memory (per device; cheap to repeat)
-  cudaError_t err = cudaFuncSetAttribute(generalized_eigh_kernel<A>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return static_cast<int>(err);
-  generalized_eigh_kernel<A><<<static_cast<unsigned>(p.batch), threads, smem, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename A> void emulate_typed(const GeneralizedEighArgs& p) {
-  const int threads = p.threads > 0 ? p.threads : generalized_eigh_threads(p.n);
-  const int n = static_cast<int>(p.n);
-  std::vector<unsigned char> smem(EighLayout<A>::bytes(n) + 16);
-  unsigned char* base = smem.data();
-  base += (16 - (reinterpret_cast<uintptr_t>(base) & 15)) & 15;
-  const EighShared<A> s = EighLayout<A>::carve(base, n);
-  HostBlock blk{threads};
-  for (int64_t mat = 0; mat < p.batch; ++mat) {
-    generalized_eigh_solve<A>(blk, s, reinterpret_cast<const A*>(p.a) + mat * n * n,
-                              reinterpret_cast<const A*>(p.b) + mat * n * n,
-                              reinterpret_cast<A*>(p.w) + mat * n, reinterpret_cast<A*>(p.vecs) + mat * n * n,
-                              reinterpret_cast<int*>(p.info) + mat, n, A(p.eps));
+// One block per problem, its whole working set in dynamic shared memory.
+struct GeneralizedEigh {
+  using Args = GeneralizedEighArgs;
+  static int64_t blocks(const Args& p) { return p.batch; }
+  static int threads(const Args& p) { return generalized_eigh_threads(p.n); }
+  template <class F> static bool dispatch(const Args& p, F&& f) { return dispatch_float_or_double(p.dtype, f); }
+  template <class C> static auto kernel() { return &generalized_eigh_kernel<typename C::type>; }
+  template <class C> static std::size_t shared_bytes(const Args& p) {
+    return EighLayout<typename C::type>::bytes(static_cast<int>(p.n));
   }
-}
+
+  // The kernel's phases thread by thread (HostBlock) over a host copy of the shared working set.
+  template <class C> static void emulate_block(const Args& p, int64_t mat, int threads) {
+    using A = typename C::type;
+    const int n = static_cast<int>(p.n);
+    std::vector<unsigned char> smem(EighLayout<A>::bytes(n) + 16);
+    unsigned char* base = smem.data();
+    base += (16 - (reinterpret_cast<uintptr_t>(base) & 15)) & 15;
+    HostBlock blk{threads};
+    generalized_eigh_problem<A>(blk, EighLayout<A>::carve(base, n), p, mat);
+  }
+};
 
 }  // namespace
 
 int generalized_eigh_launch(const GeneralizedEighArgs& p, uintptr_t stream) {
-  if (p.batch == 0) return 0;
-  cudaGetLastError();  // clear a stale error of this runtime so the check below is ours
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: return launch_typed<float>(p, s);
-    case kFloat64: return launch_typed<double>(p, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return launch<GeneralizedEigh>(p, stream);
 }
 
-void generalized_eigh_emulate(const GeneralizedEighArgs& p) {
-  switch (p.dtype) {
-    case kFloat32: return emulate_typed<float>(p);
-    case kFloat64: return emulate_typed<double>(p);
-    default: return;
-  }
-}
+void generalized_eigh_emulate(const GeneralizedEighArgs& p) { emulate<GeneralizedEigh>(p); }
 
 }  // namespace fk

@@ -1,13 +1,18 @@
 // Batched small generalized symmetric eigensolver: device code.
 //
 // Solves A v = w (B + eps I) v for one n x n problem (n <= 64) per block, entirely in shared memory:
-//   1. load sym(A) into C, sym(B) + eps I into L, U = I;
+//   1. load sym(A) into C, sym(B) + eps I into L, U = I; a NaN or inf input stops here;
 //   2. Cholesky B + eps I = L L^T (right-looking, in place);
 //   3. whitening C = L^-1 A L^-T by two forward substitutions (the second on the transpose);
 //   4. parallel-order cyclic Jacobi on C: each round rotates n/2 disjoint (p, q) pairs of a
 //      round-robin tournament (n - 1 rounds per sweep visit every pair once), accumulating U;
-//      sweeps until one sweep rotates nothing;
-//   5. eigenvalues diag(C) ranked ascending, V = L^-T U by back substitution, written in order.
+//      sweeps until one sweep rotates nothing (at most max_sweeps, default kEighMaxSweeps);
+//   5. eigenvalues diag(C) ranked ascending, V = L^-T U by back substitution, written in order;
+//      a non-finite result (overflow) is reported, never returned as a solution.
+//
+// Per-problem status (forgetkern/_params.py EIGH_*): 0 ok, k > 0 B + eps I not positive definite
+// (Cholesky failed at column k - 1), -1 non-finite input or intermediate, -2 Jacobi did not
+// converge (the last iterate is returned). Failed problems (status > 0 or -1) get NaN outputs.
 //
 // The body is a sequence of data-parallel phases (`blk.phase`), each followed by a barrier, so the
 // host emulation runs the same code thread by thread. Within a phase no two threads write the same
@@ -36,7 +41,7 @@ template <typename A> struct EighShared {
   int* rot_q;
   int* rot_on; // whether the pair is rotated this round
   int* rank;   // [kEighMaxN] ascending position of each eigenvalue
-  int* status; // [1] 0, Cholesky column + 1, -1 non-finite, -2 not converged
+  int* status; // [1] the problem's status (see above)
   int* rotated;// [2] "some pair rotated in this sweep", double-buffered by sweep parity
 };
 
@@ -106,31 +111,41 @@ FK_HD void round_robin_pair(int m, int r, int k, int& p, int& q) {
 // Solves one problem. gA, gB: [n, n] inputs; gw: [n] and gV: [n, n] outputs; ginfo: status.
 template <typename A, class Block>
 FK_HD void generalized_eigh_solve(Block& blk, const EighShared<A>& s, const A* gA, const A* gB,
-                                  A* gw, A* gV, int* ginfo, int n, A eps) {
+                                  A* gw, A* gV, int* ginfo, int n, A eps, int max_sweeps) {
   using M = Math<A>;
   const int ld = n + 1;
   A* L = s.L;
   A* C = s.C;
   A* U = s.U;
 
-  // 1. symmetric parts; B + eps I into the lower triangle of L; U = I
+  // 1. symmetric parts (halved before the sum: no overflow near the dtype's max); B + eps I into
+  // the lower triangle of L; U = I; each thread notes whether its inputs were finite
   blk.phase([&](int t, int nt) {
+    bool finite = true;
     for (int idx = t; idx < n * n; idx += nt) {
       const int i = idx / n, j = idx % n;
-      C[i * ld + j] = A(0.5) * (gA[i * n + j] + gA[j * n + i]);
-      const A bij = A(0.5) * (gB[i * n + j] + gB[j * n + i]) + (i == j ? eps : A(0));
+      finite = finite && M::isfinite(gA[idx]) && M::isfinite(gB[idx]);
+      C[i * ld + j] = A(0.5) * gA[i * n + j] + A(0.5) * gA[j * n + i];
+      const A bij = A(0.5) * gB[i * n + j] + A(0.5) * gB[j * n + i] + (i == j ? eps : A(0));
       L[i * ld + j] = j <= i ? bij : A(0);
       U[i * ld + j] = i == j ? A(1) : A(0);
     }
+    s.part[t] = finite ? A(0) : A(1);
     if (t == 0) {
-      *s.status = 0;
       s.rotated[0] = 0;
       s.rotated[1] = 0;
     }
   });
+  blk.phase([&](int t, int nt) {
+    if (t == 0) {
+      bool finite = true;
+      for (int k = 0; k < nt; ++k) finite = finite && s.part[k] == A(0);
+      *s.status = finite ? 0 : -1;
+    }
+  });
 
   // 2. Cholesky, column k at a time: scale the column, then update the trailing lower triangle.
-  for (int k = 0; k < n; ++k) {
+  for (int k = 0; k < n && *s.status == 0; ++k) {
     const A d = L[k * ld + k];  // final after the previous phase; written again only in phase b
     if (!(d > A(0))) {  // not positive definite (or NaN): same decision in every thread
       blk.phase([&](int t, int) {
@@ -233,7 +248,7 @@ FK_HD void generalized_eigh_solve(Block& blk, const EighShared<A>& s, const A* g
     const A tol = A(M::kEps);
     const A floor = tol * tol * *s.scale;
     bool converged = false;
-    for (int sweep = 0; sweep < kEighMaxSweeps; ++sweep) {
+    for (int sweep = 0; sweep < max_sweeps; ++sweep) {
       int* flag = &s.rotated[sweep & 1];
       for (int r = 0; r < m - 1; ++r) {
         // rotation of each pair of this round: J = [[c, s], [-s, c]] zeroes C_pq in J^T C J
@@ -246,10 +261,15 @@ FK_HD void generalized_eigh_solve(Block& blk, const EighShared<A>& s, const A* g
             int on = 0;
             if (q < n) {
               const A app = C[p * ld + p], aqq = C[q * ld + q], apq = C[p * ld + q];
-              const A thr = M::max(tol * M::sqrt(M::abs(app) * M::abs(aqq)), floor);
+              // sqrt|C_pp| sqrt|C_qq|, not sqrt|C_pp C_qq|: the product overflows fp32 from ~1e19
+              const A thr = M::max(tol * M::sqrt(M::abs(app)) * M::sqrt(M::abs(aqq)), floor);
               if (M::abs(apq) > thr) {
                 const A tau = (aqq - app) / (A(2) * apq);
-                const A tt = (tau >= A(0) ? A(1) : A(-1)) / (M::abs(tau) + M::sqrt(A(1) + tau * tau));
+                // t = sign(tau) / (|tau| + sqrt(1 + tau^2)), = 1 / (2 tau) once tau^2 would swamp 1
+                // (and before it overflows)
+                const A tt = M::abs(tau) > A(1) / tol
+                                 ? A(0.5) / tau
+                                 : (tau >= A(0) ? A(1) : A(-1)) / (M::abs(tau) + M::sqrt(A(1) + tau * tau));
                 const A c = A(1) / M::sqrt(A(1) + tt * tt);
                 s.rot_c[k] = c;
                 s.rot_s[k] = tt * c;
@@ -341,6 +361,20 @@ FK_HD void generalized_eigh_solve(Block& blk, const EighShared<A>& s, const A* g
       const A inv = A(1) / L[0];
       for (int j = t; j < n; j += nt) U[j] *= inv;
     });
+    // a solution that overflowed is a failure, never returned
+    blk.phase([&](int t, int nt) {
+      bool finite = true;
+      for (int idx = t; idx < n * n; idx += nt) finite = finite && M::isfinite(U[(idx / n) * ld + idx % n]);
+      for (int i = t; i < n; i += nt) finite = finite && M::isfinite(s.w[i]);
+      s.part[t] = finite ? A(0) : A(1);
+    });
+    blk.phase([&](int t, int nt) {
+      if (t == 0) {
+        bool finite = true;
+        for (int k = 0; k < nt; ++k) finite = finite && s.part[k] == A(0);
+        if (!finite) *s.status = -1;
+      }
+    });
   }
 
   // 6. outputs in ascending order (NaN where the problem failed before the Jacobi stage)
@@ -367,18 +401,24 @@ FK_HD void generalized_eigh_solve(Block& blk, const EighShared<A>& s, const A* g
   });
 }
 
+// Problem `mat` of the batch (the kernel's block, or one block of the host emulation).
+template <typename A, class Block>
+FK_HD void generalized_eigh_problem(Block& blk, const EighShared<A>& s, const GeneralizedEighArgs& p,
+                                    int64_t mat) {
+  const int n = static_cast<int>(p.n);
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  generalized_eigh_solve<A>(blk, s, reinterpret_cast<const A*>(p.a) + mat * nn,
+                            reinterpret_cast<const A*>(p.b) + mat * nn, reinterpret_cast<A*>(p.w) + mat * n,
+                            reinterpret_cast<A*>(p.vecs) + mat * nn, reinterpret_cast<int*>(p.info) + mat, n,
+                            A(p.eps), p.max_sweeps > 0 ? p.max_sweeps : kEighMaxSweeps);
+}
+
 #ifdef __CUDACC__
 template <typename A>
 __global__ void __launch_bounds__(kEighMaxThreads) generalized_eigh_kernel(const GeneralizedEighArgs p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int n = static_cast<int>(p.n);
-  const int64_t mat = blockIdx.x;
-  const EighShared<A> s = EighLayout<A>::carve(smem_raw, n);
   DeviceBlock blk{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)};
-  generalized_eigh_solve<A>(blk, s, reinterpret_cast<const A*>(p.a) + mat * n * n,
-                            reinterpret_cast<const A*>(p.b) + mat * n * n,
-                            reinterpret_cast<A*>(p.w) + mat * n, reinterpret_cast<A*>(p.vecs) + mat * n * n,
-                            reinterpret_cast<int*>(p.info) + mat, n, A(p.eps));
+  generalized_eigh_problem<A>(blk, EighLayout<A>::carve(smem_raw, static_cast<int>(p.n)), p, blockIdx.x);
 }
 #endif  // __CUDACC__
 

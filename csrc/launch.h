@@ -4,6 +4,7 @@
 // Launchers return a cudaError_t as int (0 = success) and never throw; the bindings turn a
 // non-zero status into a Python exception that names the kernel. `emulate_*` run the kernels'
 // per-thread code on the CPU over host memory (tests without a GPU; never a production path).
+// Both are instances of the one launch / emulate template in dispatch.h.
 #pragma once
 
 #include <cstddef>
@@ -14,7 +15,20 @@ namespace fk {
 // dtype codes shared by the launchers, the bindings and forgetkern/_cuda.py
 enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// TMKL forward: per row loss, ce, kl and the (N, 4) statistics (forgetkern/ops/params.py).
+// Columns of the (N, kNumStats) per-row statistics, in the accumulation dtype (forgetkern/_params.py
+// STAT_*; a test ties the count): each normalizer as its max and its log-sum, kept apart.
+enum StatColumn : int {
+  kStatMZ = 0,   // max over the kept columns of z/T (0 for a row without a finite entry)
+  kStatLsZ = 1,  // log sum exp(z/T - m_z) over the kept columns
+  kStatMB = 2,   // the same for b/T
+  kStatLsB = 3,
+  kStatMCE = 4,  // max of z over every column (the CE normalizer; temperature never applies)
+  kStatLsCE = 5, // log sum exp(z - m_ce)
+  kStatKL = 6,   // the row's KL (unscaled)
+  kNumStats = 7
+};
+
+// TMKL forward: per row loss, ce, kl and the (N, kNumStats) statistics.
 struct TMKLForwardArgs {
   uintptr_t z;         // [N, V] adapted logits, unit stride along V
   int64_t stride_z;    // row stride of z (elements)
@@ -24,7 +38,7 @@ struct TMKLForwardArgs {
   uintptr_t loss;      // [N] out, accumulation dtype
   uintptr_t ce;        // [N] out
   uintptr_t kl;        // [N] out (unscaled)
-  uintptr_t stats;     // [N, 4] out, contiguous
+  uintptr_t stats;     // [N, kNumStats] out, contiguous
   int64_t n;
   int64_t v;
   int64_t ignore_index;
@@ -45,7 +59,7 @@ struct TMKLBackwardArgs {
   uintptr_t b;         // [N, V] base logits
   int64_t stride_b;
   uintptr_t y;         // [N] int64 labels
-  uintptr_t stats;     // [N, 4] from the forward, contiguous, accumulation dtype
+  uintptr_t stats;     // [N, kNumStats] from the forward, contiguous, accumulation dtype
   uintptr_t coef_ce;   // [N] accumulation dtype
   uintptr_t coef_kl;   // [N] accumulation dtype
   uintptr_t g;         // [N, V] out, dtype of z
@@ -67,15 +81,18 @@ struct GeneralizedEighArgs {
   uintptr_t b;         // [batch, n, n] contiguous, dtype
   uintptr_t w;         // [batch, n] out, ascending eigenvalues
   uintptr_t vecs;      // [batch, n, n] out, eigenvectors as columns
-  uintptr_t info;      // [batch] out int32: 0 ok, k > 0 Cholesky failed at column k-1,
-                       //   -1 non-finite whitened matrix, -2 Jacobi did not converge
+  uintptr_t info;      // [batch] out int32 status (forgetkern/_params.py EIGH_*): 0 ok,
+                       //   k > 0 not positive definite (Cholesky failed at column k-1),
+                       //   -1 non-finite input or result, -2 Jacobi did not converge
   int64_t batch;
   int64_t n;
   double eps;
   int dtype;           // kFloat32 or kFloat64
   int threads;         // 0 = generalized_eigh_threads(n)
+  int max_sweeps;      // 0 = kEighMaxSweeps (tests force non-convergence with fewer)
 };
 
+// Limits shared with forgetkern/_params.py (EIGH_MAX_N, EIGH_MAX_SWEEPS; a test ties them).
 constexpr int kEighMaxN = 64;
 constexpr int kTMKLMaxThreads = 512;
 constexpr int kEighMaxThreads = 256;

@@ -24,13 +24,14 @@
 namespace fk {
 
 // ----------------------------------------------------------------------------------------------
-// Forward state of one thread (or of a merged group of threads), log2 units.
+// Forward state of one thread (or of a merged group of threads). Maxima are kept apart from the
+// sums, in the logits' own units (shift-invariant: exponents are formed as (x - m), never x - LSE).
 // ----------------------------------------------------------------------------------------------
 template <typename A> struct TMKLFwdState {
-  A mz, sz;  // max of x2 = z*log2e/T over kept columns, sum exp2(x2 - mz)
-  A mb, sb;  // the same for u2 = b*log2e/T
-  A acc;     // forward: sum exp2(u2 - mb) (u2 - x2); reverse: sum exp2(x2 - mz) (x2 - u2)
-  A mc, sc;  // z*log2e over all columns (the CE normalizer when T != 1)
+  A mz, sz;  // max of x = z/T over kept columns, sum exp(x - mz)
+  A mb, sb;  // the same for u = b/T
+  A acc;     // forward: sum exp(u - mb) (u - x); reverse: sum exp(x - mz) (x - u)
+  A mc, sc;  // z over all columns (the CE normalizer when T != 1)
   FK_HD void init() {
     mz = mb = mc = Math<A>::neg_inf();
     sz = sb = sc = acc = A(0);
@@ -40,22 +41,18 @@ template <typename A> struct TMKLFwdState {
 // The running max as a finite shift: an all -inf prefix uses 0 (its sum is 0 anyway).
 template <typename A> FK_HD A finite_shift(A m) { return m == Math<A>::neg_inf() ? A(0) : m; }
 
+// exp(d) by the hot-loop exponential (d = x - m: exact near the max, where it matters).
+template <typename A> FK_HD A exp_fast(A d) { return Math<A>::exp2_fast(d * A(kLog2e)); }
+
 // acc rescaled by f in [0, 1] after its max moved; an infinite KL contribution stays infinite.
 template <typename A> FK_HD A rescale(A acc, A f) {
   return f > A(0) ? acc * f : (acc == Math<A>::pos_inf() ? acc : A(0));
 }
 
-template <typename A> FK_HD A logaddexp(A a, A b) {
-  const A hi = a > b ? a : b;
-  const A lo = a > b ? b : a;
-  if (hi == Math<A>::neg_inf()) return hi;
-  return hi + Math<A>::log1p(Math<A>::exp(lo - hi));
-}
-
 // Adds K consecutive columns starting at col0 to a thread's state.
 template <typename A, int K, bool FORWARD_KL, bool MASK_TARGET, bool SEPARATE_CE>
 FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[K], int64_t col0,
-                           int64_t y, A scale2) {
+                           int64_t y, A inv_t) {
   using M = Math<A>;
   const A ninf = M::neg_inf();
   const A pinf = M::pos_inf();
@@ -64,8 +61,8 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
   A xm = ninf, um = ninf;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    x[k] = zr[k] * scale2;
-    u[k] = br[k] * scale2;
+    x[k] = zr[k] * inv_t;
+    u[k] = br[k] * inv_t;
     if (MASK_TARGET && k == target) {
       x[k] = ninf;
       u[k] = ninf;
@@ -75,13 +72,13 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
   }
   // online rescale, only when a max moves (rare after the first columns)
   if (xm > st.mz) {
-    const A f = M::exp2_fast(st.mz - xm);
+    const A f = exp_fast(st.mz - xm);
     st.sz *= f;
     if (!FORWARD_KL) st.acc = rescale(st.acc, f);
     st.mz = xm;
   }
   if (um > st.mb) {
-    const A f = M::exp2_fast(st.mb - um);
+    const A f = exp_fast(st.mb - um);
     st.sb *= f;
     if (FORWARD_KL) st.acc = rescale(st.acc, f);
     st.mb = um;
@@ -90,8 +87,8 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
   const A mb = finite_shift(st.mb);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const A ez = M::exp2_fast(x[k] - mz);
-    const A eb = M::exp2_fast(u[k] - mb);
+    const A ez = exp_fast(x[k] - mz);
+    const A eb = exp_fast(u[k] - mb);
     st.sz += ez;
     st.sb += eb;
     if (FORWARD_KL) {
@@ -109,16 +106,16 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
     A cm = ninf;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      c[k] = zr[k] * A(kLog2e);
+      c[k] = zr[k];
       cm = M::max(cm, c[k]);
     }
     if (cm > st.mc) {
-      st.sc *= M::exp2_fast(st.mc - cm);
+      st.sc *= exp_fast(st.mc - cm);
       st.mc = cm;
     }
     const A mc = finite_shift(st.mc);
 #pragma unroll
-    for (int k = 0; k < K; ++k) st.sc += M::exp2_fast(c[k] - mc);
+    for (int k = 0; k < K; ++k) st.sc += exp_fast(c[k] - mc);
   }
 }
 
@@ -128,8 +125,8 @@ FK_HD void tmkl_fwd_merge(TMKLFwdState<A>& st, const TMKLFwdState<A>& o) {
   using M = Math<A>;
   const A mz = M::max(st.mz, o.mz);
   const A mb = M::max(st.mb, o.mb);
-  const A fz0 = M::exp2_fast(st.mz - finite_shift(mz)), fz1 = M::exp2_fast(o.mz - finite_shift(mz));
-  const A fb0 = M::exp2_fast(st.mb - finite_shift(mb)), fb1 = M::exp2_fast(o.mb - finite_shift(mb));
+  const A fz0 = exp_fast(st.mz - finite_shift(mz)), fz1 = exp_fast(o.mz - finite_shift(mz));
+  const A fb0 = exp_fast(st.mb - finite_shift(mb)), fb1 = exp_fast(o.mb - finite_shift(mb));
   st.sz = st.sz * fz0 + o.sz * fz1;
   st.sb = st.sb * fb0 + o.sb * fb1;
   if (FORWARD_KL) {
@@ -141,7 +138,7 @@ FK_HD void tmkl_fwd_merge(TMKLFwdState<A>& st, const TMKLFwdState<A>& o) {
   st.mb = mb;
   if (SEPARATE_CE) {
     const A mc = M::max(st.mc, o.mc);
-    st.sc = st.sc * M::exp2_fast(st.mc - finite_shift(mc)) + o.sc * M::exp2_fast(o.mc - finite_shift(mc));
+    st.sc = st.sc * exp_fast(st.mc - finite_shift(mc)) + o.sc * exp_fast(o.mc - finite_shift(mc));
     st.mc = mc;
   }
 }
@@ -162,7 +159,7 @@ template <int VEC> FK_HD RowSplit split_row(int64_t v, int64_t head_elems, bool 
 // One thread's pass over its columns of a row (columns t, t + nt, ... of each segment).
 template <typename T, bool FORWARD_KL, bool MASK_TARGET, bool SEPARATE_CE>
 FK_HD void tmkl_fwd_thread(TMKLFwdState<acc_t<T>>& st, const T* __restrict__ z,
-                           const T* __restrict__ b, int64_t v, int64_t y, acc_t<T> scale2, int t,
+                           const T* __restrict__ b, int64_t v, int64_t y, acc_t<T> inv_t, int t,
                            int nt) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::kSize;
@@ -170,7 +167,7 @@ FK_HD void tmkl_fwd_thread(TMKLFwdState<acc_t<T>>& st, const T* __restrict__ z,
   for (int64_t c = t; c < sp.head; c += nt) {
     const A zr[1] = {to_acc(z[c])};
     const A br[1] = {to_acc(b[c])};
-    tmkl_fwd_update<A, 1, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, zr, br, c, y, scale2);
+    tmkl_fwd_update<A, 1, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, zr, br, c, y, inv_t);
   }
   const T* zv = z + sp.head;
   const T* bv = b + sp.head;
@@ -181,46 +178,50 @@ FK_HD void tmkl_fwd_thread(TMKLFwdState<acc_t<T>>& st, const T* __restrict__ z,
     load_vec(bv + i * VEC, b0);
     load_vec(zv + (i + nt) * VEC, z1);
     load_vec(bv + (i + nt) * VEC, b1);
-    tmkl_fwd_update<A, VEC, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z0, b0, sp.head + i * VEC, y, scale2);
+    tmkl_fwd_update<A, VEC, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z0, b0, sp.head + i * VEC, y, inv_t);
     tmkl_fwd_update<A, VEC, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z1, b1, sp.head + (i + nt) * VEC, y,
-                                                                 scale2);
+                                                                 inv_t);
   }
   if (i < sp.nvec) {
     A z0[VEC], b0[VEC];
     load_vec(zv + i * VEC, z0);
     load_vec(bv + i * VEC, b0);
-    tmkl_fwd_update<A, VEC, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z0, b0, sp.head + i * VEC, y, scale2);
+    tmkl_fwd_update<A, VEC, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z0, b0, sp.head + i * VEC, y, inv_t);
   }
   for (int64_t c = sp.tail + t; c < v; c += nt) {
     const A zr[1] = {to_acc(z[c])};
     const A br[1] = {to_acc(b[c])};
-    tmkl_fwd_update<A, 1, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, zr, br, c, y, scale2);
+    tmkl_fwd_update<A, 1, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, zr, br, c, y, inv_t);
   }
 }
 
-// Per-row outputs of the forward: loss, ce, kl and stats [lse_z, lse_b, lse_ce, kl].
-template <typename A> FK_HD void tmkl_fwd_store(const TMKLForwardArgs& p, int64_t row, A loss, A ce,
-                                                A kl, A lse_z, A lse_b, A lse_ce) {
-  reinterpret_cast<A*>(p.loss)[row] = loss;
-  reinterpret_cast<A*>(p.ce)[row] = ce;
-  reinterpret_cast<A*>(p.kl)[row] = kl;
-  A* stats = reinterpret_cast<A*>(p.stats) + row * 4;
-  stats[0] = lse_z;
-  stats[1] = lse_b;
-  stats[2] = lse_ce;
-  stats[3] = kl;
+// Per-row outputs of the forward: loss, ce, kl and the statistics (layout: kStat* in launch.h,
+// forgetkern/_params.py STAT_*): each normalizer as its max and its log-sum, apart.
+template <typename A> struct TMKLFwdRow {
+  A loss, ce, kl;
+  A m_z, ls_z, m_b, ls_b, m_ce, ls_ce;
+};
+
+template <typename A> FK_HD void tmkl_fwd_store(const TMKLForwardArgs& p, int64_t row, const TMKLFwdRow<A>& o) {
+  reinterpret_cast<A*>(p.loss)[row] = o.loss;
+  reinterpret_cast<A*>(p.ce)[row] = o.ce;
+  reinterpret_cast<A*>(p.kl)[row] = o.kl;
+  A* stats = reinterpret_cast<A*>(p.stats) + row * kNumStats;
+  stats[kStatMZ] = o.m_z;
+  stats[kStatLsZ] = o.ls_z;
+  stats[kStatMB] = o.m_b;
+  stats[kStatLsB] = o.ls_b;
+  stats[kStatMCE] = o.m_ce;
+  stats[kStatLsCE] = o.ls_ce;
+  stats[kStatKL] = o.kl;
 }
 
 // Ignored rows contribute zeros; a label outside [0, V) (unchecked input) gives NaN, never a read
 // out of bounds.
 template <typename A> FK_HD bool tmkl_fwd_trivial_row(const TMKLForwardArgs& p, int64_t row, int64_t y) {
-  if (y == p.ignore_index) {
-    tmkl_fwd_store<A>(p, row, A(0), A(0), A(0), A(0), A(0), A(0));
-    return true;
-  }
-  if (y < 0 || y >= p.v) {
-    const A nan = Math<A>::pos_inf() - Math<A>::pos_inf();
-    tmkl_fwd_store<A>(p, row, nan, nan, nan, nan, nan, nan);
+  if (y == p.ignore_index || y < 0 || y >= p.v) {
+    const A fill = y == p.ignore_index ? A(0) : Math<A>::pos_inf() - Math<A>::pos_inf();
+    tmkl_fwd_store<A>(p, row, TMKLFwdRow<A>{fill, fill, fill, fill, fill, fill, fill, fill, fill});
     return true;
   }
   return false;
@@ -230,32 +231,40 @@ template <typename A> FK_HD bool tmkl_fwd_trivial_row(const TMKLForwardArgs& p, 
 template <typename A, bool FORWARD_KL, bool MASK_TARGET, bool SEPARATE_CE>
 FK_HD void tmkl_fwd_finish(const TMKLFwdState<A>& st, A z_y, const TMKLForwardArgs& p, int64_t row) {
   using M = Math<A>;
-  const A ln2 = A(kLn2);
-  const A lse_z = (st.mz + M::log2(st.sz)) * ln2;
-  const A lse_b = (st.mb + M::log2(st.sb)) * ln2;
+  TMKLFwdRow<A> o;
+  // a row without a finite entry: max 0, log-sum -inf
+  o.m_z = finite_shift(st.mz);
+  o.ls_z = M::log(st.sz);
+  o.m_b = finite_shift(st.mb);
+  o.ls_b = M::log(st.sb);
   A kl;
   if (FORWARD_KL) {
     // KL = acc/s_b - (LSE'(b/T) - LSE'(z/T)); no base mass: 0; base mass but no adapted mass: inf
-    kl = st.acc * ln2 / st.sb - (st.mb - st.mz) * ln2 - M::log(st.sb / st.sz);
+    kl = st.acc / st.sb - (st.mb - st.mz) - M::log(st.sb / st.sz);
     if (st.sz == A(0)) kl = M::pos_inf();
     if (st.sb == A(0)) kl = A(0);
   } else {
-    kl = st.acc * ln2 / st.sz - (st.mz - st.mb) * ln2 - M::log(st.sz / st.sb);
+    kl = st.acc / st.sz - (st.mz - st.mb) - M::log(st.sz / st.sb);
     if (st.sb == A(0)) kl = M::pos_inf();
     if (st.sz == A(0)) kl = A(0);
   }
-  A lse_ce;
+  o.kl = kl;
   if (SEPARATE_CE) {
-    lse_ce = (st.mc + M::log2(st.sc)) * ln2;
+    o.m_ce = finite_shift(st.mc);
+    o.ls_ce = M::log(st.sc);
   } else if (MASK_TARGET) {
-    lse_ce = logaddexp(lse_z, z_y);  // T == 1: LSE(z) = logaddexp(LSE'(z), z_y)
+    // T == 1: LSE(z) = logaddexp(LSE'(z), z_y), max and log-sum apart
+    const A raw = st.sz == A(0) ? M::neg_inf() : st.mz;
+    o.m_ce = finite_shift(M::max(raw, z_y));
+    o.ls_ce = M::log(M::exp((o.m_z - o.m_ce) + o.ls_z) + M::exp(z_y - o.m_ce));
   } else {
-    lse_ce = lse_z;
+    o.m_ce = o.m_z;
+    o.ls_ce = o.ls_z;
   }
-  const A ce = lse_ce - z_y;
+  o.ce = (o.m_ce - z_y) + o.ls_ce;
   const A ce_weight = A(p.ce_weight), kl_scale = A(p.kl_scale);
-  const A loss = (ce_weight != A(0) ? ce_weight * ce : A(0)) + (kl_scale != A(0) ? kl_scale * kl : A(0));
-  tmkl_fwd_store<A>(p, row, loss, ce, kl, lse_z, lse_b, lse_ce);
+  o.loss = (ce_weight != A(0) ? ce_weight * o.ce : A(0)) + (kl_scale != A(0) ? kl_scale * o.kl : A(0));
+  tmkl_fwd_store<A>(p, row, o);
 }
 
 #ifdef __CUDACC__
@@ -324,7 +333,7 @@ __global__ void __launch_bounds__(kTMKLMaxThreads) tmkl_fwd_kernel(const TMKLFor
   const T* b = reinterpret_cast<const T*>(p.b) + row * p.stride_b;
   TMKLFwdState<A> st;
   st.init();
-  tmkl_fwd_thread<T, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z, b, p.v, y, A(p.inv_t * kLog2e),
+  tmkl_fwd_thread<T, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(st, z, b, p.v, y, A(p.inv_t),
                                                           threadIdx.x, blockDim.x);
   tmkl_block_merge<A, FORWARD_KL, SEPARATE_CE>(st, smem);
   if (threadIdx.x == 0) {
@@ -337,11 +346,13 @@ __global__ void __launch_bounds__(kTMKLMaxThreads) tmkl_fwd_kernel(const TMKLFor
 // Backward
 // ----------------------------------------------------------------------------------------------
 template <typename A> struct TMKLBwdRow {
-  A lz2, lb2, lce2;  // LSE'(z/T), LSE'(b/T), LSE(z) in log2 units
+  A m_z, ls_z;       // LSE'(z/T) as max and log-sum (the forward's statistics)
+  A m_b, ls_b;       // LSE'(b/T)
+  A m_ce, ls_ce;     // LSE(z)
   A kl;              // the row's KL (unscaled)
   A a, c;            // coef_ce, coef_kl
   bool a_nz, c_nz;   // a zero coefficient contributes exactly zero (never 0 * inf)
-  A inv_t, scale2;   // 1/T, log2(e)/T
+  A inv_t;           // 1/T
   A ratio;           // exp(LSE'(z) - LSE(z)): softmax(z)_v = q~_v * ratio off the target (T == 1)
   A dce_y;           // softmax(z)_y - 1 (T == 1 with the target masked)
 };
@@ -351,24 +362,25 @@ template <typename T, bool MASK_TARGET, bool SEPARATE_CE>
 FK_HD TMKLBwdRow<acc_t<T>> tmkl_bwd_row(const TMKLBackwardArgs& p, int64_t row, const T* z, int64_t y) {
   using A = acc_t<T>;
   using M = Math<A>;
-  const A* stats = reinterpret_cast<const A*>(p.stats) + row * 4;
+  const A* stats = reinterpret_cast<const A*>(p.stats) + row * kNumStats;
   TMKLBwdRow<A> r;
-  const A lse_z = stats[0], lse_b = stats[1], lse_ce = stats[2];
-  r.lz2 = lse_z * A(kLog2e);
-  r.lb2 = lse_b * A(kLog2e);
-  r.lce2 = lse_ce * A(kLog2e);
-  r.kl = stats[3];
+  r.m_z = stats[kStatMZ];
+  r.ls_z = stats[kStatLsZ];
+  r.m_b = stats[kStatMB];
+  r.ls_b = stats[kStatLsB];
+  r.m_ce = stats[kStatMCE];
+  r.ls_ce = stats[kStatLsCE];
+  r.kl = stats[kStatKL];
   r.a = reinterpret_cast<const A*>(p.coef_ce)[row];
   r.c = reinterpret_cast<const A*>(p.coef_kl)[row];
   r.a_nz = r.a != A(0);
   r.c_nz = r.c != A(0);
   r.inv_t = A(p.inv_t);
-  r.scale2 = A(p.inv_t * kLog2e);
   r.ratio = A(0);
   r.dce_y = A(0);
   if (MASK_TARGET && !SEPARATE_CE) {
-    r.ratio = M::exp(lse_z - lse_ce);
-    r.dce_y = M::exp(to_acc(z[y]) - lse_ce) - A(1);
+    r.ratio = M::exp((r.m_z - r.m_ce) + (r.ls_z - r.ls_ce));
+    r.dce_y = M::exp((to_acc(z[y]) - r.m_ce) - r.ls_ce) - A(1);
   }
   return r;
 }
@@ -378,26 +390,29 @@ template <typename A, bool FORWARD_KL, bool MASK_TARGET, bool SEPARATE_CE>
 FK_HD A tmkl_grad(A zr, A br, bool is_y, const TMKLBwdRow<A>& r) {
   using M = Math<A>;
   const A ninf = M::neg_inf();
-  A x = zr * r.scale2;
-  A u = br * r.scale2;
+  A x = zr * r.inv_t;
+  A u = br * r.inv_t;
   if (MASK_TARGET && is_y) {
     x = ninf;
     u = ninf;
   }
-  const A q = x == ninf ? A(0) : M::exp2_fast(x - r.lz2);  // q~_v
-  const A pb = u == ninf ? A(0) : M::exp2_fast(u - r.lb2);  // p~_v
+  // log q~_v = (x - m_z) - ls_z, log p~_v = (u - m_b) - ls_b (shift-invariant)
+  const A lq = (x - r.m_z) - r.ls_z;
+  const A lp = (u - r.m_b) - r.ls_b;
+  const A q = x == ninf ? A(0) : exp_fast(lq);  // q~_v
+  const A pb = u == ninf ? A(0) : exp_fast(lp);  // p~_v
   A d_kl;
   if (FORWARD_KL) {
     // dKL/dz_v = (q~_v - p~_v) / T
     d_kl = (q - pb) * r.inv_t;
   } else {
     // dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T
-    d_kl = q > A(0) ? q * (((x - r.lz2) - (u - r.lb2)) * A(kLn2) - r.kl) * r.inv_t : A(0);
+    d_kl = q > A(0) ? q * ((lq - lp) - r.kl) * r.inv_t : A(0);
   }
   // dCE/dz = softmax(z) - e_y
   A d_ce;
   if (SEPARATE_CE) {
-    const A sm = zr == ninf ? A(0) : M::exp2_fast(zr * A(kLog2e) - r.lce2);
+    const A sm = zr == ninf ? A(0) : exp_fast((zr - r.m_ce) - r.ls_ce);
     d_ce = is_y ? sm - A(1) : sm;
   } else if (MASK_TARGET) {
     d_ce = is_y ? r.dce_y : q * r.ratio;
@@ -467,6 +482,18 @@ template <typename T> FK_HD void tmkl_fill_thread(T* g, int64_t v, acc_t<T> valu
   for (int64_t c = sp.tail + t; c < v; c += nt) g[c] = fill;
 }
 
+// Ignored rows get a zero gradient; a label outside [0, V) (unchecked input) NaN, never a read out
+// of bounds. Thread t's part of that fill; returns whether the row is such a row (uniform over the
+// block: one row per block).
+template <typename T>
+FK_HD bool tmkl_bwd_trivial_row(const TMKLBackwardArgs& p, T* g, int64_t y, int t, int nt) {
+  using A = acc_t<T>;
+  if (y != p.ignore_index && y >= 0 && y < p.v) return false;
+  const A fill = y == p.ignore_index ? A(0) : Math<A>::pos_inf() - Math<A>::pos_inf();
+  tmkl_fill_thread<T>(g, p.v, fill, t, nt);
+  return true;
+}
+
 #ifdef __CUDACC__
 template <typename T, bool FORWARD_KL, bool MASK_TARGET, bool SEPARATE_CE>
 __global__ void __launch_bounds__(kTMKLMaxThreads) tmkl_bwd_kernel(const TMKLBackwardArgs p) {
@@ -476,11 +503,7 @@ __global__ void __launch_bounds__(kTMKLMaxThreads) tmkl_bwd_kernel(const TMKLBac
   const T* z = reinterpret_cast<const T*>(p.z) + row * p.stride_z;
   const T* b = reinterpret_cast<const T*>(p.b) + row * p.stride_b;
   T* g = reinterpret_cast<T*>(p.g) + row * p.stride_g;
-  if (y == p.ignore_index || y < 0 || y >= p.v) {  // uniform over the block
-    const A fill = y == p.ignore_index ? A(0) : Math<A>::pos_inf() - Math<A>::pos_inf();
-    tmkl_fill_thread<T>(g, p.v, fill, threadIdx.x, blockDim.x);
-    return;
-  }
+  if (tmkl_bwd_trivial_row<T>(p, g, y, threadIdx.x, blockDim.x)) return;  // uniform over the block
   const TMKLBwdRow<A> r = tmkl_bwd_row<T, MASK_TARGET, SEPARATE_CE>(p, row, z, y);
   if (MASK_TARGET && !SEPARATE_CE) __syncthreads();  // z[y] read by all before g (maybe z) is written
   tmkl_bwd_thread<T, FORWARD_KL, MASK_TARGET, SEPARATE_CE>(z, b, g, p.v, y, r, threadIdx.x, blockDim.x);

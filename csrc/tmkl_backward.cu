@@ -1,5 +1,5 @@
-// TMKL backward launcher: dtype and option dispatch to the kernel instantiations and the host
-// emulation of the backward's per-thread code.
+// TMKL backward launcher: the backward's kernel family (instantiation, host emulation of its
+// per-thread code) for the launch template of dispatch.h. Launch settings: tmkl_forward.cu.
 #include "dispatch.h"
 #include "tmkl.cuh"
 
@@ -7,57 +7,40 @@ namespace fk {
 
 namespace {
 
-template <typename T>
-int launch_typed(const TMKLBackwardArgs& p, cudaStream_t stream) {
-  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
-  int status = 0;
-  dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
-    tmkl_bwd_kernel<T, decltype(fwd)::value, decltype(mask)::value, decltype(sep)::value>
-        <<<static_cast<unsigned>(p.n), threads, 0, stream>>>(p);
-    status = static_cast<int>(cudaGetLastError());
-  });
-  return status;
-}
+// One block per row; every thread writes its part of the row's gradient.
+struct TMKLBackward {
+  using Args = TMKLBackwardArgs;
+  static int64_t blocks(const Args& p) { return p.n; }
+  static int threads(const Args& p) { return tmkl_threads(p.v, p.dtype); }
+  template <class F> static bool dispatch(const Args& p, F&& f) { return dispatch_tmkl(p, f); }
+  template <class C> static auto kernel() {
+    return &tmkl_bwd_kernel<typename C::type, C::kForwardKL, C::kMaskTarget, C::kSeparateCE>;
+  }
+  template <class C> static std::size_t shared_bytes(const Args&) { return 0; }
 
-// Host emulation: the kernel's per-thread function for t = 0..threads-1 of each row.
-template <typename T, bool FWD, bool MASK, bool SEP>
-void emulate_rows(const TMKLBackwardArgs& p, int threads) {
-  using A = acc_t<T>;
-  for (int64_t row = 0; row < p.n; ++row) {
+  // The row constants once (the kernel's threads all compute them before the barrier, so an
+  // in-place g sees the same z[y]), then the per-thread function for t = 0..threads-1.
+  template <class C> static void emulate_block(const Args& p, int64_t row, int threads) {
+    using T = typename C::type;
+    using A = acc_t<T>;
     const int64_t y = reinterpret_cast<const int64_t*>(p.y)[row];
     const T* z = reinterpret_cast<const T*>(p.z) + row * p.stride_z;
     const T* b = reinterpret_cast<const T*>(p.b) + row * p.stride_b;
     T* g = reinterpret_cast<T*>(p.g) + row * p.stride_g;
-    if (y == p.ignore_index || y < 0 || y >= p.v) {
-      const A fill = y == p.ignore_index ? A(0) : Math<A>::pos_inf() - Math<A>::pos_inf();
-      for (int t = 0; t < threads; ++t) tmkl_fill_thread<T>(g, p.v, fill, t, threads);
-      continue;
+    bool trivial = false;
+    for (int t = 0; t < threads; ++t) trivial = tmkl_bwd_trivial_row<T>(p, g, y, t, threads);
+    if (trivial) return;
+    const TMKLBwdRow<A> r = tmkl_bwd_row<T, C::kMaskTarget, C::kSeparateCE>(p, row, z, y);
+    for (int t = 0; t < threads; ++t) {
+      tmkl_bwd_thread<T, C::kForwardKL, C::kMaskTarget, C::kSeparateCE>(z, b, g, p.v, y, r, t, threads);
     }
-    const TMKLBwdRow<A> r = tmkl_bwd_row<T, MASK, SEP>(p, row, z, y);
-    for (int t = 0; t < threads; ++t) tmkl_bwd_thread<T, FWD, MASK, SEP>(z, b, g, p.v, y, r, t, threads);
   }
-}
+};
 
 }  // namespace
 
-int tmkl_backward_launch(const TMKLBackwardArgs& p, uintptr_t stream) {
-  if (p.n == 0) return 0;
-  cudaGetLastError();  // clear a stale error of this runtime so the check after the launch is ours
-  int status = static_cast<int>(cudaErrorInvalidValue);
-  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
-    status = launch_typed<typename decltype(t)::type>(p, reinterpret_cast<cudaStream_t>(stream));
-  });
-  return status;
-}
+int tmkl_backward_launch(const TMKLBackwardArgs& p, uintptr_t stream) { return launch<TMKLBackward>(p, stream); }
 
-void tmkl_backward_emulate(const TMKLBackwardArgs& p) {
-  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
-  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
-    dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
-      emulate_rows<typename decltype(t)::type, decltype(fwd)::value, decltype(mask)::value,
-                   decltype(sep)::value>(p, threads);
-    });
-  });
-}
+void tmkl_backward_emulate(const TMKLBackwardArgs& p) { emulate<TMKLBackward>(p); }
 
 }  // namespace fk

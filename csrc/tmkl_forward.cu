@@ -1,5 +1,5 @@
-// TMKL forward launcher: dtype and option dispatch to the kernel instantiations, the launch
-// settings of both TMKL kernels, and the host emulation of the forward's per-thread code.
+// TMKL forward launcher: the launch settings of both TMKL kernels and the forward's kernel family
+// (instantiation, host emulation of its per-thread code) for the launch template of dispatch.h.
 #include "dispatch.h"
 #include "tmkl.cuh"
 
@@ -17,25 +17,23 @@ int tmkl_threads(int64_t v, int dtype) {
 
 namespace {
 
-template <typename T>
-int launch_typed(const TMKLForwardArgs& p, cudaStream_t stream) {
-  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
-  int status = 0;
-  dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
-    tmkl_fwd_kernel<T, decltype(fwd)::value, decltype(mask)::value, decltype(sep)::value>
-        <<<static_cast<unsigned>(p.n), threads, 0, stream>>>(p);
-    status = static_cast<int>(cudaGetLastError());
-  });
-  return status;
-}
+// One block per row; the block's threads stream the row, then merge their states.
+struct TMKLForward {
+  using Args = TMKLForwardArgs;
+  static int64_t blocks(const Args& p) { return p.n; }
+  static int threads(const Args& p) { return tmkl_threads(p.v, p.dtype); }
+  template <class F> static bool dispatch(const Args& p, F&& f) { return dispatch_tmkl(p, f); }
+  template <class C> static auto kernel() {
+    return &tmkl_fwd_kernel<typename C::type, C::kForwardKL, C::kMaskTarget, C::kSeparateCE>;
+  }
+  template <class C> static std::size_t shared_bytes(const Args&) { return 0; }
 
-// Host emulation: the kernel's per-thread function for t = 0..threads-1, then a sequential merge.
-template <typename T, bool FWD, bool MASK, bool SEP>
-void emulate_rows(const TMKLForwardArgs& p, int threads) {
-  using A = acc_t<T>;
-  for (int64_t row = 0; row < p.n; ++row) {
+  // The kernel's per-thread function for t = 0..threads-1, then a sequential merge.
+  template <class C> static void emulate_block(const Args& p, int64_t row, int threads) {
+    using T = typename C::type;
+    using A = acc_t<T>;
     const int64_t y = reinterpret_cast<const int64_t*>(p.y)[row];
-    if (tmkl_fwd_trivial_row<A>(p, row, y)) continue;
+    if (tmkl_fwd_trivial_row<A>(p, row, y)) return;
     const T* z = reinterpret_cast<const T*>(p.z) + row * p.stride_z;
     const T* b = reinterpret_cast<const T*>(p.b) + row * p.stride_b;
     TMKLFwdState<A> total;
@@ -43,33 +41,18 @@ void emulate_rows(const TMKLForwardArgs& p, int threads) {
     for (int t = 0; t < threads; ++t) {
       TMKLFwdState<A> st;
       st.init();
-      tmkl_fwd_thread<T, FWD, MASK, SEP>(st, z, b, p.v, y, A(p.inv_t * kLog2e), t, threads);
-      tmkl_fwd_merge<A, FWD, SEP>(total, st);
+      tmkl_fwd_thread<T, C::kForwardKL, C::kMaskTarget, C::kSeparateCE>(st, z, b, p.v, y,
+                                                                       A(p.inv_t), t, threads);
+      tmkl_fwd_merge<A, C::kForwardKL, C::kSeparateCE>(total, st);
     }
-    tmkl_fwd_finish<A, FWD, MASK, SEP>(total, to_acc(z[y]), p, row);
+    tmkl_fwd_finish<A, C::kForwardKL, C::kMaskTarget, C::kSeparateCE>(total, to_acc(z[y]), p, row);
   }
-}
+};
 
 }  // namespace
 
-int tmkl_forward_launch(const TMKLForwardArgs& p, uintptr_t stream) {
-  if (p.n == 0) return 0;
-  cudaGetLastError();  // clear a stale error of this runtime so the check after the launch is ours
-  int status = static_cast<int>(cudaErrorInvalidValue);
-  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
-    status = launch_typed<typename decltype(t)::type>(p, reinterpret_cast<cudaStream_t>(stream));
-  });
-  return status;
-}
+int tmkl_forward_launch(const TMKLForwardArgs& p, uintptr_t stream) { return launch<TMKLForward>(p, stream); }
 
-void tmkl_forward_emulate(const TMKLForwardArgs& p) {
-  const int threads = p.threads > 0 ? p.threads : tmkl_threads(p.v, p.dtype);
-  dispatch_tmkl_dtype(p.dtype, [&](auto t) {
-    dispatch_tmkl_options(p, [&](auto fwd, auto mask, auto sep) {
-      emulate_rows<typename decltype(t)::type, decltype(fwd)::value, decltype(mask)::value,
-                   decltype(sep)::value>(p, threads);
-    });
-  });
-}
+void tmkl_forward_emulate(const TMKLForwardArgs& p) { emulate<TMKLForward>(p); }
 
 }  // namespace fk
