@@ -20,9 +20,9 @@ the kernels need (unit stride along a row, int64 labels, contiguous statistics a
 
 Backend interfaces (``forgetkern._backend``): :func:`tmkl_forward` / :func:`tmkl_backward` (the
 ``tmkl`` op) and :func:`generalized_eigh` (``solve`` of the ``generalized_eigh`` op), with the
-signatures of :mod:`forgetkern.reference`. :func:`emulated` returns the same interfaces running the
-kernels' own per-thread code on the CPU (``_C.emulate_*``), so tests can run the CUDA backend's
-code without a GPU.
+signatures of :mod:`forgetkern.reference`. :func:`forgetkern._cuda_emulated.emulated` returns the
+same interfaces running the kernels' own per-thread code on the CPU (``_C.emulate_*``), so tests
+can run the CUDA backend's code without a GPU.
 
 Set ``FORGETKERN_CUDA_SYNC=1`` to synchronize after every launch, so that a fault inside a kernel
 is reported by the call that launched it (debugging, compute-sanitizer runs).
@@ -30,9 +30,6 @@ is reported by the call that launched it (debugging, compute-sanitizer runs).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from ._params import ENV_CUDA_SYNC, NUM_STATS, TMKLParams, accumulation_dtype, env_flag
@@ -178,8 +175,8 @@ def _tmkl_backward_call(launcher, logits, base_logits, labels, stats, coef_ce, c
     n, v = z.shape
     launcher(z=z.data_ptr(), stride_z=_row_stride(z), b=b.data_ptr(), stride_b=_row_stride(b),
              y=y.data_ptr(), stats=s.data_ptr(), coef_ce=a.data_ptr(), coef_kl=c.data_ptr(),
-             g=g.data_ptr(), stride_g=_row_stride(g), n=n, v=v, ignore_index=ignore_index, inv_t=1.0 / temperature, forward_kl=forward_kl,
-             mask_target=mask_target, separate_ce=separate_ce, dtype=_dtype_code(z.dtype), **launch)
+             g=g.data_ptr(), stride_g=_row_stride(g), n=n, v=v, ignore_index=ignore_index,
+             inv_t=1.0 / temperature, forward_kl=forward_kl, mask_target=mask_target, separate_ce=separate_ce, dtype=_dtype_code(z.dtype), **launch)
     if g is not grad:
         grad.copy_(g)
 
@@ -368,8 +365,8 @@ def _solve(run, A: torch.Tensor, B: torch.Tensor, eps: float):
     """``(..., n, n)`` problems as one flat batch in the working dtype through ``run``."""
     n = A.shape[-1]
     batch_shape = A.shape[:-2]
-    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))  # fp64 if either is fp64
-    w, vecs, status = run(A.to(dtype).reshape(-1, n, n), B.to(dtype).reshape(-1, n, n), float(eps))
+    # A and B arrive in the working dtype, chosen at the boundary (forgetkern._validate)
+    w, vecs, status = run(A.reshape(-1, n, n), B.reshape(-1, n, n), float(eps))
     return w.reshape(*batch_shape, n), vecs.reshape(*batch_shape, n, n), status.reshape(batch_shape)
 
 
@@ -391,60 +388,3 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
         (``forgetkern._params.EIGH_*``; NaN outputs where a problem failed). No autograd.
     """
     return _solve(torch.ops.forgetkern.generalized_eigh, A, B, eps)
-
-
-# --------------------------------------------------------------------------------------------
-# Host emulation with the backend interfaces (tests without a GPU)
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Emulated:
-    """The CUDA backend's interface of one op running the kernels' code on the CPU: ``forward``
-    and ``backward`` (``tmkl``) or ``solve`` (``generalized_eigh``); the others are ``None``."""
-
-    op: str
-    forward: Callable | None = None
-    backward: Callable | None = None
-    solve: Callable | None = None
-
-
-def emulated(op: str, *, threads: int = 0, max_sweeps: int = 0) -> Emulated:
-    """The CUDA kernels of ``op`` run thread by thread on the CPU (``_C.emulate_*``), with the
-    signatures of :func:`tmkl_forward` / :func:`tmkl_backward` or :func:`generalized_eigh`, on
-    CPU tensors. Tests only: it is slow and it is not a backend of the table.
-
-    Args:
-        op: ``"tmkl"`` or ``"generalized_eigh"``.
-        threads: threads per emulated block (``0``: the launch setting the device would use).
-        max_sweeps: the eigensolver's Jacobi sweep limit (``0``: ``EIGH_MAX_SWEEPS``; fewer
-            forces the non-convergence status in tests).
-    """
-    ext = _require(f"emulated({op!r})")
-    if op == "tmkl":
-        def forward(logits, base_logits, labels, params: TMKLParams):
-            _check_device("emulated('tmkl').forward", ("cpu",), logits=logits,
-                          base_logits=base_logits, labels=labels)
-            return _tmkl_forward_call(ext.emulate_tmkl_forward, logits, base_logits, labels,
-                                      *_tmkl_forward_options(params), threads=threads)
-
-        def backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
-                     grad_out):
-            _check_device("emulated('tmkl').backward", ("cpu",), logits=logits,
-                          base_logits=base_logits, labels=labels, stats=stats, coef_ce=coef_ce,
-                          coef_kl=coef_kl, grad_out=grad_out)
-            _tmkl_backward_call(ext.emulate_tmkl_backward, logits, base_logits, labels, stats,
-                                coef_ce, coef_kl, grad_out, *_tmkl_backward_options(params),
-                                threads=threads)
-            return grad_out
-
-        return Emulated(op, forward=forward, backward=backward)
-    if op == "generalized_eigh":
-        def run(a, b, eps):
-            return _generalized_eigh_call(ext.emulate_generalized_eigh, a, b, eps, threads=threads,
-                                          max_sweeps=max_sweeps)
-
-        def solve(A, B, eps: float = 0.0):
-            _check_device("emulated('generalized_eigh').solve", ("cpu",), A=A, B=B)
-            return _solve(run, A, B, eps)
-
-        return Emulated(op, solve=solve)
-    raise ValueError(f"op must be 'tmkl' or 'generalized_eigh', got {op!r}")

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ._params import (EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
-                      REDUCTIONS, TMKLParams)
+                      REDUCTIONS, TMKLParams, accumulation_dtype)
 
 
 def _compiling() -> bool:
@@ -206,8 +206,10 @@ def linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, b
             None if base_bias is None else base_bias.detach(), flat_labels(labels))
 
 
-def check_generalized_eigh_inputs(A, B, eps) -> None:
-    """``A``, ``B``: float ``(..., n, n)`` of one shape on one device; ``eps`` finite and ``>= 0``."""
+def generalized_eigh_inputs(A, B, eps):
+    """``A``, ``B``: float ``(..., n, n)`` of one shape on one device; ``eps`` a finite number
+    ``>= 0``. Returns ``(A, B, eps)`` in the working dtype every backend solves in (float64 if
+    either input is float64, else float32) and ``eps`` as a float."""
     check_tensor(A, "A")
     check_tensor(B, "B")
     check_float(A, "A")
@@ -217,8 +219,12 @@ def check_generalized_eigh_inputs(A, B, eps) -> None:
     check_same_shape(B, "B", A, "A")
     if A.device != B.device:
         raise ValueError(f"B is on {B.device} but A is on {A.device}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     if not (0.0 <= eps < float("inf")):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))
+    return A.to(dtype), B.to(dtype), float(eps)
 
 
 def check_eigh_status(status: torch.Tensor, eps: float) -> None:

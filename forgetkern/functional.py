@@ -115,9 +115,9 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
     Returns:
         ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.
     """
-    _validate.check_generalized_eigh_inputs(A, B, eps)
+    A, B, eps = _validate.generalized_eigh_inputs(A, B, eps)
     impl = _backend.resolve("generalized_eigh", A, backend=backend, size=A.shape[-1])
-    w, V, status = impl.solve(A, B, float(eps))
+    w, V, status = impl.solve(A, B, eps)
     _validate.check_eigh_status(status, eps)
     return w, V
 

@@ -211,11 +211,9 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
         per-problem ``(...)`` int32 status (``forgetkern._params.EIGH_*``). Failed problems hold
         NaN; the public function turns the status into its error.
     """
-    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))
+    dtype = A.dtype  # the working dtype, chosen at the boundary (forgetkern._validate)
     n = A.shape[-1]
     batch = A.shape[:-2]
-    A = A.to(dtype)
-    B = B.to(dtype)
     A = 0.5 * (A + A.mT)
     B = 0.5 * (B + B.mT)
     if eps:

@@ -3,7 +3,7 @@
 Without a GPU (CI): the extension is built and imports wherever nvcc is present, its launchers
 reject bad arguments and CPU tensors before anything is launched, the fake (meta) implementations
 give the right shapes, and the TMKL kernels' own per-thread code, compiled for the host
-(``forgetkern._cuda.emulated("tmkl")`` over ``_C.emulate_*``: the same functions the kernels call,
+(``forgetkern._cuda_emulated.emulated("tmkl")`` over ``_C.emulate_*``: the same functions the kernels call,
 run thread by thread, with the block reduction done sequentially), matches the fp64 references.
 With a GPU (``gpu`` marker): the kernels themselves against the references, every option, dtype and
 layout, opcheck and torch.compile. The eigensolver, on every backend including this one:
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import forgetkern
-from forgetkern import _backend, _cuda, _params, reference
+from forgetkern import _backend, _cuda, _cuda_emulated, _params, reference
 from forgetkern._params import TMKLParams
 
 from .helpers import assert_close_to_ref, naive_tmkl_in_dtype, oracle_tmkl, rel_err, run_tmkl
@@ -90,7 +90,7 @@ def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
     with pytest.raises(RuntimeError, match="not built"):
         _cuda.generalized_eigh(torch.eye(3), torch.eye(3))
     with pytest.raises(RuntimeError, match="not built"):
-        _cuda.emulated("tmkl")
+        _cuda_emulated.emulated("tmkl")
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +168,11 @@ def test_host_emulation_reads_host_memory_only():
     z = torch.zeros(2, 5, device="meta")
     y = torch.zeros(2, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match="logits must be a CPU tensor"):
-        _cuda.emulated("tmkl").forward(z, z, y, TMKLParams())
+        _cuda_emulated.emulated("tmkl").forward(z, z, y, TMKLParams())
     with pytest.raises(ValueError, match="A must be a CPU tensor"):
-        _cuda.emulated("generalized_eigh").solve(z[None, :2, :2], z[None, :2, :2])
+        _cuda_emulated.emulated("generalized_eigh").solve(z[None, :2, :2], z[None, :2, :2])
     with pytest.raises(ValueError, match="op must be"):
-        _cuda.emulated("linear_tmkl")
+        _cuda_emulated.emulated("linear_tmkl")
 
 
 @needs_ext
@@ -281,7 +281,7 @@ def test_compile_traces_the_cuda_ops_without_graph_breaks(monkeypatch, inplace):
 # --------------------------------------------------------------------------------------------
 def _emulate_tmkl(z, b, y, params: TMKLParams, coef_ce, coef_kl, *, threads=32, g=None):
     """Forward and backward of the CUDA kernels' code run on the CPU; returns outputs and grad."""
-    impl = _cuda.emulated("tmkl", threads=threads)
+    impl = _cuda_emulated.emulated("tmkl", threads=threads)
     loss, ce, kl, stats = impl.forward(z, b, y, params)
     if g is None:
         g = torch.full_like(z, float("nan"), memory_format=torch.contiguous_format)

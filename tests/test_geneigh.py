@@ -2,7 +2,7 @@
 
 Backends: the reference (Cholesky + ``torch.linalg.eigh``), Triton (in the CPU interpreter without
 a GPU), the CUDA kernel's own code run thread by thread on the CPU (``cuda-host``:
-``forgetkern._cuda.emulated``), and the CUDA kernel on a GPU (``cuda``, ``gpu`` marker). Every
+``forgetkern._cuda_emulated.emulated``), and the CUDA kernel on a GPU (``cuda``, ``gpu`` marker). Every
 backend implements ``solve(A, B, eps) -> (w, V, status)``; the public function turns ``status``
 into errors and warnings (``_validate.check_eigh_status``), the one failure contract tested here
 on every backend.
@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import forgetkern
-from forgetkern import _backend, _cuda, _params, _validate, reference
+from forgetkern import _backend, _cuda, _cuda_emulated, _params, _validate, reference
 
 EXT = _cuda.extension()
 TRITON_RUNS = _backend.triton_installed() and (torch.cuda.is_available() or _params.triton_interpret())
@@ -44,7 +44,7 @@ def _device(backend):
 def _implementation(backend, *, max_sweeps=0):
     """The backend's ``solve(A, B, eps) -> (w, V, status)``."""
     if backend == "cuda-host":
-        return _cuda.emulated("generalized_eigh", max_sweeps=max_sweeps).solve
+        return _cuda_emulated.emulated("generalized_eigh", max_sweeps=max_sweeps).solve
     return _backend.implementation("generalized_eigh", backend).solve
 
 
@@ -53,7 +53,7 @@ def _solve(backend, A, B, eps=0.0):
     dev = _device(backend)
     A, B = A.to(dev), B.to(dev)
     if backend == "cuda-host":  # not a backend of the table: what the public function does
-        _validate.check_generalized_eigh_inputs(A, B, eps)
+        A, B, eps = _validate.generalized_eigh_inputs(A, B, eps)
         w, V, status = _implementation(backend)(A, B, eps)
         _validate.check_eigh_status(status, eps)
         return w, V
@@ -393,7 +393,7 @@ def test_triton_odd_n_padded_tile(dtype, tol):
 @pytest.mark.parametrize("threads", [32, 96, 256])
 def test_cuda_host_thread_counts(threads):
     A, B = _problem(2, 19, torch.float64)
-    w, V, status = _cuda.emulated("generalized_eigh", threads=threads).solve(A, B, 1e-3)
+    w, V, status = _cuda_emulated.emulated("generalized_eigh", threads=threads).solve(A, B, 1e-3)
     assert bool((status == 0).all())
     _check(A, B, 1e-3, w, V)
 

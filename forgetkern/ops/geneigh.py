@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .._params import (EIGH_MAX_N, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE,
-                       accumulation_dtype)
+from .._params import EIGH_MAX_N, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE
 from ._triton import HAS_TRITON, check_triton, jit, next_power_of_2, tl
 
 #: Rotations by ``tl.gather`` (Triton >= 3.2); older Triton uses dense rotation products.
@@ -250,10 +249,10 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
     if not 1 <= n <= EIGH_MAX_N:
         raise ValueError(f"the Triton eigensolver handles 1 <= n <= {EIGH_MAX_N}, got n={n} "
                          "(forgetkern._backend sends other sizes to the reference)")
-    dtype = accumulation_dtype(torch.promote_types(A.dtype, B.dtype))  # fp64 if either is fp64
+    dtype = A.dtype  # the working dtype, chosen at the boundary (forgetkern._validate)
     batch_shape = A.shape[:-2]
-    a = A.reshape(-1, n, n).to(dtype).contiguous()
-    b = B.reshape(-1, n, n).to(dtype)
+    a = A.reshape(-1, n, n).contiguous()
+    b = B.reshape(-1, n, n)
     if eps:
         # in the working dtype, as the reference does (a float kernel argument would be fp32)
         b = b + eps * torch.eye(n, dtype=dtype, device=b.device)
