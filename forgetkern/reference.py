@@ -250,18 +250,29 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
 # arenas can keep freed chunk-sized blocks resident, up to ~1.6x that measured on CPU; the budget
 # bounds the resident growth, so count that slack.
 _LINEAR_TEMPS_PER_CHUNK = 16
+#: Fewest rows per default chunk of the fused-linear reference (see :func:`linear_chunk_rows`).
+LINEAR_MIN_ROWS = 64
 
 
 def linear_chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None,
-                      chunk_bytes: int | None = None) -> int:
+                      chunk_bytes: int | None = None, num_rows: int | None = None) -> int:
     """Rows per chunk of the fused-linear reference: ``chunk_size`` when given, else as many rows
     as fit the chunk's ``rows x V`` temporaries (counted as ``_LINEAR_TEMPS_PER_CHUNK`` per row,
-    allocator slack included) in ``chunk_bytes`` (default :data:`REFERENCE_CHUNK_BYTES`)."""
+    allocator slack included) in ``chunk_bytes``. By default the budget is sized to the problem:
+    an eighth of what the ``num_rows x V`` logits would take, so the path's extra memory stays a
+    small fraction of any materialized one whatever the shape, but at least
+    :data:`LINEAR_MIN_ROWS` rows (each chunk reads the whole head: fewer rows make the pass
+    bound by that traffic) and at most :data:`REFERENCE_CHUNK_BYTES`."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    budget = REFERENCE_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    per_row = max(1, vocab) * torch.finfo(accumulation_dtype(dtype)).bits // 8 * _LINEAR_TEMPS_PER_CHUNK
-    return max(1, budget // per_row)
+    row_bytes = max(1, vocab) * torch.finfo(accumulation_dtype(dtype)).bits // 8
+    per_row = row_bytes * _LINEAR_TEMPS_PER_CHUNK
+    if chunk_bytes is not None:
+        return max(1, int(chunk_bytes) // per_row)
+    cap = max(1, REFERENCE_CHUNK_BYTES // per_row)
+    if num_rows is None:
+        return cap
+    return min(cap, max(LINEAR_MIN_ROWS, num_rows * row_bytes // 8 // per_row))
 
 
 def _logits_chunk(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
@@ -304,7 +315,7 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
     grad_h = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
     grad_w = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
     grad_b = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-    step = linear_chunk_rows(v, hidden.dtype, chunk_size, chunk_bytes)
+    step = linear_chunk_rows(v, hidden.dtype, chunk_size, chunk_bytes, num_rows=n)
     for start in range(0, n, step):
         stop = min(n, start + step)
         y = labels[start:stop].long()

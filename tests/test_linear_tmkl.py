@@ -1,7 +1,6 @@
 """Fused-linear TMKL (reference chunks and Triton kernels) against the fp64 materialized oracle:
 ``logits = hidden @ weight.T + bias`` then :func:`tests.helpers.oracle_tmkl`, forward and backward."""
 import importlib.util
-import itertools
 
 import pytest
 import torch
@@ -13,13 +12,23 @@ from forgetkern import _autograd, _backend, reference
 from forgetkern._params import triton_interpret
 from forgetkern.ops import linear_tmkl as lt_ops
 
-from .helpers import assert_close_to_ref, oracle_tmkl, rel_err
+from .helpers import (
+    DEVICE,
+    OPTION_IDS,
+    OPTION_NAMES,
+    OPTIONS,
+    assert_close_to_ref,
+    backend_skip_reason,
+    backends,
+    oracle_tmkl,
+    naive_tmkl_in_dtype,
+    rel_err,
+)
+from .helpers import linear_tmkl_inputs as _inputs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OPTIONS = list(itertools.product(["forward", "reverse"], [True, False], [1.0, 2.0]))
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
+_TRITON_REASON = backend_skip_reason("linear_tmkl", "triton")
+needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton: {_TRITON_REASON}")
+BACKENDS = backends("linear_tmkl")
 REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces it
 
 
@@ -36,30 +45,6 @@ def small_tiles(monkeypatch):
         return original(n, v, d, dtype, device, **kw)
 
     monkeypatch.setattr(lt_ops, "launch_config", small)
-
-
-def _inputs(shape=(6,), d=19, v=45, dtype=torch.float64, bias=False, distinct_base=False,
-            train_weight=True, train_bias=True, ignore=(1,), scale=1.0):
-    """Fresh random inputs (never zeros); ``shape`` is the leading shape of hidden/labels."""
-    g = dict(dtype=torch.float64)
-    t = {
-        "hidden": (torch.randn(*shape, d, **g) * scale).to(dtype).to(DEVICE),
-        "base_hidden": (torch.randn(*shape, d, **g) * scale).to(dtype).to(DEVICE),
-        "weight": (torch.randn(v, d, **g) / d**0.5 * 3).to(dtype).to(DEVICE),
-        "labels": torch.randint(0, v, shape, device=DEVICE),
-    }
-    flat = t["labels"].view(-1)
-    for i in ignore:
-        if i < flat.numel():
-            flat[i] = -100
-    t["weight"].requires_grad_(train_weight)
-    if bias:
-        t["bias"] = torch.randn(v, **g).to(dtype).to(DEVICE).requires_grad_(train_bias)
-    if distinct_base:
-        t["base_weight"] = (torch.randn(v, d, **g) / d**0.5 * 3).to(dtype).to(DEVICE)
-        if bias:
-            t["base_bias"] = torch.randn(v, **g).to(dtype).to(DEVICE)
-    return t
 
 
 def _reduce(x, labels, reduction, num_items=None):
@@ -132,7 +117,7 @@ def _compare(t, backend, rtol=1e-9, atol=1e-11, **kw):
 # every option, both backends, fp64 (tight) with random upstream gradients on every output
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction,mask_target,temperature", OPTIONS)
+@pytest.mark.parametrize(OPTION_NAMES, OPTIONS, ids=OPTION_IDS)
 def test_every_option_matches_oracle(backend, direction, mask_target, temperature):
     t = _inputs(bias=True, distinct_base=True, v=45, d=19, ignore=(2,))
     _compare(t, backend, reduction="none", return_components=True, direction=direction,
@@ -378,32 +363,81 @@ def test_reference_no_grad_skips_gradient_work(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # lower precision: error within a small multiple of plain torch's own error in that dtype
 # ------------------------------------------------------------------------------------------------
+def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_target=True,
+           kl_weight=1.0, ce_weight=1.0):
+    """Plain torch in the inputs' own dtype on materialized logits (the baseline error): the loss
+    and the gradients of hidden, weight and bias for the upstream gradient ``g``."""
+    h = t["hidden"].detach().clone().requires_grad_()
+    w = t["weight"].detach().clone().requires_grad_()
+    b = t["bias"].detach().clone().requires_grad_() if "bias" in t else None
+    wb = t["base_weight"] if "base_weight" in t else w.detach()
+    bb = t.get("base_bias", None if b is None or "base_weight" in t else b.detach())
+    d = h.shape[-1]
+    z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
+    zb = t["base_hidden"].reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    ce, kl = naive_tmkl_in_dtype(z, zb, t["labels"].reshape(-1), temperature=temperature,
+                                 direction=direction, mask_target=mask_target)
+    loss = _reduce(ce_weight * ce + kl_weight * temperature**2 * kl, t["labels"], reduction)
+    (loss * g.to(loss.dtype)).sum().backward()
+    return loss.detach().cpu(), (h.grad.cpu(), w.grad.cpu(), None if b is None else b.grad.cpu())
+
+
+def _check_within_torch_own(t, backend, **kw):
+    """Loss and gradients against the fp64 oracle, within a small multiple of plain torch's own
+    error in the inputs' dtype (:func:`_naive`)."""
+    dtype = t["hidden"].dtype
+    outs, grads, g = _run(t, backend, reduction="none", **kw)
+    assert all(gr is None or gr.dtype == dtype for gr in grads)
+    ref, ref_grads = _oracle(t, reduction="none", grads=g, **kw)
+    naive, naive_grads = _naive(t, g[0], **kw)
+    assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive, what="loss")
+    for name, a, r, base in zip(("hidden", "weight", "bias"), grads, ref_grads, naive_grads):
+        if r is not None:
+            assert_close_to_ref(a.cpu(), r, dtype, baseline=base, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_error_within_torch_own(backend, dtype):
     t = _inputs(shape=(10,), d=24, v=50, dtype=dtype, bias=True, ignore=(3,))
-    outs, grads, g = _run(t, backend, reduction="none")
-    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == dtype
-    ref, ref_grads = _oracle(t, reduction="none", grads=g)
-    # plain torch in the same dtype on materialized logits (the baseline error)
-    h = t["hidden"].detach().clone().requires_grad_()
-    w = t["weight"].detach().clone().requires_grad_()
-    b = t["bias"].detach().clone().requires_grad_()
-    z = h @ w.T + b
-    zb = (t["base_hidden"] @ w.detach().T + b.detach())
-    y = t["labels"]
-    valid = y != -100
-    ys = torch.where(valid, y, 0)
-    ce = torch.nn.functional.cross_entropy(z, ys, reduction="none")
-    hit = torch.nn.functional.one_hot(ys, z.shape[-1]).bool()
-    lq = z.masked_fill(hit, float("-inf")).log_softmax(-1)
-    lp = zb.masked_fill(hit, float("-inf")).log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).nan_to_num(0.0).sum(-1)
-    naive = (ce + kl).where(valid, 0)
-    (naive * g[0].to(dtype)).sum().backward()
-    assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive.detach().cpu(), what="loss")
-    for name, a, r, base in zip(("hidden", "weight", "bias"), grads, ref_grads, (h.grad, w.grad, b.grad)):
-        assert_close_to_ref(a.cpu(), r, dtype, baseline=base.cpu(), what=f"grad {name}")
+    _check_within_torch_own(t, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(), dict(direction="reverse", temperature=0.5),
+                                dict(mask_target=False, temperature=4.0)],
+                         ids=["fwd-T1", "rev-T0.5", "full-T4"])
+def test_large_logit_offsets(backend, kw):
+    """+1000 on every logit (through the bias; the base's -1000): softmax is shift-invariant, so
+    the fp32 error stays within a small multiple of plain fp32 torch's own on the same input."""
+    t = _inputs(shape=(9,), d=20, v=45, dtype=torch.float32, bias=True, distinct_base=True,
+                ignore=(2,))
+    with torch.no_grad():
+        t["bias"] += 1000.0
+        t["base_bias"] -= 1000.0
+    _check_within_torch_own(t, backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_confident_targets(backend, dtype):
+    """Both models put ~all mass on the target (through the bias of the target column): the
+    masked KL stays exact where a ``log(1 - p_y)`` shortcut returns 0 or NaN."""
+    t = _inputs(shape=(6,), d=16, v=40, dtype=dtype, bias=True, distinct_base=True, ignore=(4,))
+    t["labels"][t["labels"] != -100] = 7
+    with torch.no_grad():
+        t["bias"][7] = 60.0
+        t["base_bias"][7] = 55.0
+    kw = dict(reduction="none", return_components=True)
+    if dtype == torch.float64:
+        outs, _ = _compare(t, backend, **kw)
+    else:
+        outs, grads, g = _run(t, backend, **kw)
+        _check_within_torch_own(t, backend)
+    ref, _ = _oracle(t, grads=[torch.zeros(6)] * 3, **kw)
+    valid = (t["labels"] != -100).cpu()
+    assert (ref[2][valid] > 1e-3).all()
+    torch.testing.assert_close(outs[2].double().cpu(), ref[2], rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -519,6 +553,7 @@ def test_launch_config_defaults():
 # ------------------------------------------------------------------------------------------------
 # fuzz: reference and Triton against the oracle on random small problems
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     n=st.integers(1, 20), d=st.integers(1, 24), v=st.integers(1, 40),
@@ -526,15 +561,13 @@ def test_launch_config_defaults():
     temperature=st.sampled_from([0.5, 1.0, 3.0]), bias=st.booleans(), distinct=st.booleans(),
     scale=st.floats(0.1, 5.0), seed=st.integers(0, 2**31 - 1),
 )
-def test_fuzz_vs_oracle(n, d, v, direction, mask_target, temperature, bias, distinct, scale, seed):
+def test_fuzz_vs_oracle(backend, n, d, v, direction, mask_target, temperature, bias, distinct, scale, seed):
     torch.manual_seed(seed)
     t = _inputs(shape=(n,), d=d, v=v, bias=bias, distinct_base=distinct, scale=scale,
                 ignore=[i for i in range(n) if i % 4 == 3])
     kw = dict(reduction="none", return_components=True, direction=direction,
               mask_target=mask_target, temperature=temperature)
-    _compare(t, "reference", chunk_size=3, **kw)
-    if HAS_TRITON:
-        _compare(t, "triton", **kw)
+    _compare(t, backend, **kw, **({"chunk_size": 3} if backend == "reference" else {}))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,13 +4,22 @@ import torch
 
 import forgetkern
 
+from .helpers import backends, cuda_backend_on_cpu, tmkl_inputs
+
 
 def _ok(n=4, v=10):
-    return torch.randn(n, v), torch.randn(n, v), torch.randint(0, v, (n,))
+    return tmkl_inputs(n, v, ignore=(), device="cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.fixture(params=backends("tmkl"))
+def backend(request, monkeypatch):
+    if request.param == "cuda":
+        cuda_backend_on_cpu(monkeypatch)
+    return request.param
+
+
 def test_bad_inputs(backend):
+    """Every backend: the one boundary raises before the backend is even chosen."""
     z, b, y = _ok()
     cases = [
         (dict(base_logits=torch.randn(4, 11)), ValueError, "base_logits must have the same shape"),
