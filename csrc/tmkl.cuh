@@ -30,7 +30,7 @@ namespace fk {
 template <typename A> struct TMKLFwdState {
   A mz, sz;  // max of x = z/T over kept columns, sum exp(x - mz)
   A mb, sb;  // the same for u = b/T
-  A acc;     // forward: sum exp(u - mb) (u - x); reverse: sum exp(x - mz) (x - u)
+  A acc;     // forward: sum exp(u - mb) ((u - mb) - (x - mz)); reverse: the same with x, u swapped
   A mc, sc;  // z over all columns (the CE normalizer when T != 1)
   FK_HD void init() {
     mz = mb = mc = Math<A>::neg_inf();
@@ -47,6 +47,14 @@ template <typename A> FK_HD A exp_fast(A d) { return Math<A>::exp2_fast(d * A(kL
 // acc rescaled by f in [0, 1] after its max moved; an infinite KL contribution stays infinite.
 template <typename A> FK_HD A rescale(A acc, A f) {
   return f > A(0) ? acc * f : (acc == Math<A>::pos_inf() ? acc : A(0));
+}
+
+// The KL accumulator after the maxima moved by dz = m_z_old - m_z and db = m_b_old - m_b (finite
+// shifts): every earlier term's offset changes by (db - dz) (forward; reverse: dz - db), then the
+// weights rescale by fw = exp(m_w_old - m_w). sw is the weights' sum before the move.
+template <typename A> FK_HD A moved(A acc, A sw, A fw, A dz, A db, bool forward_kl) {
+  const A shift = forward_kl ? db - dz : dz - db;
+  return rescale(sw == A(0) ? acc : acc + sw * shift, fw);
 }
 
 // Adds K consecutive columns starting at col0 to a thread's state.
@@ -70,21 +78,26 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
     xm = M::max(xm, x[k]);
     um = M::max(um, u[k]);
   }
-  // online rescale, only when a max moves (rare after the first columns)
+  // online rescale, only when a max moves (rare after the first columns). The accumulator's terms
+  // are offsets to the maxima: when either moves, earlier terms shift by the change of the offsets
+  const A mz0 = finite_shift(st.mz), mb0 = finite_shift(st.mb);
+  const A sw0 = FORWARD_KL ? st.sb : st.sz;  // the weights' sum so far, relative to the old max
+  A fw = A(1);
   if (xm > st.mz) {
     const A f = exp_fast(st.mz - xm);
     st.sz *= f;
-    if (!FORWARD_KL) st.acc = rescale(st.acc, f);
+    if (!FORWARD_KL) fw = f;
     st.mz = xm;
   }
   if (um > st.mb) {
     const A f = exp_fast(st.mb - um);
     st.sb *= f;
-    if (FORWARD_KL) st.acc = rescale(st.acc, f);
+    if (FORWARD_KL) fw = f;
     st.mb = um;
   }
   const A mz = finite_shift(st.mz);
   const A mb = finite_shift(st.mb);
+  if (mz != mz0 || mb != mb0) st.acc = moved(st.acc, sw0, fw, mz0 - mz, mb0 - mb, FORWARD_KL);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const A ez = exp_fast(x[k] - mz);
@@ -92,12 +105,12 @@ FK_HD void tmkl_fwd_update(TMKLFwdState<A>& st, const A (&zr)[K], const A (&br)[
     st.sz += ez;
     st.sb += eb;
     if (FORWARD_KL) {
-      // p~_v (log p~_v - log q~_v), up to the final normalization; nothing where the base is -inf,
-      // +inf where the base has mass and the adapted model has none
-      const A d = u[k] - x[k];
+      // p~_v (log p~_v - log q~_v) with offsets to the maxima, up to the final normalization;
+      // nothing where the base is -inf, +inf where the base has mass and the adapted model has none
+      const A d = (u[k] - mb) - (x[k] - mz);
       st.acc += u[k] == ninf ? A(0) : (d == pinf ? d : eb * d);
     } else {
-      const A d = x[k] - u[k];
+      const A d = (x[k] - mz) - (u[k] - mb);
       st.acc += x[k] == ninf ? A(0) : (d == pinf ? d : ez * d);
     }
   }
@@ -127,13 +140,16 @@ FK_HD void tmkl_fwd_merge(TMKLFwdState<A>& st, const TMKLFwdState<A>& o) {
   const A mb = M::max(st.mb, o.mb);
   const A fz0 = exp_fast(st.mz - finite_shift(mz)), fz1 = exp_fast(o.mz - finite_shift(mz));
   const A fb0 = exp_fast(st.mb - finite_shift(mb)), fb1 = exp_fast(o.mb - finite_shift(mb));
+  // both accumulators move to the merged maxima (their offsets shift, their weights rescale)
+  const A dz0 = finite_shift(st.mz) - finite_shift(mz), dz1 = finite_shift(o.mz) - finite_shift(mz);
+  const A db0 = finite_shift(st.mb) - finite_shift(mb), db1 = finite_shift(o.mb) - finite_shift(mb);
+  if (FORWARD_KL) {
+    st.acc = moved(st.acc, st.sb, fb0, dz0, db0, true) + moved(o.acc, o.sb, fb1, dz1, db1, true);
+  } else {
+    st.acc = moved(st.acc, st.sz, fz0, dz0, db0, false) + moved(o.acc, o.sz, fz1, dz1, db1, false);
+  }
   st.sz = st.sz * fz0 + o.sz * fz1;
   st.sb = st.sb * fb0 + o.sb * fb1;
-  if (FORWARD_KL) {
-    st.acc = rescale(st.acc, fb0) + rescale(o.acc, fb1);
-  } else {
-    st.acc = rescale(st.acc, fz0) + rescale(o.acc, fz1);
-  }
   st.mz = mz;
   st.mb = mb;
   if (SEPARATE_CE) {
@@ -205,7 +221,8 @@ template <typename A> struct TMKLFwdRow {
 template <typename A> FK_HD void tmkl_fwd_store(const TMKLForwardArgs& p, int64_t row, const TMKLFwdRow<A>& o) {
   reinterpret_cast<A*>(p.loss)[row] = o.loss;
   reinterpret_cast<A*>(p.ce)[row] = o.ce;
-  reinterpret_cast<A*>(p.kl)[row] = o.kl;
+  // a KL below zero by rounding reports as 0 (NaN stays NaN); the statistics keep it as computed
+  reinterpret_cast<A*>(p.kl)[row] = o.kl < A(0) ? A(0) : o.kl;
   A* stats = reinterpret_cast<A*>(p.stats) + row * kNumStats;
   stats[kStatMZ] = o.m_z;
   stats[kStatLsZ] = o.ls_z;
@@ -239,12 +256,13 @@ FK_HD void tmkl_fwd_finish(const TMKLFwdState<A>& st, A z_y, const TMKLForwardAr
   o.ls_b = M::log(st.sb);
   A kl;
   if (FORWARD_KL) {
-    // KL = acc/s_b - (LSE'(b/T) - LSE'(z/T)); no base mass: 0; base mass but no adapted mass: inf
-    kl = st.acc / st.sb - (st.mb - st.mz) - M::log(st.sb / st.sz);
+    // KL = acc/s_b - ls_b + ls_z (offsets to the maxima: shift-invariant); no base mass: 0; base
+    // mass but no adapted mass: inf
+    kl = st.acc / st.sb - o.ls_b + o.ls_z;
     if (st.sz == A(0)) kl = M::pos_inf();
     if (st.sb == A(0)) kl = A(0);
   } else {
-    kl = st.acc / st.sz - (st.mz - st.mb) - M::log(st.sz / st.sb);
+    kl = st.acc / st.sz - o.ls_z + o.ls_b;
     if (st.sb == A(0)) kl = M::pos_inf();
     if (st.sz == A(0)) kl = A(0);
   }
@@ -263,7 +281,8 @@ FK_HD void tmkl_fwd_finish(const TMKLFwdState<A>& st, A z_y, const TMKLForwardAr
   }
   o.ce = (o.m_ce - z_y) + o.ls_ce;
   const A ce_weight = A(p.ce_weight), kl_scale = A(p.kl_scale);
-  o.loss = (ce_weight != A(0) ? ce_weight * o.ce : A(0)) + (kl_scale != A(0) ? kl_scale * o.kl : A(0));
+  const A kl_out = o.kl < A(0) ? A(0) : o.kl;
+  o.loss = (ce_weight != A(0) ? ce_weight * o.ce : A(0)) + (kl_scale != A(0) ? kl_scale * kl_out : A(0));
   tmkl_fwd_store<A>(p, row, o);
 }
 

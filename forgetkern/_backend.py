@@ -48,17 +48,18 @@ INTERFACES: dict[str, tuple[str, ...]] = {
 
 # (op, backend) -> (module, one attribute per interface function, in INTERFACES order)
 TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
-    ("tmkl", "reference"): ("forgetkern.reference", ("tmkl_forward", "tmkl_backward")),
+    ("tmkl", "reference"): ("forgetkern.reference.tmkl", ("tmkl_forward", "tmkl_backward")),
     ("tmkl", "triton"): ("forgetkern.ops.tmkl", ("tmkl_forward", "tmkl_backward")),
     ("tmkl", "cuda"): ("forgetkern._cuda", ("tmkl_forward", "tmkl_backward")),
-    ("linear_tmkl", "reference"): ("forgetkern.reference",
+    ("linear_tmkl", "reference"): ("forgetkern.reference.tmkl",
                                    ("linear_tmkl_forward", "linear_tmkl_backward")),
     ("linear_tmkl", "triton"): ("forgetkern.ops.linear_tmkl",
                                 ("linear_tmkl_forward", "linear_tmkl_backward")),
-    ("generalized_eigh", "reference"): ("forgetkern.reference", ("generalized_eigh",)),
+    ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
+                                        ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.geneigh", ("generalized_eigh",)),
     ("generalized_eigh", "cuda"): ("forgetkern._cuda", ("generalized_eigh",)),
-    ("folora_step", "reference"): ("forgetkern.reference", ("folora_step",)),
+    ("folora_step", "reference"): ("forgetkern.reference.folora", ("folora_step",)),
     ("folora_step", "triton"): ("forgetkern.ops.folora", ("folora_step",)),
 }
 
@@ -108,7 +109,7 @@ def implementation(op: str, backend: str) -> Implementation:
 # The implementations that import no Triton are loaded now, so that a call traced by
 # torch.compile finds them in _LOADED (dynamo does not trace importlib).
 for _key, (_module, _) in TABLE.items():
-    if _module in ("forgetkern.reference", "forgetkern._cuda"):
+    if _module.startswith("forgetkern.reference") or _module == "forgetkern._cuda":
         implementation(*_key)
 
 

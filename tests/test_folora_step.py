@@ -181,7 +181,7 @@ def test_reference_runs_equal_segment_by_segment():
     scalars = torch.tensor([one, one, one, one, other, one, one])
     active = [0, 1, 3, 4, 5, 6]  # segment 2 inactive: runs [0, 1], [3], [4], [5, 6]
     rows = scalars.tolist()
-    assert reference._folora_runs(table, active, rows) == [[0, 1], [3], [4], [5, 6]]
+    assert reference.folora._folora_runs(table, active, rows) == [[0, 1], [3], [4], [5, 6]]
     m1, v1, s1 = m.clone(), v.clone(), torch.full((off,), 7.0)
     reference.folora_step(g, m1, v1, s1, table, active, scalars, gates)
     m2, v2, s2 = m.clone(), v.clone(), torch.full((off,), 7.0)

@@ -188,7 +188,7 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     if backend == "reference":
         real = reference.linear_tmkl_pass
         spy = lambda *a, **k: seen.append(a[3] is a[1] and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
-        target = (reference, "linear_tmkl_pass")
+        target = (reference.tmkl, "linear_tmkl_pass")
     else:
         real = lt_ops.linear_tmkl_forward
         spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
@@ -290,7 +290,7 @@ def test_reference_chunking_is_invisible(monkeypatch):
     # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
     assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
     assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
-    monkeypatch.setattr(reference, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
+    monkeypatch.setattr(reference.tmkl, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
     assert reference.linear_chunk_rows(45, torch.float64) == 2
     outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
     torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
@@ -307,7 +307,7 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
         calls.append(k.get("needs"))
         return original(*a, **k)
 
-    monkeypatch.setattr(reference, "linear_tmkl_pass", counting)
+    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass", counting)
     rescales = []  # (scale, whether the precomputed tensors came back untouched)
     real_rescale = _autograd._rescale
 
@@ -350,7 +350,7 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
 def test_reference_no_grad_skips_gradient_work(monkeypatch):
     seen = []
     original = reference.linear_tmkl_pass
-    monkeypatch.setattr(reference, "linear_tmkl_pass",
+    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass",
                         lambda *a, **k: seen.append(a[8] is not None) or original(*a, **k))
     monkeypatch.setattr(_backend, "_LOADED", {})
     t = _inputs()

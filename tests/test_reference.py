@@ -35,7 +35,7 @@ def test_chunking_does_not_change_results(params):
 def test_chunk_temporaries_fit_the_budget(dtype, v):
     """A chunk's ``rows x V`` temporaries (counted per row in the accumulation dtype) fit the byte
     budget whenever one row does; the default budget is ``REFERENCE_CHUNK_BYTES``."""
-    per_row = v * torch.finfo(accumulation_dtype(dtype)).bits // 8 * reference._TEMPS_PER_CHUNK
+    per_row = v * torch.finfo(accumulation_dtype(dtype)).bits // 8 * reference.tmkl._TEMPS_PER_CHUNK
     for budget in (1, per_row - 1, per_row, 3 * per_row + 1, 2**20, None):
         rows = reference.chunk_rows(v, dtype, budget)
         limit = reference.REFERENCE_CHUNK_BYTES if budget is None else budget
@@ -47,7 +47,7 @@ def test_chunk_temporaries_fit_the_budget(dtype, v):
     for budget in (1, 2**20, None):
         rows = reference.linear_chunk_rows(v, dtype, chunk_bytes=budget)
         limit = reference.REFERENCE_CHUNK_BYTES if budget is None else budget
-        lin_row = v * torch.finfo(accumulation_dtype(dtype)).bits // 8 * reference._LINEAR_TEMPS_PER_CHUNK
+        lin_row = v * torch.finfo(accumulation_dtype(dtype)).bits // 8 * reference.tmkl._LINEAR_TEMPS_PER_CHUNK
         assert rows == max(1, limit // lin_row)
 
 
@@ -55,13 +55,13 @@ def test_chunked_forward_allocates_per_chunk_not_per_batch(monkeypatch):
     """With a budget of one row, the reference never builds a temporary of more than one row."""
     z, b, y = tmkl_inputs(12, 40, torch.float64, ignore=(), device="cpu")
     seen = []
-    real = reference._shifted
+    real = reference.tmkl._shifted
 
     def spy(x):
         seen.append(x.shape[0])
         return real(x)
 
-    monkeypatch.setattr(reference, "_shifted", spy)
+    monkeypatch.setattr(reference.tmkl, "_shifted", spy)
     reference.tmkl_forward(z, b, y, TMKLParams(temperature=2.0), chunk_bytes=1)
     assert seen and max(seen) == 1
 

@@ -1,35 +1,12 @@
-"""Plain-PyTorch implementations of every op's interface (DESIGN.md "The math").
-
-These are the test oracle, the CPU production path and the benchmark baseline. They compute in
-float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs, and they process
-rows in chunks so that memory stays bounded by a few copies of one chunk's ``rows x V`` whatever
-the number of rows. Inputs arrive validated and laid out by ``forgetkern._validate``.
-
-The interfaces, shared with every other backend (``forgetkern._backend.INTERFACES``):
-
-* ``tmkl_forward(logits, base_logits, labels, params) -> (loss, ce, kl, stats)`` with ``(N, V)``
-  logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, 4)`` statistics (layout in
-  :mod:`forgetkern._params`); ignored rows give zeros.
-* ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
-  writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``
-  (which may be ``logits`` itself for an in-place backward) and returns it.
-* ``linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, params,
-  row_weight=None, needs=(False, False, False)) -> (loss, ce, kl, stats, pre)`` and
-  ``linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-  coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``; ``pre`` is the
-  gradient precomputed for the upstream gradient ``row_weight`` per row, or ``None``.
-* ``generalized_eigh(A, B, eps) -> (w, V, status)``.
-* ``folora_step(g, m, v, s, table, active, scalars, gates) -> None``: the gated Adam step of every
-  active segment of FoLoRA's flat buffers (``m``, ``v`` updated, ``s`` written).
+"""The reference of both TMKL ops, on logits and on hidden states (the fused-linear form): rows
+in chunks, the max and the log-sum of every normalizer kept apart (see :mod:`forgetkern.reference`).
 """
 from __future__ import annotations
 
 import torch
 
-from ._params import (EIGH_NON_FINITE, EIGH_NOT_PD, EIGH_OK, NUM_STATS, STAT_KL, STAT_LS_B,
-                      STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE, STAT_M_Z, TMKLParams,
-                      FOLORA_SCALARS, accumulation_dtype, row_outputs,
-                      with_target)
+from .._params import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
+                       STAT_M_Z, TMKLParams, accumulation_dtype, row_outputs, with_target)
 
 NEG_INF = float("-inf")
 
@@ -191,57 +168,6 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     return grad_out
 
 
-def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0):
-    """Solve ``A v = lambda (B + eps I) v`` for batched symmetric ``A`` and SPD ``B``.
-
-    Cholesky whitening then ``eigh``::
-
-        L = cholesky(B + eps I);  C = L^-1 A L^-T;  C = U diag(w) U^T;  V = L^-T U
-
-    so that ``V^T (B + eps I) V = I`` and ``A V = (B + eps I) V diag(w)``.
-
-    Args:
-        A: ``(..., n, n)`` symmetric (only its symmetric part is used).
-        B: ``(..., n, n)`` symmetric positive definite once ``eps * I`` is added.
-        eps: non-negative damping added to the diagonal of ``B``.
-
-    Returns:
-        ``(w, V, status)``: eigenvalues ``(...,  n)`` in ascending order, eigenvectors
-        ``(..., n, n)`` (columns), in float64 for float64 inputs and float32 otherwise, and the
-        per-problem ``(...)`` int32 status (``forgetkern._params.EIGH_*``). Failed problems hold
-        NaN; the public function turns the status into its error.
-    """
-    dtype = A.dtype  # the working dtype, chosen at the boundary (forgetkern._validate)
-    n = A.shape[-1]
-    batch = A.shape[:-2]
-    A = 0.5 * (A + A.mT)
-    B = 0.5 * (B + B.mT)
-    if eps:
-        B = B + eps * torch.eye(n, dtype=dtype, device=B.device)
-    finite = torch.isfinite(A).all(-1).all(-1) & torch.isfinite(B).all(-1).all(-1)
-    eye = torch.eye(n, dtype=dtype, device=B.device)
-    # failed problems are replaced by the identity so that one bad entry cannot fail the batch
-    B = torch.where(finite[..., None, None], B, eye)
-    L, info = torch.linalg.cholesky_ex(B)
-    pd = info == 0
-    L = torch.where(pd[..., None, None], L, eye)
-    A = torch.where((finite & pd)[..., None, None], A, torch.zeros_like(A))
-    Y = torch.linalg.solve_triangular(L, A, upper=False)  # L^-1 A
-    C = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT  # L^-1 A L^-T
-    C = 0.5 * (C + C.mT)
-    whitened = torch.isfinite(C).all(-1).all(-1)  # overflow while whitening
-    C = torch.where(whitened[..., None, None], C, torch.zeros_like(C))
-    w, U = torch.linalg.eigh(C)
-    V = torch.linalg.solve_triangular(L.mT, U, upper=True)  # L^-T U
-    status = torch.full(batch, EIGH_OK, dtype=torch.int32, device=A.device)
-    status = torch.where(pd, status, torch.full_like(status, EIGH_NOT_PD))
-    status = torch.where(finite & whitened, status, torch.full_like(status, EIGH_NON_FINITE))
-    ok = status == EIGH_OK
-    w = torch.where(ok[..., None], w, torch.full_like(w, float("nan")))
-    V = torch.where(ok[..., None, None], V, torch.full_like(V, float("nan")))
-    return w, V, status
-
-
 # ---------------------------------------------------------------------------------------------
 # Fused-linear TMKL: the loss straight from hidden states, logits formed one chunk of rows at a time
 # ---------------------------------------------------------------------------------------------
@@ -370,97 +296,3 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     wb = weight if base_weight is None else base_weight
     return linear_tmkl_pass(hidden, weight, base_hidden, wb, bias, base_bias, labels, params,
                             coef_ce, coef_kl, needs, chunk_size=getattr(params, "chunk_size", None))[4:]
-
-
-# --------------------------------------------------------------------------------------------
-# FoLoRA: the gated Adam step of every segment of the optimizer's flat buffers
-# --------------------------------------------------------------------------------------------
-
-
-def folora_adam(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                neg_step_size: float, bc2_sqrt: float, eps: float, beta2: float, w1: float,
-                w2: float, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """One segment's gated Adam step, with exactly the torch operations of ``torch.optim.AdamW``
-    (single-tensor path), so that with no gate FoLoRA reproduces AdamW bit for bit::
-
-        exp_avg.lerp_(g, w1)                                     # w1 = 1 - beta1
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=w2)          # w2 = 1 - beta2
-        step = neg_step_size * exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * gate
-
-    ``g``, ``exp_avg``, ``exp_avg_sq``: any one shape (moments updated in place); ``gate``:
-    broadcastable to it (per column, or one multiplier per element). Returns the step, shaped
-    like ``g``. The scalars are the columns of ``_params.FOLORA_SCALARS``.
-    """
-    exp_avg.lerp_(g, w1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=w2)
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-    step = torch.zeros_like(exp_avg).addcdiv_(exp_avg, denom, value=neg_step_size)
-    if gate is not None:
-        step.mul_(gate)
-    return step
-
-
-def folora_step(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor, table,
-                active, scalars: torch.Tensor, gates: torch.Tensor | None) -> None:
-    """FoLoRA's element-wise step: :func:`folora_adam` on every ``active`` segment of flat buffers.
-
-    In plain torch, for each active segment ``i`` (``a = table.start[i]``, ``n = table.numel[i]``,
-    ``c = table.cols[i]``, ``o = table.gate[i]``)::
-
-        sc = dict(zip(FOLORA_SCALARS, scalars[i].tolist()))
-        gate = gates[o:o + c] if o >= 0 else None                    # (c,) per column
-        s[a:a + n] = folora_adam(g[a:a + n].view(-1, c), m[a:a + n].view(-1, c),
-                                 v[a:a + n].view(-1, c), gate=gate, **sc).view(-1)
-
-    Args:
-        g, m, v, s: ``(N,)`` float32 flat buffers of gradient coordinates, first and second
-            moments (updated in place) and the step (written on active segments only).
-        table: :class:`forgetkern._params.SegmentTable`, the segments' layout and gate offsets.
-        active: indices of the segments to update; the others are left untouched.
-        scalars: ``(S, NUM_FOLORA_SCALARS)`` float32 per-segment scalars, columns in
-            ``_params.FOLORA_SCALARS`` order (rows of inactive segments are not read); the
-            host builds it each step, and this path reads it on the host.
-        gates: ``(G,)`` float32 gates of all gated segments, or ``None`` when none is gated.
-
-    Adjacent active segments with equal scalars (the usual case: one parameter group) are updated
-    as one run of the flat buffers, their gates expanded to one multiplier per element (cached on
-    ``table``); element by element the arithmetic is that of the loop above.
-    """
-    rows = scalars.tolist()
-    for run in _folora_runs(table, active, rows):
-        a = table.start[run[0]]
-        b = table.start[run[-1]] + table.numel[run[-1]]
-        gate = None
-        if gates is not None and any(table.gate[i] >= 0 for i in run):
-            gate = _folora_expanded_gates(table, gates)[a:b]
-        s[a:b] = folora_adam(g[a:b], m[a:b], v[a:b], gate=gate, **dict(zip(FOLORA_SCALARS, rows[run[0]])))
-
-
-def _folora_runs(table, active, rows) -> list[list[int]]:
-    """``active`` segments split into runs that are adjacent in the flat buffers and share scalars."""
-    runs: list[list[int]] = []
-    for i in active:
-        if runs:
-            j = runs[-1][-1]
-            if table.start[j] + table.numel[j] == table.start[i] and rows[j] == rows[i]:
-                runs[-1].append(i)
-                continue
-        runs.append([i])
-    return runs
-
-
-def _folora_expanded_gates(table, gates: torch.Tensor) -> torch.Tensor:
-    """One gate per element of the flat buffers (1 where a segment is ungated), cached on
-    ``table`` for this gate buffer."""
-    key = ("expanded_gates", id(gates))
-    hit = table._cache.get(key)
-    if hit is not None and hit[0] is gates:
-        return hit[1]
-    total = table.start[-1] + table.numel[-1] if table.start else 0
-    out = torch.ones(total, dtype=gates.dtype, device=gates.device)
-    for a, n, cols, off in zip(table.start, table.numel, table.cols, table.gate):
-        if off >= 0 and n:
-            cols = max(cols, 1)
-            out[a: a + n].view(-1, cols).copy_(gates[off: off + cols].expand(n // cols, cols))
-    table._cache[key] = (gates, out)
-    return out

@@ -1,0 +1,33 @@
+"""Plain-PyTorch implementations of every op's interface (DESIGN.md "The math").
+
+These are the test oracle, the CPU production path and the benchmark baseline. They compute in
+float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs, and they process
+rows in chunks so that memory stays bounded by a few copies of one chunk's ``rows x V`` whatever
+the number of rows. Inputs arrive validated and laid out by ``forgetkern._validate``.
+
+The interfaces, shared with every other backend (``forgetkern._backend.INTERFACES``):
+
+* ``tmkl_forward(logits, base_logits, labels, params) -> (loss, ce, kl, stats)`` with ``(N, V)``
+  logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, 4)`` statistics (layout in
+  :mod:`forgetkern._params`); ignored rows give zeros.
+* ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
+  writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``
+  (which may be ``logits`` itself for an in-place backward) and returns it.
+* ``linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, params,
+  row_weight=None, needs=(False, False, False)) -> (loss, ce, kl, stats, pre)`` and
+  ``linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
+  coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``; ``pre`` is the
+  gradient precomputed for the upstream gradient ``row_weight`` per row, or ``None``.
+* ``generalized_eigh(A, B, eps) -> (w, V, status)``.
+* ``folora_step(g, m, v, s, table, active, scalars, gates) -> None``: the gated Adam step of every
+  active segment of FoLoRA's flat buffers (``m``, ``v`` updated, ``s`` written).
+"""
+from .folora import folora_adam, folora_step
+from .generalized_eigh import generalized_eigh
+from .tmkl import (LINEAR_MIN_ROWS, REFERENCE_CHUNK_BYTES, chunk_rows, linear_chunk_rows,
+                   linear_tmkl_backward, linear_tmkl_forward, linear_tmkl_pass, tmkl_backward,
+                   tmkl_forward)
+
+__all__ = ["tmkl_forward", "tmkl_backward", "linear_tmkl_forward", "linear_tmkl_backward",
+           "linear_tmkl_pass", "generalized_eigh", "folora_step", "folora_adam",
+           "REFERENCE_CHUNK_BYTES", "LINEAR_MIN_ROWS", "chunk_rows", "linear_chunk_rows"]
