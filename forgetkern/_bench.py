@@ -29,13 +29,7 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
-        print("No CUDA GPU: GPU results need a GPU. Running CPU micro-benchmarks of the reference "
-              "paths instead (pytest-benchmark).")
-        cmd = [sys.executable, "-m", "pytest", str(bench / "cpu_micro.py"), "--benchmark-only",
-               "-q", "-p", "no:cacheprovider"]
-        if args.op:
-            cmd += ["-k", {"geneigh": "generalized_eigh"}.get(args.op, args.op)]
-        return subprocess.call(cmd)
+        return run_cpu(bench, args)
     status = 0
     for op in [args.op] if args.op else OPS:
         script = bench / f"bench_{op}.py"
@@ -46,4 +40,34 @@ def run(args) -> int:
         cmd += ["--out", args.out] if args.out else []
         print(f"$ {' '.join(cmd)}", flush=True)
         status = subprocess.call(cmd) or status
+    return status
+
+
+# pytest -k expressions of the CPU micro-benchmarks of each op ("tmkl" alone would also match
+# "linear_tmkl")
+CPU_SELECT = {"tmkl": "tmkl and not linear", "linear_tmkl": "linear_tmkl",
+              "geneigh": "generalized_eigh", "folora_step": "folora"}
+
+
+def run_cpu(bench: Path, args) -> int:
+    """Without a GPU: the CPU ratios the reference path promises (speed against plain torch for
+    ``tmkl``, peak memory against the materialized paths for ``linear_tmkl``), then the CPU
+    micro-benchmarks (pytest-benchmark)."""
+    print("No CUDA GPU: GPU results need a GPU. Running the CPU benchmarks of the reference paths.")
+    quick = ["--quick"] if args.quick else []
+    status = 0
+    steps = []
+    if args.op in (None, "tmkl"):
+        steps.append([sys.executable, str(bench / "cpu_tmkl_speed.py"), *quick])
+    if args.op in (None, "linear_tmkl"):
+        steps.append([sys.executable, str(bench / "cpu_linear_tmkl_memory.py"),
+                      "--repeats", "1" if args.quick else "3"])
+    cmd = [sys.executable, "-m", "pytest", str(bench / "cpu_micro.py"), "--benchmark-only", "-q",
+           "-p", "no:cacheprovider"]
+    if args.op:
+        cmd += ["-k", CPU_SELECT[args.op]]
+    steps.append(cmd)
+    for step in steps:
+        print(f"$ {' '.join(step)}", flush=True)
+        status = subprocess.call(step) or status
     return status

@@ -25,18 +25,22 @@ def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None
 
 def _shifted(x: torch.Tensor):
     """Shift the rows of ``x`` in place by their max ``m`` (``0`` for a row that is all ``-inf``)
-    and return ``(m, s)`` with ``s = sum exp(x - m)``: log-probabilities are then
+    and return ``(m, s, e)`` with ``e = exp(x - m)`` and ``s = sum e``: log-probabilities are then
     ``(x - m) - log s``, the max and the log-sum kept apart (never ``x - logsumexp(x)``, which
     carries the logits' rounding)."""
     m = x.amax(dim=1)
     m.masked_fill_(m == NEG_INF, 0.0)
     x.sub_(m[:, None])
-    return m, x.exp().sum(dim=1)
+    e = x.exp()
+    return m, e.sum(dim=1), e
 
 
 def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
-    """A fresh ``z / T`` with the target column at ``-inf`` when masked."""
-    x = z * (1.0 / p.temperature) if p.temperature != 1.0 else z.clone()
+    """A fresh ``z / T`` in the accumulation dtype (one pass from any input dtype), with the target
+    column at ``-inf`` when masked."""
+    x = z.to(accumulation_dtype(z.dtype), copy=True)
+    if p.temperature != 1.0:
+        x.mul_(1.0 / p.temperature)
     if p.mask_target:
         x.scatter_(1, y[:, None], NEG_INF)
     return x
@@ -45,31 +49,34 @@ def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
 def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
     """Per-row ``(ce, kl, stats)`` of one chunk of rows, in the accumulation dtype.
 
-    ``z``, ``b``: ``(R, V)`` adapted and base logits, already in the accumulation dtype (not
-    modified); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index. The KL is
+    ``z``, ``b``: ``(R, V)`` adapted and base logits in any float dtype (not modified; the math
+    runs in the accumulation dtype); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index. The KL is
     ``sum_v w_v ((a_v - m_a) - (o_v - m_o)) / s_w - ls_w + ls_o`` with ``w = exp(a - m_a)`` the weight
     distribution's (base for forward, adapted for reverse) terms: differences of offsets to the row
     maxima, so shift-invariant. ``0`` where the weights have no mass, ``inf`` where they have mass
     the other distribution lacks; zero weights give exactly zero; NaN propagates.
     """
     xs = _scaled(z, y, p)
-    m_z, s_z = _shifted(xs)
+    m_z, s_z, e_z = _shifted(xs)
+    if p.forward_kl:
+        del e_z  # only the weights' exponentials are needed
     us = _scaled(b, y, p)
-    m_b, s_b = _shifted(us)
+    m_b, s_b, e_b = _shifted(us)
     ls_z, ls_b = s_z.log(), s_b.log()
     if p.forward_kl:
-        w, terms, s_w, ls_w, ls_o = us.exp(), us.sub_(xs), s_b, ls_b, ls_z
+        w, terms, s_w, ls_w, ls_o = e_b, us.sub_(xs), s_b, ls_b, ls_z
     else:
-        w, terms, s_w, ls_w, ls_o = xs.exp(), xs.sub_(us), s_z, ls_z, ls_b
+        del e_b
+        w, terms, s_w, ls_w, ls_o = e_z, xs.sub_(us), s_z, ls_z, ls_b
     del xs, us
     kl = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
     del w, terms
     kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
     kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
-    z_y = z.gather(1, y[:, None]).squeeze(1)
+    z_y = z.gather(1, y[:, None]).squeeze(1).to(ls_z.dtype)
     if p.separate_ce:
-        zs = z.clone()
-        m_c, s_c = _shifted(zs)
+        zs = z.to(ls_z.dtype, copy=True)
+        m_c, s_c, _ = _shifted(zs)
         del zs
         ls_c = s_c.log()
     elif p.mask_target:
@@ -90,51 +97,79 @@ def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tens
 
 def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
     """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk from its saved statistics
-    ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in z's dtype.
+    ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in the
+    accumulation dtype.
 
     Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
     dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
-    at the target when ``mask_target``.
+    at the target when ``mask_target``. With ``T = 1``, off the target ``softmax(z)_v = r q~_v``
+    with the row scalar ``r = exp((m_z - m_ce) + (ls_z - ls_ce))``, so the whole gradient is a few
+    fused passes over ``q~`` and ``p~``.
     """
     inv_t = 1.0 / p.temperature
+    acc = st.dtype
+    a = coef_ce.to(acc).masked_fill(~valid, 0.0)[:, None]
+    c = coef_kl.to(acc).masked_fill(~valid, 0.0)[:, None] * inv_t
+    m_c, ls_c = st[:, STAT_M_CE, None], st[:, STAT_LS_CE, None]
+    if p.separate_ce:
+        r = None
+    elif p.mask_target:
+        r = ((st[:, STAT_M_Z, None] - m_c) + (st[:, STAT_LS_Z, None] - ls_c)).exp()
+    else:
+        r = torch.ones_like(a)
     log_q = _log_probs(z, y, st[:, STAT_M_Z], st[:, STAT_LS_Z], p)
     log_p = _log_probs(b, y, st[:, STAT_M_B], st[:, STAT_LS_B], p)
+    # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan): the base side of a row with
+    # c = 0 is dropped before it can meet c
+    drop_base = c == 0
     if p.forward_kl:
-        # dKL/dz = (q~ - p~) / T
-        d_kl = log_q.exp_().sub_(log_p.exp_())
+        # a softmax(z) + c (q~ - p~) = q~ (a r + c) - c p~
+        q = log_q.exp_()
+        pb = log_p.exp_()
+        if bool(drop_base.any()):
+            pb.masked_fill_(drop_base, 0.0)
+        grad = q.mul_(c if r is None else a * r + c).sub_(pb.mul_(c))
+        del pb
     else:
-        # dKL/dz = q~ (log q~ - log p~ - KL) / T, zero where q~ = 0 (NaN propagates)
+        # a softmax(z) + c q~ (log q~ - log p~ - KL) = q~ (a r + c (log q~ - log p~ - KL)), with 0 where
+        # q~ = 0 (NaN propagates)
         q = log_q.exp()
-        d_kl = log_q.sub_(log_p).sub_(st[:, STAT_KL, None]).mul_(q).masked_fill_(q == 0, 0.0)
+        if bool(drop_base.any()):
+            log_p.masked_fill_(drop_base, 0.0)
+        t = log_q.sub_(log_p).sub_(st[:, STAT_KL, None]).mul_(c)
+        del log_p
+        if r is not None:
+            t.add_(a * r)
+        grad = t.mul_(q).masked_fill_(q == 0, 0.0)
         del q
-    del log_p
-    if inv_t != 1.0:
-        d_kl.mul_(inv_t)
-    # dCE/dz = softmax(z) - e_y, softmax(z) = exp((z - m) - log s)
-    d_ce = (z - st[:, STAT_M_CE, None]).sub_(st[:, STAT_LS_CE, None]).exp_()
-    d_ce.scatter_add_(1, y[:, None], torch.full_like(d_ce[:, :1], -1.0))
-    # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan)
-    a = coef_ce.to(z.dtype).masked_fill(~valid, 0.0)[:, None]
-    c = coef_kl.to(z.dtype).masked_fill(~valid, 0.0)[:, None]
-    grad = d_ce.mul_(a)
-    if bool((a == 0).any()):
-        grad.masked_fill_(a == 0, 0.0)
-    grad.add_(d_kl.mul_(c).masked_fill_(c == 0, 0.0) if bool((c == 0).any()) else d_kl.mul_(c))
+    if r is None:
+        # a softmax(z) over every column, softmax(z) = exp((z - m) - log s)
+        sm = torch.sub(z, m_c).sub_(ls_c).exp_()
+        grad.add_(sm.mul_(a).masked_fill_(a == 0, 0.0) if bool((a == 0).any()) else sm.mul_(a))
+        del sm
+    if p.mask_target and r is not None:
+        # the target column: q~_y = p~_y = 0, softmax(z)_y = exp((z_y - m) - log s)
+        z_y = z.gather(1, y[:, None]).to(acc)
+        grad.scatter_(1, y[:, None], a * (((z_y - m_c) - ls_c).exp() - 1.0))
+    else:
+        grad.scatter_add_(1, y[:, None], -a)
+    dead = (a == 0) & (c == 0)  # ignored rows, or rows whose both coefficients are 0
+    if bool(dead.any()):
+        grad.masked_fill_(dead, 0.0)
     return grad
 
 
 def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
+    """Chunks of rows as ``(start, stop, z, b, y, valid)``: views of the inputs in their own dtype,
+    labels with ignored rows replaced by a valid index."""
     n, v = logits.shape
-    acc = accumulation_dtype(logits.dtype)
     step = chunk_rows(v, logits.dtype, chunk_bytes)
     for start in range(0, n, step):
         stop = min(n, start + step)
         y = labels[start:stop].long()
         valid = y != p.ignore_index
         y_safe = torch.where(valid, y, torch.zeros_like(y))
-        z = logits[start:stop].to(acc)
-        b = base_logits[start:stop].to(acc)
-        yield start, stop, z, b, y_safe, valid
+        yield start, stop, logits[start:stop], base_logits[start:stop], y_safe, valid
 
 
 @torch.no_grad()
@@ -164,7 +199,7 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
         grad = _chunk_grad(z, b, y, valid, stats[start:stop], coef_ce[start:stop],
                            coef_kl[start:stop], params)
-        grad_out[start:stop] = grad.to(grad_out.dtype)
+        grad_out[start:stop].copy_(grad)  # one pass, converting to the logits dtype
     return grad_out
 
 
