@@ -212,7 +212,7 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
 # bounds the resident growth, so count that slack.
 _LINEAR_TEMPS_PER_CHUNK = 16
 #: Fewest rows per default chunk of the fused-linear reference (see :func:`linear_chunk_rows`).
-LINEAR_MIN_ROWS = 64
+LINEAR_MIN_ROWS = 48
 
 
 def linear_chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None,
