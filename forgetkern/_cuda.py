@@ -251,7 +251,7 @@ def _tmkl_backward_op(
     logits: torch.Tensor,  # [N, V] adapted logits
     base_logits: torch.Tensor,  # [N, V] base logits
     labels: torch.Tensor,  # [N] labels
-    stats: torch.Tensor,  # [N, 4] from tmkl_forward
+    stats: torch.Tensor,  # [N, NUM_STATS] from tmkl_forward
     coef_ce: torch.Tensor,  # [N] coefficient of dCE/dz per row
     coef_kl: torch.Tensor,  # [N] coefficient of dKL/dz per row (KL unscaled)
     grad: torch.Tensor,  # [N, V] out, dtype of logits; must not alias logits
@@ -308,7 +308,7 @@ def tmkl_forward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.
 
         ce = torch.logsumexp(z, -1) - z.gather(1, y[:, None])[:, 0]           # (N,)
         kl = masked KL over v != y of softmax(b/T) vs softmax(z/T)             # (N,)
-        loss = ce_weight * ce + kl_weight * T**2 * kl;  stats: (N, 4)           # zeros where ignored
+        loss = ce_weight * ce + kl_weight * T**2 * kl;  stats: (N, NUM_STATS)   # zeros where ignored
     """
     return torch.ops.forgetkern.tmkl_forward(logits, base_logits, labels, *_tmkl_forward_options(params))
 

@@ -64,6 +64,35 @@ def kl_accumulate(acc, s_z, s_b, m_z_old, m_b_old, m_z, m_b, x, u, alpha_z, e_z,
 
 
 @jit
+def fold_block(m_z, s_z, m_b, s_b, acc, x, u, FORWARD_KL: tl.constexpr, AXIS: tl.constexpr):
+    """One block ``x = z/T``, ``u = b/T`` (masked) folded into the running row state: both online
+    log-sum-exps and the KL accumulator. Returns ``(m_z, s_z, m_b, s_b, acc)``."""
+    m_z_new, s_z_new, alpha_z, e_z = online_lse(m_z, s_z, x, AXIS)
+    m_b_new, s_b_new, alpha_b, e_b = online_lse(m_b, s_b, u, AXIS)
+    acc = kl_accumulate(acc, s_z, s_b, m_z, m_b, m_z_new, m_b_new, x, u, alpha_z, e_z, alpha_b,
+                        e_b, FORWARD_KL, AXIS)
+    return m_z_new, s_z_new, m_b_new, s_b_new, acc
+
+
+@jit
+def load_scaled(z_row, b_row, offs, V, y, inv_t, ACC_FP64: tl.constexpr,
+                MASK_TARGET: tl.constexpr):
+    """One block of a row: the logits ``z`` (``-inf`` past ``V``, accumulation dtype), the scaled
+    ``x = z/T`` and ``u = b/T`` with the target at ``-inf`` when masked, and the target mask."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    inb = offs < V
+    z = tl.load(z_row + offs, mask=inb, other=float("-inf")).to(acc_dtype)
+    b = tl.load(b_row + offs, mask=inb, other=float("-inf")).to(acc_dtype)
+    is_y = offs == y
+    x = z * inv_t
+    u = b * inv_t
+    if MASK_TARGET:
+        x = tl.where(is_y, float("-inf"), x)
+        u = tl.where(is_y, float("-inf"), u)
+    return z, x, u, is_y
+
+
+@jit
 def grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, inv_t,
               FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr):
     """``a * dCE/dz + c * dKL/dz`` on one block: ``z`` raw logits, ``x = z/T`` and ``u = b/T``

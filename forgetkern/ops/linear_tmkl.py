@@ -28,7 +28,7 @@ from .._params import (ENV_TMA, PART_KL, PART_LS_B, PART_LS_CE, PART_LS_Z, PART_
                        PART_M_Z, PART_ZY, TMKLParams, accumulation_dtype, env_flag, merge_lse,
                        row_outputs, triton_interpret, with_target)
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
-                         STAT_M_Z, grad_tile, kl_accumulate, online_lse, safe_max)
+                         STAT_M_Z, fold_block, grad_tile, online_lse, safe_max)
 from ._triton import constant
 
 # the partial record's columns (forgetkern._params.PART_*), readable inside kernels
@@ -184,14 +184,7 @@ def _linear_tmkl_fwd_kernel(
             drop = drop | is_y
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
-        m_z_old = m_z
-        m_b_old = m_b
-        s_z_old = s_z
-        s_b_old = s_b
-        m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 1)
-        m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 1)
-        kl_acc = kl_accumulate(kl_acc, s_z_old, s_b_old, m_z_old, m_b_old, m_z, m_b, x, u,
-                               alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 1)
+        m_z, s_z, m_b, s_b, kl_acc = fold_block(m_z, s_z, m_b, s_b, kl_acc, x, u, FORWARD_KL, 1)
         if SEPARATE_CE:
             m_c, s_c, _, _ = online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF), 1)
     # the split's KL accumulator over its own weight distribution (base for forward, adapted for

@@ -17,8 +17,8 @@ import torch
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
-                         STAT_M_Z, finish_kl, grad_tile, kl_accumulate, online_lse, safe_max,
-                         with_target)
+                         STAT_M_Z, finish_kl, fold_block, grad_tile, load_scaled, online_lse,
+                         safe_max, with_target)
 from ._triton import check_triton, jit, next_power_of_2, tl
 
 
@@ -70,24 +70,9 @@ def _tmkl_fwd_kernel(
         m_c = tl.full((), NEG_INF, acc_dtype)
         s_c = tl.zeros((), dtype=acc_dtype)
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            inb = offs < V
-            z = tl.load(z_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
-            b = tl.load(b_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
-            x = z * inv_t
-            u = b * inv_t
-            if MASK_TARGET:
-                x = tl.where(offs == y, NEG_INF, x)
-                u = tl.where(offs == y, NEG_INF, u)
             # online LSEs of z/T and b/T over the kept columns, and the KL accumulator
-            m_z_old = m_z
-            m_b_old = m_b
-            s_z_old = s_z
-            s_b_old = s_b
-            m_z, s_z, alpha_z, e_z = online_lse(m_z, s_z, x, 0)
-            m_b, s_b, alpha_b, e_b = online_lse(m_b, s_b, u, 0)
-            kl_acc = kl_accumulate(kl_acc, s_z_old, s_b_old, m_z_old, m_b_old, m_z, m_b, x, u,
-                                   alpha_z, e_z, alpha_b, e_b, FORWARD_KL, 0)
+            z, x, u, _ = load_scaled(z_row, b_row, start + cols, V, y, inv_t, ACC_FP64, MASK_TARGET)
+            m_z, s_z, m_b, s_b, kl_acc = fold_block(m_z, s_z, m_b, s_b, kl_acc, x, u, FORWARD_KL, 0)
             if SEPARATE_CE:
                 m_c, s_c, _, _ = online_lse(m_c, s_c, z, 0)
         kl = finish_kl(kl_acc, s_z, s_b, FORWARD_KL)
@@ -165,19 +150,11 @@ def _tmkl_bwd_kernel(
         c = tl.load(coef_kl_ptr + row).to(acc_dtype)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            inb = offs < V
-            z = tl.load(z_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
-            b = tl.load(b_row + offs, mask=inb, other=NEG_INF).to(acc_dtype)
-            x = z * inv_t
-            u = b * inv_t
-            is_y = offs == y
-            if MASK_TARGET:
-                x = tl.where(is_y, NEG_INF, x)
-                u = tl.where(is_y, NEG_INF, u)
+            z, x, u, is_y = load_scaled(z_row, b_row, offs, V, y, inv_t, ACC_FP64, MASK_TARGET)
             # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
             g = grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, inv_t,
                           FORWARD_KL, MASK_TARGET, SEPARATE_CE)
-            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=inb)
+            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 # --------------------------------------------------------------------------------------------

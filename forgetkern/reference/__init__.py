@@ -8,7 +8,7 @@ the number of rows. Inputs arrive validated and laid out by ``forgetkern._valida
 The interfaces, shared with every other backend (``forgetkern._backend.INTERFACES``):
 
 * ``tmkl_forward(logits, base_logits, labels, params) -> (loss, ce, kl, stats)`` with ``(N, V)``
-  logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, 4)`` statistics (layout in
+  logits, ``(N,)`` labels; per-row ``loss``/``ce``/``kl`` and ``(N, NUM_STATS)`` statistics (layout in
   :mod:`forgetkern._params`); ignored rows give zeros.
 * ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
   writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``

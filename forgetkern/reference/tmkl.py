@@ -258,7 +258,7 @@ def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: to
     logits ``z = h @ W.T + bias`` and ``b = h_b @ W_b.T + bias_b`` exist only for that chunk.
 
     Returns ``(loss, ce, kl, stats, grad_hidden, grad_weight, grad_bias)``: per-row values and
-    ``(N, 4)`` stats as :func:`tmkl_forward`, and, for the gradients flagged in ``needs`` (hidden,
+    ``(N, NUM_STATS)`` stats as :func:`tmkl_forward`, and, for the gradients flagged in ``needs`` (hidden,
     weight, bias) when ``coef_ce``/``coef_kl`` (``(N,)``) are given, the gradient of
     ``sum_i coef_ce[i] * CE_i + coef_kl[i] * KL_i`` (``None`` otherwise). ``grad_hidden`` has
     ``hidden``'s dtype; ``grad_weight``/``grad_bias`` are accumulated in the accumulation dtype.
