@@ -8,7 +8,7 @@ op                   interface                   backends
 ===================  ==========================  ==================================================
 ``tmkl``             ``forward``, ``backward``   reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
 ``linear_tmkl``      ``forward``, ``backward``   reference, triton (``ops/linear_tmkl.py``)
-``generalized_eigh`` ``solve``                   reference, triton (``ops/geneigh.py``), cuda
+``generalized_eigh`` ``solve``                   reference, triton (``ops/generalized_eigh.py``), cuda
 ``folora_step``      ``step``                    reference, triton (``ops/folora.py``)
 ===================  ==========================  ==================================================
 
@@ -57,7 +57,7 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
                                 ("linear_tmkl_forward", "linear_tmkl_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
-    ("generalized_eigh", "triton"): ("forgetkern.ops.geneigh", ("generalized_eigh",)),
+    ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),
     ("generalized_eigh", "cuda"): ("forgetkern._cuda", ("generalized_eigh",)),
     ("folora_step", "reference"): ("forgetkern.reference.folora", ("folora_step",)),
     ("folora_step", "triton"): ("forgetkern.ops.folora", ("folora_step",)),

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-OPS = ("tmkl", "linear_tmkl", "geneigh", "folora_step")
+OPS = ("tmkl", "linear_tmkl", "generalized_eigh", "folora_step")
 
 
 def benchmarks_dir() -> Path:
@@ -46,7 +46,7 @@ def run(args) -> int:
 # pytest -k expressions of the CPU micro-benchmarks of each op ("tmkl" alone would also match
 # "linear_tmkl")
 CPU_SELECT = {"tmkl": "tmkl and not linear", "linear_tmkl": "linear_tmkl",
-              "geneigh": "generalized_eigh", "folora_step": "folora"}
+              "generalized_eigh": "generalized_eigh", "folora_step": "folora"}
 
 
 def run_cpu(bench: Path, args) -> int:

@@ -20,6 +20,7 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
+GATES = ("soft", "sigmoid", "hard", "topk", "none")  # FoLoRA's per-direction gates
 LOSSES = ("ce", "kl", "tmkl")  # the training losses of ForgetAwareStep / TMKLTrainer
 PATHS = ("auto", "fused", "logits")  # how a training loss gets its logits
 

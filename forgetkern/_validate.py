@@ -11,7 +11,9 @@ import warnings
 
 import torch
 
-from ._params import (EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
+import math
+
+from ._params import (GATES, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
                       REDUCTIONS, TMKLParams, accumulation_dtype)
 
 
@@ -257,3 +259,46 @@ def check_eigh_status(status: torch.Tensor, eps: float) -> None:
         warnings.warn(f"forgetkern.generalized_eigh: Jacobi iteration did not converge in "
                       f"{EIGH_MAX_SWEEPS} sweeps for batch entries {bad} (flattened indices); "
                       "results may be inaccurate", RuntimeWarning, stacklevel=3)
+
+
+def check_gate(gate: str, tau: float, sharpness: float = 4.0) -> None:
+    """A FoLoRA gate name and its parameters (see ``forgetkern.optim.gating.gate_values``)."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ValueError(f"tau must be a finite number, got {tau!r}")
+    if gate in ("soft", "hard") and tau < 0:
+        raise ValueError(f"tau must be >= 0 for gate={gate!r}, got {tau}")
+    if gate == "sigmoid":
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0 for gate='sigmoid' (the ratio where the gate is 1/2), got {tau}")
+        if not (isinstance(sharpness, (int, float)) and math.isfinite(sharpness) and sharpness > 0):
+            raise ValueError(f"sharpness must be a finite number > 0, got {sharpness!r}")
+    if gate == "topk" and not (0.0 < tau <= 1.0):
+        raise ValueError(f"tau must be in (0, 1] for gate='topk' (fraction of directions kept), got {tau}")
+
+
+def check_folora_options(group: dict) -> None:
+    """The FoLoRA step's boundary: one parameter group's options (the constructor's defaults, or a
+    group with the defaults filled in). Raises ``ValueError`` naming the first invalid option."""
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not wd >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
+    check_gate(group["gate"], group["tau"], group["sharpness"])
+    damping = group["damping"]
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0.0):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    basis = group["basis"]
+    if basis != "dense" and (isinstance(basis, bool) or not isinstance(basis, int) or basis < 1):
+        raise ValueError(f"basis must be 'dense' or a positive int k (low-rank gating), got {basis!r}")
+    every = group["refresh_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"refresh_every must be a positive int, got {every!r}")
+    if group["basis_norm"] not in ("proxy", "unit"):
+        raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")

@@ -65,7 +65,7 @@ def test_bench_cli_without_gpu_runs_cpu_micro_benchmarks(capsys, monkeypatch):
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     from forgetkern.cli import main
 
-    assert main(["bench", "--op", "geneigh"]) == 0
+    assert main(["bench", "--op", "generalized_eigh"]) == 0
     assert "GPU results need a GPU" in capsys.readouterr().out
     assert calls and calls[0][:3] == [sys.executable, "-m", "pytest"]
     assert str(BENCH / "cpu_micro.py") in calls[0] and "generalized_eigh" in calls[0]

@@ -7,7 +7,7 @@ give the right shapes, and the TMKL kernels' own per-thread code, compiled for t
 run thread by thread, with the block reduction done sequentially), matches the fp64 references.
 With a GPU (``gpu`` marker): the kernels themselves against the references, every option, dtype and
 layout, opcheck and torch.compile. The eigensolver, on every backend including this one:
-tests/test_geneigh.py.
+tests/test_generalized_eigh.py.
 """
 import itertools
 import os

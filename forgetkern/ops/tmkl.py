@@ -126,7 +126,6 @@ def _tmkl_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    NEG_INF: tl.constexpr = float("-inf")
     y = tl.load(y_ptr + row).to(tl.int64)
     z_row = z_ptr + row * stride_z
     b_row = b_ptr + row * stride_b

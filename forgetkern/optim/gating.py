@@ -5,24 +5,8 @@ import math
 
 import torch
 
-GATES = ("soft", "sigmoid", "hard", "topk", "none")
-
-
-def check_gate(gate: str, tau: float, sharpness: float = 4.0) -> None:
-    """Validate a gate name and its parameters (see :func:`gate_values`)."""
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-        raise ValueError(f"tau must be a finite number, got {tau!r}")
-    if gate in ("soft", "hard") and tau < 0:
-        raise ValueError(f"tau must be >= 0 for gate={gate!r}, got {tau}")
-    if gate == "sigmoid":
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0 for gate='sigmoid' (the ratio where the gate is 1/2), got {tau}")
-        if not (isinstance(sharpness, (int, float)) and math.isfinite(sharpness) and sharpness > 0):
-            raise ValueError(f"sharpness must be a finite number > 0, got {sharpness!r}")
-    if gate == "topk" and not (0.0 < tau <= 1.0):
-        raise ValueError(f"tau must be in (0, 1] for gate='topk' (fraction of directions kept), got {tau}")
+from .._params import GATES  # noqa: F401  (the gate names, re-exported)
+from .._validate import check_gate
 
 
 def gate_values(lam: torch.Tensor, gate: str, tau: float, sharpness: float = 4.0,

@@ -8,48 +8,20 @@ gated Adam update of all parameters, one call; its implementation comes from the
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.optim import Optimizer
 
 from .. import _backend
 from .._params import NUM_FOLORA_SCALARS
+from .._validate import check_folora_options
 from ..lora.discovery import lora_modules
 from ._flat import OP, build_flats, scalar_row
 from .basis import BasisCache, check_statistics, gates_of, set_basis, solve_pairs
-from .gating import check_gate
 
 
 def _check_backend(backend) -> None:
     if backend is not None and backend not in _backend.OP_BACKENDS[OP]:
         raise ValueError(f"backend must be one of {_backend.OP_BACKENDS[OP]} or None, got {backend!r}")
-
-
-def check_hyperparameters(group: dict) -> None:
-    """Validate one parameter group's options (the constructor's defaults, or a group with the
-    defaults filled in). Raises ``ValueError`` naming the first invalid option."""
-    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not wd >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
-    check_gate(group["gate"], group["tau"], group["sharpness"])
-    damping = group["damping"]
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0.0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    basis = group["basis"]
-    if basis != "dense" and (isinstance(basis, bool) or not isinstance(basis, int) or basis < 1):
-        raise ValueError(f"basis must be 'dense' or a positive int k (low-rank gating), got {basis!r}")
-    every = group["refresh_every"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"refresh_every must be a positive int, got {every!r}")
-    if group["basis_norm"] not in ("proxy", "unit"):
-        raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
 
 
 class FoLoRA(Optimizer):
@@ -100,7 +72,7 @@ class FoLoRA(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gate=gate,
                         tau=tau, damping=damping, basis=basis, refresh_every=refresh_every,
                         basis_norm=basis_norm, sharpness=sharpness)
-        check_hyperparameters(defaults)
+        check_folora_options(defaults)
         _check_backend(backend)
         self._step_backend = backend
         self.eigh_backend = eigh_backend
@@ -113,7 +85,7 @@ class FoLoRA(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the flat buffers are rebuilt at the next
         step (existing moments are carried over)."""
-        check_hyperparameters({**self.defaults, **param_group})  # before it joins the optimizer
+        check_folora_options({**self.defaults, **param_group})  # before it joins the optimizer
         super().add_param_group(param_group)
         self._flat = None
 

@@ -7,7 +7,7 @@ Each record's note carries the speedup over the torch reference. The floor is th
 (read A and B, write eigenvectors and eigenvalues): these problems are latency-bound, so the ratio
 to it is large by nature; the target is the speedup (>= 10x at n <= 64).
 
-    python benchmarks/bench_geneigh.py [--quick] [--out DIR]
+    python benchmarks/bench_generalized_eigh.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def providers() -> dict:
 
 def main(argv=None) -> list[common.Record]:
     args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
-    meta, floors, provs = common.start("bench_geneigh.py", args, providers)
+    meta, floors, provs = common.start("bench_generalized_eigh.py", args, providers)
     records = []
     for batch, n in (QUICK if args.quick else SIZES):
         a, b = problem(batch, n)

@@ -268,9 +268,9 @@ def test_non_convergence_warns(backend, monkeypatch):
     if backend == "cuda":
         pytest.skip("the device op has no sweep limit argument; the host emulation runs its code")
     if backend == "triton":
-        from forgetkern.ops import geneigh
+        from forgetkern.ops import generalized_eigh as eigh_ops
 
-        monkeypatch.setattr(geneigh, "EIGH_MAX_SWEEPS", 1)
+        monkeypatch.setattr(eigh_ops, "EIGH_MAX_SWEEPS", 1)
         solve = _implementation(backend)
     else:
         solve = _implementation(backend, max_sweeps=1)
@@ -300,9 +300,9 @@ def test_invalid_inputs_rejected_by_the_public_function(backend):
 # Kernel specifics: sweep limit, sizes above the limit, Triton paths, CUDA thread counts
 # --------------------------------------------------------------------------------------------
 def test_kernels_share_the_limits():
-    from forgetkern.ops import geneigh
+    from forgetkern.ops import generalized_eigh as eigh_ops
 
-    assert geneigh.EIGH_MAX_N == _params.EIGH_MAX_N and geneigh.EIGH_MAX_SWEEPS == _params.EIGH_MAX_SWEEPS
+    assert eigh_ops.EIGH_MAX_N == _params.EIGH_MAX_N and eigh_ops.EIGH_MAX_SWEEPS == _params.EIGH_MAX_SWEEPS
     if EXT is not None:
         assert EXT.EIGH_MAX_N == _params.EIGH_MAX_N
         assert EXT.EIGH_MAX_SWEEPS == _params.EIGH_MAX_SWEEPS
@@ -321,11 +321,11 @@ def test_sizes_above_the_kernels_go_to_the_reference(backend):
 
 @needs_triton
 def test_triton_rejects_sizes_it_does_not_cover():
-    from forgetkern.ops import geneigh
+    from forgetkern.ops import generalized_eigh as eigh_ops
 
-    A = torch.eye(geneigh.EIGH_MAX_N + 1, dtype=torch.float64)
+    A = torch.eye(eigh_ops.EIGH_MAX_N + 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"1 <= n <= 64"):
-        geneigh.generalized_eigh(A, A)
+        eigh_ops.generalized_eigh(A, A)
 
 
 @needs_triton
@@ -354,11 +354,11 @@ def test_cuda_host_fuzz_against_lapack(n, batch, eps, log_cond, seed):
 @pytest.mark.parametrize("use_gather", [True, False])
 def test_triton_rotation_paths(monkeypatch, use_gather):
     """Rotations by gathers (Triton >= 3.2) and by dense products (older Triton) agree with LAPACK."""
-    from forgetkern.ops import geneigh
+    from forgetkern.ops import generalized_eigh as eigh_ops
 
-    if use_gather and not geneigh.USE_GATHER:
+    if use_gather and not eigh_ops.USE_GATHER:
         pytest.skip("this Triton has no tl.gather")
-    monkeypatch.setattr(geneigh, "USE_GATHER", use_gather)
+    monkeypatch.setattr(eigh_ops, "USE_GATHER", use_gather)
     gen = torch.Generator().manual_seed(11)
     A, B = _sym(2, 7, gen), _spd(2, 7, gen, cond=1e3)
     w, V = _solve("triton", A, B, 1e-3)
@@ -367,12 +367,12 @@ def test_triton_rotation_paths(monkeypatch, use_gather):
 
 @needs_triton
 def test_triton_jacobi_converges_in_few_sweeps():
-    from forgetkern.ops import geneigh
+    from forgetkern.ops import generalized_eigh as eigh_ops
 
     gen = torch.Generator().manual_seed(5)
     dev = _device("triton")
     A, B = _sym(2, 8, gen).to(dev), _spd(2, 8, gen).to(dev)
-    _, _, status, sweeps = geneigh.generalized_eigh(A, B, return_sweeps=True)
+    _, _, status, sweeps = eigh_ops.generalized_eigh(A, B, return_sweeps=True)
     assert bool((status == 0).all())
     assert 1 <= int(sweeps.max()) < _params.EIGH_MAX_SWEEPS // 2
 
