@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 
 from . import _cuda
-from ._params import BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, env_backend, triton_interpret
+from ._params import (BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, check_backend_name,
+                      env_backend, triton_interpret)
 
 # op -> the names of its interface functions
 INTERFACES: dict[str, tuple[str, ...]] = {
@@ -181,8 +182,7 @@ def resolve_name(op: str, *tensors, backend: str | None = None, size: int | None
     device = _device_of(tensors)
     supported = OP_BACKENDS.get(op, ("reference",))
     if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        check_backend_name(backend)
         reason = why_unavailable(backend, op, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")

@@ -35,6 +35,12 @@ ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # Triton's own CPU interpreter switch
 _TRUE = ("1", "true", "yes", "on")
 
 
+def check_backend_name(backend) -> None:
+    """``backend``: ``None`` (automatic) or one of :data:`BACKENDS`."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
 def env_flag(name: str) -> bool:
     """Whether the environment variable ``name`` is set to a true value (1/true/yes/on)."""
     return os.environ.get(name, "0").strip().lower() in _TRUE
@@ -222,8 +228,7 @@ class LossConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {self.backend!r}")
+        check_backend_name(self.backend)
         # validates kl_weight, ce_weight, temperature, direction, ignore_index, chunk_size
         self.params()
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._params import LinearTMKLParams, TMKLParams
+from ._params import LinearTMKLParams, TMKLParams, check_backend_name
 from ._validate import check_reduction
 
 
@@ -24,6 +24,7 @@ class TMKLLoss(nn.Module):
         TMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                    direction=direction, mask_target=mask_target, ignore_index=ignore_index)
         check_reduction(reduction)
+        check_backend_name(backend)
         self.kl_weight = kl_weight
         self.ce_weight = ce_weight
         self.temperature = temperature
@@ -70,6 +71,7 @@ class LinearTMKLLoss(nn.Module):
                          direction=direction, mask_target=mask_target, ignore_index=ignore_index,
                          chunk_size=chunk_size)
         check_reduction(reduction)
+        check_backend_name(backend)
         self.options = dict(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             direction=direction, mask_target=mask_target,
                             ignore_index=ignore_index, reduction=reduction,

@@ -92,3 +92,13 @@ def test_cli_info(capsys):
     assert main(["info", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"version"' in out and '"backends"' in out
+
+
+def test_modules_and_loss_configs_check_the_backend_name_at_construction():
+    from forgetkern.train import loss_config
+
+    for make in (lambda: forgetkern.TMKLLoss(backend="fast"),
+                 lambda: forgetkern.LinearTMKLLoss(backend="fast"),
+                 lambda: loss_config("tmkl", backend="fast")):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            make()
