@@ -9,6 +9,7 @@ This module imports nothing of forgetkern; everything else may import it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -130,10 +131,13 @@ class TMKLParams:
             object.__setattr__(self, name, _check_number(name, getattr(self, name)))
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
         for name in ("mask_target", "inplace_backward"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
     @property
     def forward_kl(self) -> bool:

@@ -22,7 +22,8 @@ class TMKLLoss(nn.Module):
         super().__init__()
         # validate the options now rather than at the first call
         TMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
-                   direction=direction, mask_target=mask_target, ignore_index=ignore_index)
+                   direction=direction, mask_target=mask_target, ignore_index=ignore_index,
+                   inplace_backward=inplace_backward)
         check_reduction(reduction)
         check_backend_name(backend)
         self.kl_weight = kl_weight
@@ -69,7 +70,7 @@ class LinearTMKLLoss(nn.Module):
         # validate the options now rather than at the first call
         LinearTMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                          direction=direction, mask_target=mask_target, ignore_index=ignore_index,
-                         chunk_size=chunk_size)
+                         inplace_backward=inplace_backward, chunk_size=chunk_size)
         check_reduction(reduction)
         check_backend_name(backend)
         self.options = dict(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,

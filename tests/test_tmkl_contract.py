@@ -217,3 +217,17 @@ def test_fp32_error_within_four_times_plain_torch(backend, regime, direction, ma
     base_l, base_g = rel_err(plain.detach(), want.detach()), rel_err(zp.grad, z64.grad)
     assert err_l <= 4 * base_l + floor_l, f"loss {err_l:.2e} vs torch {base_l:.2e}"
     assert err_g <= 4 * base_g + floor_g, f"grad {err_g:.2e} vs torch {base_g:.2e}"
+
+
+@pytest.mark.parametrize("option,value,error", [
+    ("mask_target", "no", TypeError), ("inplace_backward", 1, TypeError),
+    ("ignore_index", None, TypeError), ("ignore_index", 1.0, TypeError),
+    ("temperature", torch.tensor(2.0), TypeError), ("kl_weight", float("nan"), ValueError),
+])
+def test_options_are_checked_not_coerced(option, value, error):
+    """An option of the wrong type raises naming it (``"no"`` is not silently ``True``)."""
+    z, b, y = _rows()
+    with pytest.raises(error, match=option):
+        forgetkern.tmkl_loss(z, b, y, **{option: value})
+    with pytest.raises(error, match=option):
+        forgetkern.TMKLLoss(**{option: value})
