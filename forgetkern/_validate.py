@@ -122,10 +122,11 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def tmkl_inputs(logits, base_logits, labels, params: TMKLParams, reduction: str,
-                num_items_in_batch):
+                num_items_in_batch, num_classes: int | None = None):
     """All checks of ``tmkl_loss`` on its tensors (options were checked by ``TMKLParams``); returns
     the layout every backend takes: ``(N, V)`` logits and base logits (unit stride along V, the
-    base detached) and contiguous ``(N,)`` labels."""
+    base detached) and contiguous ``(N,)`` labels. ``num_classes``: the whole vocabulary when the
+    logits are one shard of it (labels are then global ids); default ``V``."""
     ignore_index = params.ignore_index
     check_tensor(logits, "logits")
     check_tensor(base_logits, "base_logits")
@@ -145,7 +146,8 @@ def tmkl_inputs(logits, base_logits, labels, params: TMKLParams, reduction: str,
     check_same_device(logits=logits, base_logits=base_logits, labels=labels)
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1] if num_classes is None else num_classes,
+                 ignore_index)
     return rows(logits), rows(base_logits.detach()), flat_labels(labels)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed
 from ._autograd import LinearTMKLFunction, TMKLFunction
 from ._params import LinearTMKLParams, TMKLParams, accumulation_dtype
 
@@ -43,6 +43,7 @@ def tmkl_loss(
     return_components: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
+    process_group=None,
 ):
     """Cross-entropy plus target-masked KL to a frozen base model.
 
@@ -75,6 +76,11 @@ def tmkl_loss(
         inplace_backward: write the gradient into ``logits``' storage (saves one logits-sized
             buffer; ``logits`` must not be used after backward).
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic, see README).
+        process_group: a ``torch.distributed`` process group over which the vocabulary is sharded
+            (vocab-parallel): ``logits``/``base_logits`` hold this rank's contiguous shard of the
+            vocabulary (rank order, sizes may differ), ``labels`` the global token ids, identical
+            on every rank. Every rank returns the same loss and gets its shard's gradient
+            (:mod:`forgetkern.distributed`; runs the reference implementation).
 
     Returns:
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``. Losses are float32
@@ -84,9 +90,19 @@ def tmkl_loss(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
     )
-    z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
-                                    num_items_in_batch)
-    impl = _backend.resolve("tmkl", logits, backend=backend)
+    if process_group is None:
+        z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
+                                        num_items_in_batch)
+        impl = _backend.resolve("tmkl", logits, backend=backend)
+    else:
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
+                             "runs the reference implementation; use backend=None")
+        _validate.check_tensor(logits, "logits")
+        offset, total = distributed.shard_layout(logits.shape[-1], process_group, logits.device)
+        z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
+                                        num_items_in_batch, num_classes=total)
+        impl = distributed.vocab_parallel_tmkl(process_group, offset)
     loss, ce, kl = TMKLFunction.apply(z, b, y, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:

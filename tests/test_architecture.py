@@ -16,14 +16,15 @@ PACKAGE = Path(forgetkern.__file__).parent
 # layer, or sideways within a layer along SIDEWAYS.
 LAYERS = {
     "_params": 0, "_version": 0,
-    "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1,
+    "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1, "distributed": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
-    "lora": 3, "optim": 3, "train": 3, "cache": 3, "distributed": 3, "models": 3,
+    "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3,
     "integrations": 4, "demo": 4, "_bench": 4, "cli": 4, "__main__": 5, "__init__": 5,
 }
 SIDEWAYS = {
     ("_backend", "_cuda"),  # the table asks the extension loader whether it is built
     ("_cuda_emulated", "_cuda"),  # the CUDA backend's interfaces over the host emulation
+    ("distributed", "_backend"), ("distributed", "reference"),  # vocab-parallel: reference math
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers
     ("train", "lora"),

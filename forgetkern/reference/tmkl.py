@@ -35,14 +35,27 @@ def _shifted(x: torch.Tensor):
     return m, e.sum(dim=1), e
 
 
+def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) -> None:
+    """``t[i, y[i]] = value[i]`` (``+=`` with ``add``) for every row whose target column lies in
+    this block of columns; ``y < 0`` marks a row whose target is elsewhere (another vocabulary
+    shard). ``value``: a float or an ``(R, 1)`` tensor."""
+    if bool((y >= 0).all()):
+        fn = t.scatter_add_ if add else t.scatter_
+        fn(1, y[:, None], value if torch.is_tensor(value) else torch.full_like(t[:, :1], value))
+        return
+    rows = (y >= 0).nonzero().squeeze(1)
+    vals = value[rows, 0] if torch.is_tensor(value) else torch.full_like(rows, 0, dtype=t.dtype) + value
+    t.index_put_((rows, y[rows]), vals, accumulate=add)
+
+
 def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
     """A fresh ``z / T`` in the accumulation dtype (one pass from any input dtype), with the target
-    column at ``-inf`` when masked."""
+    column at ``-inf`` when masked (rows with ``y < 0`` have no target column here)."""
     x = z.to(accumulation_dtype(z.dtype), copy=True)
     if p.temperature != 1.0:
         x.mul_(1.0 / p.temperature)
     if p.mask_target:
-        x.scatter_(1, y[:, None], NEG_INF)
+        set_target(x, y, NEG_INF)
     return x
 
 
@@ -98,7 +111,8 @@ def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tens
 def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
     """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk from its saved statistics
     ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in the
-    accumulation dtype.
+    accumulation dtype. ``z``, ``b`` may be one vocabulary shard of the rows (``st`` then holds the
+    whole rows' statistics and ``y < 0`` marks rows whose target lies in another shard).
 
     Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
     dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
@@ -149,10 +163,10 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
         del sm
     if p.mask_target and r is not None:
         # the target column: q~_y = p~_y = 0, softmax(z)_y = exp((z_y - m) - log s)
-        z_y = z.gather(1, y[:, None]).to(acc)
-        grad.scatter_(1, y[:, None], a * (((z_y - m_c) - ls_c).exp() - 1.0))
+        z_y = z.gather(1, y.clamp_min(0)[:, None]).to(acc)
+        set_target(grad, y, a * (((z_y - m_c) - ls_c).exp() - 1.0))
     else:
-        grad.scatter_add_(1, y[:, None], -a)
+        set_target(grad, y, -a, add=True)
     dead = (a == 0) & (c == 0)  # ignored rows, or rows whose both coefficients are 0
     if bool(dead.any()):
         grad.masked_fill_(dead, 0.0)

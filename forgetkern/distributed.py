@@ -1,0 +1,161 @@
+"""Vocabulary-parallel TMKL on ``torch.distributed``: each rank of a process group holds a
+contiguous shard of the vocabulary (rank order; shard sizes may differ) of the logits and the base
+logits, labels are global token ids identical on every rank.
+
+Per row, in plain torch over the whole vocabulary, this computes exactly ``tmkl_loss``; per rank it
+reads only its shard (DESIGN.md, "Vocab-parallel form"):
+
+1. local statistics of the shard, each normalizer as its max and its sum apart, and the KL
+   accumulator as a sum of differences of offsets to the local maxima (the rank that owns the
+   target removes it from its sums when ``mask_target``);
+2. ``all_reduce(MAX)`` of the maxima of ``z/T``, ``b/T`` and (``T != 1``) ``z``: ``3 N`` floats;
+3. every rank rescales its sums and its KL accumulator to the global maxima (offsets move by the
+   change of the maxima), then ``all_reduce(SUM)`` of the three sums, the accumulator and the target
+   logit (from its owner): ``5 N`` floats;
+4. every rank finishes the same per-row loss; the backward is local to the shard, from the saved
+   global statistics: no collective, no vocabulary-sized traffic.
+
+The implementation is the reference's torch math in row chunks (it runs on CPU and GPU tensors and
+any backend of ``torch.distributed``: gloo, NCCL); :func:`vocab_parallel_tmkl` wraps it with the
+``tmkl`` op's interface so the usual autograd Function drives it.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from ._backend import Implementation
+from ._params import NUM_STATS, TMKLParams, accumulation_dtype, row_outputs, with_target
+from .reference import tmkl as ref
+
+NEG_INF = float("-inf")
+
+
+def shard_layout(local_columns: int, group, device) -> tuple[int, int]:
+    """``(offset, total)``: where this rank's vocabulary shard starts and the whole vocabulary's
+    size, from every rank's shard size (one ``all_gather`` of one integer)."""
+    world = dist.get_world_size(group)
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(local_columns, dtype=torch.int64, device=device), group=group)
+    sizes = [int(s) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _local_labels(labels, offset, columns, p: TMKLParams):
+    """Labels within this shard (``-1`` where the target lies elsewhere or the row is ignored)
+    and the rows that count."""
+    y = labels.long()
+    valid = y != p.ignore_index
+    y_loc = y - offset
+    here = valid & (y_loc >= 0) & (y_loc < columns)
+    return torch.where(here, y_loc, torch.full_like(y_loc, -1)), valid
+
+
+def _raw_max(m, s):
+    """The max as seen by an all-reduce: ``-inf`` where the shard has no mass."""
+    return torch.where(s == 0, torch.full_like(m, NEG_INF), m)
+
+
+def _safe(m):
+    return m.masked_fill(m == NEG_INF, 0.0)
+
+
+def _shard_partials(z, b, y_loc, p: TMKLParams):
+    """One chunk of one shard: local maxima (safe), sums and the KL accumulator
+    ``sum_v w_v ((a_v - m_a) - (o_v - m_o))`` over the shard's kept columns, the CE normalizer's
+    max and sum over the shard (``T != 1``) and the target logit where this shard owns it."""
+    xs = ref._scaled(z, y_loc, p)
+    m_z, s_z, e_z = ref._shifted(xs)
+    us = ref._scaled(b, y_loc, p)
+    m_b, s_b, e_b = ref._shifted(us)
+    w, terms = (e_b, us.sub_(xs)) if p.forward_kl else (e_z, xs.sub_(us))
+    acc = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1)
+    del xs, us, e_z, e_b, w, terms
+    if p.separate_ce:
+        zs = z.to(acc.dtype, copy=True)
+        m_c, s_c, _ = ref._shifted(zs)
+        del zs
+    else:
+        m_c, s_c = m_z, s_z
+    here = y_loc >= 0
+    z_y = z.gather(1, y_loc.clamp_min(0)[:, None]).squeeze(1).to(acc.dtype)
+    z_y = torch.where(here, z_y, torch.zeros_like(z_y))
+    return m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y
+
+
+@torch.no_grad()
+def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, group, offset: int,
+                 chunk_bytes: int | None = None):
+    """The ``tmkl`` forward on this rank's shard ``(N, V_r)``: every rank returns the same per-row
+    ``(loss, ce, kl, stats)`` of the whole rows (``stats`` as :mod:`forgetkern._params`)."""
+    n, v = logits.shape
+    acc_dtype = accumulation_dtype(logits.dtype)
+    parts = [torch.zeros(n, dtype=acc_dtype, device=logits.device) for _ in range(8)]
+    y_loc, valid = _local_labels(labels, offset, v, params)
+    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        for out, value in zip(parts, _shard_partials(logits[start:stop], base_logits[start:stop],
+                                                     y_loc[start:stop], params)):
+            out[start:stop] = value
+    m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y = parts
+    # 1. the global maxima (raw: -inf where a shard has no mass)
+    top = torch.stack([_raw_max(m_z, s_z), _raw_max(m_b, s_b), _raw_max(m_c, s_c)])
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    gz, gb, gc = (_safe(t) for t in top)
+
+    # 2. sums and the accumulator moved to the global maxima, then summed
+    def moved(s, m, g):
+        return torch.where(s == 0, torch.zeros_like(s), s * (m - g).exp())
+
+    sz, sb, sc = moved(s_z, m_z, gz), moved(s_b, m_b, gb), moved(s_c, m_c, gc)
+    dz, db = m_z - gz, m_b - gb
+    if params.forward_kl:
+        a = torch.where(s_b == 0, torch.zeros_like(acc), (acc + s_b * (db - dz)) * (m_b - gb).exp())
+    else:
+        a = torch.where(s_z == 0, torch.zeros_like(acc), (acc + s_z * (dz - db)) * (m_z - gz).exp())
+    sums = torch.stack([sz, sb, sc, a, z_y])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    sz, sb, sc, a, z_y = sums
+    ls_z, ls_b = sz.log(), sb.log()
+    s_w, ls_w, ls_o = (sb, ls_b, ls_z) if params.forward_kl else (sz, ls_z, ls_b)
+    kl = a / s_w - ls_w + ls_o
+    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
+    kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
+    if params.separate_ce:
+        m_ce, ls_ce = gc, sc.log()
+    elif params.mask_target:
+        m_ce, ls_ce = with_target(gz, ls_z, z_y)
+    else:
+        m_ce, ls_ce = gz, ls_z
+    ce = (m_ce - z_y) + ls_ce
+    stats = torch.stack([gz, ls_z, gb, ls_b, m_ce, ls_ce, kl], dim=1)
+    assert stats.shape[1] == NUM_STATS
+    return row_outputs(ce, kl, stats, valid, params)
+
+
+@torch.no_grad()
+def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
+                  grad_out, *, offset: int, chunk_bytes: int | None = None):
+    """The gradient of this rank's shard from the global statistics: local, no collective."""
+    n, v = logits.shape
+    y_loc, valid = _local_labels(labels, offset, v, params)
+    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sl = slice(start, stop)
+        grad = ref._chunk_grad(logits[sl], base_logits[sl], y_loc[sl], valid[sl], stats[sl],
+                               coef_ce[sl], coef_kl[sl], params)
+        grad_out[sl].copy_(grad)
+    return grad_out
+
+
+def vocab_parallel_tmkl(group, offset: int) -> Implementation:
+    """The ``tmkl`` op's interface over ``group``'s vocabulary shards (this rank's starts at
+    ``offset``), for :class:`forgetkern._autograd.TMKLFunction`."""
+    return Implementation(op="tmkl", backend="reference",
+                          forward=partial(tmkl_forward, group=group, offset=offset),
+                          backward=partial(tmkl_backward, offset=offset))

@@ -1,0 +1,104 @@
+"""Vocab-parallel ``tmkl_loss(process_group=...)`` on CPU with gloo, 2 and 4 processes, against the
+single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the world
+size, ignored and all-ignored rows, ``num_items_in_batch``, components, large logit offsets."""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import forgetkern
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+
+V = 37  # not divisible by 2 or 4
+
+
+def _shards(world: int) -> list[int]:
+    base, extra = divmod(V, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def _cases():
+    for direction, mask_target, temperature, reduction, dtype in itertools.product(
+            ["forward", "reverse"], [True, False], [1.0, 2.0], ["mean", "sum", "none"],
+            [torch.float64, torch.float32]):
+        yield dict(direction=direction, mask_target=mask_target, temperature=temperature,
+                   reduction=reduction, kl_weight=0.7, ce_weight=1.1), dtype, "some", 0.0
+    yield dict(direction="forward", mask_target=True, temperature=1.0, reduction="mean"), \
+        torch.float64, "all", 0.0
+    yield dict(direction="reverse", mask_target=True, temperature=0.5, reduction="mean",
+               num_items_in_batch=11, return_components=True), torch.float64, "some", 0.0
+    yield dict(direction="forward", mask_target=True, temperature=1.0, reduction="none"), \
+        torch.float32, "none", 1000.0
+
+
+def _check_rank(rank: int, world: int) -> int:
+    sizes = _shards(world)
+    lo = sum(sizes[:rank])
+    hi = lo + sizes[rank]
+    count = 0
+    for i, (opts, dtype, ignore, offset) in enumerate(_cases()):
+        gen = torch.Generator().manual_seed(100 + i)  # the same full tensors on every rank
+        n = 7
+        z = (torch.randn(n, V, generator=gen, dtype=torch.float64) * 3 + offset).to(dtype)
+        b = (torch.randn(n, V, generator=gen, dtype=torch.float64) * 3 + offset).to(dtype)
+        y = torch.randint(0, V, (n,), generator=gen)
+        y[0] = V - 1  # a target in the last shard
+        if ignore == "some":
+            y[2] = -100
+        elif ignore == "all":
+            y[:] = -100
+        comps = opts.get("return_components", False)
+        # the whole vocabulary in one process
+        full = z.clone().requires_grad_()
+        want = forgetkern.tmkl_loss(full, b, y, backend="reference", **opts)
+        want = list(want) if comps else [want]
+        ups = [torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in want]
+        torch.autograd.backward(want, ups)
+        # this rank's shard
+        shard = z[:, lo:hi].clone().requires_grad_()
+        got = forgetkern.tmkl_loss(shard, b[:, lo:hi], y, process_group=dist.group.WORLD, **opts)
+        got = list(got) if comps else [got]
+        torch.autograd.backward(got, ups)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w.detach(), **tol, msg=lambda m: f"case {i} {opts}: {m}")
+        torch.testing.assert_close(shard.grad, full.grad[:, lo:hi], **tol,
+                                   msg=lambda m: f"case {i} {opts} grad: {m}")
+        # every rank holds the same loss
+        gathered = [torch.zeros_like(got[0].detach()) for _ in range(world)]
+        dist.all_gather(gathered, got[0].detach().contiguous())
+        for other in gathered:
+            torch.testing.assert_close(other, got[0].detach(), rtol=0, atol=0)
+        count += 1
+    # the labels are global ids: an id past the whole vocabulary is refused on every rank
+    with pytest.raises(ValueError, match=f"labels must be in \\[0, {V}\\)"):
+        forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], torch.full((7,), V),
+                             process_group=dist.group.WORLD)
+    with pytest.raises(ValueError, match="vocab-parallel"):
+        forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], y, process_group=dist.group.WORLD,
+                             backend="triton")
+    return count
+
+
+def _worker(rank: int, world: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        count = _check_rank(rank, world)
+        with open(f"{results}.{rank}", "w") as f:
+            f.write(str(count))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_tmkl_matches_one_process(tmp_path, world):
+    torch.set_num_threads(1)
+    results = str(tmp_path / "done")
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    counts = {int(open(f"{results}.{r}").read()) for r in range(world)}
+    assert counts == {len(list(_cases()))}
+    assert os.path.exists(f"{results}.{world - 1}")
