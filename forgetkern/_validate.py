@@ -152,7 +152,8 @@ def tmkl_inputs(logits, base_logits, labels, params: TMKLParams, reduction: str,
 
 
 def linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, base_bias,
-                       params: TMKLParams, reduction: str, num_items_in_batch):
+                       params: TMKLParams, reduction: str, num_items_in_batch,
+                       num_classes: int | None = None):
     """All checks of ``linear_tmkl_loss`` on its tensors (options were checked by its params);
     returns ``(h (N, D), h_b (N, D) detached, W_b or None (None: the base shares weight),
     base bias or None, labels (N,) contiguous)``. With the head shared and no ``base_bias`` given,
@@ -201,7 +202,8 @@ def linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, b
                       base_weight=base_weight, bias=bias, base_bias=base_bias)
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
-    check_labels(labels, hidden.shape[:-1], v, ignore_index, what="hidden")
+    check_labels(labels, hidden.shape[:-1], v if num_classes is None else num_classes,
+                 ignore_index, what="hidden")
     if base_bias is None and base_weight is None and bias is not None:
         base_bias = bias
     shared = base_weight is None or base_weight is weight

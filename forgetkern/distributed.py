@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ._backend import Implementation
-from ._params import NUM_STATS, TMKLParams, accumulation_dtype, row_outputs, with_target
+from ._params import TMKLParams, accumulation_dtype, row_outputs, with_target
 from .reference import tmkl as ref
 
 NEG_INF = float("-inf")
@@ -101,6 +101,12 @@ def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, group, offs
         for out, value in zip(parts, _shard_partials(logits[start:stop], base_logits[start:stop],
                                                      y_loc[start:stop], params)):
             out[start:stop] = value
+    return _combine(parts, valid, params, group)
+
+
+def _combine(parts, valid, params: TMKLParams, group):
+    """Every rank's per-row shard partials into the whole rows' ``(loss, ce, kl, stats)``: one
+    ``all_reduce(MAX)`` of ``3 N`` and one ``all_reduce(SUM)`` of ``5 N`` floats."""
     m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y = parts
     # 1. the global maxima (raw: -inf where a shard has no mass)
     top = torch.stack([_raw_max(m_z, s_z), _raw_max(m_b, s_b), _raw_max(m_c, s_c)])
@@ -133,7 +139,6 @@ def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, group, offs
         m_ce, ls_ce = gz, ls_z
     ce = (m_ce - z_y) + ls_ce
     stats = torch.stack([gz, ls_z, gb, ls_b, m_ce, ls_ce, kl], dim=1)
-    assert stats.shape[1] == NUM_STATS
     return row_outputs(ce, kl, stats, valid, params)
 
 
@@ -151,6 +156,69 @@ def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: 
                                coef_ce[sl], coef_kl[sl], params)
         grad_out[sl].copy_(grad)
     return grad_out
+
+
+@torch.no_grad()
+def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                        params, row_weight=None, needs=(False, False, False), *, group, offset: int):
+    """The ``linear_tmkl`` forward with the head sharded by rows (this rank's ``(V_r, D)`` rows of
+    the vocabulary, biases likewise): the logits of the shard are formed chunk by chunk and never
+    whole; every rank returns the same ``(loss, ce, kl, stats, None)``."""
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    wb = weight if base_weight is None else base_weight
+    parts = [torch.zeros(n, dtype=acc_dtype, device=hidden.device) for _ in range(8)]
+    y_loc, valid = _local_labels(labels, offset, v, params)
+    step = ref.linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        z = ref._logits_chunk(hidden[sl], weight, bias, acc_dtype)
+        b = ref._logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
+        for out, value in zip(parts, _shard_partials(z, b, y_loc[sl], params)):
+            out[sl] = value
+    return (*_combine(parts, valid, params, group), None)
+
+
+@torch.no_grad()
+def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
+                         coef_ce, coef_kl, params, needs, *, group, offset: int):
+    """``(grad_hidden, grad_weight_shard, grad_bias_shard)``: the shard's gradients, local, then
+    ``grad_hidden`` summed over the ranks (one ``all_reduce(SUM)`` of ``N x D``)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    wb = weight if base_weight is None else base_weight
+    need_h, need_w, need_b = (bool(x) for x in needs)
+    dh = torch.zeros(n, d, dtype=acc_dtype, device=hidden.device) if need_h else None
+    dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if need_w else None
+    db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if need_b else None
+    y_loc, valid = _local_labels(labels, offset, v, params)
+    step = ref.linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        h = hidden[sl]
+        z = ref._logits_chunk(h, weight, bias, acc_dtype)
+        b = ref._logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
+        g = ref._chunk_grad(z, b, y_loc[sl], valid[sl], stats[sl], coef_ce[sl], coef_kl[sl], params)
+        del z, b
+        if need_h:
+            dh[sl] = g.to(weight.dtype) @ weight
+        if need_w:
+            dw.addmm_(g.T, h.to(acc_dtype))
+        if need_b:
+            db += g.sum(0)
+    if need_h:
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
+        dh = dh.to(hidden.dtype)
+    return dh, dw, db
+
+
+def vocab_parallel_linear_tmkl(group, offset: int) -> Implementation:
+    """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group``."""
+    return Implementation(op="linear_tmkl", backend="reference",
+                          forward=partial(linear_tmkl_forward, group=group, offset=offset),
+                          backward=partial(linear_tmkl_backward, group=group, offset=offset))
 
 
 def vocab_parallel_tmkl(group, offset: int) -> Implementation:

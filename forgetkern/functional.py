@@ -159,6 +159,7 @@ def linear_tmkl_loss(
     inplace_backward: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
+    process_group=None,
 ):
     """:func:`tmkl_loss` straight from hidden states and the LM head, never materializing logits.
 
@@ -190,6 +191,11 @@ def linear_tmkl_loss(
         chunk_size: rows per chunk of the reference backend; ``None`` sizes chunks from
             ``forgetkern.reference.REFERENCE_CHUNK_BYTES`` (see docs/linear_tmkl.md).
         backend: ``"reference"``, ``"triton"`` or ``None`` (automatic).
+        process_group: a ``torch.distributed`` process group over which the head is sharded by
+            rows (vocab-parallel): ``weight`` (and ``base_weight``, the biases) hold this rank's
+            contiguous rows of the vocabulary in rank order, ``labels`` global ids identical on
+            every rank; every rank returns the same loss, the gradient of its head shard, and the
+            gradient w.r.t. ``hidden`` summed over the ranks (runs the reference implementation).
 
     Returns:
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``, reduced as in
@@ -200,10 +206,19 @@ def linear_tmkl_loss(
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
         chunk_size=chunk_size,
     )
+    if process_group is None:
+        total = None
+        impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
+    else:
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
+                             "runs the reference implementation; use backend=None")
+        _validate.check_tensor(weight, "weight")
+        offset, total = distributed.shard_layout(weight.shape[0], process_group, weight.device)
+        impl = distributed.vocab_parallel_linear_tmkl(process_group, offset)
     h, hb, wb, bb, y = _validate.linear_tmkl_inputs(
         hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
-        num_items_in_batch)
-    impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
+        num_items_in_batch, num_classes=total)
     acc = accumulation_dtype(hidden.dtype)
     # the upstream gradient each row's loss receives from the reduction (1/denominator for
     # "mean"): an implementation that can precomputes gradients for it during the forward
@@ -213,7 +228,8 @@ def linear_tmkl_loss(
         unit[0] = 1.0
         row_weight = _reduce(unit, labels, reduction, ignore_index, num_items_in_batch)
     loss, ce, kl = LinearTMKLFunction.apply(
-        h, weight, hb, wb, bias, bb, y, row_weight, torch.is_grad_enabled(), params, impl)
+        h, weight, hb, wb, bias, bb, y, row_weight,
+        torch.is_grad_enabled() and process_group is None, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
         return reduce(loss), reduce(ce), reduce(kl)

@@ -1,4 +1,4 @@
-"""Vocab-parallel ``tmkl_loss(process_group=...)`` on CPU with gloo, 2 and 4 processes, against the
+"""Vocab-parallel ``tmkl_loss`` / ``linear_tmkl_loss(process_group=...)`` on CPU with gloo, 2 and 4 processes, against the
 single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the world
 size, ignored and all-ignored rows, ``num_items_in_batch``, components, large logit offsets."""
 import itertools
@@ -74,6 +74,7 @@ def _check_rank(rank: int, world: int) -> int:
         for other in gathered:
             torch.testing.assert_close(other, got[0].detach(), rtol=0, atol=0)
         count += 1
+    count += _check_linear(rank, world, lo, hi)
     # the labels are global ids: an id past the whole vocabulary is refused on every rank
     with pytest.raises(ValueError, match=f"labels must be in \\[0, {V}\\)"):
         forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], torch.full((7,), V),
@@ -81,6 +82,47 @@ def _check_rank(rank: int, world: int) -> int:
     with pytest.raises(ValueError, match="vocab-parallel"):
         forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], y, process_group=dist.group.WORLD,
                              backend="triton")
+    return count
+
+
+def _check_linear(rank: int, world: int, lo: int, hi: int) -> int:
+    """``linear_tmkl_loss`` with the head (and biases, and a separate base head) sharded by rows."""
+    count = 0
+    d = 6
+    for i, (opts, dtype, ignore, offset) in enumerate(_cases()):
+        if i % 3:  # a third of the grid keeps the run short; every option still appears
+            continue
+        gen = torch.Generator().manual_seed(500 + i)
+        n = 7
+        h = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+        hb = h + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+        w = torch.randn(V, d, generator=gen, dtype=torch.float64).to(dtype)
+        bias = (torch.randn(V, generator=gen, dtype=torch.float64) + offset).to(dtype)
+        wb = w + 0.1 * torch.randn(V, d, generator=gen, dtype=torch.float64).to(dtype) if i % 2 else None
+        y = torch.randint(0, V, (n,), generator=gen)
+        y[1] = -100 if ignore != "none" else y[1]
+        comps = opts.get("return_components", False)
+        kw = dict(opts, base_weight=wb, base_bias=None if wb is None else bias)
+        hf, wf, bf = (t.clone().requires_grad_() for t in (h, w, bias))
+        want = forgetkern.linear_tmkl_loss(hf, wf, hb, y, bias=bf, backend="reference", **kw)
+        want = list(want) if comps else [want]
+        ups = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in want]
+        torch.autograd.backward(want, ups)
+        hs, ws, bs = h.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), \
+            bias[lo:hi].clone().requires_grad_()
+        kw_s = dict(opts, base_weight=None if wb is None else wb[lo:hi],
+                    base_bias=None if wb is None else bias[lo:hi])
+        got = forgetkern.linear_tmkl_loss(hs, ws, hb, y, bias=bs, process_group=dist.group.WORLD,
+                                          **kw_s)
+        got = list(got) if comps else [got]
+        torch.autograd.backward(got, ups)
+        tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=5e-5, atol=5e-5)
+        for g, x in zip(got, want):
+            torch.testing.assert_close(g, x.detach(), **tol, msg=lambda m: f"linear {i}: {m}")
+        torch.testing.assert_close(hs.grad, hf.grad, **tol, msg=lambda m: f"linear {i} dh: {m}")
+        torch.testing.assert_close(ws.grad, wf.grad[lo:hi], **tol, msg=lambda m: f"linear {i} dW: {m}")
+        torch.testing.assert_close(bs.grad, bf.grad[lo:hi], **tol, msg=lambda m: f"linear {i} db: {m}")
+        count += 1
     return count
 
 
@@ -100,5 +142,6 @@ def test_vocab_parallel_tmkl_matches_one_process(tmp_path, world):
     results = str(tmp_path / "done")
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
     counts = {int(open(f"{results}.{r}").read()) for r in range(world)}
-    assert counts == {len(list(_cases()))}
+    cases = len(list(_cases()))
+    assert counts == {cases + len(range(0, cases, 3))}
     assert os.path.exists(f"{results}.{world - 1}")
