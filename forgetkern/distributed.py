@@ -33,6 +33,43 @@ from .reference import tmkl as ref
 NEG_INF = float("-inf")
 
 
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing it otherwise)."""
+    cls = type(x)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def from_dtensors(logits, base_logits, labels, process_group):
+    """Logits given as DTensors sharded on their last (vocabulary) dimension over a 1-D mesh:
+    ``(local logits, local base logits, labels as a plain tensor, the mesh's process group)``.
+    The local views keep autograd (the gradient flows back into the DTensor); ``base_logits`` must
+    be sharded alike (or already local) and ``labels`` replicated (or plain)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = logits.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"logits: a DTensor over a 1-D device mesh is expected, got a {mesh.ndim}-D mesh")
+    placement = logits.placements[0]
+    if not (isinstance(placement, Shard) and placement.dim in (-1, logits.dim() - 1)):
+        raise ValueError(f"logits: a DTensor sharded on its last (vocabulary) dimension is expected, "
+                         f"got placements {logits.placements}")
+    group = mesh.get_group()
+    if process_group is not None and process_group is not group:
+        raise ValueError("process_group: the logits' DTensor mesh already names the group; "
+                         "pass one or the other")
+    if is_dtensor(base_logits):
+        if base_logits.placements != logits.placements or base_logits.device_mesh != mesh:
+            raise ValueError(f"base_logits: must be sharded like logits ({logits.placements}), got "
+                             f"{base_logits.placements}")
+        base_logits = base_logits.to_local()
+    if is_dtensor(labels):
+        if not all(isinstance(pl, Replicate) for pl in labels.placements):
+            raise ValueError(f"labels: global ids replicated on every rank are expected, got "
+                             f"placements {labels.placements}")
+        labels = labels.to_local()
+    return logits.to_local(), base_logits, labels, group
+
+
 def shard_layout(local_columns: int, group, device) -> tuple[int, int]:
     """``(offset, total)``: where this rank's vocabulary shard starts and the whole vocabulary's
     size, from every rank's shard size (one ``all_gather`` of one integer)."""

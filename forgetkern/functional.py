@@ -80,7 +80,9 @@ def tmkl_loss(
             (vocab-parallel): ``logits``/``base_logits`` hold this rank's contiguous shard of the
             vocabulary (rank order, sizes may differ), ``labels`` the global token ids, identical
             on every rank. Every rank returns the same loss and gets its shard's gradient
-            (:mod:`forgetkern.distributed`; runs the reference implementation).
+            (:mod:`forgetkern.distributed`; runs the reference implementation). Logits given as
+            DTensors sharded on the vocabulary dimension (``Shard(-1)`` over a 1-D mesh) need no
+            ``process_group``: it is the mesh's.
 
     Returns:
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``. Losses are float32
@@ -90,6 +92,9 @@ def tmkl_loss(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
     )
+    if distributed.is_dtensor(logits):  # sharded on the vocabulary: the group is the mesh's
+        logits, base_logits, labels, process_group = distributed.from_dtensors(
+            logits, base_logits, labels, process_group)
     if process_group is None:
         z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
                                         num_items_in_batch)

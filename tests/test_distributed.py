@@ -75,6 +75,7 @@ def _check_rank(rank: int, world: int) -> int:
             torch.testing.assert_close(other, got[0].detach(), rtol=0, atol=0)
         count += 1
     count += _check_linear(rank, world, lo, hi)
+    _check_dtensor(rank, world)
     # the labels are global ids: an id past the whole vocabulary is refused on every rank
     with pytest.raises(ValueError, match=f"labels must be in \\[0, {V}\\)"):
         forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], torch.full((7,), V),
@@ -124,6 +125,31 @@ def _check_linear(rank: int, world: int, lo: int, hi: int) -> int:
         torch.testing.assert_close(bs.grad, bf.grad[lo:hi], **tol, msg=lambda m: f"linear {i} db: {m}")
         count += 1
     return count
+
+
+def _check_dtensor(rank: int, world: int) -> None:
+    """DTensor logits sharded on the vocabulary: the group comes from their mesh, the gradient
+    flows back into the DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(5, V, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, V, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, V, (5,), generator=gen)
+    full = z.clone().requires_grad_()
+    want = forgetkern.tmkl_loss(full, b, y, temperature=2.0)
+    want.backward()
+    dz = distribute_tensor(z.clone(), mesh, [Shard(1)]).requires_grad_()
+    db = distribute_tensor(b, mesh, [Shard(1)])
+    dy = distribute_tensor(y, mesh, [Replicate()])
+    got = forgetkern.tmkl_loss(dz, db, dy, temperature=2.0)
+    got.backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dz.grad.full_tensor(), full.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="base_logits: must be sharded like logits"):
+        forgetkern.tmkl_loss(dz, distribute_tensor(b, mesh, [Replicate()]), dy)
 
 
 def _worker(rank: int, world: int, init_file: str, results: str) -> None:
