@@ -1,12 +1,14 @@
 """The TMKL contract's edges, on every backend of both losses: layouts that must not change a result
 (strided labels, strided rows), the non-finite policy, in-place backward that must never be
 silently wrong, the forms of ``num_items_in_batch`` and shift invariance in fp32."""
+import zlib
+
 import pytest
 import torch
 
 import forgetkern
 
-from .helpers import DEVICE, backends, cuda_backend_on_cpu, oracle_tmkl, rel_err
+from .helpers import DEVICE, backends, cuda_backend_on_cpu, oracle_tmkl
 
 
 @pytest.fixture(params=backends("tmkl"))
@@ -183,10 +185,13 @@ def test_fp32_error_within_four_times_plain_torch(backend, regime, direction, ma
                                                    temperature):
     """Softmax is shift-invariant and so must the results be: with every logit offset by 1e3, with
     |logits| up to 1e3, and on rows where both models are nearly certain of the target, the fp32
-    loss and gradient errors against fp64 stay within 4x plain fp32 torch's own (plus a floor of
-    fp32 rounding at the result's scale)."""
+    loss and gradient errors against fp64 stay within 4x plain fp32 torch's own, plus a floor of
+    fp32 rounding at the scale of a log-probability: ``8 eps`` per row for the loss (a peaked row's
+    CE and KL are far below one ulp of the log-sum they come from, so there a single case's error
+    is rounding luck, for torch and forgetkern alike) and ``8 eps |upstream|`` for the gradient."""
     n, v = 6, 97
-    gen = torch.Generator().manual_seed(hash((regime, direction, mask_target, temperature)) % 2**31)
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(f"{regime}-{direction}-{mask_target}-{temperature}".encode()))
     z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
     b = z + 0.05 * torch.randn(n, v, generator=gen, dtype=torch.float64)
     y = torch.randint(0, v, (n,), generator=gen)
@@ -211,12 +216,16 @@ def test_fp32_error_within_four_times_plain_torch(backend, regime, direction, ma
     got = forgetkern.tmkl_loss(x, b32, y.to(DEVICE), reduction="none", backend=backend, **kw)
     (got * g.float().to(DEVICE)).sum().backward()
     eps = torch.finfo(torch.float32).eps
-    floor_l = 4 * eps * want.detach().abs().max().item() / max(want.detach().norm().item(), 1e-30)
-    floor_g = 4 * eps * g.abs().max().item() / max(z64.grad.norm().item(), 1e-30)
-    err_l, err_g = rel_err(got.detach().cpu(), want.detach()), rel_err(x.grad.cpu(), z64.grad)
-    base_l, base_g = rel_err(plain.detach(), want.detach()), rel_err(zp.grad, z64.grad)
-    assert err_l <= 4 * base_l + floor_l, f"loss {err_l:.2e} vs torch {base_l:.2e}"
-    assert err_g <= 4 * base_g + floor_g, f"grad {err_g:.2e} vs torch {base_g:.2e}"
+
+    def err(a, e):
+        return float((a.double().cpu() - e).norm())
+
+    want_l, want_g = want.detach(), z64.grad
+    err_l, err_g = err(got.detach(), want_l), err(x.grad, want_g)
+    base_l, base_g = err(plain.detach(), want_l), err(zp.grad, want_g)
+    floor_l, floor_g = 8 * eps * n**0.5, 8 * eps * float(g.norm())
+    assert err_l <= 4 * base_l + floor_l, f"loss error {err_l:.2e} vs torch {base_l:.2e}"
+    assert err_g <= 4 * base_g + floor_g, f"grad error {err_g:.2e} vs torch {base_g:.2e}"
 
 
 @pytest.mark.parametrize("option,value,error", [
