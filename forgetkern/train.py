@@ -238,6 +238,13 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
     return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
 
 
+def _ddp_group(model: nn.Module):
+    """The process group of a ``DistributedDataParallel`` model, else ``None``."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.process_group
+    return None
+
+
 def _move(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
             for k, v in batch.items()}
@@ -274,6 +281,13 @@ class ForgetAwareStep:
 
     Calling it returns a dict: ``loss``, ``ce``, ``kl`` (``None`` for ``ce``), ``tokens``,
     ``tokens_per_s``, ``time_s``, ``path`` and ``grad_norm`` (when clipping).
+
+    Data parallel: with ``model`` wrapped in ``DistributedDataParallel`` each rank passes its share
+    of the global batch; the mean's denominator is the token count summed over the ranks (one
+    ``all_reduce`` of an integer), each rank's loss is scaled by the world size so that DDP's
+    gradient average is the global token mean, and the gradients are synchronized once per step
+    (``no_sync`` on all micro-batches but the last). ``loss``/``ce``/``kl`` are then this rank's
+    share of the global means and ``tokens`` the global count.
     """
 
     def __init__(self, model: nn.Module, loss: str = "tmkl", optimizer=None, *, lr: float = 1e-4,
@@ -328,13 +342,26 @@ class ForgetAwareStep:
         start = time.perf_counter()
         self.model.train()
         n_items = count_items(micro, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
+        ddp = _ddp_group(self.model)
+        scale = 1.0
+        if ddp is not None:
+            # the mean's denominator counts every rank's tokens; DDP averages the gradients over
+            # the ranks, so each rank's loss is scaled by the world size to give the global mean
+            count = torch.tensor(n_items, dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(count, group=ddp)
+            n_items = int(count)
+            scale = float(torch.distributed.get_world_size(ddp))
         total = ce = 0.0
         kl = None
         used = None
         try:
-            for mb in micro:
-                out = self.loss_of(mb, num_items_in_batch=n_items)
-                out.loss.backward()
+            for i, mb in enumerate(micro):
+                # gradient accumulation: DDP synchronizes the gradients once, on the last micro-batch
+                sync = contextlib.nullcontext() if ddp is None or i == len(micro) - 1 \
+                    else self.model.no_sync()
+                with sync:
+                    out = self.loss_of(mb, num_items_in_batch=n_items)
+                    (out.loss * scale if scale != 1.0 else out.loss).backward()
                 total += float(out.loss.detach())
                 ce += float(out.ce)
                 kl = None if out.kl is None else (kl or 0.0) + float(out.kl)

@@ -171,3 +171,67 @@ def test_vocab_parallel_tmkl_matches_one_process(tmp_path, world):
     cases = len(list(_cases()))
     assert counts == {cases + len(range(0, cases, 3))}
     assert os.path.exists(f"{results}.{world - 1}")
+
+
+# ------------------------------------------------------------------------------------------------
+# data parallel: ForgetAwareStep on a DistributedDataParallel model
+
+
+def _lora_model():
+    from forgetkern.demo.model import TinyConfig, TinyLM
+    from forgetkern.lora import inject_lora, lora_layers
+
+    torch.manual_seed(0)
+    model = TinyLM(TinyConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, d_ff=24, max_len=16))
+    inject_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.3)
+    return model
+
+
+def _global_batch():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 41, (4, 12), generator=gen)
+    labels = ids.clone()
+    labels[0, :5] = -100  # rows with different token counts: the denominator must be global
+    labels[3, :2] = -100
+    return ids, labels
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from forgetkern import ForgetAwareStep
+
+        ids, labels = _global_batch()
+        rows = slice(2 * rank, 2 * rank + 2)
+        model = torch.nn.parallel.DistributedDataParallel(_lora_model())
+        step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
+        micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
+                 for r in range(rows.start, rows.stop)]  # two micro-batches: one sync
+        for _ in range(3):
+            step(micro)
+        torch.save({n: p.detach() for n, p in model.module.named_parameters() if p.requires_grad},
+                   f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_steps_equal_one_process_on_the_global_batch(tmp_path):
+    from forgetkern import ForgetAwareStep
+
+    torch.set_num_threads(1)
+    results = str(tmp_path / "params")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    ids, labels = _global_batch()
+    model = _lora_model()
+    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
+    for _ in range(3):
+        step({"input_ids": ids, "labels": labels})
+    want = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for rank in range(2):
+        got = torch.load(f"{results}.{rank}")
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
