@@ -235,3 +235,43 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(tmp_path):
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# FoLoRA statistics across ranks
+
+
+def _calibration_batches():
+    gen = torch.Generator().manual_seed(11)
+    proxy = [torch.randint(0, 41, (2, 9), generator=gen) for _ in range(4)]
+    task = [torch.randint(0, 41, (3, 7), generator=gen) for _ in range(4)]
+    return proxy, task
+
+
+def _calibrate_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from forgetkern.optim import calibrate
+
+        proxy, task = _calibration_batches()
+        stats = calibrate(_lora_model(), proxy[rank::world], task[rank::world], progress=False,
+                          process_group=dist.group.WORLD)
+        torch.save(stats, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_calibrate_across_ranks_equals_one_process(tmp_path):
+    from forgetkern.optim import calibrate
+
+    torch.set_num_threads(1)
+    results = str(tmp_path / "stats")
+    mp.spawn(_calibrate_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    proxy, task = _calibration_batches()
+    want = calibrate(_lora_model(), proxy, task, progress=False)
+    for rank in range(2):
+        got = torch.load(f"{results}.{rank}")
+        assert got.keys() == want.keys()
+        for name, (p, t) in want.items():
+            torch.testing.assert_close(got[name][0], p, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(got[name][1], t, rtol=1e-5, atol=1e-6, msg=name)

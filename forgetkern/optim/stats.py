@@ -214,6 +214,34 @@ class ActivationStats:
         """``(X^T X, token count)`` per layer (shared layers get the same tensor object)."""
         return {name: (acc.xtx, acc.count) for name, acc in self._acc_of.items()}
 
+    def all_reduce(self, group=None) -> None:
+        """Sum the statistics (``X^T X`` and token counts) over the ranks of ``group`` (default:
+        the whole world): afterwards every rank holds those of every rank's batches. Every rank
+        must have reached the same layers; two ``all_reduce`` calls in all (the matrices, packed
+        into one buffer, and the counts)."""
+        import torch.distributed as dist
+
+        accs = sorted(self._accs, key=lambda a: a.members[0])
+        layout = [(tuple(a.members), tuple(a.xtx.shape)) for a in accs]
+        seen = [None] * dist.get_world_size(group)
+        dist.all_gather_object(seen, layout, group=group)
+        if any(other != layout for other in seen):
+            raise ValueError("ActivationStats.all_reduce: the ranks reached different layers (or "
+                             "grouped shared inputs differently); every rank must run the same "
+                             "model on batches that reach every hooked layer")
+        if not accs:
+            return
+        flat = torch.cat([a.xtx.reshape(-1) for a in accs])
+        counts = torch.tensor([a.count for a in accs], dtype=torch.int64, device=flat.device)
+        dist.all_reduce(flat, group=group)
+        dist.all_reduce(counts, group=group)
+        offset = 0
+        for a, count in zip(accs, counts.tolist()):
+            size = a.xtx.numel()
+            a.xtx.copy_(flat[offset:offset + size].view_as(a.xtx))
+            a.count = int(count)
+            offset += size
+
     def groups(self) -> list[list[str]]:
         """Names of the layers sharing each accumulator."""
         return [list(acc.members) for acc in self._accs]
@@ -278,6 +306,7 @@ def calibrate(
     max_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    process_group=None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Both calibration passes: ``{layer name: (proxy_cov, task_cov)}`` with ``E[x x^T]``.
 
@@ -301,6 +330,9 @@ def calibrate(
         max_batches: stop each pass after this many batches.
         dtype: accumulation dtype.
         progress: show progress bars (tqdm when installed).
+        process_group: data parallel: each rank passes its share of the batches and the sums and
+            counts are all-reduced over this ``torch.distributed`` group before the covariances
+            are formed, so every rank gets the statistics of all the batches.
 
     Returns:
         ``{name: (proxy_cov, task_cov)}`` for the layers reached by both passes.
@@ -318,6 +350,9 @@ def calibrate(
                      max_batches, dtype)
     finally:
         model.train(was_training)
+    if process_group is not None:
+        proxy.all_reduce(process_group)
+        task.all_reduce(process_group)
     proxy_cov = proxy.covariances()
     task_cov = task.covariances()
     missing = sorted(set(proxy.modules) - (set(proxy_cov) & set(task_cov)))
