@@ -251,6 +251,18 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     return dh, dw, db
 
 
+def resolve(op: str, local_columns: int, device, group, backend: str | None):
+    """The vocab-parallel form's ``(Implementation, whole vocabulary size)`` for ``op``
+    (``"tmkl"`` or ``"linear_tmkl"``) on this rank's shard of ``local_columns`` vocabulary entries:
+    the one place that decides it (it runs the reference math, whatever ``backend`` would pick)."""
+    if backend not in (None, "reference"):
+        raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) runs "
+                         "the reference implementation; use backend=None")
+    offset, total = shard_layout(local_columns, group, device)
+    make = vocab_parallel_tmkl if op == "tmkl" else vocab_parallel_linear_tmkl
+    return make(group, offset), total
+
+
 def vocab_parallel_linear_tmkl(group, offset: int) -> Implementation:
     """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group``."""
     return Implementation(op="linear_tmkl", backend="reference",

@@ -100,14 +100,11 @@ def tmkl_loss(
                                         num_items_in_batch)
         impl = _backend.resolve("tmkl", logits, backend=backend)
     else:
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
-                             "runs the reference implementation; use backend=None")
         _validate.check_tensor(logits, "logits")
-        offset, total = distributed.shard_layout(logits.shape[-1], process_group, logits.device)
+        impl, total = distributed.resolve("tmkl", logits.shape[-1], logits.device, process_group,
+                                          backend)
         z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
                                         num_items_in_batch, num_classes=total)
-        impl = distributed.vocab_parallel_tmkl(process_group, offset)
     loss, ce, kl = TMKLFunction.apply(z, b, y, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
@@ -215,12 +212,9 @@ def linear_tmkl_loss(
         total = None
         impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
     else:
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
-                             "runs the reference implementation; use backend=None")
         _validate.check_tensor(weight, "weight")
-        offset, total = distributed.shard_layout(weight.shape[0], process_group, weight.device)
-        impl = distributed.vocab_parallel_linear_tmkl(process_group, offset)
+        impl, total = distributed.resolve("linear_tmkl", weight.shape[0], weight.device,
+                                          process_group, backend)
     h, hb, wb, bb, y = _validate.linear_tmkl_inputs(
         hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
         num_items_in_batch, num_classes=total)

@@ -152,21 +152,31 @@ def _check_dtensor(rank: int, world: int) -> None:
         forgetkern.tmkl_loss(dz, distribute_tensor(b, mesh, [Replicate()]), dy)
 
 
-def _worker(rank: int, world: int, init_file: str, results: str) -> None:
+def _entry(rank: int, world: int, init_file: str, results: str, body) -> None:
+    """One spawned rank: a gloo group around ``body(rank, world, results)``."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        count = _check_rank(rank, world)
-        with open(f"{results}.{rank}", "w") as f:
-            f.write(str(count))
+        body(rank, world, results)
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(body, world: int, tmp_path, name: str) -> str:
+    """Run ``body`` on ``world`` gloo ranks; returns the results prefix each rank wrote under."""
+    torch.set_num_threads(1)
+    results = str(tmp_path / name)
+    mp.spawn(_entry, args=(world, str(tmp_path / "init"), results, body), nprocs=world, join=True)
+    return results
+
+
+def _losses_body(rank: int, world: int, results: str) -> None:
+    with open(f"{results}.{rank}", "w") as f:
+        f.write(str(_check_rank(rank, world)))
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_tmkl_matches_one_process(tmp_path, world):
-    torch.set_num_threads(1)
-    results = str(tmp_path / "done")
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    results = _spawn(_losses_body, world, tmp_path, "done")
     counts = {int(open(f"{results}.{r}").read()) for r in range(world)}
     cases = len(list(_cases()))
     assert counts == {cases + len(range(0, cases, 3))}
@@ -199,31 +209,24 @@ def _global_batch():
     return ids, labels
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from forgetkern import ForgetAwareStep
+def _ddp_body(rank: int, world: int, results: str) -> None:
+    from forgetkern import ForgetAwareStep
 
-        ids, labels = _global_batch()
-        rows = slice(2 * rank, 2 * rank + 2)
-        model = torch.nn.parallel.DistributedDataParallel(_lora_model())
-        step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
-        micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
-                 for r in range(rows.start, rows.stop)]  # two micro-batches: one sync
-        for _ in range(3):
-            step(micro)
-        torch.save({n: p.detach() for n, p in model.module.named_parameters() if p.requires_grad},
-                   f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    ids, labels = _global_batch()
+    model = torch.nn.parallel.DistributedDataParallel(_lora_model())
+    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
+    micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
+             for r in range(2 * rank, 2 * rank + 2)]  # two micro-batches: one sync
+    for _ in range(3):
+        step(micro)
+    torch.save({n: p.detach() for n, p in model.module.named_parameters() if p.requires_grad},
+               f"{results}.{rank}")
 
 
 def test_ddp_steps_equal_one_process_on_the_global_batch(tmp_path):
     from forgetkern import ForgetAwareStep
 
-    torch.set_num_threads(1)
-    results = str(tmp_path / "params")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = _spawn(_ddp_body, 2, tmp_path, "params")
     ids, labels = _global_batch()
     model = _lora_model()
     step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
@@ -248,25 +251,19 @@ def _calibration_batches():
     return proxy, task
 
 
-def _calibrate_worker(rank: int, world: int, init_file: str, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        from forgetkern.optim import calibrate
+def _calibrate_body(rank: int, world: int, results: str) -> None:
+    from forgetkern.optim import calibrate
 
-        proxy, task = _calibration_batches()
-        stats = calibrate(_lora_model(), proxy[rank::world], task[rank::world], progress=False,
-                          process_group=dist.group.WORLD)
-        torch.save(stats, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    proxy, task = _calibration_batches()
+    stats = calibrate(_lora_model(), proxy[rank::world], task[rank::world], progress=False,
+                      process_group=dist.group.WORLD)
+    torch.save(stats, f"{results}.{rank}")
 
 
 def test_calibrate_across_ranks_equals_one_process(tmp_path):
     from forgetkern.optim import calibrate
 
-    torch.set_num_threads(1)
-    results = str(tmp_path / "stats")
-    mp.spawn(_calibrate_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = _spawn(_calibrate_body, 2, tmp_path, "stats")
     proxy, task = _calibration_batches()
     want = calibrate(_lora_model(), proxy, task, progress=False)
     for rank in range(2):
