@@ -1,8 +1,17 @@
-"""Vocab-parallel ``tmkl_loss`` / ``linear_tmkl_loss(process_group=...)`` on CPU with gloo, 2 and 4 processes, against the
-single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the world
-size, ignored and all-ignored rows, ``num_items_in_batch``, components, large logit offsets."""
+"""forgetkern on torch.distributed, CPU with gloo, against one process.
+
+* Vocab-parallel ``tmkl_loss`` / ``linear_tmkl_loss(process_group=...)``, 2 and 4 processes, against
+  the single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the
+  world size, ignored and all-ignored rows, ``num_items_in_batch``, components, large offsets.
+* Data parallel on 2 ranks (one spawn runs every check, each test reads its own result):
+  ``ForgetAwareStep`` under DDP (a protocol model and a tiny Llama, fused-linear path),
+  ``TMKLTrainer`` under DDP through HF Trainer's own distributed handling, ``calibrate``,
+  ``sample_proxy_data`` split over the ranks, FoLoRA's eigen solves spread over the ranks.
+FSDP2 is in tests/test_fsdp.py."""
+import datetime
 import itertools
 import os
+import traceback
 
 import pytest
 import torch
@@ -153,8 +162,10 @@ def _check_dtensor(rank: int, world: int) -> None:
 
 
 def _entry(rank: int, world: int, init_file: str, results: str, body) -> None:
-    """One spawned rank: a gloo group around ``body(rank, world, results)``."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    """One spawned rank: a gloo group around ``body(rank, world, results)`` (a rank left waiting
+    in a collective by a failed peer gives up after a minute)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         body(rank, world, results)
     finally:
@@ -184,7 +195,49 @@ def test_vocab_parallel_tmkl_matches_one_process(tmp_path, world):
 
 
 # ------------------------------------------------------------------------------------------------
-# data parallel: ForgetAwareStep on a DistributedDataParallel model
+# data parallel on 2 ranks: one spawn runs every check below; each test reads its check's result
+# ------------------------------------------------------------------------------------------------
+CHECKS = {}
+
+
+def _check(body):
+    CHECKS[body.__name__.removeprefix("_rank_")] = body
+    return body
+
+
+def _all_checks_body(rank: int, world: int, results: str) -> None:
+    for name, body in CHECKS.items():
+        try:
+            torch.save(body(rank, world), f"{results}.{name}.{rank}")
+        except Exception:
+            with open(f"{results}.{name}.{rank}.error", "w") as f:
+                f.write(traceback.format_exc())
+        dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """``result(name)``: each rank's return value of check ``name`` (its traceback fails the test)."""
+    results = _spawn(_all_checks_body, 2, tmp_path_factory.mktemp("ranks"), "check")
+
+    def result(name: str) -> list:
+        for rank in range(2):
+            if os.path.exists(f"{results}.{name}.{rank}.error"):
+                pytest.fail(f"rank {rank}:\n" + open(f"{results}.{name}.{rank}.error").read())
+        return [torch.load(f"{results}.{name}.{rank}", weights_only=False) for rank in range(2)]
+
+    return result
+
+
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_params(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **(tol or dict(rtol=1e-5, atol=1e-6)),
+                                   msg=name)
 
 
 def _lora_model():
@@ -192,7 +245,7 @@ def _lora_model():
     from forgetkern.lora import inject_lora, lora_layers
 
     torch.manual_seed(0)
-    model = TinyLM(TinyConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, d_ff=24, max_len=16))
+    model = TinyLM(TinyConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_len=16))
     inject_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -200,50 +253,99 @@ def _lora_model():
     return model
 
 
-def _global_batch():
+def _llama(vocab: int = 64, lora: bool = True):
+    """A tiny random ``LlamaForCausalLM`` (hidden 32, 2 layers) with forgetkern LoRA on q/v."""
+    import transformers
+
+    from forgetkern.lora import inject_lora, lora_layers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    if not lora:
+        return model
+    inject_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.3)
+    return model
+
+
+def _global_batch(vocab: int = 41):
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 41, (4, 12), generator=gen)
+    ids = torch.randint(0, vocab, (4, 12), generator=gen)
     labels = ids.clone()
     labels[0, :5] = -100  # rows with different token counts: the denominator must be global
     labels[3, :2] = -100
     return ids, labels
 
 
-def _ddp_body(rank: int, world: int, results: str) -> None:
+def _ddp_steps(make, vocab: int, rank: int, steps: int) -> dict:
     from forgetkern import ForgetAwareStep
 
-    ids, labels = _global_batch()
-    model = torch.nn.parallel.DistributedDataParallel(_lora_model())
-    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
+    ids, labels = _global_batch(vocab)
+    model = torch.nn.parallel.DistributedDataParallel(make())
+    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5, chunk_size=8,
+                           backend="reference")
     micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
              for r in range(2 * rank, 2 * rank + 2)]  # two micro-batches: one sync
-    for _ in range(3):
-        step(micro)
-    torch.save({n: p.detach() for n, p in model.module.named_parameters() if p.requires_grad},
-               f"{results}.{rank}")
+    paths = [step(micro)["path"] for _ in range(steps)]
+    return {"params": _trainable(model.module), "paths": paths}
 
 
-def test_ddp_steps_equal_one_process_on_the_global_batch(tmp_path):
+def _one_process_steps(make, vocab: int, steps: int) -> dict:
     from forgetkern import ForgetAwareStep
 
-    results = _spawn(_ddp_body, 2, tmp_path, "params")
-    ids, labels = _global_batch()
-    model = _lora_model()
-    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5)
-    for _ in range(3):
+    ids, labels = _global_batch(vocab)
+    model = make()
+    step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5, chunk_size=8,
+                           backend="reference")
+    for _ in range(steps):
         step({"input_ids": ids, "labels": labels})
-    want = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    for rank in range(2):
-        got = torch.load(f"{results}.{rank}")
-        assert got.keys() == want.keys()
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    return _trainable(model)
 
 
-# ------------------------------------------------------------------------------------------------
-# FoLoRA statistics across ranks
+@_check
+def _rank_ddp_protocol_model(rank: int, world: int):
+    return _ddp_steps(_lora_model, 41, rank, 3)
 
 
+@_check
+def _rank_ddp_llama(rank: int, world: int):
+    return _ddp_steps(_llama, 64, rank, 2)
+
+
+def test_ddp_steps_equal_one_process_on_the_global_batch(two_ranks):
+    """The fused-linear path through DDP (the forward_hidden protocol): 2 ranks x 2 micro-batches,
+    3 AdamW steps, equal the parameters of one process on the global batch."""
+    want = _one_process_steps(_lora_model, 41, 3)
+    for got in two_ranks("ddp_protocol_model"):
+        assert got["paths"] == ["fused"] * 3
+        _assert_same_params(got["params"], want)
+
+
+def test_ddp_fused_llama_equals_one_process(two_ranks):
+    """A tiny HF Llama under DDP takes the fused-linear path (its backbone through DDP's forward)
+    and matches one process on the global batch after 2 steps."""
+    want = _one_process_steps(_llama, 64, 2)
+    for got in two_ranks("ddp_llama"):
+        assert got["paths"] == ["fused"] * 2
+        _assert_same_params(got["params"], want)
+
+
+def test_routed_leaves_a_plain_model_as_it_is():
+    """Only DDP and FSDP2 wrappers reroute the hidden-state function through their forward."""
+    from forgetkern.distributed import routed
+
+    def fn(**inputs):
+        return inputs
+
+    assert routed(torch.nn.Linear(2, 2), fn) is fn  # a plain model: called as it is
+
+
+# ---- FoLoRA statistics across ranks ------------------------------------------------------------
 def _calibration_batches():
     gen = torch.Generator().manual_seed(11)
     proxy = [torch.randint(0, 41, (2, 9), generator=gen) for _ in range(4)]
@@ -251,24 +353,254 @@ def _calibration_batches():
     return proxy, task
 
 
-def _calibrate_body(rank: int, world: int, results: str) -> None:
+@_check
+def _rank_calibrate(rank: int, world: int):
     from forgetkern.optim import calibrate
 
     proxy, task = _calibration_batches()
-    stats = calibrate(_lora_model(), proxy[rank::world], task[rank::world], progress=False,
-                      process_group=dist.group.WORLD)
-    torch.save(stats, f"{results}.{rank}")
+    return calibrate(_lora_model(), proxy[rank::world], task[rank::world], progress=False,
+                     process_group=dist.group.WORLD)
 
 
-def test_calibrate_across_ranks_equals_one_process(tmp_path):
+def test_calibrate_across_ranks_equals_one_process(two_ranks):
     from forgetkern.optim import calibrate
 
-    results = _spawn(_calibrate_body, 2, tmp_path, "stats")
     proxy, task = _calibration_batches()
     want = calibrate(_lora_model(), proxy, task, progress=False)
-    for rank in range(2):
-        got = torch.load(f"{results}.{rank}")
+    for got in two_ranks("calibrate"):
         assert got.keys() == want.keys()
         for name, (p, t) in want.items():
             torch.testing.assert_close(got[name][0], p, rtol=1e-5, atol=1e-6, msg=name)
             torch.testing.assert_close(got[name][1], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
+PROXY = dict(n_samples=5, length=6, prompts=[[1], [2, 3]], seed=4, batch_size=2, progress=False)
+
+
+@_check
+def _rank_proxy(rank: int, world: int):
+    from forgetkern.optim import sample_proxy_data
+
+    model = _lora_model()
+    mine = sample_proxy_data(model, **PROXY, process_group=dist.group.WORLD)
+    again = sample_proxy_data(model, **PROXY, process_group=dist.group.WORLD)
+    gathered = sample_proxy_data(model, **PROXY, process_group=dist.group.WORLD, gather=True)
+    return {"mine": torch.cat(mine), "again": torch.cat(again), "gathered": torch.cat(gathered)}
+
+
+def test_sample_proxy_data_split_across_ranks(two_ranks):
+    """Each rank samples its contiguous share (3 + 2 of 5), deterministically, with global prompt
+    indices; rank 0 samples as one process with the same seed, rank r with ``seed + r * 2**32``;
+    ``gather=True`` gives every rank all the samples in rank order."""
+    from forgetkern.optim import sample_proxy_data
+
+    r0, r1 = two_ranks("proxy")
+    assert r0["mine"].shape == (3, 6) and r1["mine"].shape == (2, 6)
+    for r in (r0, r1):
+        assert torch.equal(r["mine"], r["again"])
+        assert torch.equal(r["gathered"], torch.cat([r0["mine"], r1["mine"]]))
+    model = _lora_model()
+    one = torch.cat(sample_proxy_data(model, **PROXY))
+    assert torch.equal(r0["mine"], one[:3])
+    assert r1["mine"][0, :2].tolist() == [2, 3] and r1["mine"][1, 0] == 1  # prompts of samples 3, 4
+    other = {**PROXY, "seed": PROXY["seed"] + 2**32}
+    rows = torch.cat(sample_proxy_data(model, **other))  # as rank 1 seeds, from sample 0
+    assert not torch.equal(r1["mine"], one[3:])  # rank 1 draws from its own generator
+    assert rows.shape == (5, 6)
+
+
+def _folora(process_group=None):
+    from forgetkern.optim import FoLoRA, calibrate
+
+    model = _lora_model()
+    proxy, task = _calibration_batches()
+    stats = calibrate(model, proxy, task, progress=False)
+    opt = FoLoRA.from_model(model, stats, lr=1e-2, backend="reference", eigh_backend="reference",
+                            process_group=process_group)
+    opt.refresh(force=True)
+    return model, opt
+
+
+def _bases(model, opt) -> dict:
+    keys = ("lam", "V", "W", "gate")
+    return {f"{n}.{k}": opt.state[p][k].clone() for n, p in model.named_parameters()
+            if p.requires_grad for k in keys if k in opt.state[p]}
+
+
+@_check
+def _rank_folora_spread(rank: int, world: int):
+    from forgetkern.optim import basis, optimizer
+
+    solved = []
+    layer, pairs = optimizer.solve_layer, basis.functional.generalized_eigh
+
+    def count_layer(*args, **kwargs):
+        solved.append("layer")
+        return layer(*args, **kwargs)
+
+    def count_pairs(task, proxy, **kwargs):
+        solved.append(f"pairs:{task.shape[0]}" if task.dim() == 3 else "eigh")
+        return pairs(task, proxy, **kwargs)
+
+    optimizer.solve_layer, basis.functional.generalized_eigh = count_layer, count_pairs
+    try:
+        model, opt = _folora(dist.group.WORLD)
+    finally:
+        optimizer.solve_layer, basis.functional.generalized_eigh = layer, pairs
+    alone = _bases(*_folora())  # one process, here: the same threads, so the same rounding
+    return {"bases": _bases(model, opt), "alone": alone, "solved": solved}
+
+
+def test_folora_solves_spread_over_ranks_equal_one_process(two_ranks):
+    """Two layer inputs (q/v share one basis per block) and four pairs: each rank solves one layer
+    basis and two of the pairs; the broadcast results equal one process's in the same process bit
+    for bit (and this process's, with its own thread count, to rounding)."""
+    want = _bases(*_folora())
+    for got in two_ranks("folora_spread"):
+        for name in want:
+            torch.testing.assert_close(got["bases"][name], got["alone"][name], rtol=0, atol=0,
+                                       msg=name)
+        # one layer basis (its eigensolve) and 2 of the 4 pairs, in one batched call
+        assert sorted(got["solved"]) == ["eigh", "layer", "pairs:2"]
+        assert got["bases"].keys() == want.keys() and len(want) == 32  # 8 params x 4 entries
+        for name in want:
+            torch.testing.assert_close(got["bases"][name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- TMKLTrainer: HF Trainer's own distributed handling (accelerate over the gloo group) -------
+class _Rows(torch.utils.data.Dataset):
+    """4 rows of 10 tokens, rows with different numbers of ignored labels."""
+
+    def __init__(self):
+        self.ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[:i] = -100
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+def _trainer_run(out_dir: str, per_device: int) -> dict:
+    """2 optimizer steps of TMKLTrainer, 2 accumulated micro-batches each: every step sees the
+    whole 4-row data set (in the sampler's order), so one process and 2 ranks must agree."""
+    import transformers
+
+    import forgetkern.integrations.hf as hf
+
+    model = _llama()
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
+        max_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = hf.TMKLTrainer(model=model, args=args, train_dataset=_Rows(),
+                             tmkl_options={"kl_weight": 0.5})
+    seen = []
+    config_loss = hf.config_loss
+
+    def spy(model, inputs, config, num_items_in_batch=None, **kwargs):
+        out = config_loss(model, inputs, config, num_items_in_batch=num_items_in_batch, **kwargs)
+        seen.append((type(model).__name__, int(num_items_in_batch), out.path))
+        return out
+
+    hf.config_loss = spy
+    try:
+        trainer.train()
+    finally:
+        hf.config_loss = config_loss
+    return {"params": _trainable(model), "seen": seen, "world": args.world_size}
+
+
+@_check
+def _rank_trainer(rank: int, world: int):
+    # what torchrun / accelerate launch set; the gloo group already exists, accelerate adopts it
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        return _trainer_run(out, per_device=1)
+
+
+def test_tmkl_trainer_two_ranks_equal_one_process(two_ranks, tmp_path):
+    """TMKLTrainer under HF Trainer's DDP (gloo): the loss denominator is the global token count,
+    the fused path runs through DDP, and both ranks end with the parameters of one process."""
+    want = _trainer_run(str(tmp_path), per_device=2)
+    assert want["world"] == 1
+    global_counts = {n for _, n, _ in want["seen"]}
+    for got in two_ranks("trainer"):
+        assert got["world"] == 2
+        assert [(m, p) for m, _, p in got["seen"]] == [("DistributedDataParallel", "fused")] * 4
+        assert {n for _, n, _ in got["seen"]} == global_counts  # all 4 rows' tokens on each rank
+        _assert_same_params(got["params"], want["params"])
+
+
+# ---- the recipes of docs/distributed.md, run as written ----------------------------------------
+def _doc_block(marker: str) -> dict:
+    """The docs/distributed.md python block containing ``marker``, executed as a module (its
+    ``if __name__ == "__main__"`` part does not run)."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+              if marker in b]
+    assert len(blocks) == 1, f"docs/distributed.md: no single python block with {marker!r}"
+    namespace = {"__name__": "__doc_recipe__"}
+    exec(compile(blocks[0], str(doc), "exec"), namespace)
+    return namespace
+
+
+def _recipe_loader(vocab: int = 64):
+    ids, labels = _global_batch(vocab)
+    return [[{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]} for r in range(4)]] * 2
+
+
+@_check
+def _rank_torchrun_recipe(rank: int, world: int):
+    main = _doc_block("def main(model, loader")["main"]
+    out = {}
+    for fsdp in (False, True):
+        model, metrics = main(_llama(lora=False), _recipe_loader(), fsdp=fsdp, steps=2)
+        inner = getattr(model, "module", model)
+        out[fsdp] = {"path": metrics["path"], "tokens": metrics["tokens"],
+                     "params": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                                for n, p in inner.named_parameters() if p.requires_grad}}
+    return out
+
+
+def test_torchrun_recipe_runs_under_ddp_and_fsdp2(two_ranks):
+    """The recipe's ``main`` on 2 ranks (2 micro-batches each): fused path, the global token count,
+    the same parameters on both ranks, and DDP and FSDP2 agree."""
+    ids, labels = _global_batch(64)
+    tokens = int((labels[:, 1:] != -100).sum())
+    r0, r1 = two_ranks("torchrun_recipe")
+    for fsdp in (False, True):
+        assert r0[fsdp]["path"] == r1[fsdp]["path"] == "fused"
+        assert r0[fsdp]["tokens"] == r1[fsdp]["tokens"] == tokens
+        _assert_same_params(r0[fsdp]["params"], r1[fsdp]["params"], rtol=0, atol=0)
+    _assert_same_params(r0[True]["params"], r0[False]["params"])
+
+
+@_check
+def _rank_trainer_recipe(rank: int, world: int):
+    import tempfile
+
+    train = _doc_block("def train(model, dataset")["train"]
+    with tempfile.TemporaryDirectory() as out:
+        model = _llama()
+        trainer = train(model, _Rows(), out)
+        return {"world": trainer.args.world_size, "steps": trainer.state.global_step,
+                "params": _trainable(model)}
+
+
+def test_trainer_recipe_runs_on_two_processes(two_ranks):
+    """The recipe's ``train`` (3 epochs of the 4-row set, 1 step each) on 2 ranks: the same
+    parameters on both, changed from the start."""
+    r0, r1 = two_ranks("trainer_recipe")
+    assert r0["world"] == r1["world"] == 2 and r0["steps"] == r1["steps"] == 3
+    _assert_same_params(r0["params"], r1["params"], rtol=0, atol=0)
+    start = _trainable(_llama())
+    assert any(not torch.equal(r0["params"][n], start[n]) for n in start)

@@ -15,9 +15,16 @@ import torch
 
 from .. import _backend
 from .._params import FOLORA_SCALARS, SegmentTable
+from ..distributed import is_dtensor
 from .basis import spectral
 
 OP = "folora_step"
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (an FSDP2 shard: rows of the parameter), or ``t`` itself.
+    FoLoRA's per-row math (``g V``, ``s Vᵀ``, Adam) runs on it as on a whole parameter."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def scalar_row(step: int, lr: float, beta1: float, beta2: float, eps: float) -> list[float]:
@@ -60,8 +67,8 @@ class Flat:
         ``"dense"`` and ``"pair"``; ``"lowrank"`` gates act in the projection back)."""
         cols, gate_off, gates, off = [], [], [], 0
         for p in self.params:
-            st = state[p]
-            cols.append(max(p.shape[-1] if p.dim() >= 1 else 1, 1))
+            st, x = state[p], local(p)
+            cols.append(max(x.shape[-1] if x.dim() >= 1 else 1, 1))
             if st.get("mode") in ("dense", "pair"):
                 gate_off.append(off)
                 gates.append(st["gate"].to(self.g.device))
@@ -76,7 +83,7 @@ class Flat:
         plain_dst, plain_src = [], []
         rotate: dict = {}  # (grad shape, grad dtype, V shape) -> [(index, grad, V)]
         for i in active:
-            grad = self.params[i].grad
+            grad = local(self.params[i].grad)
             coords = spectral(state[self.params[i]])
             if coords is None:
                 plain_dst.append(self.g_views[i])
@@ -101,8 +108,8 @@ class Flat:
         updated, steps = [], []
         back: dict = {}
         for i in active:
-            p = self.params[i]
-            st = state[p]
+            st = state[self.params[i]]
+            p = local(self.params[i])
             mode = st.get("mode")
             if mode in ("dense", "pair", "lowrank"):
                 key = (mode, tuple(p.shape), p.dtype, tuple(st["V"].shape))
@@ -130,24 +137,25 @@ def build_flats(params, state, backend: str | None) -> dict:
     the state entries become views of them). The ``folora_step`` implementation is resolved here,
     once per device (an explicit ``backend`` that cannot serve raises)."""
     by_dev: dict = {}
-    for p in params:
+    for p in params:  # segments hold this rank's part of a DTensor parameter
         by_dev.setdefault(p.device, []).append(p)
     flats = {}
     for dev, ps in by_dev.items():
         start, numel, off = [], [], 0
         for p in ps:
             start.append(off)
-            numel.append(p.numel())
-            off += p.numel()
+            numel.append(local(p).numel())
+            off += numel[-1]
         g, m, v, s = (torch.zeros(off, dtype=torch.float32, device=dev) for _ in range(4))
         flat = Flat(ps, g, m, v, s, start, numel, impl=_backend.resolve(OP, g, backend=backend))
         for p, a, n in zip(ps, start, numel):
-            flat.g_views.append(g[a: a + n].view(p.shape))
-            flat.s_views.append(s[a: a + n].view(p.shape))
+            shape = local(p).shape
+            flat.g_views.append(g[a: a + n].view(shape))
+            flat.s_views.append(s[a: a + n].view(shape))
             st = state[p]
             st.setdefault("step", 0)
             for key, buf in (("exp_avg", m), ("exp_avg_sq", v)):
-                view = buf[a: a + n].view(p.shape)
+                view = buf[a: a + n].view(shape)
                 if key in st:
                     view.copy_(st[key])
                 st[key] = view

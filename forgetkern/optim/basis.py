@@ -16,12 +16,15 @@ backend (and its fallback for large ``n``) the implementation table picks.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from .. import functional
+from ..distributed import is_dtensor
 from .gating import gate_values
 
 #: Dtype the ``d_in x d_in`` generalized eigenproblems are solved in (stored results are float32).
@@ -203,8 +206,52 @@ class BasisCache:
         if hit is not None and hit[0]() is proxy_cov and hit[1]() is task_cov:
             return hit[2]
         new = solve_layer(proxy_cov, task_cov, k, float(damping), basis_norm, device, eigh_backend)
-        self._entries[key] = (weakref.ref(proxy_cov), weakref.ref(task_cov), new)
+        self.put(proxy_cov, task_cov, k, damping, basis_norm, device, new)
         return new
+
+    def put(self, proxy_cov, task_cov, k, damping, basis_norm, device, solved: dict) -> None:
+        """Record ``solved`` (a :func:`solve_layer` result, e.g. solved on another rank)."""
+        key = (id(proxy_cov), id(task_cov), k, float(damping), basis_norm, str(device))
+        self._entries[key] = (weakref.ref(proxy_cov), weakref.ref(task_cov), solved)
+
+
+def layer_layout(n: int, k: int | None) -> tuple[str, list]:
+    """``(mode, [(state key, shape), ...])`` of the tensors :func:`solve_layer` returns for a
+    ``d_in = n`` basis keeping ``k`` directions."""
+    if k is None or k >= n:
+        return "dense", [("lam", (n,)), ("V", (n, n)), ("W", (n, n)), ("proxy", (n, n)),
+                         ("task", (n, n))]
+    sk = [(f"{s}_{x}", shape) for s in ("proxy", "task") for x, shape in
+          (("Q", (n, k)), ("s", (k,)), ("rho", ()))]
+    return "lowrank", [("lam", (k,)), ("V", (n, k)), ("W", (n, k)), *sk]
+
+
+def spread(solve, jobs: list, layouts: list, group, device) -> list[dict]:
+    """``solve(jobs)`` spread over the ranks of ``group``: job ``i`` is solved on rank
+    ``i % world`` (``solve`` gets each rank's jobs as one list, returns one dict per job) and the
+    results are broadcast from there, one ``broadcast`` per owning rank of its results packed in
+    one float32 buffer; ``layouts[i]`` lists job ``i``'s ``(key, shape)`` (known on every rank).
+    Every rank returns every job's dict (float32 tensors), equal to solving all of them here."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = list(range(rank, len(jobs), world))
+    results: list = [None] * len(jobs)
+    for i, out in zip(mine, solve([jobs[i] for i in mine]) if mine else []):
+        results[i] = out
+    for src in range(min(world, len(jobs))):
+        owned = [(i, key, shape) for i in range(src, len(jobs), world) for key, shape in layouts[i]]
+        if src == rank:
+            buf = torch.cat([_f32(results[i][key]).reshape(-1) for i, key, _ in owned])
+        else:
+            buf = torch.empty(sum(math.prod(sh) for *_, sh in owned), dtype=torch.float32,
+                              device=device)
+        dist.broadcast(buf, group=group, group_src=src)
+        if src != rank:
+            offset = 0
+            for i, key, shape in owned:
+                results[i] = results[i] or {}
+                results[i][key] = buf[offset:offset + math.prod(shape)].view(shape).clone()
+                offset += math.prod(shape)
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +307,9 @@ def _layer_stat(a_state: dict, name: str):
 
 
 @torch.no_grad()
-def solve_pairs(items, state, eigh_backend: str | None = None) -> None:
-    """Re-solve the bases of paired ``B``, all of one rank ``r`` and device, in one eigensolver call.
+def solve_pairs(items, state, eigh_backend: str | None = None, process_group=None) -> None:
+    """Re-solve the bases of paired ``B``, all of one rank ``r`` and device, in one eigensolver call
+    (with ``process_group``: pair ``i`` on rank ``i % world``, then broadcast, see :func:`spread`).
 
     ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state. Per pair,
     in plain torch (``tn``: trace-normalize; ``damping`` of ``B``'s group)::
@@ -272,8 +320,8 @@ def solve_pairs(items, state, eigh_backend: str | None = None) -> None:
     B0 = items[0][0]
     r, device = B0.shape[1], B0.device
     proxies, tasks = [], []
-    for _, A, _ in items:
-        a = A.detach().to(torch.float32)
+    for _, A, _ in items:  # an FSDP2-sharded A: its full (r, d_in) tensor, gathered
+        a = (A.full_tensor() if is_dtensor(A) else A).detach().to(torch.float32)
         proxies.append(project(a, _layer_stat(state[A], "proxy")))
         tasks.append(project(a, _layer_stat(state[A], "task")))
     proxy, task = torch.stack(proxies), torch.stack(tasks)
@@ -288,14 +336,22 @@ def solve_pairs(items, state, eigh_backend: str | None = None) -> None:
     damping = torch.tensor([g["damping"] for _, _, g in items], dtype=proxy.dtype, device=device)
     # per-pair damping folded into the proxy side (one batched call even with mixed groups)
     proxy = proxy + damping[:, None, None] * torch.eye(r, dtype=proxy.dtype, device=device)
-    try:
-        lam, V = functional.generalized_eigh(task, proxy, eps=0.0, backend=eigh_backend)
-    except ValueError as exc:
-        raise ValueError(f"A Σp Aᵀ + damping*I is not positive definite; increase damping ({exc})") from None
-    W = proxy @ V
+
+    def solve(idx):
+        try:
+            lam, V = functional.generalized_eigh(task[idx], proxy[idx], eps=0.0, backend=eigh_backend)
+        except ValueError as exc:
+            raise ValueError(f"A Σp Aᵀ + damping*I is not positive definite; increase damping ({exc})") from None
+        W = proxy[idx] @ V
+        return [{"lam": lam[j], "V": V[j], "W": W[j]} for j in range(len(idx))]
+
+    jobs = list(range(len(items)))
+    solved = solve(jobs) if process_group is None else spread(
+        solve, jobs, [[("lam", (r,)), ("V", (r, r)), ("W", (r, r))]] * len(jobs), process_group,
+        device)
     for i, (B, _, group) in enumerate(items):
-        Vi, Wi = normalized(V[i], W[i], group["basis_norm"])
+        Vi, Wi = normalized(solved[i]["V"], solved[i]["W"], group["basis_norm"])
         st = state[B]
-        lam_i = _f32(lam[i])
+        lam_i = _f32(solved[i]["lam"])
         set_basis(st, {"mode": "pair", "lam": lam_i, "V": _f32(Vi), "W": _f32(Wi),
                        "gate": gates_of(group, lam_i, r), "refreshed": st.get("step", 0)})

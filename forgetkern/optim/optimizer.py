@@ -15,8 +15,9 @@ from .. import _backend
 from .._params import NUM_FOLORA_SCALARS
 from .._validate import check_folora_options
 from ..lora.discovery import lora_modules
-from ._flat import OP, build_flats, scalar_row
-from .basis import BasisCache, check_statistics, gates_of, set_basis, solve_pairs
+from ._flat import OP, build_flats, local, scalar_row
+from .basis import (BasisCache, check_statistics, gates_of, layer_layout, set_basis, solve_layer,
+                    solve_pairs, spread)
 
 
 def _check_backend(backend) -> None:
@@ -62,13 +63,20 @@ class FoLoRA(Optimizer):
             (automatic). Resolved once per device when the flat buffers are built (the first
             step); an explicit backend that cannot serve raises there.
         eigh_backend: backend of the batched small eigensolver (``None``: automatic).
+        process_group: data parallel (every rank holds the same statistics and steps the same
+            parameters, whole under DDP or FSDP2 shards): the eigen solves are spread over its
+            ranks, layer (or pair) ``i`` on rank ``i % world``, and broadcast (one packed
+            ``broadcast`` per rank; results equal one process). ``None``: all solved here.
+
+    FSDP2-sharded (DTensor) parameters are stepped shard by shard (each rank's rows; a paired
+    ``B``'s refresh gathers its ``A``); the state dict then holds this rank's moments.
     """
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, gate: str = "soft", tau: float = 1.0,
                  damping: float = 1e-3, basis="dense", refresh_every: int = 10, *,
                  basis_norm: str = "proxy", sharpness: float = 4.0, backend: str | None = None,
-                 eigh_backend: str | None = None):
+                 eigh_backend: str | None = None, process_group=None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gate=gate,
                         tau=tau, damping=damping, basis=basis, refresh_every=refresh_every,
                         basis_norm=basis_norm, sharpness=sharpness)
@@ -76,6 +84,7 @@ class FoLoRA(Optimizer):
         _check_backend(backend)
         self._step_backend = backend
         self.eigh_backend = eigh_backend
+        self.process_group = process_group
         self._pairs: dict = {}  # B -> A
         self._flat: dict | None = None  # device -> _flat.Flat, built at the first step
         self._gates_stale = True
@@ -172,7 +181,7 @@ class FoLoRA(Optimizer):
             if force or last is None or st.get("step", 0) - last >= group["refresh_every"]:
                 by_r.setdefault((B.shape[1], B.device), []).append((B, A, group))
         for items in by_r.values():
-            solve_pairs(items, self.state, self.eigh_backend)
+            solve_pairs(items, self.state, self.eigh_backend, self.process_group)
         due = sum(len(items) for items in by_r.values())
         if due:
             self._gates_stale = True
@@ -210,7 +219,7 @@ class FoLoRA(Optimizer):
             if not active:
                 continue
             for factor, ps in decay.items():
-                torch._foreach_mul_(ps, factor)
+                torch._foreach_mul_([local(p) for p in ps], factor)
             flat.load_gradients(active, self.state)  # g = grad V (spectral) or grad
             flat.impl.step(flat.g, flat.m, flat.v, flat.s, flat.table, tuple(active),
                            torch.tensor(rows, dtype=torch.float32), flat.gates)
@@ -280,6 +289,9 @@ class FoLoRA(Optimizer):
         for name, value in stats.items():
             if not (isinstance(value, (tuple, list)) and len(value) == 2):
                 raise ValueError(f"stats[{name!r}] must be a (proxy_cov, task_cov) pair")
+        if opt.process_group is not None:
+            opt._spread_solves([(layers[n].A, *v) for n, v in stats.items() if layers[n].A.requires_grad])
+        for name, value in stats.items():
             layer = layers[name]
             if not layer.A.requires_grad:
                 continue
@@ -288,6 +300,24 @@ class FoLoRA(Optimizer):
                 opt.pair(layer.B, layer.A)
         opt._bases.clear()
         return opt
+
+    def _spread_solves(self, items) -> None:
+        """The distinct layer bases of ``[(A, proxy_cov, task_cov), ...]`` solved over the ranks of
+        the process group (:func:`.basis.spread`) into the cache :meth:`set_statistics` reads."""
+        jobs, seen = [], set()
+        for A, proxy, task in items:
+            group = self._group_of(A, "param")
+            check_statistics(A, proxy, task)
+            k = None if group["basis"] == "dense" else int(group["basis"])
+            key = (id(proxy), id(task), k, group["damping"], group["basis_norm"], str(A.device))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((proxy, task, k, group["damping"], group["basis_norm"], A.device))
+        layouts = [layer_layout(job[0].shape[0], job[2]) for job in jobs]
+        solved = spread(lambda js: [solve_layer(*j, self.eigh_backend) for j in js], jobs,
+                        [lay for _, lay in layouts], self.process_group, jobs[0][5] if jobs else None)
+        for job, (mode, _), out in zip(jobs, layouts, solved):
+            self._bases.put(*job, {**out, "mode": mode})
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held by the optimizer: ``moments``, ``bases`` (V, W, gates, ratios) and

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..lora import disable_adapters
@@ -162,6 +163,8 @@ def sample_proxy_data(
     tokenizer=None,
     use_generate: bool | None = None,
     progress: bool = True,
+    process_group=None,
+    gather: bool = False,
 ) -> list[torch.Tensor]:
     """Sample token sequences from the pretrained model (adapters disabled) as proxy data.
 
@@ -201,10 +204,16 @@ def sample_proxy_data(
         use_generate: force (``True``) or forbid (``False``) the HF ``generate`` path; default:
             use it for HF models.
         progress: show a progress bar (tqdm when installed).
+        process_group: data parallel: each rank of this ``torch.distributed`` group samples its
+            share, a contiguous block of the ``n_samples`` (the first ``n_samples % world`` ranks
+            one more), with prompt ``i % P`` for global sample ``i`` and its own generator seeded
+            with ``seed + rank * 2**32`` (rank 0 samples as one process would).
+        gather: with ``process_group``, also gather every rank's samples (one ``all_gather`` of
+            the padded blocks) so each rank returns all ``n_samples`` in rank order.
 
     Returns:
-        A list of ``(b, length)`` int64 CPU tensors with ``n_samples`` rows in total, in sample
-        order.
+        A list of ``(b, length)`` int64 CPU tensors with ``n_samples`` rows in total (with
+        ``process_group`` and not ``gather``: this rank's share), in sample order.
     """
     for name, value in (("n_samples", n_samples), ("length", length), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -219,12 +228,18 @@ def sample_proxy_data(
         raise ValueError(f"length={length} must exceed the longest prompt ({longest} tokens)")
     hf = _is_hf_generator(model) if use_generate is None else bool(use_generate)
     device = _model_device(model)
+    lo, hi, rank = 0, n_samples, 0
+    if process_group is not None:
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        share, extra = divmod(n_samples, world)
+        lo = rank * share + min(rank, extra)
+        hi = lo + share + (rank < extra)
     generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
+    generator.manual_seed(int(seed) + rank * 2**32)
 
     # consecutive samples, split where the prompt length changes
     batches: list[list[int]] = []
-    for i in range(n_samples):
+    for i in range(lo, hi):
         plen = len(seeds[i % len(seeds)])
         if batches and len(batches[-1]) < batch_size and len(seeds[batches[-1][0] % len(seeds)]) == plen:
             batches[-1].append(i)
@@ -235,7 +250,7 @@ def sample_proxy_data(
     was_training = model.training
     model.eval()
     try:
-        with disable_adapters(model, require=False), progress_bar(total=n_samples, desc="proxy samples", unit="seq",
+        with disable_adapters(model, require=False), progress_bar(total=hi - lo, desc="proxy samples", unit="seq",
                                                    disable=not progress) as bar:
             for rows in batches:
                 ids = torch.tensor([seeds[i % len(seeds)] for i in rows], dtype=torch.long, device=device)
@@ -252,4 +267,23 @@ def sample_proxy_data(
                 bar.update(len(rows))
     finally:
         model.train(was_training)
+    if process_group is not None and gather:
+        return _gather_samples(out, n_samples, length, process_group)
     return out
+
+
+def _gather_samples(out, n_samples, length, group) -> list[torch.Tensor]:
+    """Every rank's block of samples, in rank order: one ``all_gather`` of blocks padded to the
+    largest share (on the group's device: the CPU for gloo, the current GPU for NCCL)."""
+    world = dist.get_world_size(group)
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    rows = -(-n_samples // world)
+    mine = torch.cat(out) if out else torch.zeros(0, length, dtype=torch.long)
+    block = torch.zeros(rows, length, dtype=torch.long, device=device)
+    block[: mine.shape[0]] = mine
+    blocks = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(blocks, block, group=group)
+    share, extra = divmod(n_samples, world)
+    return [b[: share + (r < extra)].cpu() for r, b in enumerate(blocks) if share + (r < extra)]
