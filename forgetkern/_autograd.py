@@ -132,3 +132,83 @@ class LinearTMKLFunction(torch.autograd.Function):
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(bias.dtype)
         return gh, gw, None, None, gb, None, None, None, None, None, None
+
+
+class SparseTMKLFunction(torch.autograd.Function):
+    """Per-row sparse-base TMKL ``(loss, ce, kl)`` of ``(N, V)`` logits against a top-k record.
+
+    ``forward(logits (N, V), values (N, k), indices (N, k), lse (N,), tail_lse (N,), target (N,),
+    labels (N,), params, impl)``; only ``logits`` gets a gradient (recomputed in backward).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, values, indices, lse, tail_lse, target, labels, params: TMKLParams,
+                impl: Implementation):
+        base = (values, indices, lse, tail_lse, target)
+        loss, ce, kl, stats = impl.forward(logits, base, labels, params)
+        ctx.save_for_backward(logits, *base, labels, stats)
+        ctx.params, ctx.impl = params, impl
+        ctx.set_materialize_grads(False)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        logits, *base, labels, stats = ctx.saved_tensors
+        p: TMKLParams = ctx.params
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        coef_ce, coef_kl = coefficients(g_loss, g_ce, g_kl, p, logits.shape[0], stats.dtype,
+                                        logits.device)
+        grad = logits if p.inplace_backward else torch.empty_like(logits)
+        grad = ctx.impl.backward(logits, tuple(base), labels, stats, coef_ce, coef_kl, p, grad)
+        if p.inplace_backward:
+            torch.autograd.graph.increment_version(logits)
+        return (grad,) + (None,) * 8
+
+
+class LinearSparseTMKLFunction(torch.autograd.Function):
+    """Per-row fused-linear sparse-base TMKL ``(loss, ce, kl)``.
+
+    ``forward(hidden (N, D), weight (V, D), bias (V,) or None, values, indices, lse, tail_lse,
+    target, labels (N,), row_weight (0-dim), precompute, params, impl)``: gradients precomputed
+    for ``row_weight`` as in :class:`LinearTMKLFunction`; only ``hidden``, ``weight``, ``bias``
+    get gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, values, indices, lse, tail_lse, target, labels,
+                row_weight, precompute: bool, params: LinearTMKLParams, impl: Implementation):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[2])
+        base = (values, indices, lse, tail_lse, target)
+        ctx.params, ctx.impl, ctx.needs = params, impl, needs
+        ctx.set_materialize_grads(False)
+        loss, ce, kl, stats, ctx.pre = impl.forward(hidden, weight, bias, base, labels, params,
+                                                    row_weight if precompute else None, needs)
+        ctx.save_for_backward(hidden, weight, bias, *base, labels, stats, row_weight)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        hidden, weight, bias, *rest = ctx.saved_tensors
+        base, (labels, stats, row_weight) = tuple(rest[:5]), rest[5:]
+        p: LinearTMKLParams = ctx.params
+        if not any(ctx.needs):
+            return (None,) * 13
+        grads = None
+        if ctx.pre is not None and g_ce is None and g_kl is None and g_loss is not None:
+            valid = labels.long() != p.ignore_index
+            scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
+            if scale is not None:
+                grads = _rescale(ctx.pre, scale)
+        if grads is None:
+            coef_ce, coef_kl = coefficients(g_loss, g_ce, g_kl, p, hidden.shape[0], stats.dtype,
+                                            hidden.device)
+            grads = ctx.impl.backward(hidden, weight, bias, base, labels, stats, coef_ce, coef_kl,
+                                      p, ctx.needs)
+        ctx.pre = None
+        gh, gw, gb = grads
+        gh = None if gh is None else gh.to(hidden.dtype)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(bias.dtype)
+        return (gh, gw, gb) + (None,) * 10

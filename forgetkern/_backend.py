@@ -8,6 +8,8 @@ op                   interface                   backends
 ===================  ==========================  ==================================================
 ``tmkl``             ``forward``, ``backward``   reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
 ``linear_tmkl``      ``forward``, ``backward``   reference, triton (``ops/linear_tmkl.py``)
+``sparse_tmkl``      ``forward``, ``backward``   reference, triton (``ops/sparse_tmkl.py``)
+``linear_sparse_tmkl`` ``forward``, ``backward`` reference
 ``generalized_eigh`` ``solve``                   reference, triton (``ops/generalized_eigh.py``), cuda
 ``folora_step``      ``step``                    reference, triton (``ops/folora.py``)
 ===================  ==========================  ==================================================
@@ -43,6 +45,8 @@ from ._params import (BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, check_b
 INTERFACES: dict[str, tuple[str, ...]] = {
     "tmkl": ("forward", "backward"),
     "linear_tmkl": ("forward", "backward"),
+    "sparse_tmkl": ("forward", "backward"),
+    "linear_sparse_tmkl": ("forward", "backward"),
     "generalized_eigh": ("solve",),
     "folora_step": ("step",),
 }
@@ -56,6 +60,13 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
                                    ("linear_tmkl_forward", "linear_tmkl_backward")),
     ("linear_tmkl", "triton"): ("forgetkern.ops.linear_tmkl",
                                 ("linear_tmkl_forward", "linear_tmkl_backward")),
+    ("sparse_tmkl", "reference"): ("forgetkern.reference.sparse_tmkl",
+                                   ("sparse_tmkl_forward", "sparse_tmkl_backward")),
+    ("sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
+                                ("sparse_tmkl_forward", "sparse_tmkl_backward")),
+    ("linear_sparse_tmkl", "reference"): ("forgetkern.reference.sparse_tmkl",
+                                          ("linear_sparse_tmkl_forward",
+                                           "linear_sparse_tmkl_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),

@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +51,13 @@ def env_flag(name: str) -> bool:
 def triton_interpret() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return env_flag(ENV_TRITON_INTERPRET)
+
+
+def cache_dir() -> str:
+    """forgetkern's user cache folder: ``$XDG_CACHE_HOME/forgetkern`` (default
+    ``~/.cache/forgetkern``). Nothing is created here."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "forgetkern")
 
 
 def env_backend() -> str | None:
@@ -205,6 +213,34 @@ def with_target(m_z: torch.Tensor, ls_z: torch.Tensor, z_y: torch.Tensor):
     m_c = torch.maximum(raw, z_y)
     m_c = m_c.masked_fill(m_c == float("-inf"), 0.0)
     return m_c, (((m_z - m_c) + ls_z).exp() + (z_y - m_c).exp()).log()
+
+
+# Sparse-base TMKL (docs/base_cache.md): the per-row statistics keep the layout above, with the
+# base's two columns holding the adapted model's tail bucket instead (the base side is a record).
+SP_M_T = STAT_M_B  # max of z/T over the tail: columns outside the support, never the target
+SP_LS_T = STAT_LS_B  # log sum exp(z/T - m_t) over the tail
+
+
+class TopKBase(NamedTuple):
+    """A sparse record of the base model's next-token distribution, per token (``...`` = the
+    labels' shape), at ``temperature`` ``T``: pass it as ``base_logits`` / ``base_hidden``.
+
+    * ``values`` ``(..., k)``: the ``k`` largest base logits ``b_v`` (raw, not divided by ``T``);
+    * ``indices`` ``(..., k)``: their token ids (int32 or int64, distinct per token);
+    * ``lse`` ``(...)``: ``LSE_{u != y}(b_u / T)``, the non-target log-normalizer, computed
+      directly (never from ``log(1 - p_y)``);
+    * ``tail_lse`` ``(...)``: ``LSE(b_u / T)`` over the tail, ``u`` outside ``indices`` and
+      ``u != y``, computed directly (``-inf`` when empty), so the base tail mass never comes from
+      a cancelling ``1 - sum``;
+    * ``target`` ``(...)``: the target's logit ``b_y`` (raw).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse: torch.Tensor
+    tail_lse: torch.Tensor
+    target: torch.Tensor
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -306,3 +306,94 @@ def check_folora_options(group: dict) -> None:
         raise ValueError(f"refresh_every must be a positive int, got {every!r}")
     if group["basis_norm"] not in ("proxy", "unit"):
         raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
+
+
+def _topk_base_inputs(base, lead_shape, vocab: int, params: TMKLParams, device, arg: str):
+    """The checks of a top-k base record (``forgetkern._params.TopKBase``) passed as ``arg`` for
+    rows shaped ``lead_shape`` over a vocabulary of ``vocab``; returns its rows laid out as every
+    backend takes them: ``(values (N, k), indices (N, k) int64, lse, tail_lse, target (N,))``,
+    contiguous and detached. Index range and distinctness are read (one sync), except while
+    ``torch.compile`` traces."""
+    t, labels_like = base.temperature, torch.empty(lead_shape, device="meta")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isclose(
+            float(t), params.temperature, rel_tol=1e-9):
+        raise ValueError(f"{arg} was recorded at temperature {t!r} but the loss runs at "
+                         f"temperature={params.temperature}; they must be equal")
+    for name in ("values", "indices", "lse", "tail_lse", "target"):
+        value = getattr(base, name)
+        check_tensor(value, f"{arg}.{name}")
+        if value.device != device:
+            raise ValueError(f"{arg}.{name} is on {value.device} but the inputs are on {device}")
+        if name != "indices":
+            check_float(value, f"{arg}.{name}")
+    values, indices = base.values, base.indices
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"{arg}.indices must be an integer tensor, got {indices.dtype}")
+    lead = tuple(lead_shape)
+    if values.dim() != len(lead) + 1 or tuple(values.shape[:-1]) != lead:
+        raise ValueError(f"{arg}.values must have shape {lead + ('k',)} (one row per label), "
+                         f"got {tuple(values.shape)}")
+    k = values.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"{arg} must keep 1 <= k <= V={vocab} tokens per row, got k={k}")
+    check_same_shape(indices, f"{arg}.indices", values, f"{arg}.values")
+    for name in ("lse", "tail_lse", "target"):
+        check_same_shape(getattr(base, name), f"{arg}.{name}", labels_like, "labels")
+    idx = indices.reshape(-1, k).long().contiguous()
+    if idx.numel() and not _compiling():
+        if bool(((idx < 0) | (idx >= vocab)).any()):
+            raise ValueError(f"{arg}.indices must be token ids in [0, {vocab})")
+        ordered = idx.sort(dim=1).values
+        if k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError(f"{arg}.indices must be distinct within each row")
+    return (values.detach().reshape(-1, k).contiguous(), idx,
+            *(x.detach().reshape(-1).contiguous() for x in (base.lse, base.tail_lse, base.target)))
+
+
+def sparse_tmkl_inputs(logits, base, labels, params: TMKLParams, reduction: str,
+                       num_items_in_batch):
+    """All checks of ``tmkl_loss`` with a top-k base record; returns ``(z (N, V), base rows (see
+    :func:`_topk_base_inputs`), labels (N,))``."""
+    check_tensor(logits, "logits"), check_float(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension (..., V)")
+    check_tensor(labels, "labels")
+    check_same_device(logits=logits, labels=labels)
+    check_reduction(reduction)
+    check_num_items(num_items_in_batch)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index)
+    rec = _topk_base_inputs(base, logits.shape[:-1], logits.shape[-1], params, logits.device,
+                            "base_logits")
+    return rows(logits), rec, flat_labels(labels)
+
+
+def linear_sparse_tmkl_inputs(hidden, weight, base, labels, base_weight, bias, base_bias,
+                              params: TMKLParams, reduction: str, num_items_in_batch):
+    """All checks of ``linear_tmkl_loss`` with a top-k base record as ``base_hidden`` (which then
+    needs no base head: ``base_weight`` and ``base_bias`` must be ``None``); returns ``(h (N, D),
+    base rows, labels (N,))``."""
+    if base_weight is not None or base_bias is not None:
+        raise ValueError("base_weight/base_bias must be None when base_hidden is a TopKBase "
+                         "record: the record already holds the base model's logits")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        check_tensor(t, name), check_float(t, name)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError("hidden must have a non-empty feature dimension (..., D)")
+    d = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
+        raise ValueError(f"weight must be a (V, D={d}) matrix with V > 0, got shape "
+                         f"{tuple(weight.shape)}")
+    v = weight.shape[0]
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if tuple(bias.shape) != (v,) or bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must be ({v},) of dtype {hidden.dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+    check_tensor(labels, "labels")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    check_reduction(reduction), check_num_items(num_items_in_batch)
+    check_labels(labels, hidden.shape[:-1], v, params.ignore_index, what="hidden")
+    rec = _topk_base_inputs(base, hidden.shape[:-1], v, params, hidden.device, "base_hidden")
+    return hidden.reshape(-1, d), rec, flat_labels(labels)

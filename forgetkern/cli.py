@@ -7,6 +7,7 @@ import sys
 
 from . import _bench
 from ._info import info
+from .cache import cli as _cache_cli
 from .demo import run as _demo
 
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
     _bench.add_parser(sub)
     _demo.add_parser(sub)
+    _cache_cli.add_parser(sub)
     return parser
 
 

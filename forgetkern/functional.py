@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _validate, distributed
-from ._autograd import LinearTMKLFunction, TMKLFunction
-from ._params import LinearTMKLParams, TMKLParams, accumulation_dtype
+from ._autograd import (LinearSparseTMKLFunction, LinearTMKLFunction, SparseTMKLFunction,
+                        TMKLFunction)
+from ._params import LinearTMKLParams, TMKLParams, TopKBase, accumulation_dtype
+from .reference.sparse_tmkl import topk_record
 
 
 def _reduce(per_row: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_index: int,
@@ -61,6 +63,8 @@ def tmkl_loss(
     Args:
         logits: ``(..., V)`` adapted-model logits (float16/bfloat16/float32/float64).
         base_logits: ``(..., V)`` frozen base-model logits, same dtype; never gets a gradient.
+            Or a :class:`TopKBase` record of them (a top-k base cache, :func:`topk_base`): the
+            KL then runs over the record's support plus one tail bucket (docs/base_cache.md).
         labels: ``(...)`` integer targets in ``[0, V)`` or ``ignore_index``.
         kl_weight: weight of the KL term (multiplied by ``T**2``).
         ce_weight: weight of the cross-entropy term.
@@ -92,6 +96,15 @@ def tmkl_loss(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
     )
+    if isinstance(base_logits, TopKBase):
+        if process_group is not None:
+            raise ValueError("a TopKBase base record has no vocab-parallel form (process_group)")
+        z, rec, y = _validate.sparse_tmkl_inputs(logits, base_logits, labels, params, reduction,
+                                                 num_items_in_batch)
+        impl = _backend.resolve("sparse_tmkl", logits, backend=backend)
+        outs = SparseTMKLFunction.apply(z, *rec, y, params, impl)
+        outs = [_reduce(t, labels, reduction, ignore_index, num_items_in_batch) for t in outs]
+        return tuple(outs) if return_components else outs[0]
     if distributed.is_dtensor(logits):  # sharded on the vocabulary: the group is the mesh's
         logits, base_logits, labels, process_group = distributed.from_dtensors(
             logits, base_logits, labels, process_group)
@@ -179,7 +192,9 @@ def linear_tmkl_loss(
     Args:
         hidden: ``(..., D)`` adapted-model final hidden states (float16/bfloat16/float32/float64).
         weight: ``(V, D)`` LM head, same dtype. Gets a gradient only if it requires grad.
-        base_hidden: ``(..., D)`` frozen base-model hidden states; never gets a gradient.
+        base_hidden: ``(..., D)`` frozen base-model hidden states; never gets a gradient. Or a
+            :class:`TopKBase` record of the base logits (then no ``base_weight``/``base_bias``;
+            reference backend only).
         labels: ``(...)`` integer targets in ``[0, V)`` or ``ignore_index``.
         base_weight: ``(V, D)`` base LM head; ``None`` (default) uses ``weight`` itself (no copy).
             Never gets a gradient.
@@ -208,6 +223,15 @@ def linear_tmkl_loss(
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
         chunk_size=chunk_size,
     )
+    if isinstance(base_hidden, TopKBase):
+        if process_group is not None:
+            raise ValueError("a TopKBase base record has no vocab-parallel form (process_group)")
+        impl = _backend.resolve("linear_sparse_tmkl", hidden, backend=backend)
+        h, rec, y = _validate.linear_sparse_tmkl_inputs(
+            hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
+            num_items_in_batch)
+        return _linear_apply(LinearSparseTMKLFunction, (h, weight, bias, *rec, y), params, impl,
+                             labels, reduction, num_items_in_batch, return_components)
     if process_group is None:
         total = None
         impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
@@ -233,3 +257,47 @@ def linear_tmkl_loss(
     if return_components:
         return reduce(loss), reduce(ce), reduce(kl)
     return reduce(loss)
+
+
+def _linear_apply(function, args, params, impl, labels, reduction, num_items_in_batch,
+                  return_components):
+    """Run a fused-linear Function whose forward may precompute gradients for the upstream
+    gradient each row's loss receives from the reduction (``row_weight``), then reduce."""
+    hidden = args[0]
+    acc = accumulation_dtype(hidden.dtype)
+    row_weight = torch.ones((), dtype=acc, device=hidden.device)
+    if reduction == "mean" and labels.numel() > 0:
+        unit = torch.zeros(labels.numel(), dtype=acc, device=hidden.device)
+        unit[0] = 1.0
+        row_weight = _reduce(unit, labels, reduction, params.ignore_index, num_items_in_batch)
+    outs = function.apply(*args, row_weight, torch.is_grad_enabled(), params, impl)
+    outs = [_reduce(t, labels, reduction, params.ignore_index, num_items_in_batch) for t in outs]
+    return tuple(outs) if return_components else outs[0]
+
+
+def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temperature: float = 1.0,
+              ignore_index: int = -100) -> TopKBase:
+    """The :class:`TopKBase` record of base logits: what a top-k base cache stores per token.
+
+    In plain torch, for ``(N, V)`` base logits ``b`` and ``(N,)`` labels ``y``::
+
+        values, indices = b.topk(k, dim=-1)                   # (N, k), (N, k)
+        u = (b / T).scatter(-1, y[:, None], -inf)             # the target removed
+        lse, tail_lse = u.logsumexp(-1), u.scatter(-1, indices, -inf).logsumexp(-1)
+
+    with ``target = b.gather(-1, y[:, None])``; rows of ignored labels use label 0 (the loss
+    ignores them). Shapes follow ``labels``: ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
+    Float32 (float64 for float64 logits), indices int32.
+    """
+    params = TMKLParams(temperature=temperature, ignore_index=ignore_index)
+    _validate.check_tensor(base_logits, "base_logits")
+    _validate.check_float(base_logits, "base_logits")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= base_logits.shape[-1]:
+        raise ValueError(f"k must be an int in [1, V={base_logits.shape[-1]}], got {k!r}")
+    _validate.check_labels(labels, base_logits.shape[:-1], base_logits.shape[-1], ignore_index)
+    lead = tuple(labels.shape)
+    values, idx, lse, tail, target = topk_record(
+        _validate.rows(base_logits.detach()), _validate.flat_labels(labels), k,
+        params.temperature, ignore_index)
+    return TopKBase(values.view(*lead, k), idx.view(*lead, k), lse.view(lead), tail.view(lead),
+                    target.view(lead), params.temperature)

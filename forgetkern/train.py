@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._params import LOSSES, PATHS, LossConfig
+from .distributed import data_parallel, full_weight, is_linear, routed, unwrap
 from .functional import linear_tmkl_loss, tmkl_loss
 from .lora import adapter_parameters, disable_adapters, has_adapters, is_peft_model, merged_layers
 from .lora.discovery import logits_of
@@ -42,7 +43,7 @@ __all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget
            "ForgetAwareStep", "fused_parts", "batch_labels", "count_items",
            "shift_labels_for_causal_lm"]
 
-_NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch")
+_NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch", "example_id")
 _KL_OPTIONS = ("kl_weight", "ce_weight", "temperature", "direction", "backend", "chunk_size")
 
 
@@ -115,14 +116,15 @@ def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linea
     ``nn.Linear`` turning them into logits; ``None`` when the model offers no such split
     (see the module docstring for what qualifies).
     """
+    wrapper, model = model, unwrap(model)  # DDP / FSDP2: hidden_fn runs through their forward
     if hasattr(model, "forward_hidden") and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
-        return (model.forward_hidden, head) if type(head) is nn.Linear else None
+        return (routed(wrapper, model.forward_hidden), head) if is_linear(head) else None
     inner = _hf_inner(model)
     if not (hasattr(inner, "get_output_embeddings") and hasattr(inner, "config")):
         return None
     head = inner.get_output_embeddings()
-    if type(head) is not nn.Linear:  # adapted (LoRA / modules_to_save) or custom head
+    if not is_linear(head):  # adapted (LoRA / modules_to_save) or custom head
         return None
     cfg = inner.config
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
@@ -135,7 +137,7 @@ def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linea
         out = backbone(**inputs, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    return hidden_fn, head
+    return routed(wrapper, hidden_fn), head
 
 
 @contextlib.contextmanager
@@ -187,8 +189,12 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
 
 
 def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_in_batch=None,
-                shift_labels: bool = True) -> LossOutput:
-    """:func:`forget_aware_loss` with its options as one validated :class:`LossConfig`."""
+                shift_labels: bool = True, base_cache=None) -> LossOutput:
+    """:func:`forget_aware_loss` with its options as one validated :class:`LossConfig`;
+    ``base_cache`` (a :class:`forgetkern.cache.BaseCache`) replaces the base forward."""
+    if base_cache is not None:
+        return base_cache.training_loss(model, batch, config, num_items_in_batch=num_items_in_batch,
+                                        shift_labels=shift_labels)
     if not isinstance(batch, dict):
         raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
     ignore_index = config.ignore_index
@@ -226,8 +232,8 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
         with torch.no_grad(), _eval_mode(model), disable_adapters(model):
             base_hidden = hidden_fn(**inputs)
         hidden = hidden_fn(**inputs)
-        weight = head.weight.to(hidden.dtype)
-        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+        weight = full_weight(head.weight).to(hidden.dtype)  # FSDP2: gathered once, not per chunk
+        bias = full_weight(head.bias).to(hidden.dtype) if head.bias is not None else None
         total, ce, kl = linear_tmkl_loss(hidden, weight, base_hidden.to(hidden.dtype), labels,
                                          bias=bias, chunk_size=config.chunk_size, **kwargs)
         return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
@@ -236,13 +242,6 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
     logits = logits_of(model(**inputs))
     total, ce, kl = tmkl_loss(logits, base_logits.to(logits.dtype), labels, **kwargs)
     return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
-
-
-def _ddp_group(model: nn.Module):
-    """The process group of a ``DistributedDataParallel`` model, else ``None``."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.process_group
-    return None
 
 
 def _move(batch: dict, device: torch.device) -> dict:
@@ -276,24 +275,28 @@ class ForgetAwareStep:
         max_grad_norm: clip the global gradient norm of the trainable parameters.
         autocast: bf16 autocast; ``None`` enables it when the model is on a CUDA device.
         shift_labels, ignore_index, path: as in :func:`forget_aware_loss`.
+        base_cache: a :class:`forgetkern.cache.BaseCache` of this model's base outputs on the
+            data (batches carry ``example_id``): no base forward (docs/base_cache.md).
         **loss_options: ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``,
             ``backend``, ``chunk_size``.
 
     Calling it returns a dict: ``loss``, ``ce``, ``kl`` (``None`` for ``ce``), ``tokens``,
     ``tokens_per_s``, ``time_s``, ``path`` and ``grad_norm`` (when clipping).
 
-    Data parallel: with ``model`` wrapped in ``DistributedDataParallel`` each rank passes its share
-    of the global batch; the mean's denominator is the token count summed over the ranks (one
-    ``all_reduce`` of an integer), each rank's loss is scaled by the world size so that DDP's
-    gradient average is the global token mean, and the gradients are synchronized once per step
-    (``no_sync`` on all micro-batches but the last). ``loss``/``ce``/``kl`` are then this rank's
-    share of the global means and ``tokens`` the global count.
+    Data parallel: with ``model`` wrapped in ``DistributedDataParallel`` or ``fully_shard``-ed
+    (FSDP2) each rank passes its share of the global batch; the mean's denominator is the token
+    count summed over the ranks (one ``all_reduce`` of an integer), each rank's loss is scaled by
+    the world size so that the wrapper's gradient average is the global token mean, and the
+    gradients are reduced once per step (``no_sync`` / ``set_requires_gradient_sync``; see
+    :class:`forgetkern.distributed.DataParallel`, also for the FSDP2 head of the fused path).
+    ``loss``/``ce``/``kl`` are then this rank's share of the global means and ``tokens`` the
+    global count.
     """
 
     def __init__(self, model: nn.Module, loss: str = "tmkl", optimizer=None, *, lr: float = 1e-4,
                  scheduler=None, max_grad_norm: float | None = None, autocast: bool | None = None,
                  shift_labels: bool = True, ignore_index: int = -100, path: str = "auto",
-                 **loss_options):
+                 base_cache=None, **loss_options):
         self.config = loss_config(loss, path=path, ignore_index=ignore_index, **loss_options)
         self.model = model
         self.loss = loss
@@ -316,6 +319,9 @@ class ForgetAwareStep:
         self.shift_labels = shift_labels
         self.ignore_index = ignore_index
         self.steps = 0
+        self.base_cache = base_cache
+        if base_cache is not None:
+            base_cache.check(model, self.config)
 
     def _autocast(self):
         if self.autocast:
@@ -327,7 +333,7 @@ class ForgetAwareStep:
         with self._autocast():
             return config_loss(self.model, _move(batch, self.device), self.config,
                                num_items_in_batch=num_items_in_batch,
-                               shift_labels=self.shift_labels)
+                               shift_labels=self.shift_labels, base_cache=self.base_cache)
 
     def __call__(self, batch) -> dict:
         micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
@@ -342,24 +348,20 @@ class ForgetAwareStep:
         start = time.perf_counter()
         self.model.train()
         n_items = count_items(micro, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
-        ddp = _ddp_group(self.model)
+        parts = fused_parts(self.model) if self.config.path != "logits" else None
+        dp = data_parallel(self.model, head=parts[1] if parts else None)
         scale = 1.0
-        if ddp is not None:
-            # the mean's denominator counts every rank's tokens; DDP averages the gradients over
-            # the ranks, so each rank's loss is scaled by the world size to give the global mean
-            count = torch.tensor(n_items, dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(count, group=ddp)
-            n_items = int(count)
-            scale = float(torch.distributed.get_world_size(ddp))
+        if dp is not None:
+            # the mean's denominator counts every rank's tokens; DDP and FSDP2 average the
+            # gradients over the ranks, so each rank's loss is scaled by the world size
+            n_items, scale = dp.global_count(n_items, self.device), float(dp.world)
         total = ce = 0.0
         kl = None
         used = None
         try:
             for i, mb in enumerate(micro):
-                # gradient accumulation: DDP synchronizes the gradients once, on the last micro-batch
-                sync = contextlib.nullcontext() if ddp is None or i == len(micro) - 1 \
-                    else self.model.no_sync()
-                with sync:
+                # gradient accumulation: one gradient reduction, on the last micro-batch
+                with contextlib.nullcontext() if dp is None else dp.micro_batch(i, len(micro)):
                     out = self.loss_of(mb, num_items_in_batch=n_items)
                     (out.loss * scale if scale != 1.0 else out.loss).backward()
                 total += float(out.loss.detach())

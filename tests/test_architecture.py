@@ -28,6 +28,8 @@ SIDEWAYS = {
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers
     ("train", "lora"),
+    ("cache", "train"), ("cache", "lora"),  # the cache pass runs the model as training does
+    ("cache", "optim"),  # only the progress bar
     ("demo", "integrations"),
     ("cli", "demo"), ("cli", "_bench"),
     ("functional", "_autograd"), ("nn", "functional"), ("_info", "_backend"), ("_info", "_cuda"),

@@ -61,6 +61,9 @@ class TMKLTrainer(Trainer):
         tmkl_options: ``kl_weight``, ``ce_weight``, ``temperature``, ``direction``, ``backend``,
             ``chunk_size`` (see :func:`forgetkern.tmkl_loss`).
         tmkl_path: ``"auto"``, ``"fused"`` or ``"logits"``.
+        base_cache: a :class:`forgetkern.cache.BaseCache` of the base model's outputs on the
+            training data: no base forward. The batches must carry ``example_id`` (set
+            ``remove_unused_columns=False`` so that the Trainer keeps that column).
         *args, **kwargs: everything ``transformers.Trainer`` takes.
 
     Next to the Trainer's ``loss`` the components are logged as ``tmkl_ce`` and ``tmkl_kl``, on the
@@ -69,10 +72,13 @@ class TMKLTrainer(Trainer):
     """
 
     def __init__(self, *args, tmkl_loss: str = "tmkl", tmkl_options: dict | None = None,
-                 tmkl_path: str = "auto", **kwargs):
+                 tmkl_path: str = "auto", base_cache=None, **kwargs):
         # every option is validated here, once, before the Trainer is built
         self.tmkl_config = loss_config(tmkl_loss, path=tmkl_path, **dict(tmkl_options or {}))
         super().__init__(*args, **kwargs)
+        self.base_cache = base_cache
+        if base_cache is not None:
+            base_cache.check(self.model, self.tmkl_config)
         # Our loss is normalized by num_items_in_batch itself: ask the Trainer to count the items
         # and not to divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -82,7 +88,7 @@ class TMKLTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = config_loss(model, inputs, self.tmkl_config, num_items_in_batch=num_items_in_batch,
-                          shift_labels=True)
+                          shift_labels=True, base_cache=self.base_cache)
         scale = 1
         if (num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False)
                 and self.accelerator.num_processes > 1):

@@ -1,0 +1,17 @@
+"""Base-model caches (docs/base_cache.md): in LoRA the base model is frozen, so its outputs on a
+fixed data set can be computed once and read back instead of running its forward every step.
+
+* :func:`build_cache` -- one pass of the base model (adapters off, eval mode, no grad) writing,
+  per target token, the exact final hidden state (``mode="exact"``) or a top-k record of the base
+  logits (``mode="topk"``), memory-mapped, resumable, with a manifest checked at load.
+* :class:`BaseCache` -- an opened cache: :meth:`BaseCache.lookup` gives a batch's base side.
+* :func:`cached_loss` -- the training loss with the base side from a cache
+  (``ForgetAwareStep(..., base_cache=cache)``, ``TMKLTrainer(..., base_cache=cache)``).
+* ``forgetkern cache-base`` -- the command line (:mod:`forgetkern.cache.cli`).
+"""
+from .build import build_cache
+from .reader import BaseCache, cached_loss, check_compatible
+from .store import bytes_per_token, model_identity
+
+__all__ = ["build_cache", "BaseCache", "cached_loss", "check_compatible", "bytes_per_token",
+           "model_identity"]

@@ -1,0 +1,172 @@
+"""An opened base cache (:class:`BaseCache`): lookups of a batch's base side, and the training
+loss with the base side read from the cache instead of a base forward."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._params import LossConfig, TopKBase
+from ..functional import linear_tmkl_loss, tmkl_loss
+from ..lora.discovery import logits_of
+from ..train import LossOutput, batch_labels, fused_parts
+from .store import (TORCH_DTYPES, NON_MODEL_KEYS, TOPK_FILES, example_ids, example_key,
+                    identity_mismatch, model_identity, open_arrays, read_json, token_positions)
+
+
+class BaseCache:
+    """A base cache on disk, opened for lookups (:func:`forgetkern.cache.build_cache` writes one).
+
+    ``BaseCache(path)`` reads the manifest and memory-maps the arrays; it fails when the build has
+    not completed. ``expect`` (a dict of manifest fields, e.g. ``{"mode": "topk", "k": 64}``)
+    raises on any identity field that differs. :meth:`check_model` compares the base model's
+    parameter hash; :meth:`lookup` returns the base record of a batch.
+    """
+
+    def __init__(self, path, *, expect: dict | None = None):
+        self.path = Path(path)
+        file = self.path / "manifest.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{self.path} is not a base cache (no manifest.json)")
+        self.manifest = read_json(file)
+        if not self.manifest.get("complete"):
+            raise ValueError(f"the base cache at {self.path} is incomplete (interrupted build): "
+                             "run the same build again to resume it")
+        if expect:
+            why = identity_mismatch(self.manifest, expect)
+            if why:
+                raise ValueError(f"base cache {self.path} does not match: {why}")
+        self.arrays = open_arrays(self.path, self.manifest, "r")
+        ex = read_json(self.path / "examples.json")
+        self._rows = {example_key(i): (s, c) for i, s, c in zip(ex["ids"], ex["start"], ex["count"])}
+
+    mode = property(lambda self: self.manifest["mode"])
+    temperature = property(lambda self: self.manifest["temperature"])  # top-k only, else None
+    ignore_index = property(lambda self: int(self.manifest["ignore_index"]))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def check_model(self, model) -> None:
+        """Raise unless ``model``'s base parameters (adapters excluded) hash as the cached ones."""
+        have = self.manifest["model"]
+        now = model_identity(model)
+        for key in ("num_parameters", "param_hash"):
+            if have[key] != now[key]:
+                raise ValueError(f"the base cache at {self.path} was built from another base model "
+                                 f"({key}: cache {have[key]!r}, this model {now[key]!r})")
+
+    def rows_of(self, batch: dict, labels: torch.Tensor) -> np.ndarray:
+        """The cache rows of the batch's target tokens, in row-major order of ``labels != ignore``
+        (``labels``: ``(B, L)`` shifted targets), after checking that every example is cached with
+        the same target positions and tokens."""
+        ids = example_ids(batch)
+        if len(ids) != labels.shape[0]:
+            raise ValueError(f"batch has {len(ids)} example ids for {labels.shape[0]} rows")
+        valid, pos = token_positions(batch, labels, self.ignore_index)
+        valid, pos, tgt = valid.cpu(), pos.cpu(), labels.cpu()
+        out = []
+        for b, key in enumerate(ids):
+            if key not in self._rows:
+                raise KeyError(f"example id {key!r} is not in the base cache at {self.path} "
+                               f"({len(self._rows)} examples)")
+            start, count = self._rows[key]
+            p = pos[b][valid[b]].numpy()
+            if p.size != count:
+                raise ValueError(f"example id {key!r}: the batch has {p.size} target tokens, the "
+                                 f"base cache has {count} (different labels or truncation?)")
+            rows = np.arange(start, start + count)
+            if not (np.array_equal(self.arrays["positions"][rows], p) and np.array_equal(
+                    self.arrays["targets"][rows], tgt[b][valid[b]].numpy())):
+                raise ValueError(f"example id {key!r}: the target positions or tokens differ from "
+                                 "the base cache's (another tokenization or data set?)")
+            out.append(rows)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def lookup(self, batch: dict, labels: torch.Tensor, device=None):
+        """The base side of the batch's target tokens (row-major order of ``labels != ignore``):
+        exact mode an ``(N, D)`` tensor of base hidden states in the model dtype, top-k mode a
+        :class:`forgetkern.TopKBase` of ``(N, k)`` / ``(N,)`` tensors."""
+        rows = self.rows_of(batch, labels)
+        device = labels.device if device is None else device
+        take = lambda name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][rows]))  # noqa: E731
+        if self.mode == "exact":
+            dtype = TORCH_DTYPES[self.manifest["dtype"]]
+            h = take("hidden")
+            return (h.view(torch.bfloat16) if dtype == torch.bfloat16 else h).to(device)
+        return TopKBase(*(take(n).to(device) for n in TOPK_FILES), temperature=self.temperature)
+
+    def check(self, model, config: LossConfig, *, verify_model: bool = True) -> None:
+        """Raise unless this cache can stand in for ``model``'s base forward under ``config``
+        (:func:`check_compatible`, and :meth:`check_model` when ``verify_model``)."""
+        check_compatible(self, config)
+        if verify_model:
+            self.check_model(model)
+
+    def training_loss(self, model, batch: dict, config: LossConfig, *, num_items_in_batch=None,
+                      shift_labels: bool = True):
+        """:func:`cached_loss` of ``batch`` with this cache (what ``ForgetAwareStep`` calls)."""
+        return cached_loss(model, batch, config, self, num_items_in_batch=num_items_in_batch,
+                           shift_labels=shift_labels)
+
+
+def check_compatible(cache: BaseCache, config: LossConfig) -> None:
+    """Raise when ``cache`` cannot serve the loss ``config`` (top-k temperature, ignore index)."""
+    if not isinstance(cache, BaseCache):
+        raise TypeError(f"base_cache must be a forgetkern.cache.BaseCache, got {type(cache).__name__}")
+    if not config.uses_base:
+        raise ValueError(f"loss={config.loss!r} uses no base model: a base cache has nothing to do")
+    if cache.ignore_index != config.ignore_index:
+        raise ValueError(f"the base cache was built with ignore_index={cache.ignore_index}, the "
+                         f"loss uses {config.ignore_index}")
+    if cache.mode == "topk" and not math.isclose(cache.temperature, config.temperature):
+        raise ValueError(f"the top-k base cache was recorded at temperature {cache.temperature}, "
+                         f"the loss uses temperature={config.temperature}; they must be equal")
+    if cache.mode == "exact" and config.path == "logits":
+        raise ValueError("an exact base cache holds hidden states: it needs path='fused' or 'auto'")
+
+
+def cached_loss(model, batch: dict, config: LossConfig, cache: BaseCache, *,
+                num_items_in_batch=None, shift_labels: bool = True) -> LossOutput:
+    """:func:`forgetkern.train.config_loss` with the base side from ``cache`` (no base forward).
+
+    In plain torch (exact mode, fused path)::
+
+        y = shift(labels); keep = y != -100                     # the cached target tokens
+        h = backbone(**inputs).last_hidden_state[keep]          # (n, D) adapted
+        h_b = cache.lookup(batch, y)                            # (n, D) cached base
+        loss = linear_tmkl_loss(h, head.weight, h_b, y[keep], num_items_in_batch=n_items)
+
+    Top-k mode passes the cached :class:`forgetkern.TopKBase` instead (the sparse-base loss),
+    on the fused path or on the logits path. Only the batch's target tokens are computed.
+    """
+    ignore_index = config.ignore_index
+    labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
+    keep = labels != ignore_index
+    tokens = int(keep.sum())
+    if num_items_in_batch is None or tokens == 0:
+        num_items_in_batch = tokens or None
+    base = cache.lookup(batch, labels)
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    y = labels[keep]
+    kwargs = config.loss_kwargs()
+    kwargs.update(reduction="mean", num_items_in_batch=num_items_in_batch, return_components=True)
+    parts = None if config.path == "logits" else fused_parts(model)
+    if parts is None and (config.path == "fused" or cache.mode == "exact"):
+        raise ValueError("the model exposes no final hidden states and plain linear head, which "
+                         f"path={config.path!r} / an exact base cache needs")
+    if parts is not None:
+        hidden_fn, head = parts
+        hidden = hidden_fn(**inputs)[keep]
+        weight = head.weight.to(hidden.dtype)
+        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
+        if isinstance(base, torch.Tensor):
+            base = base.to(hidden.dtype)
+        total, ce, kl = linear_tmkl_loss(hidden, weight, base, y, bias=bias,
+                                         chunk_size=config.chunk_size, **kwargs)
+        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
+    logits = logits_of(model(**inputs))[keep]
+    total, ce, kl = tmkl_loss(logits, base, y, **kwargs)
+    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")

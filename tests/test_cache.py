@@ -1,0 +1,264 @@
+"""forgetkern.cache on a tiny random Llama with LoRA (PEFT): exact mode reproduces the live base
+forward's losses and gradients, top-k mode feeds the sparse loss, builds resume after an
+interruption, and every disagreement between cache and batch is an error."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import forgetkern  # noqa: E402
+from forgetkern import ForgetAwareStep  # noqa: E402
+from forgetkern.cache import BaseCache, build_cache, bytes_per_token  # noqa: E402
+from forgetkern.cache.cli import make_batches  # noqa: E402
+from forgetkern.train import batch_labels, config_loss, loss_config  # noqa: E402
+
+V = 67
+
+
+def _base(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _model(seed=0, dtype=torch.float32):
+    base = _base(seed, dtype)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def _batches(n_batches=3, B=2, L=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        ids = torch.randint(0, V, (B, L), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, 7:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[0, :3] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
+                    "example_id": torch.arange(B * i, B * i + B)})
+    return out
+
+
+def _grads(model, loss):
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("loss", ["tmkl", "kl"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_exact_cache_equals_live_base_forward(tmp_path, loss, direction):
+    model = _model()
+    batches = _batches()
+    logs = []
+    cache = build_cache(model, batches, tmp_path / "c", mode="exact", log=logs.append,
+                        show_progress=False)
+    assert "to write" in logs[0] and cache.manifest["dtype"] == "float32"
+    config = loss_config(loss, direction=direction, temperature=1.5, backend="reference")
+    n_items = 40  # as under gradient accumulation
+    for batch in batches:
+        live = config_loss(model, batch, config, num_items_in_batch=n_items)
+        cached = config_loss(model, batch, config, num_items_in_batch=n_items, base_cache=cache)
+        assert cached.path == live.path == "fused" and cached.tokens == live.tokens
+        torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(cached.kl, live.kl, rtol=1e-5, atol=1e-7)
+        for a, b in zip(_grads(model, cached.loss), _grads(model, live.loss)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the cached rows are the live base hidden states bit for bit
+    batch = batches[1]
+    labels = batch_labels(batch)
+    with torch.no_grad(), model.disable_adapter():
+        model.eval()
+        h = model.base_model.model.model(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.equal(cache.lookup(batch, labels), h[labels != -100])
+
+
+def test_forget_aware_steps_with_and_without_cache(tmp_path):
+    batches = _batches()
+    runs = []
+    for use_cache in (False, True):
+        model = _model()
+        cache = build_cache(model, batches, tmp_path / "c", log=lambda *_: None,
+                            show_progress=False) if use_cache else None
+        step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, backend="reference", base_cache=cache)
+        metrics = [step(b) for b in batches[:2]] + [step(batches[2:])]
+        runs.append((metrics, [p.detach().clone() for p in model.parameters() if p.requires_grad]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-8)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["fused", "logits"])
+def test_topk_cache_feeds_the_sparse_loss(tmp_path, path):
+    model = _model()
+    batches = _batches()
+    cache = build_cache(model, batches, tmp_path / "t", mode="topk", k=8, temperature=2.0,
+                        log=lambda *_: None, show_progress=False)
+    assert cache.manifest["bytes_per_token"] == bytes_per_token("topk", k=8) == 84
+    config = loss_config("tmkl", temperature=2.0, path=path, backend="reference")
+    batch = batches[2]
+    labels = batch_labels(batch)
+    keep = labels != -100
+    out = config_loss(model, batch, config, base_cache=cache)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), model.disable_adapter():
+        model.eval()
+        base = model(**inputs).logits[keep]
+    model.train()
+    logits = model(**inputs).logits[keep]
+    rec = forgetkern.topk_base(base, labels[keep], 8, temperature=2.0)
+    want = forgetkern.tmkl_loss(logits, rec, labels[keep], temperature=2.0,
+                                return_components=True)
+    exact = forgetkern.tmkl_loss(logits, base, labels[keep], temperature=2.0,
+                                 return_components=True)
+    torch.testing.assert_close(out.loss, want[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(model, out.loss), _grads(model, want[0])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert 0 < out.kl <= exact[2] + 1e-6  # a lower bound on the exact masked KL
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Flaky:
+    """The batches, but the second pass stops with an error after ``stop`` batches."""
+
+    def __init__(self, batches, stop):
+        self.batches, self.stop, self.passes = batches, stop, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes == 2 and i == self.stop:
+                raise _Interrupted
+            yield b
+
+
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_interrupted_build_resumes(tmp_path, mode):
+    model = _model()
+    batches = _batches(n_batches=4)
+    with pytest.raises(_Interrupted):
+        build_cache(model, _Flaky(batches, stop=2), tmp_path / "c", mode=mode, k=5,
+                    log=lambda *_: None, show_progress=False)
+    assert len(list((tmp_path / "c" / "done").iterdir())) == 2
+    with pytest.raises(ValueError, match="incomplete"):
+        BaseCache(tmp_path / "c")
+    logs = []
+    resumed = build_cache(model, batches, tmp_path / "c", mode=mode, k=5, log=logs.append,
+                          show_progress=False)
+    assert logs[0].startswith("resuming") and "2/4" in logs[0]
+    whole = build_cache(model, batches, tmp_path / "w", mode=mode, k=5, log=lambda *_: None,
+                        show_progress=False)
+    for name, arr in whole.arrays.items():
+        assert (resumed.arrays[name] == arr).all(), name
+    again = []
+    build_cache(model, batches, tmp_path / "c", mode=mode, k=5, log=again.append,
+                show_progress=False)
+    assert "nothing to do" in again[0]
+
+
+def test_mismatches_are_errors(tmp_path):
+    model = _model()
+    batches = _batches()
+    cache = build_cache(model, batches, tmp_path / "c", log=lambda *_: None, show_progress=False)
+    batch = dict(batches[0])
+    labels = batch_labels(batch)
+    with pytest.raises(KeyError, match="example id 99 is not in the base cache"):
+        cache.lookup({**batch, "example_id": torch.tensor([0, 99])}, labels)
+    with pytest.raises(KeyError, match="needs an 'example_id'"):
+        cache.lookup({k: v for k, v in batch.items() if k != "example_id"}, labels)
+    fewer = labels.clone()
+    fewer[0, 5] = -100
+    with pytest.raises(ValueError, match="3 target tokens|target tokens, the base cache has"):
+        cache.lookup(batch, fewer)
+    other = labels.clone()
+    other[0, 5] = (other[0, 5] + 1) % V
+    with pytest.raises(ValueError, match="positions or tokens differ"):
+        cache.lookup(batch, other)
+    with pytest.raises(ValueError, match="holds a different base cache.*mode"):
+        build_cache(model, batches, tmp_path / "c", mode="topk", k=4, log=lambda *_: None)
+    with pytest.raises(ValueError, match="holds a different base cache.*data"):
+        build_cache(model, batches[:2], tmp_path / "c", log=lambda *_: None)
+    with pytest.raises(ValueError, match="does not match: mode"):
+        BaseCache(tmp_path / "c", expect={"mode": "topk"})
+    with pytest.raises(ValueError, match="another base model"):
+        ForgetAwareStep(_model(seed=5), loss="tmkl", base_cache=cache)
+    topk = build_cache(model, batches, tmp_path / "t", mode="topk", k=4, log=lambda *_: None,
+                       show_progress=False)
+    with pytest.raises(ValueError, match="recorded at temperature 1.0"):
+        ForgetAwareStep(model, loss="tmkl", temperature=2.0, base_cache=topk)
+    with pytest.raises(ValueError, match="exact base cache holds hidden states"):
+        ForgetAwareStep(model, loss="tmkl", path="logits", base_cache=cache)
+    # the adapters are not part of the base model's identity
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(1.0)
+    cache.check_model(model)
+
+
+def test_bf16_storage_and_padding_independent_keys(tmp_path):
+    model = _model(dtype=torch.bfloat16)
+    ex = [(f"doc{i}", torch.randint(0, V, (n,)).tolist()) for i, n in enumerate((9, 5, 7))]
+    cache = build_cache(model, make_batches(ex, 3), tmp_path / "c", log=lambda *_: None,
+                        show_progress=False)
+    assert cache.manifest["dtype"] == "bfloat16" and cache.manifest["rows"] == 8 + 4 + 6
+    # the same examples batched differently (other padding width) find their rows
+    batch = make_batches(ex[1:], 2)[0]
+    rows = cache.lookup(batch, batch_labels(batch))
+    assert rows.dtype == torch.bfloat16 and rows.shape == (4 + 6, 32)
+    full = make_batches(ex, 3)[0]
+    labels = batch_labels(full)
+    want = cache.lookup(full, labels)[8:]
+    assert torch.equal(rows, want)
+
+
+def test_cli_cache_base(tmp_path):
+    from forgetkern.cli import main
+
+    _base().save_pretrained(tmp_path / "m")
+    model = _model()  # the same base model, with adapters
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "input_ids": list(range(i + 3, i + 12))})
+                              for i in range(5)))
+    assert main(["cache-base", "--model", str(tmp_path / "m"), "--data", str(data), "--out",
+                 str(tmp_path / "c"), "--mode", "topk", "--k", "6", "--batch-size", "2",
+                 "--quiet"]) == 0
+    cache = BaseCache(tmp_path / "c", expect={"mode": "topk", "k": 6})
+    assert len(cache) == 5 and cache.manifest["rows"] == 5 * 8
+    assert cache.manifest["model"]["param_hash"] == forgetkern.cache.model_identity(model)["param_hash"]
+
+
+def test_tmkl_trainer_with_cache(tmp_path):
+    from forgetkern.integrations.hf import TMKLTrainer
+
+    model = _model()
+    batches = _batches()
+    cache = build_cache(model, batches, tmp_path / "c", log=lambda *_: None, show_progress=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[],
+                                          use_cpu=True, remove_unused_columns=False,
+                                          disable_tqdm=True)
+    trainer = TMKLTrainer(model=model, args=args, tmkl_options={"backend": "reference"},
+                          base_cache=cache)
+    live = TMKLTrainer(model=model, args=args, tmkl_options={"backend": "reference"})
+    for batch in batches:
+        a = trainer.compute_loss(model, batch, num_items_in_batch=30)
+        b = live.compute_loss(model, batch, num_items_in_batch=30)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="another base model"):
+        TMKLTrainer(model=_model(seed=3), args=args, base_cache=cache)
