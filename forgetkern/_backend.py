@@ -9,7 +9,7 @@ op                   interface                   backends
 ``tmkl``             ``forward``, ``backward``   reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
 ``linear_tmkl``      ``forward``, ``backward``   reference, triton (``ops/linear_tmkl.py``)
 ``sparse_tmkl``      ``forward``, ``backward``   reference, triton (``ops/sparse_tmkl.py``)
-``linear_sparse_tmkl`` ``forward``, ``backward`` reference
+``linear_sparse_tmkl`` ``forward``, ``backward`` reference, triton (the shared chunked driver)
 ``generalized_eigh`` ``solve``                   reference, triton (``ops/generalized_eigh.py``), cuda
 ``folora_step``      ``step``                    reference, triton (``ops/folora.py``)
 ===================  ==========================  ==================================================
@@ -67,6 +67,9 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("linear_sparse_tmkl", "reference"): ("forgetkern.reference.sparse_tmkl",
                                           ("linear_sparse_tmkl_forward",
                                            "linear_sparse_tmkl_backward")),
+    ("linear_sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
+                                       ("linear_sparse_tmkl_forward",
+                                        "linear_sparse_tmkl_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),

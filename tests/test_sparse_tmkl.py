@@ -165,9 +165,10 @@ def test_inplace_backward(backend):
     torch.testing.assert_close(leaf.grad, x.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", backends("linear_sparse_tmkl"))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_linear_form_matches_logits_form(reduction, direction):
+def test_linear_form_matches_logits_form(reduction, direction, backend):
     g = torch.Generator().manual_seed(2)
     h = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
     w = torch.randn(V, 8, generator=g, dtype=torch.float64)
@@ -180,7 +181,8 @@ def test_linear_form_matches_logits_form(reduction, direction):
     rec = topk_base(b, y, 7, temperature=1.5)
     leaves = [t.clone().requires_grad_() for t in (h, w, bias)]
     outs = forgetkern.linear_tmkl_loss(leaves[0], leaves[1], rec, y, bias=leaves[2], chunk_size=3,
-                                       num_items_in_batch=13 if reduction == "mean" else None, **kw)
+                                       num_items_in_batch=13 if reduction == "mean" else None,
+                                       backend=backend, **kw)
     ref_leaves = [t.clone().requires_grad_() for t in (h, w, bias)]
     logits = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
     ref = forgetkern.tmkl_loss(logits, rec, y, backend="reference",
@@ -196,7 +198,7 @@ def test_linear_form_matches_logits_form(reduction, direction):
     if reduction == "mean":
         leaves[0].grad = None
         forgetkern.linear_tmkl_loss(leaves[0], w, rec, y, bias=bias, temperature=1.5,
-                                    direction=direction).backward()
+                                    direction=direction, backend=backend).backward()
         ref_leaves[0].grad = None
         forgetkern.tmkl_loss(ref_leaves[0] @ w.T + bias, rec, y, temperature=1.5,
                              direction=direction).backward()

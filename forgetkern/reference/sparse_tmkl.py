@@ -184,10 +184,15 @@ def sparse_tmkl_backward(logits, base, labels, stats, coef_ce, coef_kl, params: 
 
 @torch.no_grad()
 def linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params: TMKLParams,
-                            coef_ce=None, coef_kl=None, needs=(False, False, False)):
+                            coef_ce=None, coef_kl=None, needs=(False, False, False), rows=None):
     """One chunked pass of the fused-linear sparse TMKL: logits ``h @ W.T + bias`` exist one chunk
     of rows at a time. Returns ``(loss, ce, kl, stats, grad_hidden, grad_weight, grad_bias)`` as
-    ``forgetkern.reference.linear_tmkl_pass`` does."""
+    ``forgetkern.reference.linear_tmkl_pass`` does.
+
+    ``rows = (forward, backward)``: the logits-form interfaces that run on each chunk (default:
+    this module's :func:`sparse_tmkl_forward` / :func:`sparse_tmkl_backward`; the Triton backend
+    passes its kernels), so every backend shares this one driver."""
+    forward, backward = rows or (sparse_tmkl_forward, sparse_tmkl_backward)
     n, d = hidden.shape
     v = weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
@@ -203,18 +208,16 @@ def linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params: TMKLPara
     step = linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        y, valid = _safe_labels(labels, start, stop, params)
-        h = hidden[start:stop]
+        h, y = hidden[start:stop], labels[start:stop]
         z = (h @ weight.T).to(acc)
         if bias is not None:
             z += bias.to(acc)
         rb = _row_base(base, start, stop)
-        ce, kl, st = _chunk_stats(z, rb, y, params)
-        for out, value in zip((loss, ce_out, kl_out, stats), row_outputs(ce, kl, st, valid, params)):
+        for out, value in zip((loss, ce_out, kl_out, stats), forward(z, rb, y, params)):
             out[start:stop] = value
         if need_h or need_w or need_b:
-            g = _chunk_grad(z, rb, y, valid, st, coef_ce[start:stop], coef_kl[start:stop], params)
-            del z
+            g = backward(z, rb, y, stats[start:stop], coef_ce[start:stop], coef_kl[start:stop],
+                         params, z)  # the gradient overwrites the chunk's logits
             if need_h:
                 grad_h[start:stop] = g.to(weight.dtype) @ weight
             if need_w:
@@ -225,7 +228,7 @@ def linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params: TMKLPara
 
 
 def linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params: TMKLParams,
-                               row_weight=None, needs=(False, False, False)):
+                               row_weight=None, needs=(False, False, False), rows=None):
     """Per-row ``(loss, ce, kl, stats, pre)``; with ``row_weight`` and any of ``needs`` the same
     pass precomputes the gradients for that upstream gradient per row (``pre``)."""
     coef_ce = coef_kl = None
@@ -234,15 +237,15 @@ def linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params: TMKLP
         ones = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) * row_weight.to(acc)
         coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
     loss, ce, kl, stats, gh, gw, gb = linear_sparse_tmkl_pass(
-        hidden, weight, bias, base, labels, params, coef_ce, coef_kl, needs)
+        hidden, weight, bias, base, labels, params, coef_ce, coef_kl, needs, rows)
     return loss, ce, kl, stats, (None if coef_ce is None else (gh, gw, gb))
 
 
 def linear_sparse_tmkl_backward(hidden, weight, bias, base, labels, stats, coef_ce, coef_kl,
-                                params: TMKLParams, needs):
+                                params: TMKLParams, needs, rows=None):
     """``(grad_hidden, grad_weight, grad_bias)``, recomputed chunk by chunk (``stats`` unused)."""
     return linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params, coef_ce, coef_kl,
-                                   needs)[4:]
+                                   needs, rows)[4:]
 
 
 @torch.no_grad()
