@@ -144,6 +144,32 @@ def test_sample_proxy_hf_generate_matches_plain_loop():
     assert torch.equal(rows, _cat(loop))  # same distribution, same draws: cache or no cache
 
 
+def test_sample_proxy_batches_prompts_of_equal_length_together():
+    torch.manual_seed(0)
+    model = Bigram()
+    batch_rows = []
+    model.register_forward_pre_hook(lambda m, args: batch_rows.append(args[0].shape[0]))
+    out = sample_proxy_data(model, n_samples=6, length=5, prompts=[[1], [2, 3]], batch_size=4,
+                            seed=0, progress=False)
+    assert [b.shape for b in out] == [(4, 5), (2, 5)]  # batch_size rows each, in sample order
+    rows = _cat(out)
+    assert rows[0::2, 0].eq(1).all() and rows[1::2, :2].eq(torch.tensor([2, 3])).all()
+    assert set(batch_rows) == {3}  # the 3 short-prompt samples together, then the 3 long ones
+
+
+def test_sample_proxy_runs_past_the_end_of_sequence_token():
+    """An HF model whose generation config names an EOS token still yields full-length samples
+    (generate() would stop there), and the draws equal the plain loop's."""
+    model = tiny_llama()
+    eos = 5
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    kw = dict(n_samples=8, length=40, seed=1, batch_size=8, progress=False)
+    rows = _cat(sample_proxy_data(model, **kw))
+    assert rows.shape == (8, 40)
+    assert bool((rows[:, 1:-1] == eos).any()), "no EOS drawn: the test would not test anything"
+    assert torch.equal(rows, _cat(sample_proxy_data(model, use_generate=False, **kw)))
+
+
 @pytest.mark.parametrize("with_tqdm", [True, False])
 def test_progress_bars(capsys, monkeypatch, with_tqdm):
     if with_tqdm:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ def _config_value(model: nn.Module, key: str):
 
 
 def _is_hf_generator(model: nn.Module) -> bool:
-    """An HF causal LM (or a PEFT model wrapping one) whose ``generate`` we can drive."""
+    """An HF causal LM (or a PEFT model wrapping one), whose KV cache the sampling loop uses."""
     if not callable(getattr(model, "generate", None)) or getattr(model, "config", None) is None:
         return False
     try:
@@ -102,21 +103,6 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _Sampler:
-    """HF ``LogitsProcessor`` that samples with our generator and leaves one finite logit, so that
-    greedy decoding inside ``generate`` picks exactly the sampled token."""
-
-    def __init__(self, generator, temperature, top_p):
-        self.generator = generator
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids, scores):
-        tok = sample_next_token(scores, self.generator, self.temperature, self.top_p)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, tok[:, None], 0.0)
-
-
 def _sample_loop(model, ids, new_tokens, generator, temperature, top_p):
     """KV-free fallback: recompute the whole prefix for every new token."""
     for _ in range(new_tokens):
@@ -131,21 +117,20 @@ def _sample_loop(model, ids, new_tokens, generator, temperature, top_p):
     return ids
 
 
-def _sample_generate(model, ids, new_tokens, generator, temperature, top_p):
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    pad = _config_value(model, "pad_token_id")
-    if pad is None:
-        pad = _config_value(model, "eos_token_id") or 0
-    config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=0,
-        eos_token_id=None, pad_token_id=pad, use_cache=True,
-    )
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-        logits_processor=LogitsProcessorList([_Sampler(generator, temperature, top_p)]),
-    )
-    return out[:, : ids.shape[1] + new_tokens]
+def _sample_cached(model, ids, new_tokens, generator, temperature, top_p):
+    """HF causal LMs: the same loop over the model's KV cache. Not ``generate``, which stops a
+    sequence at the end-of-sequence token of the model's generation config."""
+    out = model(input_ids=ids, use_cache=True)
+    for i in range(new_tokens):
+        tok = sample_next_token(logits_of(out)[:, -1, :], generator, temperature, top_p)
+        tok = tok[:, None].to(ids.dtype)
+        ids = torch.cat([ids, tok], dim=1)
+        if i + 1 < new_tokens:
+            with warnings.catch_warnings():  # newer transformers rename it `cache`, older lack that
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated",
+                                        category=FutureWarning)
+                out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+    return ids
 
 
 @torch.no_grad()
@@ -175,7 +160,8 @@ def sample_proxy_data(
             p = softmax(model(ids)[-1] / temperature)   # nucleus-truncated to top_p
             ids.append(multinomial(p))
 
-    HF causal LMs (and PEFT models wrapping one) run through ``generate`` with a KV cache;
+    HF causal LMs (and PEFT models wrapping one) run the same loop with their KV cache (not
+    ``generate``, which would stop at the generation config's end-of-sequence token);
     any other module mapping token ids ``(B, T)`` to logits ``(B, T, V)`` (or an output with
     ``.logits``) runs the plain loop above without a cache. Sampling uses a local
     ``torch.Generator`` seeded with ``seed``, so results are reproducible and the global RNG is
@@ -197,11 +183,11 @@ def sample_proxy_data(
         top_p: nucleus probability in ``(0, 1]`` (1 keeps the whole vocabulary).
         prompts: seed prompts (see above).
         seed: generator seed.
-        batch_size: sequences per forward batch (sequences with prompts of different lengths go
-            to different batches).
+        batch_size: sequences per forward batch (samples are batched with those of the same
+            prompt length; the returned tensors hold ``batch_size`` rows each, in sample order).
         bos_token_id: BOS token used when ``prompts`` is ``None`` and the config has none.
         tokenizer: HF tokenizer for string prompts.
-        use_generate: force (``True``) or forbid (``False``) the HF ``generate`` path; default:
+        use_generate: force (``True``) or forbid (``False``) the HF KV-cache path; default:
             use it for HF models.
         progress: show a progress bar (tqdm when installed).
         process_group: data parallel: each rank of this ``torch.distributed`` group samples its
@@ -237,16 +223,13 @@ def sample_proxy_data(
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) + rank * 2**32)
 
-    # consecutive samples, split where the prompt length changes
-    batches: list[list[int]] = []
+    # samples grouped by prompt length (in order of first appearance), batch_size per batch
+    groups: dict[int, list[int]] = {}
     for i in range(lo, hi):
-        plen = len(seeds[i % len(seeds)])
-        if batches and len(batches[-1]) < batch_size and len(seeds[batches[-1][0] % len(seeds)]) == plen:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        groups.setdefault(len(seeds[i % len(seeds)]), []).append(i)
+    batches = [g[j:j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
 
-    out: list[torch.Tensor] = []
+    rows_of: dict[int, torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
@@ -256,17 +239,19 @@ def sample_proxy_data(
                 ids = torch.tensor([seeds[i % len(seeds)] for i in rows], dtype=torch.long, device=device)
                 new = length - ids.shape[1]
                 if hf:
-                    seqs = _sample_generate(model, ids, new, generator, float(temperature), float(top_p))
+                    seqs = _sample_cached(model, ids, new, generator, float(temperature), float(top_p))
                 else:
                     seqs = _sample_loop(model, ids, new, generator, float(temperature), float(top_p))
                 if seqs.shape != (len(rows), length):
                     raise RuntimeError(
                         f"sampling returned shape {tuple(seqs.shape)}, expected {(len(rows), length)}"
                     )
-                out.append(seqs.to("cpu", torch.long))
+                rows_of.update(zip(rows, seqs.to("cpu", torch.long)))
                 bar.update(len(rows))
     finally:
         model.train(was_training)
+    order = [rows_of[i] for i in range(lo, hi)]  # back in sample order
+    out = [torch.stack(order[j:j + batch_size]) for j in range(0, len(order), batch_size)]
     if process_group is not None and gather:
         return _gather_samples(out, n_samples, length, process_group)
     return out
