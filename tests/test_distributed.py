@@ -493,7 +493,7 @@ def _trainer_run(out_dir: str, per_device: int) -> dict:
     model = _llama()
     args = transformers.TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
-        max_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+        max_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], logging_steps=1,
         save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = hf.TMKLTrainer(model=model, args=args, train_dataset=_Rows(),
                              tmkl_options={"kl_weight": 0.5})
@@ -510,7 +510,9 @@ def _trainer_run(out_dir: str, per_device: int) -> dict:
         trainer.train()
     finally:
         hf.config_loss = config_loss
-    return {"params": _trainable(model), "seen": seen, "world": args.world_size}
+    logs = [{k: e[k] for k in ("loss", "tmkl_ce", "tmkl_kl")} for e in trainer.state.log_history
+            if "tmkl_ce" in e]
+    return {"params": _trainable(model), "seen": seen, "world": args.world_size, "logs": logs}
 
 
 @_check
@@ -535,6 +537,11 @@ def test_tmkl_trainer_two_ranks_equal_one_process(two_ranks, tmp_path):
         assert [(m, p) for m, _, p in got["seen"]] == [("DistributedDataParallel", "fused")] * 4
         assert {n for _, n, _ in got["seen"]} == global_counts  # all 4 rows' tokens on each rank
         _assert_same_params(got["params"], want["params"])
+        # the logged components are the global means, as one process logs them
+        assert len(got["logs"]) == len(want["logs"]) == 2
+        for g, w in zip(got["logs"], want["logs"]):
+            for key in ("loss", "tmkl_ce", "tmkl_kl"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4), (key, g, w)
 
 
 # ---- the recipes of docs/distributed.md, run as written ----------------------------------------

@@ -22,6 +22,8 @@ Example::
 """
 from __future__ import annotations
 
+import torch
+
 try:
     from transformers import Trainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -106,7 +108,14 @@ class TMKLTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs):
         if "loss" in logs and self._tmkl_sums:
             steps = max(1, self.state.global_step - self._tmkl_logged_step)
-            logs = {**logs, **{k: v / steps for k, v in self._tmkl_sums.items()}}
+            keys = sorted(self._tmkl_sums)
+            values = [self._tmkl_sums[k] / steps for k in keys]
+            if self.accelerator.num_processes > 1:
+                # each process holds its share of the global mean times the world size: their
+                # mean is the global mean (as for the Trainer's own "loss", gathered just before)
+                t = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+                values = self.accelerator.reduce(t, reduction="mean").tolist()
+            logs = {**logs, **dict(zip(keys, values))}
             self._tmkl_sums = {}
             self._tmkl_logged_step = self.state.global_step
         return super().log(logs, *args, **kwargs)
