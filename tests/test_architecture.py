@@ -31,6 +31,7 @@ SIDEWAYS = {
     ("train", "lora"),
     ("cache", "train"), ("cache", "lora"),  # the cache pass runs the model as training does
     ("cache", "optim"),  # only the progress bar
+    ("cache", "models"),  # cache-base --model smollm2
     ("demo", "integrations"),
     ("cli", "demo"), ("cli", "_bench"),
     ("functional", "_autograd"), ("nn", "functional"), ("_info", "_backend"), ("_info", "_cuda"),

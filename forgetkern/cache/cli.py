@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from .. import models
 from .build import build_cache
 
 
@@ -32,12 +32,15 @@ def _optional(module: str, why: str):
 
 
 def load_model(name: str, dtype: str = "auto", gguf_file: str | None = None):
-    """``(model, tokenizer)`` of an HF folder, or of a name ``forgetkern.models.load`` knows."""
+    """``(model, tokenizer)`` of a name :data:`forgetkern.models.MODELS` knows, or of an HF folder."""
+    if name in models.MODELS:
+        ok, why = models.available(name)
+        if not ok:
+            raise SystemExit(f"forgetkern cache-base: --model {name}: {why}")
+        return models.load(name, **({} if dtype == "auto" else {"dtype": getattr(torch, dtype)}))
     if not os.path.isdir(name):
-        if importlib.util.find_spec("forgetkern.models") is None:
-            raise SystemExit(f"forgetkern cache-base: {name!r} is not a model folder (and "
-                             "forgetkern.models, which resolves model names, is not installed)")
-        return importlib.import_module("forgetkern.models").load(name)
+        raise SystemExit(f"forgetkern cache-base: --model {name!r} is neither a model folder nor "
+                         f"one of {sorted(models.MODELS)}")
     transformers = _optional("transformers", "an HF model folder")
     kw = {} if gguf_file is None else {"gguf_file": gguf_file}
     kw_tok = dict(kw)
