@@ -1,0 +1,137 @@
+"""One base model with adapters, its data, and the per-method adaptation runs of one seed."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import optim
+from ..lora import lora_layers
+from ..train import ForgetAwareStep
+from .config import DemoConfig, loss_name, runs_of
+from .metrics import checkpoint_steps
+
+
+def bar(progress: bool):
+    """tqdm (with its ETA) when ``progress``, else a silent pass-through."""
+    from tqdm.auto import tqdm
+
+    return lambda *a, **k: tqdm(*a, disable=not progress, leave=False, **k)
+
+
+class Experiment:
+    """The adaptation runs of one seed: every method from the same adapters, batches and budget.
+
+    Args:
+        cfg: the demo configuration.
+        model: the base model with LoRA adapters injected (base weights frozen).
+        train_batches: the training batches, used in order, cycling.
+        evaluate: ``evaluate(model) -> dict`` with at least ``target_loss``, ``target_accuracy``
+            and ``retention_loss`` (the base model is evaluated first, with ``B = 0``).
+        seed: seeds the initial adapters and the FoLoRA proxy samples.
+        proxy: ``sample_proxy_data`` keyword arguments for FoLoRA's proxy data (``prompts``,
+            ``tokenizer``).
+    """
+
+    def __init__(self, cfg: DemoConfig, model, train_batches, evaluate, *, seed: int,
+                 proxy: dict | None = None, progress=True, log=print):
+        self.cfg = cfg
+        self.seed = seed
+        self.device = torch.device(cfg.device)
+        self.model = model
+        self.train_batches = train_batches
+        self._evaluate = evaluate
+        self.proxy = proxy or {}
+        self.progress = progress
+        self.bar = bar(progress)
+        self.log = log
+        self.backend = "reference" if self.device.type == "cpu" else None
+        self._stats = None
+        gen = torch.Generator().manual_seed(seed + 1)
+        self._init = {n: torch.empty_like(l.lora_A, device="cpu").uniform_(-1, 1, generator=gen)
+                      for n, l in lora_layers(model).items()}
+
+    def reset_adapters(self) -> None:
+        """Identical starting adapters for every run: fixed random ``A`` (Kaiming scale), ``B = 0``."""
+        with torch.no_grad():
+            for name, layer in lora_layers(self.model).items():
+                bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
+                layer.lora_A.copy_(self._init[name] * bound)
+                layer.lora_B.zero_()
+
+    def evaluate(self) -> dict:
+        return self._evaluate(self.model)
+
+    def folora_stats(self):
+        """Covariances of proxy data sampled from the base model and of the task data (once)."""
+        if self._stats is None:
+            self.reset_adapters()
+            f = self.cfg.folora
+            proxy = optim.sample_proxy_data(self.model, n_samples=f["proxy_samples"],
+                                            length=f["proxy_len"], seed=self.seed,
+                                            progress=self.progress, **self.proxy)
+            task = self.train_batches[: max(1, min(len(self.train_batches), 8))]
+            self._stats = optim.calibrate(self.model, proxy, task, progress=self.progress)
+        return self._stats
+
+    def run(self, method: str, kl_weight: float | None, base: dict) -> dict:
+        """One adaptation run; its record holds the checkpoints' evaluations (``curve``)."""
+        cfg = self.cfg
+        record = {"method": method, "kl_weight": kl_weight, "seed": self.seed,
+                  "base_retention_loss": base["retention_loss"],
+                  "base_target_loss": base["target_loss"],
+                  "base_target_accuracy": base["target_accuracy"]}
+        self.reset_adapters()
+        if "folora" in method:
+            stats = self.folora_stats()
+            f = {k: v for k, v in cfg.folora.items() if k in ("gate", "tau", "damping")}
+            opt = optim.FoLoRA.from_model(self.model, stats, lr=cfg.adapt_lr, **f)
+            self.reset_adapters()
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=cfg.adapt_lr, weight_decay=0.0)
+        opts = {"backend": self.backend}
+        if kl_weight is not None:
+            opts["kl_weight"] = kl_weight
+        step = ForgetAwareStep(self.model, loss=loss_name(method), optimizer=opt,
+                               max_grad_norm=1.0, **opts)
+        marks = checkpoint_steps(cfg.adapt_steps, cfg.checkpoints)
+        curve = [{"step": 0, **base, "forgetting": 0.0}]
+        train_time, tokens = 0.0, 0
+        label = method if kl_weight is None else f"{method} λ={kl_weight:g}"
+        for i in self.bar(range(1, cfg.adapt_steps + 1), desc=f"seed {self.seed}: {label}",
+                          unit="step"):
+            m = step(self.train_batches[(i - 1) % len(self.train_batches)])
+            train_time += m["time_s"]
+            tokens += m["tokens"]
+            if i in marks:
+                ev = self.evaluate()
+                ev["forgetting"] = ev["retention_loss"] - base["retention_loss"]
+                curve.append({"step": i, **ev})
+        final = curve[-1]
+        return {**record, "status": "ok", **{k: v for k, v in final.items() if k != "step"},
+                "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
+                "curve": curve}
+
+    def base(self) -> dict:
+        """The base model's evaluation (adapters at ``B = 0``)."""
+        self.reset_adapters()
+        base = self.evaluate()
+        self.log(f"base model: target loss {base['target_loss']:.3f}, accuracy "
+                 f"{base['target_accuracy']:.3f}, retention loss {base['retention_loss']:.4f}")
+        return base
+
+    def run_all(self, base: dict | None = None, on_result=None, part: str = "all",
+                skip=()) -> tuple[dict, list[dict]]:
+        """The base evaluation (unless given) and the runs of this seed (``part`` of
+        :func:`runs_of`) but those in ``skip`` (``(method, kl_weight)`` pairs), in order;
+        ``on_result(record)`` is called after each run (e.g. to save partial results)."""
+        base = self.base() if base is None else base
+        results = []
+        for method, w in runs_of(self.cfg, self.seed, part):
+            if (method, w) in skip:
+                continue
+            results.append(self.run(method, w, base))
+            if on_result is not None:
+                on_result(results[-1])
+        return base, results
