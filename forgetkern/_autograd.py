@@ -79,6 +79,17 @@ def _rescale(grads: tuple, scale: torch.Tensor) -> tuple:
     return tuple(None if t is None else t * scale.to(t.dtype) for t in grads)
 
 
+def _precomputed(ctx, g_loss, g_ce, g_kl, labels, stats, row_weight, p):
+    """The fused-linear forward's precomputed gradients, rescaled, when the upstream gradient is a
+    uniform multiple of the one they were computed for (the usual ``loss.backward()``); else
+    ``None`` (the backward recomputes)."""
+    if ctx.pre is None or g_ce is not None or g_kl is not None or g_loss is None:
+        return None
+    valid = labels.long() != p.ignore_index
+    scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
+    return None if scale is None else _rescale(ctx.pre, scale)
+
+
 class LinearTMKLFunction(torch.autograd.Function):
     """Per-row fused-linear TMKL ``(loss, ce, kl)``; reductions happen outside.
 
@@ -115,12 +126,7 @@ class LinearTMKLFunction(torch.autograd.Function):
         needs = ctx.needs
         if not any(needs):
             return (None,) * 11
-        grads = None
-        if ctx.pre is not None and g_ce is None and g_kl is None and g_loss is not None:
-            valid = labels.long() != p.ignore_index
-            scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
-            if scale is not None:
-                grads = _rescale(ctx.pre, scale)
+        grads = _precomputed(ctx, g_loss, g_ce, g_kl, labels, stats, row_weight, p)
         if grads is None:
             coef_ce, coef_kl = coefficients(g_loss, g_ce, g_kl, p, hidden.shape[0], stats.dtype,
                                             hidden.device)
@@ -195,12 +201,7 @@ class LinearSparseTMKLFunction(torch.autograd.Function):
         p: LinearTMKLParams = ctx.params
         if not any(ctx.needs):
             return (None,) * 13
-        grads = None
-        if ctx.pre is not None and g_ce is None and g_kl is None and g_loss is not None:
-            valid = labels.long() != p.ignore_index
-            scale = _uniform_scale(g_loss.to(stats.dtype), valid, row_weight.to(stats.dtype))
-            if scale is not None:
-                grads = _rescale(ctx.pre, scale)
+        grads = _precomputed(ctx, g_loss, g_ce, g_kl, labels, stats, row_weight, p)
         if grads is None:
             coef_ce, coef_kl = coefficients(g_loss, g_ce, g_kl, p, hidden.shape[0], stats.dtype,
                                             hidden.device)

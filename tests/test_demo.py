@@ -141,3 +141,23 @@ def test_bad_paths_fail_before_any_training(tmp_path, capsys):
         main(["demo", "--smoke", "--model", str(tmp_path / "missing"), "--data", str(blocker)])
     assert time.perf_counter() - start < 5  # nothing was trained
     assert not (tmp_path / "out.json").exists()
+
+
+def test_resume_keeps_finished_runs_and_checks_the_settings(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    args = ["demo", "--smoke", "--no-cache", "--no-progress", "--no-plot", "--methods", "ce,tmkl"]
+    assert main(args + ["--json", str(out)]) == 0
+    full = json.loads(out.read_text())
+    partial = dict(full, results=full["results"][:1], complete=False)
+    partial["results"][0]["marker"] = "kept"  # a finished run is not run again
+    out.write_text(json.dumps(partial))
+    assert main(args + ["--resume", str(out)]) == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["complete"] and [r["method"] for r in resumed["results"]] == ["ce", "tmkl"]
+    assert resumed["results"][0]["marker"] == "kept"
+    for key in ("target_loss", "retention_loss", "forgetting"):
+        assert resumed["results"][1][key] == pytest.approx(full["results"][1][key], rel=1e-6)
+    with pytest.raises(SystemExit, match="other settings .*adapt_steps"):
+        main(args + ["--steps", "3", "--resume", str(out)])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(args + ["--resume", str(tmp_path / "missing.json")])

@@ -105,7 +105,7 @@ def comparisons(results: list[dict], key: str = "target_loss") -> list[str]:
             r, ref, ce = rows[0]
             if ref is None:
                 out.append(f"{label}: {name} {r[key]:.3f} is outside CE's curve (CE reached "
-                           f"{ce[key]:.3f}); no same-{name} comparison")
+                           f"{ce[key]:.3f}); no comparison at the same {name}")
             else:
                 out.append(f"{label}: forgetting {r['forgetting']:+.4f} vs CE {ref:+.4f} at the "
                            f"same {name} {r[key]:.3f}")
@@ -118,7 +118,7 @@ def comparisons(results: list[dict], key: str = "target_loss") -> list[str]:
                        f"(mean {at['mean']:.3f}; {len(inside)} of {len(rows)} seeds inside CE's "
                        "curve)")
         else:
-            out.append(f"{label}: outside CE's curve on every seed; no same-{name} comparison")
+            out.append(f"{label}: outside CE's curve on every seed; no comparison at the same {name}")
         if method == "tmkl":
             out.extend(_vs_kl(results, w, key, label, name))
     return out

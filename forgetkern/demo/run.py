@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
                        formatter_class=lambda prog: _Formatter(prog, max_help_position=30))
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the quick preset (tiny model ~2 min, smollm2 <= 15 min on 2 cores); "
+                      help="the quick preset (tiny model ~2 min, smollm2 ~9 min on 2 cores); "
                            "default: the full preset")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
     p.add_argument("--seed", type=int, default=None, help="one seed (shorthand for --seeds N)")

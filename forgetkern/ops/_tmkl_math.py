@@ -21,6 +21,17 @@ STAT_KL = constant(_params.STAT_KL)
 
 
 @jit
+def store_ignored_row(loss_ptr, ce_ptr, kl_ptr, stats_ptr, row, ACC_FP64: tl.constexpr):
+    """An ignored row's outputs: loss, CE, KL and every statistics column zero."""
+    zero = tl.zeros((), dtype=tl.float64 if ACC_FP64 else tl.float32)
+    tl.store(loss_ptr + row, zero)
+    tl.store(ce_ptr + row, zero)
+    tl.store(kl_ptr + row, zero)
+    for j in tl.static_range(NUM_STATS):
+        tl.store(stats_ptr + row * NUM_STATS + j, zero)
+
+
+@jit
 def safe_max(m):
     """A running max for use as an offset: ``0`` where nothing finite has been seen (``-inf``)."""
     return tl.where(m == float("-inf"), 0.0, m)

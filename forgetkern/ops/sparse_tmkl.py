@@ -15,7 +15,7 @@ import torch
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE, STAT_M_Z,
-                         online_lse, safe_max, with_target)
+                         online_lse, safe_max, store_ignored_row, with_target)
 from ._triton import check_triton, constant, jit, next_power_of_2, tl
 from ..reference import sparse_tmkl as _driver
 from .tmkl import launch_config as _dense_launch_config
@@ -99,12 +99,7 @@ def _sparse_tmkl_fwd_kernel(
     y = tl.load(y_ptr + row).to(tl.int64)
     NEG_INF: tl.constexpr = float("-inf")
     if y == ignore_index:
-        zero = tl.zeros((), dtype=acc_dtype)
-        tl.store(loss_ptr + row, zero)
-        tl.store(ce_ptr + row, zero)
-        tl.store(kl_ptr + row, zero)
-        for i in tl.static_range(NUM_STATS):
-            tl.store(stats_ptr + row * NUM_STATS + i, zero)
+        store_ignored_row(loss_ptr, ce_ptr, kl_ptr, stats_ptr, row, ACC_FP64)
     else:
         z_row = z_ptr + row * stride_z
         j = tl.arange(0, BLOCK_K)

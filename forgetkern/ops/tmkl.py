@@ -18,7 +18,7 @@ from .. import _params
 from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
                          STAT_M_Z, finish_kl, fold_block, grad_tile, load_scaled, online_lse,
-                         safe_max, with_target)
+                         safe_max, store_ignored_row, with_target)
 from ._triton import check_triton, jit, next_power_of_2, tl
 
 
@@ -52,12 +52,7 @@ def _tmkl_fwd_kernel(
     y = tl.load(y_ptr + row).to(tl.int64)
     NEG_INF: tl.constexpr = float("-inf")
     if y == ignore_index:
-        zero = tl.zeros((), dtype=acc_dtype)
-        tl.store(loss_ptr + row, zero)
-        tl.store(ce_ptr + row, zero)
-        tl.store(kl_ptr + row, zero)
-        for j in tl.static_range(NUM_STATS):
-            tl.store(stats_ptr + row * NUM_STATS + j, zero)
+        store_ignored_row(loss_ptr, ce_ptr, kl_ptr, stats_ptr, row, ACC_FP64)
     else:
         z_row = z_ptr + row * stride_z
         b_row = b_ptr + row * stride_b
