@@ -193,7 +193,8 @@ def sample_proxy_data(
         process_group: data parallel: each rank of this ``torch.distributed`` group samples its
             share, a contiguous block of the ``n_samples`` (the first ``n_samples % world`` ranks
             one more), with prompt ``i % P`` for global sample ``i`` and its own generator seeded
-            with ``seed + rank * 2**32`` (rank 0 samples as one process would).
+            with ``seed + rank * 2**32`` (rank 0 samples its share as one process asked for that
+            many samples would).
         gather: with ``process_group``, also gather every rank's samples (one ``all_gather`` of
             the padded blocks) so each rank returns all ``n_samples`` in rank order.
 
