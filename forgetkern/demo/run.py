@@ -220,6 +220,11 @@ def _main(args) -> int:
         if threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    bases, results, earlier = {}, [], 0.0
+    if args.resume:  # settings checked before any model is loaded
+        bases, results, earlier = resumed(args.resume, cfg)
+        log(f"--resume {args.resume}: {len(results)} finished runs kept")
+    done = {(r["method"], r["kl_weight"], r["seed"]) for r in results}
     torch.manual_seed(cfg.seeds[0])
     start = time.perf_counter()
     if is_real(cfg):
@@ -230,11 +235,6 @@ def _main(args) -> int:
     else:
         experiment_of, info = tiny_setup(cfg, use_cache=not args.no_cache, progress=progress,
                                          log=log)
-    bases, results, earlier = {}, [], 0.0
-    if args.resume:
-        bases, results, earlier = resumed(args.resume, cfg)
-        log(f"--resume {args.resume}: {len(results)} finished runs kept")
-    done = {(r["method"], r["kl_weight"], r["seed"]) for r in results}
 
     def payload(complete: bool) -> dict:
         config = {**asdict(cfg), **info, "python": platform.python_version(),
