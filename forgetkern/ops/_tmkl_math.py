@@ -32,6 +32,15 @@ def store_ignored_row(loss_ptr, ce_ptr, kl_ptr, stats_ptr, row, ACC_FP64: tl.con
 
 
 @jit
+def store_zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    """An ignored row's gradient: zero in every column (in the gradient's dtype)."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        tl.store(g_row + offs, tl.zeros((BLOCK_V,), dtype=g_row.dtype.element_ty), mask=offs < V)
+
+
+@jit
 def safe_max(m):
     """A running max for use as an offset: ``0`` where nothing finite has been seen (``-inf``)."""
     return tl.where(m == float("-inf"), 0.0, m)

@@ -18,7 +18,7 @@ from .. import _params
 from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
                          STAT_M_Z, finish_kl, fold_block, grad_tile, load_scaled, online_lse,
-                         safe_max, store_ignored_row, with_target)
+                         safe_max, store_ignored_row, store_zero_row, with_target)
 from ._triton import check_triton, jit, next_power_of_2, tl
 
 
@@ -127,10 +127,7 @@ def _tmkl_bwd_kernel(
     g_row = g_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
     if y == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            tl.store(g_row + offs, tl.zeros((BLOCK_V,), dtype=acc_dtype).to(g_ptr.dtype.element_ty),
-                     mask=offs < V)
+        store_zero_row(g_row, V, BLOCK_V)
     else:
         st = stats_ptr + row * NUM_STATS
         m_z = tl.load(st + STAT_M_Z)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from .._params import (NUM_STATS, SP_LS_T, SP_M_T, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE,
-                       STAT_M_Z, TMKLParams, accumulation_dtype, row_outputs, with_target)
-from .tmkl import chunk_rows, linear_chunk_rows
+                       STAT_M_Z, TMKLParams, accumulation_dtype, row_outputs)
+from .tmkl import ce_normalizer, chunk_rows, linear_chunk_rows
 
 NEG_INF = float("-inf")
 
@@ -93,12 +93,7 @@ def _chunk_stats(z, base, y, p: TMKLParams):
     log_q, log_p, _, _ = _bins(x, base, y, p, m_z, ls_z, m_t, ls_t)
     kl = _kl(log_q, log_p, p)
     z_y = z.gather(1, y[:, None]).squeeze(1).to(x.dtype)
-    if p.separate_ce:
-        m_c, ls_c = _lse_pair(z.to(x.dtype))
-    elif p.mask_target:
-        m_c, ls_c = with_target(m_z, ls_z, z_y)
-    else:
-        m_c, ls_c = m_z, ls_z
+    m_c, ls_c = ce_normalizer(z, z_y, m_z, ls_z, p)
     ce = (m_c - z_y) + ls_c
     return ce, kl, torch.stack([m_z, ls_z, m_t, ls_t, m_c, ls_c, kl], dim=1)
 

@@ -35,6 +35,20 @@ def _shifted(x: torch.Tensor):
     return m, e.sum(dim=1), e
 
 
+def ce_normalizer(z: torch.Tensor, z_y: torch.Tensor, m_z: torch.Tensor, ls_z: torch.Tensor,
+                  p: TMKLParams):
+    """The CE normalizer ``(max, log-sum)`` over every column of the raw logits ``z``: a pass of
+    its own when ``T != 1`` (``separate_ce``), else the KL's normalizer of the kept columns, the
+    target joining them when it was masked (``LSE(z) = logaddexp(LSE'(z), z_y)``, max and sum
+    apart)."""
+    if p.separate_ce:
+        m_c, s_c, _ = _shifted(z.to(ls_z.dtype, copy=True))
+        return m_c, s_c.log()
+    if p.mask_target:
+        return with_target(m_z, ls_z, z_y)
+    return m_z, ls_z
+
+
 def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) -> None:
     """``t[i, y[i]] = value[i]`` (``+=`` with ``add``) for every row whose target column lies in
     this block of columns; ``y < 0`` marks a row whose target is elsewhere (another vocabulary
@@ -87,16 +101,7 @@ def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParam
     kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
     kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
     z_y = z.gather(1, y[:, None]).squeeze(1).to(ls_z.dtype)
-    if p.separate_ce:
-        zs = z.to(ls_z.dtype, copy=True)
-        m_c, s_c, _ = _shifted(zs)
-        del zs
-        ls_c = s_c.log()
-    elif p.mask_target:
-        # the target joins the kept columns: LSE(z) = logaddexp(LSE'(z), z_y), max and sum apart
-        m_c, ls_c = with_target(m_z, ls_z, z_y)
-    else:
-        m_c, ls_c = m_z, ls_z
+    m_c, ls_c = ce_normalizer(z, z_y, m_z, ls_z, p)
     ce = (m_c - z_y) + ls_c
     return ce, kl, torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
 
