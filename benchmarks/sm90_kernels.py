@@ -1,25 +1,47 @@
-"""Compile forgetkern's TMKL and fused-linear TMKL Triton kernels for an H100/H200 (sm_90) on any
-machine, GPU or not, and report each kernel's registers, spills and shared memory.
+"""Compile forgetkern's Triton kernels for an H100/H200 (sm_90) on any machine, GPU or not, exactly
+as the JIT would specialize them for a launch at a given shape, and report what the GPU would run:
+registers, spills, the streaming loop's SASS, load widths, fences and atomics.
 
     python benchmarks/sm90_kernels.py            # every configuration the launchers use
     python benchmarks/sm90_kernels.py --quick    # one per kernel family (what the tests run)
+    python benchmarks/sm90_kernels.py --only tmkl --sass DIR   # also write each kernel's SASS/PTX
 
-The Triton interpreter accepts programs that the GPU compiler rejects (``tl.dot`` operand shapes and
-dtypes, layouts, register allocation); this lowers every kernel to PTX and SASS with the launchers'
-own tile sizes, warps and stages. Resource usage comes from ``cuobjdump --dump-resource-usage``
-(shipped with Triton's NVIDIA backend): ``STACK``/``LOCAL`` above 0 means registers spill to local
-memory. Exits non-zero if any kernel fails to compile. Needs Triton with its NVIDIA backend, no GPU.
+How: each launcher (``tmkl_forward``, ``linear_tmkl_backward``, ...) is called on ``meta`` tensors
+of the case's shape (no memory, no GPU) with its kernels replaced by recorders; every recorded
+launch is specialized by Triton's own JIT binder (integer arguments equal to 1 become constants,
+integers and pointers divisible by 16 carry ``tt.divisibility = 16``, as they would for aligned
+tensors on a GPU) and compiled with Triton's ahead-of-time compiler for sm_90 with the launch's
+warps and stages. The machine is taken to be an H200 (:data:`SMS` streaming multiprocessors), which
+decides the launchers' vocabulary splits.
+
+Columns (``cuobjdump``/``nvdisasm`` from Triton's NVIDIA backend):
+  * ``reg``, ``spill``: registers and local-memory (spilled) bytes per thread.
+  * ``loop``: SASS instructions in the main loop (the loop with the most global loads), and for the
+    streaming TMKL kernels ``/col``: those instructions per vocabulary column handled by one thread
+    (``loop / (BLOCK_V / threads)``). Reading 2 bytes of each of two bf16 inputs per column at an
+    H200's 4.3 TB/s leaves about 29 instructions per column (132 SMs x 4 issues/clock x 1.98 GHz
+    x 32 lanes / (4.3e12 / 4) columns/s) before the kernel stops being bound by memory.
+  * ``ldg``: widths in bits of the main loop's global loads (``LDG``, and ``LDGSTS`` of ``cp.async``)
+    with their counts, ``128`` = 16-byte vector loads (the whole kernel's when it has no loop).
+  * ``fence``: GPU-wide memory fences: ``MEMBAR.*.GPU``/``.SYS`` in the SASS, and in the PTX the
+    ``fence``/``membar`` instructions and atomics with acquire/release ordering at GPU scope (CTA
+    fences of shared memory and ``wgmma`` are not counted).
+  * ``atom``: global atomics (``RED``/``ATOMG``) in the SASS with their widths in bits.
+
+Exits non-zero if any kernel fails to compile. Needs Triton with its NVIDIA backend, no GPU.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real
@@ -30,143 +52,416 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from forgetkern.ops import linear_tmkl, tmkl  # noqa: E402
+from forgetkern import _params  # noqa: E402
+from forgetkern.ops import _triton as ops_triton  # noqa: E402
+from forgetkern.ops import folora, generalized_eigh, linear_tmkl, sparse_tmkl, tmkl  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+SMS = 132  # an H200's streaming multiprocessors (H100 SXM: 132 as well)
+META = torch.device("meta")
 SHORT = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-FLOAT_ARGS = {"inv_t", "ce_weight", "kl_scale"}
-INPUT_PTRS = {"z_ptr", "b_ptr", "h_ptr", "w_ptr", "bias_ptr", "hb_ptr", "wb_ptr", "bb_ptr"}
+
+# the kernels each launcher may launch: (module, kernel attribute)
+KERNELS = {
+    "tmkl": [(tmkl, "_tmkl_fwd_kernel"), (tmkl, "_tmkl_bwd_kernel")],
+    "sparse": [(sparse_tmkl, "_sparse_tmkl_fwd_kernel"), (sparse_tmkl, "_sparse_tmkl_bwd_kernel")],
+    "linear": [(linear_tmkl, "_linear_tmkl_fwd_kernel"), (linear_tmkl, "_linear_tmkl_bwd_kernel")],
+    "eigh": [(generalized_eigh, "_generalized_eigh_kernel")],
+    "folora": [(folora, "_folora_step_kernel")],
+}
+STREAMING = {"_tmkl_fwd_kernel", "_tmkl_bwd_kernel", "_sparse_tmkl_fwd_kernel",
+             "_sparse_tmkl_bwd_kernel"}
 
 
-def signature(kernel, dtype: torch.dtype, out_dtype: torch.dtype | None, constexprs: dict) -> dict:
-    """Triton signature of ``kernel`` for inputs of ``dtype``: labels int64, the gradient output
-    (``g_ptr``/``dh_ptr``) in ``out_dtype``, other outputs in the accumulation dtype, ints i32;
-    ``*_desc`` arguments are TMA descriptors of the kernels' tiles under ``USE_TMA``, else None
-    (added to ``constexprs``)."""
-    acc = PTR[torch.float64 if dtype == torch.float64 else torch.float32]
-    sig = {}
-    for name, param in zip(kernel.arg_names, kernel.params):
-        if param.is_constexpr:
-            sig[name] = "constexpr"
-        elif name.endswith("_desc"):
-            if constexprs.get("USE_TMA"):
-                rows = constexprs["BLOCK_N"] if name in ("h_desc", "hb_desc") else constexprs["BLOCK_V"]
-                sig[name] = f"tensordesc<{PTR[dtype][1:]}[{rows},{constexprs['BLOCK_D']}]>"
-            else:
-                sig[name] = "constexpr"
-                constexprs[name] = None
-        elif name == "y_ptr":
-            sig[name] = "*i64"
-        elif name in INPUT_PTRS:
-            sig[name] = PTR[dtype]
-        elif name in ("g_ptr", "dh_ptr"):
-            sig[name] = PTR[out_dtype or dtype]
-        elif name.endswith("_ptr"):
-            sig[name] = acc
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+# --------------------------------------------------------------------------------------------
+# recording the launchers' launches and specializing them as the JIT does
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: object  # the JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
 
 
-def compile_kernel(kernel, dtype, constexprs: dict, options: dict, out_dtype=None) -> bytes:
-    missing = [n for n, p in zip(kernel.arg_names, kernel.params)
-               if p.is_constexpr and n not in constexprs]  # (descriptors are added below)
-    if missing:
-        raise ValueError(f"{kernel.fn.__name__}: constexprs not given: {missing}")
-    constexprs = dict(constexprs)
-    sig = signature(kernel, dtype, out_dtype, constexprs)
-    src = ASTSource(kernel, sig, constexprs=constexprs)
-    cubin = triton.compile(src, target=TARGET, options=options).asm["cubin"]
-    if not cubin:
-        raise RuntimeError(f"{kernel.fn.__name__}: no cubin")
-    return cubin
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel, sink: list):
+        self.kernel = kernel
+        self.sink = sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.kernel, tuple(grid), args, kwargs))
+        return launch
 
 
-def cases(quick: bool):
-    """``(label, kernel, dtype, constexprs, options, out_dtype)`` for every configuration."""
-    tmkl_shapes = [(torch.bfloat16, 128256), (torch.float16, 32000), (torch.float32, 50257),
-                   (torch.float64, 1000)]
-    for i, (dtype, v) in enumerate(tmkl_shapes[:1] if quick else tmkl_shapes):
-        cfg = tmkl.launch_config(v, dtype, None)
-        options = {"num_warps": cfg.pop("num_warps")}
-        combos = list(itertools.product((True, False), repeat=3))
-        for fwd, mask, sep in (combos[:1] + combos[-1:] if quick or i else combos):
-            flags = dict(FORWARD_KL=fwd, MASK_TARGET=mask, SEPARATE_CE=sep,
-                         ACC_FP64=dtype == torch.float64, **cfg)
-            what = (f"V={v} {'fwd' if fwd else 'rev'}KL{'' if mask else ' plain'}"
-                    f"{' T!=1' if sep else ''} BLOCK_V={cfg['BLOCK_V']} warps={options['num_warps']}")
-            yield f"tmkl fwd  {SHORT[dtype]} {what}", tmkl._tmkl_fwd_kernel, dtype, flags, options, None
-            yield f"tmkl bwd  {SHORT[dtype]} {what}", tmkl._tmkl_bwd_kernel, dtype, flags, options, dtype
-    linear_shapes = [
-        (torch.bfloat16, (8192, 128256, 4096), True, False),
-        (torch.bfloat16, (8192, 128256, 4096), False, True),
-        (torch.bfloat16, (100, 32000, 2048), True, False),
-        (torch.float16, (4096, 32000, 4096), True, True),
-        (torch.float32, (2048, 50257, 1024), True, False),
-        (torch.float64, (17, 1000, 64), False, True),
+@contextlib.contextmanager
+def recording(family: str):
+    """Replace the family's kernels by recorders (and the SM count by an H200's) for the block."""
+    sink: list[Launch] = []
+    saved = [(mod, name, getattr(mod, name)) for mod, name in KERNELS[family]]
+    patched = []
+    for mod, name, kernel in saved:
+        setattr(mod, name, _Recorder(kernel, sink))
+    for mod in (ops_triton, tmkl, linear_tmkl, sparse_tmkl):
+        if hasattr(mod, "multiprocessor_count"):
+            patched.append((mod, mod.multiprocessor_count))
+            mod.multiprocessor_count = lambda device=None: SMS
+    try:
+        yield sink
+    finally:
+        for mod, name, kernel in saved:
+            setattr(mod, name, kernel)
+        for mod, fn in patched:
+            mod.multiprocessor_count = fn
+
+
+def specialize(launch: Launch):
+    """``(ASTSource, options)`` of the launch, from Triton's own binder for an sm_90 target."""
+    backend = make_backend(TARGET)
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.kwargs)
+    kwargs.setdefault("debug", False)
+    bound, spec, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
+
+
+def compile_launch(launch: Launch):
+    src, options = specialize(launch)
+    compiled = triton.compile(src, target=TARGET, options=options)
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{launch.kernel.fn.__name__}: no cubin")
+    return compiled
+
+
+# --------------------------------------------------------------------------------------------
+# the cases: each calls launchers on meta tensors of one shape
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    label: str
+    family: str
+    run: object  # () -> None, calls the launchers
+    quick: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+def _tmkl_case(n, v, dtype, params, *, offset=0):
+    def run():
+        width = v + offset
+        z = _meta(n, width, dtype=dtype)[:, offset:]
+        b = _meta(n, width, dtype=dtype)[:, offset:]
+        y = _meta(n, dtype=torch.int64)
+        loss, ce, kl, stats = tmkl.tmkl_forward(z, b, y, params)
+        coef = _meta(n, dtype=loss.dtype)
+        tmkl.tmkl_backward(z, b, y, stats, coef, coef, params, _meta(n, v, dtype=dtype))
+    return run
+
+
+def _sparse_case(n, v, k, dtype, params):
+    def run():
+        z = _meta(n, v, dtype=dtype)
+        y = _meta(n, dtype=torch.int64)
+        acc = _params.accumulation_dtype(dtype)
+        base = (_meta(n, k, dtype=dtype), _meta(n, k, dtype=torch.int64), _meta(n, dtype=acc),
+                _meta(n, dtype=acc), _meta(n, dtype=acc))
+        loss, ce, kl, stats = sparse_tmkl.sparse_tmkl_forward(z, base, y, params)
+        coef = _meta(n, dtype=loss.dtype)
+        sparse_tmkl.sparse_tmkl_backward(z, base, y, stats, coef, coef, params, _meta(n, v, dtype=dtype))
+    return run
+
+
+def _linear_case(n, v, d, dtype, params, *, shared=True, bias=False, grad_w=False, tma=False):
+    def run():
+        h, hb = _meta(n, d, dtype=dtype), _meta(n, d, dtype=dtype)
+        w = _meta(v, d, dtype=dtype)
+        wb = None if shared else _meta(v, d, dtype=dtype)
+        bb = _meta(v, dtype=dtype) if bias else None
+        y = _meta(n, dtype=torch.int64)
+        over = {"tma": tma}
+        loss, ce, kl, stats, _ = linear_tmkl.linear_tmkl_forward(
+            h, w, hb, wb, bb, None if shared else bb, y, params, **over)
+        coef = _meta(n, dtype=loss.dtype)
+        linear_tmkl.linear_tmkl_backward(h, w, hb, wb, bb, None if shared else bb, y, stats, coef,
+                                         coef, params, (True, grad_w, grad_w and bias), **over)
+    return run
+
+
+def _eigh_case(batch, n, dtype):
+    def run():
+        a = _meta(batch, n, n, dtype=dtype)
+        generalized_eigh.generalized_eigh(a, a, 0.0)
+    return run
+
+
+def _folora_case(numel, cols=4096):
+    def run():
+        table = _params.SegmentTable([0], [numel], [cols], [0], META)  # one gated segment
+        buf = _meta(numel)
+        folora.folora_step(buf, buf, buf, buf, table, (0,), _meta(1, _params.NUM_FOLORA_SCALARS),
+                           _meta(cols))
+    return run
+
+
+def _with_kl_off(params):
+    """``params`` with the fused-linear KL switched off (``compute_kl=False``): CE alone."""
+    import dataclasses
+
+    cls = type(params)
+    if not any(f.name == "compute_kl" for f in dataclasses.fields(cls)):
+        @dataclasses.dataclass(frozen=True)
+        class WithComputeKL(cls):
+            compute_kl: bool = True
+        cls = WithComputeKL
+    fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(type(params))}
+    return cls(**{**fields, "kl_weight": 0.0, "compute_kl": False})
+
+
+def cases():
+    T = _params.TMKLParams
+    L = _params.LinearTMKLParams
+    out = []
+    fwd_masked = T()
+    for dtype, v, quick in ((torch.bfloat16, 128256, True), (torch.float16, 32000, False),
+                            (torch.float32, 50257, False), (torch.float64, 1000, False)):
+        for n in (8192, 1):
+            for p, what in ((fwd_masked, "fwdKL"), (T(direction="reverse", temperature=2.0),
+                                                     "revKL T=2"), (T(mask_target=False), "fwdKL plain")):
+                if dtype != torch.bfloat16 and what != "fwdKL":
+                    continue
+                first = quick and n == 8192 and what == "fwdKL"
+                out.append(Case(f"tmkl {SHORT[dtype]} N={n} V={v} {what}", "tmkl",
+                                _tmkl_case(n, v, dtype, p), quick=first))
+    out.append(Case("tmkl bf16 N=8192 V=128256 fwdKL rows misaligned by 3", "tmkl",
+                    _tmkl_case(8192, 128256, torch.bfloat16, fwd_masked, offset=3)))
+    out.append(Case("sparse bf16 N=8192 V=128256 k=64 fwdKL", "sparse",
+                    _sparse_case(8192, 128256, 64, torch.bfloat16, fwd_masked), quick=True))
+    out.append(Case("sparse bf16 N=1 V=128256 k=64 fwdKL", "sparse",
+                    _sparse_case(1, 128256, 64, torch.bfloat16, fwd_masked)))
+    lp = L()
+    linear = [
+        ("bf16 N=8192 V=128256 D=4096", dict(n=8192, v=128256, d=4096, dtype=torch.bfloat16), {}, True),
+        ("bf16 N=8192 V=128256 D=4096 CE alone", dict(n=8192, v=128256, d=4096, dtype=torch.bfloat16),
+         {"params": _with_kl_off(lp)}, True),
+        ("bf16 N=8192 V=128256 D=4096 base head, bias", dict(n=8192, v=128256, d=4096, dtype=torch.bfloat16),
+         {"shared": False, "bias": True}, False),
+        ("bf16 N=100 V=32000 D=2048", dict(n=100, v=32000, d=2048, dtype=torch.bfloat16), {}, False),
+        ("fp16 N=4096 V=32000 D=4096 bias", dict(n=4096, v=32000, d=4096, dtype=torch.float16),
+         {"bias": True}, False),
+        ("fp32 N=2048 V=50257 D=1024", dict(n=2048, v=50257, d=1024, dtype=torch.float32), {}, False),
+        ("fp64 N=17 V=1000 D=64 base head, bias", dict(n=17, v=1000, d=64, dtype=torch.float64),
+         {"shared": False, "bias": True}, False),
     ]
-    for dtype, (n, v, d), shared, bias in (linear_shapes[:2] if quick else linear_shapes):
-        cfg = linear_tmkl.launch_config(n, v, d, dtype, None, shared_weight=shared)
-        cfg.pop("splits")
-        cfg.pop("bwd_rows")
-        cfg.pop("tma")
-        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        for tma in (False, True) if dtype in (torch.bfloat16, torch.float16) else (False,):
-            flags = dict(FORWARD_KL=True, MASK_TARGET=True, SEPARATE_CE=False, HAS_BIAS=bias,
-                         HAS_BASE_BIAS=bias, SHARED_WEIGHT=shared, ACC_FP64=dtype == torch.float64,
-                         DOT_IEEE=dtype in (torch.float32, torch.float64), DOT_UPCAST=False,
-                         USE_TMA=tma, **cfg)
-            what = (f"N={n} V={v} D={d}{'' if shared else ' base head'}{' bias' if bias else ''} "
-                    f"tile={cfg['BLOCK_N']}x{cfg['BLOCK_V']}x{cfg['BLOCK_D']} "
-                    f"warps={options['num_warps']} stages={options['num_stages']}"
-                    f"{' TMA' if tma else ''}")
-            out = torch.float64 if dtype == torch.float64 else torch.float32  # grad_hidden scratch
-            yield (f"linear fwd {SHORT[dtype]} {what}", linear_tmkl._linear_tmkl_fwd_kernel, dtype,
-                   flags, options, None)
-            for grad_w in (False, True):
-                bwd = dict(flags, GRAD_H=True, GRAD_W=grad_w, GRAD_BIAS=grad_w and bias)
-                yield (f"linear bwd {SHORT[dtype]} {what}{' +dW' if grad_w else ''}",
-                       linear_tmkl._linear_tmkl_bwd_kernel, dtype, bwd, options, out)
+    for what, shape, kw, quick in linear:
+        params = kw.pop("params", lp)
+        for grad_w in (False, True):
+            for tma in (False, True) if shape["dtype"] in (torch.bfloat16, torch.float16) else (False,):
+                if quick and tma:
+                    continue
+                label = f"linear {what}{' +dW' if grad_w else ''}{' TMA' if tma else ''}"
+                out.append(Case(label, "linear",
+                                _linear_case(**shape, params=params, grad_w=grad_w, tma=tma, **kw),
+                                quick=quick and not grad_w))
+    for n in (16, 32, 64):
+        out.append(Case(f"eigh fp32 n={n}", "eigh", _eigh_case(4096, n, torch.float32),
+                        quick=n == 64))
+    out.append(Case("eigh fp64 n=64", "eigh", _eigh_case(512, 64, torch.float64)))
+    out.append(Case("folora step 1M", "folora", _folora_case(1 << 20), quick=True))
+    return out
 
 
-def cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return found or (str(bundled) if bundled.exists() else None)
+# --------------------------------------------------------------------------------------------
+# reading the compiled kernel
+# --------------------------------------------------------------------------------------------
+def _tool(name: str) -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else shutil.which(name)
 
 
-def resources(cubin: bytes, tool: str | None) -> str:
-    """``REG:.. STACK:.. SHARED:.. LOCAL:..`` of the cubin's kernel, or ``?`` without cuobjdump."""
+def resources(cubin: bytes) -> dict:
+    """``{"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..}`` from ``cuobjdump``."""
+    tool = _tool("cuobjdump")
     if tool is None:
-        return "?"
+        return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                              text=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return " ".join(f"{k}:{fields.get(k, '?')}" for k in ("REG", "STACK", "LOCAL", "SHARED"))
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def sass(cubin: bytes) -> str:
+    tool = _tool("cuobjdump")
+    if tool is None:
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+
+
+def instructions(text: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` of every SASS instruction (NOPs dropped)."""
+    out = []
+    for m in _INSN.finditer(text):
+        if m.group(3) != "NOP":
+            out.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    return out
+
+
+def _width(op: str) -> int:
+    """Bits moved per thread by a load/store/atomic opcode (``LDG.E.128``, ``ATOMG.E.ADD.F32x4``
+    -> 128)."""
+    lanes = re.search(r"F(16|32|64)x(\d)", op)
+    if lanes:
+        return int(lanes.group(1)) * int(lanes.group(2))
+    for bits in (128, 64):
+        if f".{bits}" in op:
+            return bits
+    if ".U16" in op or ".S16" in op:
+        return 16
+    if ".U8" in op or ".S8" in op:
+        return 8
+    return 32
+
+
+def main_loop(insns) -> list[tuple[int, str, str]]:
+    """The instructions of the loop (from a backward branch's target to the branch) holding the
+    most global loads; ties go to the shorter loop (the innermost)."""
+    best, key = [], None
+    for i, (addr, op, args) in enumerate(insns):
+        if not op.startswith("BRA"):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", args)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [x for x in insns if int(m.group(1), 16) <= x[0] <= addr]
+        loads = sum(x[1].startswith("LDG") for x in body)
+        k = (loads, -len(body))
+        if loads and (key is None or k > key):
+            best, key = body, k
+    return best
+
+
+def gpu_fences(insns) -> int:
+    """GPU- or system-wide memory barriers in the SASS (``MEMBAR.SC.GPU``, ``MEMBAR.ALL.GPU``...)."""
+    return sum(op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op) for _, op, _ in insns)
+
+
+_PTX_ORDERING = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(?:(?:fence|membar)(?!\.proxy)\S*|(?:atom|red)\S*\.(?:acq_rel|acquire|release|sc)\S*)",
+    re.M)
+
+
+def ptx_gpu_ordering(ptx: str) -> int:
+    """PTX instructions that order memory beyond the CTA: ``fence.*``/``membar.*`` (not the
+    async-proxy fences of TMA/``wgmma``) and atomics with acquire/release semantics."""
+    return sum(1 for m in _PTX_ORDERING.finditer(ptx) if ".cta" not in m.group(0))
+
+
+@dataclass
+class Report:
+    reg: int | None
+    spill: int | None
+    loop: int
+    per_col: float | None
+    ldg: str
+    fence: str
+    atom: str
+
+
+def analyze(compiled, launch: Launch) -> Report:
+    cubin = compiled.asm["cubin"]
+    res = resources(cubin)
+    insns = instructions(sass(cubin))
+    loop = main_loop(insns)
+    per_col = None
+    name = launch.kernel.fn.__name__
+    if name in STREAMING and loop:
+        threads = 32 * compiled.metadata.num_warps
+        cols = launch.kwargs["BLOCK_V"] / threads
+        per_col = len(loop) / cols
+    loads = [op for _, op, _ in (loop or insns) if op.startswith("LDG")]
+    widths = Counter(_width(op) for op in loads)
+    ldg = ",".join(f"{w}x{c}" for w, c in sorted(widths.items(), reverse=True)) or "-"
+    fence = f"{gpu_fences(insns)}/{ptx_gpu_ordering(compiled.asm['ptx'])}"
+    atoms = Counter(_width(op) for _, op, _ in insns if op.startswith(("RED", "ATOMG", "ATOM.")))
+    atom = ",".join(f"{w}x{c}" for w, c in sorted(atoms.items(), reverse=True)) or "-"
+    spill = None if not res else max(res.get("STACK", 0), res.get("LOCAL", 0))
+    return Report(res.get("REG"), spill, len(loop), per_col, ldg, fence, atom)
+
+
+def describe(launch: Launch) -> str:
+    kw = launch.kwargs
+    tiles = [f"{k}={kw[k]}" for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "BLOCK") if k in kw]
+    flags = [k for k in ("SEPARATE_CE", "COMPUTE_KL", "GRAD_W", "USE_TMA", "SHARED_WEIGHT")
+             if kw.get(k) is True]
+    if "COMPUTE_KL" in kw and not kw["COMPUTE_KL"]:
+        flags.append("no KL")
+    warps = kw.get("num_warps", 4)
+    grid = "x".join(str(g) for g in launch.grid)
+    return f"{' '.join(tiles)} w={warps} grid={grid}{' ' + ','.join(flags) if flags else ''}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one configuration per kernel family")
+    p.add_argument("--only", default="", help="only cases whose label contains this text")
+    p.add_argument("--sass", metavar="DIR", help="write each kernel's SASS and PTX into DIR")
     args = p.parse_args(argv)
-    tool = cuobjdump()
-    failed = 0
-    total = 0
-    for label, kernel, dtype, constexprs, options, out_dtype in cases(args.quick):
-        total += 1
+    failed = total = 0
+    print(f"{'case / kernel':<78} {'reg':>4} {'spill':>6} {'loop':>5} {'/col':>5} "
+          f"{'ldg(bits x n)':>14} {'fence':>6} {'atom':>8}")
+    for case in cases():
+        if (args.quick and not case.quick) or args.only not in case.label:
+            continue
         try:
-            usage = resources(compile_kernel(kernel, dtype, constexprs, options, out_dtype), tool)
+            with recording(case.family) as launches:
+                case.run()
         except Exception as exc:  # report every failure, then exit non-zero
             failed += 1
-            usage = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-        print(f"{label:<100} {usage}", flush=True)
+            total += 1
+            print(f"{case.label}: FAILED to launch: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        seen = set()
+        for launch in launches:
+            key = (launch.kernel.fn.__name__, describe(launch).split(" grid=")[0])
+            if key in seen:
+                continue
+            seen.add(key)
+            total += 1
+            label = f"{case.label} | {launch.kernel.fn.__name__.strip('_')} {describe(launch)}"
+            try:
+                compiled = compile_launch(launch)
+                r = analyze(compiled, launch)
+                col = "-" if r.per_col is None else f"{r.per_col:.1f}"
+                print(f"{label}\n{'':<78} {r.reg!s:>4} {r.spill!s:>6} {r.loop:>5} {col:>5} "
+                      f"{r.ldg:>14} {r.fence:>6} {r.atom:>8}", flush=True)
+                if args.sass:
+                    out = Path(args.sass)
+                    out.mkdir(parents=True, exist_ok=True)
+                    stem = re.sub(r"[^A-Za-z0-9=]+", "_", label)[:150]
+                    (out / f"{stem}.sass").write_text(sass(compiled.asm["cubin"]))
+                    (out / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+            except Exception as exc:
+                failed += 1
+                msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+                print(f"{label}\n    FAILED: {type(exc).__name__}: {msg}", flush=True)
     print(f"compiled {total - failed}/{total} kernels for sm_90 (Triton {triton.__version__})")
     return 1 if failed else 0
 

@@ -42,8 +42,8 @@ def _set_triton_block(monkeypatch, width):
 
     original = getattr(tmkl_ops.launch_config, "original", tmkl_ops.launch_config)
 
-    def small(v, dtype, block_v_=None):
-        return original(v, dtype, width)
+    def small(v, dtype, block_v_=None, *args, **kw):
+        return original(v, dtype, width, *args, **kw)
 
     small.original = original
     monkeypatch.setattr(tmkl_ops, "launch_config", small)

@@ -59,3 +59,13 @@ def check_triton() -> None:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def multiprocessor_count(device=None) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (1 anywhere else: the CPU interpreter), the
+    unit the launchers size their grids in."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1

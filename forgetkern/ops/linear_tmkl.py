@@ -24,24 +24,13 @@ from __future__ import annotations
 import torch
 
 from .. import _params
-from .._params import (ENV_TMA, PART_KL, PART_LS_B, PART_LS_CE, PART_LS_Z, PART_M_B, PART_M_CE,
-                       PART_M_Z, PART_ZY, TMKLParams, accumulation_dtype, env_flag, merge_lse,
-                       row_outputs, triton_interpret, with_target)
-from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
-                         STAT_M_Z, fold_block, grad_tile, online_lse, safe_max)
-from ._triton import constant
+from .._params import ENV_TMA, TMKLParams, accumulation_dtype, env_flag, triton_interpret
+from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B,
+                         STAT_M_CE, STAT_M_Z, exp, fold_block, grad_tile, merge_partials,
+                         online_lse, store_part)
+from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
 
-# the partial record's columns (forgetkern._params.PART_*), readable inside kernels
-NUM_PART = constant(_params.NUM_PART)
-P_M_Z = constant(PART_M_Z)
-P_LS_Z = constant(PART_LS_Z)
-P_M_B = constant(PART_M_B)
-P_LS_B = constant(PART_LS_B)
-P_KL = constant(PART_KL)
-P_M_CE = constant(PART_M_CE)
-P_LS_CE = constant(PART_LS_CE)
-P_ZY = constant(PART_ZY)
-from ._triton import check_triton, jit, next_power_of_2, tl
+_merge_partials = merge_partials  # the host merge of the forward's per-split partial records
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,25 +176,10 @@ def _linear_tmkl_fwd_kernel(
         m_z, s_z, m_b, s_b, kl_acc = fold_block(m_z, s_z, m_b, s_b, kl_acc, x, u, FORWARD_KL, 1)
         if SEPARATE_CE:
             m_c, s_c, _, _ = online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF), 1)
-    # the split's KL accumulator over its own weight distribution (base for forward, adapted for
-    # reverse), offsets to the split's maxima; a split with no weight mass contributes nothing
-    if FORWARD_KL:
-        kl_part = tl.where(s_b == 0.0, 0.0, kl_acc / s_b)
-    else:
-        kl_part = tl.where(s_z == 0.0, 0.0, kl_acc / s_z)
+    # the split's partial record: its KL accumulator over its own weight distribution (base for
+    # forward, adapted for reverse), offsets to the split's maxima
     out = part_ptr + (rows * splits + pid_s) * NUM_PART
-    tl.store(out + P_M_Z, safe_max(m_z), mask=row_ok)
-    tl.store(out + P_LS_Z, tl.log(s_z), mask=row_ok)
-    tl.store(out + P_M_B, safe_max(m_b), mask=row_ok)
-    tl.store(out + P_LS_B, tl.log(s_b), mask=row_ok)
-    tl.store(out + P_KL, kl_part, mask=row_ok)
-    if SEPARATE_CE:
-        tl.store(out + P_M_CE, safe_max(m_c), mask=row_ok)
-        tl.store(out + P_LS_CE, tl.log(s_c), mask=row_ok)
-    else:
-        tl.store(out + P_M_CE, safe_max(m_z), mask=row_ok)
-        tl.store(out + P_LS_CE, tl.log(s_z), mask=row_ok)
-    tl.store(out + P_ZY, z_y, mask=row_ok)
+    store_part(out, m_z, s_z, m_b, s_b, kl_acc, m_c, s_c, z_y, row_ok, FORWARD_KL, SEPARATE_CE)
 
 
 @jit
@@ -275,9 +249,10 @@ def _linear_tmkl_bwd_kernel(
         x = tl.where(drop, NEG_INF, z * inv_t)
         u = tl.where(drop, NEG_INF, b * inv_t)
         # dL/dz = a * (softmax(z) - e_y) + c * dKL/dz
+        sm_y = exp((z - m_c[:, None]) - ls_c[:, None])  # softmax(z), read at the target column
         g = grad_tile(z, x, u, is_y, m_z[:, None], ls_z[:, None], m_b[:, None], ls_b[:, None],
-                      m_c[:, None], ls_c[:, None], kl[:, None], a[:, None], c[:, None], inv_t,
-                      FORWARD_KL, MASK_TARGET, SEPARATE_CE)
+                      m_c[:, None], ls_c[:, None], kl[:, None], a[:, None], (c * inv_t)[:, None],
+                      sm_y, FORWARD_KL, MASK_TARGET, SEPARATE_CE)
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         g_op = g.to(w_ptr.dtype.element_ty)
         ks = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -359,9 +334,7 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         block_d = min(block_d, max(16, next_power_of_2(D)))
     num_v_tiles = -(-V // block_v)
     if splits is None:
-        sms = 1
-        if device is not None and device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = multiprocessor_count(device)
         row_blocks = max(1, -(-N // block_n))
         splits = -(-4 * sms // row_blocks)
     splits = max(1, min(int(splits), num_v_tiles))
@@ -440,44 +413,6 @@ def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
         DOT_IEEE=hidden.dtype in (torch.float32, torch.float64),
         DOT_UPCAST=hidden.dtype == torch.bfloat16 and triton_interpret(),
     )
-
-
-def _merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams):
-    """Merge ``(N, splits, 8)`` partial records into per-row ``(loss, ce, kl, stats)``.
-
-    Maxima and log-sums merge apart (:func:`forgetkern._params.merge_lse`). Each split's KL
-    accumulator is an expectation under the split's own normalized weight distribution (base for
-    forward KL, adapted for reverse) of offsets to the split's maxima; moved to the row's maxima and
-    mixed with the splits' weights it gives ``KL = E_w[(a - M_a) - (o - M_o)] - LS_w + LS_o``.
-    """
-    p = part.unbind(-1)
-    m_z, ls_z = merge_lse(p[PART_M_Z], p[PART_LS_Z])
-    m_b, ls_b = merge_lse(p[PART_M_B], p[PART_LS_B])
-    z_y = p[PART_ZY].sum(dim=1)
-    # offsets of each split's maxima from the row's (the split offsets are relative to the former)
-    dz = p[PART_M_Z] - m_z[:, None]
-    db = p[PART_M_B] - m_b[:, None]
-    if params.forward_kl:
-        d_w, ls_w, ls_w_row, ls_o_row, shift = db, p[PART_LS_B], ls_b, ls_z, db - dz
-    else:
-        d_w, ls_w, ls_w_row, ls_o_row, shift = dz, p[PART_LS_Z], ls_z, ls_b, dz - db
-    mix = torch.where(ls_w == float("-inf"), torch.zeros_like(ls_w),
-                      (d_w + ls_w - ls_w_row[:, None]).exp())
-    expect = torch.where(mix > 0, mix * (p[PART_KL] + shift), torch.zeros_like(mix)).sum(dim=1)
-    kl = expect - ls_w_row + ls_o_row
-    # no weight mass: KL 0; weight mass where the other distribution has none: infinite
-    kl = torch.where(ls_o_row == float("-inf"), torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(ls_w_row == float("-inf"), torch.zeros_like(kl), kl)
-    if params.separate_ce:
-        m_c, ls_c = merge_lse(p[PART_M_CE], p[PART_LS_CE])
-    elif params.mask_target:
-        m_c, ls_c = with_target(m_z, ls_z, z_y)
-    else:
-        m_c, ls_c = m_z, ls_z
-    ce = (m_c - z_y) + ls_c
-    valid = labels.long() != params.ignore_index
-    stats = torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
-    return row_outputs(ce, kl, stats, valid, params)
 
 
 def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,

@@ -222,7 +222,7 @@ def _sparse_tmkl_bwd_kernel(
     g_row = g_ptr + row * stride_g
     cols = tl.arange(0, BLOCK_V)
     if y == ignore_index:
-        store_zero_row(g_row, V, BLOCK_V)
+        store_zero_row(g_row, 0, V, BLOCK_V)
     else:
         st = stats_ptr + row * NUM_STATS
         m_z = tl.load(st + STAT_M_Z)
@@ -275,6 +275,8 @@ def launch_config(V: int, K: int, dtype: torch.dtype, block_v: int | None = None
     """``BLOCK_V`` and warps of the dense TMKL kernels (``ops/tmkl.py``), and ``BLOCK_K``, the
     support's power-of-two width."""
     cfg = _dense_launch_config(V, dtype, block_v)
+    for key in ("VEC", "splits", "split_cols"):
+        cfg.pop(key)
     cfg["BLOCK_K"] = max(2, next_power_of_2(K))
     return cfg
 
