@@ -423,6 +423,120 @@ def test_fuzz_vs_oracle(backend, monkeypatch, n, v, direction, mask_target, temp
 
 
 # ------------------------------------------------------------------------------------------------
+# Triton: lanes of 16-byte vectors, unmasked full blocks, vocabulary splits
+# ------------------------------------------------------------------------------------------------
+_TRITON_REASON = backend_skip_reason("tmkl", "triton")
+needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton: {_TRITON_REASON}")
+
+
+def _force_triton_launch(monkeypatch, width, splits):
+    """Triton with ``width``-column blocks and ``splits`` programs per row; returns the list of
+    launch settings the launchers used."""
+    from forgetkern.ops import tmkl as tmkl_ops
+
+    original = getattr(tmkl_ops.launch_config, "original", tmkl_ops.launch_config)
+    used = []
+
+    def forced(v, dtype, block_v_=None, n=None, device=None, splits_=None, aligned=True):
+        cfg = original(v, dtype, width, n, device, splits, aligned)
+        used.append(dict(cfg))
+        return cfg
+
+    forced.original = original
+    monkeypatch.setattr(tmkl_ops, "launch_config", forced)
+    return used
+
+
+def _lane_inputs(layout, n, v, dtype, shift):
+    """Logits ``+ shift`` in one of three row layouts: ``aligned`` (contiguous, ``v`` a multiple of
+    16), ``aligned_ragged`` (rows 128 wide, ``v`` columns used: aligned rows, a partial last block),
+    ``misaligned`` (rows starting one element into wider rows). Labels: row 1 ignored; the target
+    in the first, last, and a block's first and last columns; row 4 nearly certain (its target
+    40 above the row's maximum in the adapted model, 35 in the base: p_y ~ 1 - e^-35)."""
+    width = {"aligned": v, "aligned_ragged": 128, "misaligned": v + 5}[layout]
+    gen = torch.Generator().manual_seed(v)
+    z = torch.randn(n, width, dtype=torch.float64, generator=gen).to(DEVICE) * 3.0
+    b = torch.randn(n, width, dtype=torch.float64, generator=gen).to(DEVICE) * 3.0
+    y = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    y[0], y[1], y[2], y[3], y[4] = 0, -100, v - 1, 32, 63
+    lo = 1 if layout == "misaligned" else 0
+    z[4, lo + 63] = z[4].max() + 40.0
+    b[4, lo + 63] = b[4].max() + 35.0
+    z = (z + shift[0]).to(dtype)[:, lo:lo + v]
+    b = (b + shift[1]).to(dtype)[:, lo:lo + v]
+    return z, b, y
+
+
+@needs_triton
+@pytest.mark.parametrize("layout,v,dtype,splits", [
+    ("aligned", 96, torch.float32, 3), ("aligned_ragged", 83, torch.float32, 1),
+    ("aligned_ragged", 83, torch.float32, 2), ("aligned_ragged", 83, torch.bfloat16, 3),
+    ("misaligned", 83, torch.float32, 2),
+], ids=["aligned-fp32-3", "ragged-fp32-1", "ragged-fp32-2", "ragged-bf16-3", "misaligned-fp32-2"])
+def test_triton_lanes_and_vocabulary_splits(monkeypatch, layout, v, dtype, splits):
+    """The Triton kernels with 32-column blocks: rows read as 16-byte lanes (aligned rows) or one
+    column per lane (misaligned), full blocks unmasked, the target's block and the partial last
+    block masked, and each row's vocabulary split over ``splits`` programs whose partial records
+    the host merges. Rows: an ignored one, a nearly certain one, logits offset by +-1000, the
+    target in the first, last, and a split's boundary column; forward and backward against the
+    fp64 oracle for random upstream gradients, and the in-place backward."""
+    from forgetkern.ops import tmkl as tmkl_ops
+
+    used = _force_triton_launch(monkeypatch, 32, splits)
+    for kw, shift in ((dict(), (1000.0, 1000.0)),
+                      (dict(direction="reverse", temperature=2.0, kl_weight=0.7), (1000.0, -1000.0)),
+                      (dict(mask_target=False), (0.0, 0.0))):
+        z, b, y = _lane_inputs(layout, 6, v, dtype, shift)
+        assert tmkl_ops.rows_aligned(z, b) == (layout != "misaligned")
+        g = [torch.randn(y.shape, device=DEVICE) for _ in range(3)]
+        grads = []
+        for inplace in (False, True):
+            # the logits as a view of a leaf with the same strides (a clone would be contiguous);
+            # in place, a non-leaf view whose storage receives the gradient
+            leaf = torch.zeros(z.storage_offset() + z.shape[0] * z.stride(0), dtype=dtype,
+                               device=DEVICE)
+            leaf.as_strided(z.shape, z.stride(), z.storage_offset()).copy_(z)
+            leaf.requires_grad_()
+            x = (leaf * 1.0 if inplace else leaf).as_strided(z.shape, z.stride(), z.storage_offset())
+            used.clear()
+            outs = forgetkern.tmkl_loss(x, b, y, reduction="none", return_components=True,
+                                        inplace_backward=inplace, backend="triton", **kw)
+            torch.autograd.backward(list(outs), [gi.to(outs[0].dtype) for gi in g])
+            # the forward reads the logits in 16-byte lanes where rows are aligned, and so does the
+            # in-place backward (an out-of-place gradient buffer may be laid out differently)
+            vec = 16 // dtype.itemsize if layout != "misaligned" else 1
+            assert [c["splits"] for c in used] == [min(splits, -(-v // 32))] * 2, used
+            assert used[0]["VEC"] == vec and (not inplace or used[1]["VEC"] == vec), used
+            grads.append(leaf.grad.as_strided(z.shape, z.stride(), z.storage_offset()))
+        want, want_grad = oracle_tmkl_grad(z, b, y, g, **kw)
+        base, base_grad = naive_tmkl_grad(z, b, y, g, **kw)
+        assert_tmkl_matches([o.detach() for o in outs], grads[0], want, want_grad, dtype, base,
+                            base_grad, what=f"{kw}: ")
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@needs_triton
+def test_triton_launch_config_splits_and_lanes(monkeypatch):
+    """Vocabulary splits only where rows are fewer than two per SM, whole blocks per split, every
+    column covered once; lanes of 16 bytes on aligned rows, one column otherwise."""
+    from forgetkern.ops import tmkl as tmkl_ops
+
+    monkeypatch.setattr(tmkl_ops, "multiprocessor_count", lambda device=None: 132)
+    cfg = tmkl_ops.launch_config
+    big = cfg(128256, torch.bfloat16, None, 8192)
+    assert (big["BLOCK_V"], big["VEC"], big["num_warps"], big["splits"]) == (8192, 8, 16, 1)
+    for n, want in ((1, 16), (100, 3), (263, 2), (264, 1)):
+        c = cfg(128256, torch.bfloat16, None, n)
+        assert c["splits"] == want, (n, c)
+        assert c["split_cols"] % c["BLOCK_V"] == 0
+        assert (c["splits"] - 1) * c["split_cols"] < 128256 <= c["splits"] * c["split_cols"]
+    assert cfg(50257, torch.float32, None, 4096, aligned=False)["VEC"] == 1
+    assert cfg(50257, torch.float32, None, 4096)["VEC"] == 4
+    assert cfg(1000, torch.float64, None, 1)["VEC"] == 2
+    assert not tmkl_ops.rows_aligned(torch.empty(4, 50257)) and tmkl_ops.rows_aligned(torch.empty(4, 64))
+
+
+# ------------------------------------------------------------------------------------------------
 # GPU: every backend on the device at LLM vocabularies, at its own launch settings
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
