@@ -236,27 +236,30 @@ def store_part(out, m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y, mask, FORWARD_KL: tl
 
 @jit
 def grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, sm_y,
-              FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr):
+              FORWARD_KL: tl.constexpr, MASK_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+              COMPUTE_KL: tl.constexpr = True):
     """``a * dCE/dz + c * T dKL/dz`` on one block: ``z`` raw logits, ``x = z/T`` and ``u = b/T``
     masked (``-inf`` where dropped), ``is_y`` the target column; the saved row statistics (maxima
     ``m_*`` and log-sums ``ls_*`` apart, ``forgetkern._params.STAT_*``), the row coefficients
     ``a`` and ``c`` (the KL's coefficient already divided by ``T``) and ``sm_y = softmax(z)_y``
-    (read only with ``MASK_TARGET`` and ``T == 1``) come shaped to broadcast against the block."""
+    (read only with ``MASK_TARGET`` and ``T == 1``) come shaped to broadcast against the block.
+    Without ``COMPUTE_KL`` (CE alone) ``u``, the base statistics and ``c`` are not read."""
     # a distribution with no mass (log-sum -inf) has every probability 0: divide by +inf instead,
     # so that no column meets inf - inf
     lz = tl.where(ls_z == float("-inf"), float("inf"), ls_z)
-    lb = tl.where(ls_b == float("-inf"), float("inf"), ls_b)
     # log q~ = (z/T - m_z) - ls_z, log p~ = (b/T - m_b) - ls_b: shift-invariant
     log_q = (x - m_z) - lz
-    log_p = (u - m_b) - lb
     q = exp(log_q)
-    p = exp(log_p)
-    if FORWARD_KL:
-        # T dKL/dz_v = q~_v - p~_v
-        d_kl = q - p
-    else:
-        # T dKL/dz_v = q~_v (log q~_v - log p~_v - KL)  (NaN propagates, zero weight gives 0)
-        d_kl = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
+    if COMPUTE_KL:
+        lb = tl.where(ls_b == float("-inf"), float("inf"), ls_b)
+        log_p = (u - m_b) - lb
+        p = exp(log_p)
+        if FORWARD_KL:
+            # T dKL/dz_v = q~_v - p~_v
+            d_kl = q - p
+        else:
+            # T dKL/dz_v = q~_v (log q~_v - log p~_v - KL)  (NaN propagates, zero weight gives 0)
+            d_kl = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
     # dCE/dz = softmax(z) - e_y
     if SEPARATE_CE:
         sm = exp((z - m_c) - tl.where(ls_c == float("-inf"), float("inf"), ls_c))
@@ -267,7 +270,10 @@ def grad_tile(z, x, u, is_y, m_z, ls_z, m_b, ls_b, m_c, ls_c, kl, a, c, sm_y,
         sm = q
     d_ce = sm - tl.where(is_y, 1.0, 0.0)
     # a zero coefficient never meets inf/nan
-    return tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
+    if COMPUTE_KL:
+        return tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
+    else:
+        return tl.where(a != 0.0, a * d_ce, 0.0)
 
 
 @jit
@@ -323,6 +329,8 @@ def merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams)
     # no weight mass: KL 0; weight mass where the other distribution has none: infinite
     kl = torch.where(ls_o_row == float("-inf"), torch.full_like(kl, float("inf")), kl)
     kl = torch.where(ls_w_row == float("-inf"), torch.zeros_like(kl), kl)
+    if not getattr(params, "compute_kl", True):  # CE alone: no base statistics, KL reported as 0
+        kl = torch.zeros_like(kl)
     if params.separate_ce:
         m_c, ls_c = _params.merge_lse(p[PART_M_CE], p[PART_LS_CE])
     elif params.mask_target:

@@ -70,10 +70,12 @@ def _logit_tiles(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, COMPUTE_KL: tl.constexpr,
 ):
     """``z = h[rows] W[cols]^T (+ bias)`` and ``b = h_b[rows] W_b[cols]^T (+ bias_b)``, accumulated
-    in fp32 (fp64 for fp64 inputs). Out-of-range rows/columns hold finite junk: callers mask them."""
+    in fp32 (fp64 for fp64 inputs). Out-of-range rows/columns hold finite junk: callers mask them.
+    Without ``COMPUTE_KL`` (CE alone) the base side is neither read nor multiplied: ``b`` is
+    returned as zeros."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     z = tl.zeros((BLOCK_N, BLOCK_V), dtype=acc_dtype)
     b = tl.zeros((BLOCK_N, BLOCK_V), dtype=acc_dtype)
@@ -85,11 +87,12 @@ def _logit_tiles(
             # bulk tile copies into shared memory; out-of-range rows/columns/k read as zero
             h = h_desc.load([row0, k0])
             w = w_desc.load([col0, k0])
-            hb = hb_desc.load([row0, k0])
-            if SHARED_WEIGHT:
-                wb = w
-            else:
-                wb = wb_desc.load([col0, k0])
+            if COMPUTE_KL:
+                hb = hb_desc.load([row0, k0])
+                if SHARED_WEIGHT:
+                    wb = w
+                else:
+                    wb = wb_desc.load([col0, k0])
         else:
             k = k0 + ks
             k_ok = k < D
@@ -97,20 +100,35 @@ def _logit_tiles(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            hb = tl.load(hb_ptr + rows[:, None] * stride_hbn + k[None, :] * stride_hbd,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if SHARED_WEIGHT:
-                wb = w
-            else:
-                wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
-                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if COMPUTE_KL:
+                hb = tl.load(hb_ptr + rows[:, None] * stride_hbn + k[None, :] * stride_hbd,
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if SHARED_WEIGHT:
+                    wb = w
+                else:
+                    wb = tl.load(wb_ptr + cols[:, None] * stride_wbv + k[None, :] * stride_wbd,
+                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         z = _mma(h, tl.trans(w), z, DOT_IEEE, DOT_UPCAST)
-        b = _mma(hb, tl.trans(wb), b, DOT_IEEE, DOT_UPCAST)
+        if COMPUTE_KL:
+            b = _mma(hb, tl.trans(wb), b, DOT_IEEE, DOT_UPCAST)
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
-    if HAS_BASE_BIAS:
+    if COMPUTE_KL and HAS_BASE_BIAS:
         b += tl.load(bb_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
     return z, b
+
+
+@jit
+def _grouped(pid, row_blocks, per_row_block, GROUP_N: tl.constexpr):
+    """``(row block, index)`` of program ``pid`` in grouped order: ``GROUP_N`` row blocks take
+    their ``per_row_block`` programs (vocabulary splits or tiles) together, index by index, so the
+    programs in flight at once read the same few head tiles and the same ``GROUP_N`` blocks of hidden
+    rows, which stay in L2 (row-major order would stream the head once per row block)."""
+    in_group = GROUP_N * per_row_block
+    first = pid // in_group * GROUP_N
+    size = tl.minimum(row_blocks - first, GROUP_N)
+    local = pid % in_group
+    return first + local % size, local // size
 
 
 @jit
@@ -127,8 +145,9 @@ def _linear_tmkl_fwd_kernel(
     bb_ptr,  # [V] base bias
     h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
-    part_ptr,  # [N, SPLITS, 8] out: per-split partial records (_params.PART_* columns)
+    part_ptr,  # [N, splits, 8] out: per-split partial records (_params.PART_* columns)
     N, V, D,
+    splits,  # vocabulary splits per row block
     tiles_per_split,  # vocabulary tiles handled by one program
     inv_t,  # 1 / T
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -136,10 +155,12 @@ def _linear_tmkl_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_BASE_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr,
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,  # False: CE alone, the base side is never read
+    GROUP_N: tl.constexpr,  # row blocks that go through their splits together (_grouped)
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    splits = tl.num_programs(1).to(tl.int64)
+    pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), splits, GROUP_N)
+    pid_n = pid_n.to(tl.int64)
+    pid_s = pid_s.to(tl.int64)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     NEG_INF: tl.constexpr = float("-inf")
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -164,7 +185,7 @@ def _linear_tmkl_fwd_kernel(
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
                             h_desc, w_desc, hb_desc, wb_desc, rows, cols, row0, col0, N, V, D,
                             BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT,
-                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA)
+                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA, COMPUTE_KL)
         col_ok = (cols < V)[None, :]
         is_y = cols[None, :] == y[:, None]
         z_y += tl.sum(tl.where(is_y, z, 0.0), axis=1)
@@ -172,8 +193,11 @@ def _linear_tmkl_fwd_kernel(
         if MASK_TARGET:
             drop = drop | is_y
         x = tl.where(drop, NEG_INF, z * inv_t)
-        u = tl.where(drop, NEG_INF, b * inv_t)
-        m_z, s_z, m_b, s_b, kl_acc = fold_block(m_z, s_z, m_b, s_b, kl_acc, x, u, FORWARD_KL, 1)
+        if COMPUTE_KL:
+            u = tl.where(drop, NEG_INF, b * inv_t)
+            m_z, s_z, m_b, s_b, kl_acc = fold_block(m_z, s_z, m_b, s_b, kl_acc, x, u, FORWARD_KL, 1)
+        else:  # CE alone: the adapted side's statistics only (the base record stays empty)
+            m_z, s_z, _, _ = online_lse(m_z, s_z, x, 1)
         if SEPARATE_CE:
             m_c, s_c, _, _ = online_lse(m_c, s_c, tl.where(col_ok, z, NEG_INF), 1)
     # the split's partial record: its KL accumulator over its own weight distribution (base for
@@ -210,13 +234,13 @@ def _linear_tmkl_bwd_kernel(
     ACC_FP64: tl.constexpr, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_BIAS: tl.constexpr,
     USE_TMA: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,  # False: CE alone, the base side is never read
+    GROUP_N: tl.constexpr,  # row blocks that go through the vocabulary tiles together (_grouped)
 ):
-    pid = tl.program_id(0).to(tl.int64)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    num_v_tiles = tl.cdiv(V, BLOCK_V)
-    # consecutive programs share a row block (its hidden rows stay in L2) and stream the head
-    pid_n = pid // num_v_tiles
-    pid_v = pid % num_v_tiles
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    pid_n = pid_n.to(tl.int64)
+    pid_v = pid_v.to(tl.int64)
     NEG_INF: tl.constexpr = float("-inf")
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -241,7 +265,7 @@ def _linear_tmkl_bwd_kernel(
                             hb_ptr, stride_hbn, stride_hbd, wb_ptr, stride_wbv, stride_wbd, bb_ptr,
                             h_desc, w_desc, hb_desc, wb_desc, rows, cols, row0, col0, N, V, D,
                             BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_BASE_BIAS, SHARED_WEIGHT,
-                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA)
+                            ACC_FP64, DOT_IEEE, DOT_UPCAST, USE_TMA, COMPUTE_KL)
         is_y = cols[None, :] == y[:, None]
         drop = ~col_ok[None, :]
         if MASK_TARGET:
@@ -252,7 +276,7 @@ def _linear_tmkl_bwd_kernel(
         sm_y = exp((z - m_c[:, None]) - ls_c[:, None])  # softmax(z), read at the target column
         g = grad_tile(z, x, u, is_y, m_z[:, None], ls_z[:, None], m_b[:, None], ls_b[:, None],
                       m_c[:, None], ls_c[:, None], kl[:, None], a[:, None], (c * inv_t)[:, None],
-                      sm_y, FORWARD_KL, MASK_TARGET, SEPARATE_CE)
+                      sm_y, FORWARD_KL, MASK_TARGET, SEPARATE_CE, COMPUTE_KL)
         g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
         g_op = g.to(w_ptr.dtype.element_ty)
         ks = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -267,8 +291,10 @@ def _linear_tmkl_bwd_kernel(
                     w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :] * stride_wd,
                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 dh = _mma(g_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_dtype), DOT_IEEE, DOT_UPCAST)
+                # relaxed: a plain reduction, no ordering with other memory (the default acq_rel
+                # puts a GPU-wide fence around every vector atomic)
                 tl.atomic_add(dh_ptr + rows[:, None] * D + k[None, :], dh.to(dh_ptr.dtype.element_ty),
-                              mask=row_ok[:, None] & k_ok[None, :])
+                              mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
             if GRAD_W:
                 # dW[cols, k] += dz^T @ h[rows, k]
                 if USE_TMA:
@@ -279,10 +305,11 @@ def _linear_tmkl_bwd_kernel(
                 dw = _mma(tl.trans(g_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=acc_dtype),
                           DOT_IEEE, DOT_UPCAST)
                 tl.atomic_add(dw_ptr + cols[:, None] * D + k[None, :], dw.to(dw_ptr.dtype.element_ty),
-                              mask=col_ok[:, None] & k_ok[None, :])
+                              mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
         if GRAD_BIAS:
             # dbias[cols] += sum over rows of dz
-            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
+            tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok,
+                          sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,13 +317,16 @@ def _linear_tmkl_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Bytes of the fp32 grad_hidden scratch of one backward launch (see launch_config).
 BWD_SCRATCH_BYTES = 4 * 2**20
+# Bytes of hidden rows (adapted and base) that the programs in flight share through L2 in grouped
+# order (see launch_config): a third of an H100's 50 MB L2.
+GROUP_BYTES = 16 * 2**20
 
 
 def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.device | None = None,
                   *, block_n: int | None = None, block_v: int | None = None,
                   block_d: int | None = None, splits: int | None = None,
                   bwd_rows: int | None = None, shared_weight: bool = True,
-                  tma: bool | None = None) -> dict:
+                  tma: bool | None = None, group_n: int | None = None) -> dict:
     """Tile sizes, vocabulary splits, warps and pipeline stages of the fused-linear kernels.
 
     How they are chosen:
@@ -317,13 +347,18 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         still 2 row blocks x ~1000 vocabulary tiles = ~2000 programs per launch at V=128k). It
         bounds the backward's extra memory to about the gradient itself (Cut Cross-Entropy's
         footprint); the launches cost microseconds against a backward of tens of milliseconds.
+      * ``GROUP_N``: programs run in grouped order (``_grouped``): ``GROUP_N`` row blocks go through
+        their vocabulary splits (forward) or tiles (backward) together, so a wave of programs reads
+        a few head tiles, each once from memory for ``GROUP_N`` row blocks, and keeps the group's
+        hidden rows in L2 (up to 8 blocks and :data:`GROUP_BYTES` of rows: 8 at N=8192, D=4096).
+        A backward launch groups at most its own ``bwd_rows / BLOCK_N`` row blocks.
       * ``tma``: load the ``h``/``W`` operand tiles with TMA tensor descriptors instead of pointer
         tensors (Hopper and newer, 16-bit inputs; others and inputs whose strides TMA cannot take
         use pointers anyway). Off
         unless ``FORGETKERN_TMA=1`` or ``tma=True``: compiled for sm_90 it removes the register
         spills of the pointer path (``benchmarks/sm90_kernels.py``), but it has not been timed.
-    Overrides (``block_*``, ``splits``, ``bwd_rows``, ``tma``) serve tests and tuning; autotuning
-    is not built in.
+    Overrides (``block_*``, ``splits``, ``bwd_rows``, ``tma``, ``group_n``) serve tests and tuning;
+    autotuning is not built in.
     """
     if block_v is None:
         block_v = 128 if V >= 128 else max(16, next_power_of_2(V))
@@ -344,9 +379,11 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
     # 8 warps from 64 x 128 up: at 4 warps the two fp32 accumulator tiles and the softmax
     # temporaries spill about 6x more registers (benchmarks/sm90_kernels.py reports the spills)
     big = block_n * block_v >= 64 * 128
+    if group_n is None:
+        group_n = max(1, min(8, GROUP_BYTES // (2 * block_n * max(1, D) * dtype.itemsize)))
     return {
         "BLOCK_N": int(block_n), "BLOCK_V": int(block_v), "BLOCK_D": int(block_d),
-        "splits": splits, "bwd_rows": bwd_rows,
+        "GROUP_N": max(1, int(group_n)), "splits": splits, "bwd_rows": bwd_rows,
         "num_warps": 8 if big else 4,
         "num_stages": 3 if shared_weight else 2,
         "tma": env_flag(ENV_TMA) if tma is None else bool(tma),
@@ -405,10 +442,13 @@ def _tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias):
 
 
 def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
+    """The kernels' constexpr switches. ``COMPUTE_KL`` is ``params.compute_kl`` where the params
+    carry it (``False``: CE alone, the base side is never read and the KL is reported as 0)."""
     return dict(
         FORWARD_KL=params.forward_kl, MASK_TARGET=params.mask_target,
         SEPARATE_CE=params.separate_ce, HAS_BIAS=bias is not None,
         HAS_BASE_BIAS=base_bias is not None, SHARED_WEIGHT=base_weight is None,
+        COMPUTE_KL=bool(getattr(params, "compute_kl", True)),
         ACC_FP64=hidden.dtype == torch.float64,
         DOT_IEEE=hidden.dtype in (torch.float32, torch.float64),
         DOT_UPCAST=hidden.dtype == torch.bfloat16 and triton_interpret(),
@@ -438,10 +478,10 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     use_tma, descs = _descriptors(cfg.pop("tma"), hidden, weight, base_hidden, base_weight, cfg)
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
     part = torch.empty(n, splits, _params.NUM_PART, dtype=acc, device=hidden.device)
-    grid = (-(-n // cfg["BLOCK_N"]), splits)
+    grid = (-(-n // cfg["BLOCK_N"]) * splits,)
     _linear_tmkl_fwd_kernel[grid](
         *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,
-        part, n, v, d, tiles_per_split, 1.0 / params.temperature,
+        part, n, v, d, splits, tiles_per_split, 1.0 / params.temperature,
         **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
     )
     return (*_merge_partials(part, labels, params), None)
