@@ -400,7 +400,7 @@ def analyze(compiled, launch: Launch) -> Report:
     widths = Counter(_width(op) for op in loads)
     ldg = ",".join(f"{w}x{c}" for w, c in sorted(widths.items(), reverse=True)) or "-"
     fence = f"{gpu_fences(insns)}/{ptx_gpu_ordering(compiled.asm['ptx'])}"
-    atoms = Counter(_width(op) for _, op, _ in insns if op.startswith(("RED", "ATOMG", "ATOM.")))
+    atoms = Counter(_width(op) for _, op, _ in insns if op.startswith(("RED.", "ATOMG", "ATOM.")))
     atom = ",".join(f"{w}x{c}" for w, c in sorted(atoms.items(), reverse=True)) or "-"
     spill = None if not res else max(res.get("STACK", 0), res.get("LOCAL", 0))
     return Report(res.get("REG"), spill, len(loop), per_col, ldg, fence, atom)

@@ -45,9 +45,10 @@ SCRIPT = textwrap.dedent(
     sig = {name: "*fp32" for name in ("g_ptr", "m_ptr", "v_ptr", "s_ptr")}
     sig.update(blk_seg_ptr="*i32", blk_start_ptr="*i64", seg_start_ptr="*i64", seg_end_ptr="*i64",
                seg_cols_ptr="*i64", seg_gate_ptr="*i64", scal_ptr="*fp32", gate_ptr="*fp32",
-               BLOCK="constexpr", NUM_SCALARS="constexpr", HAS_GATES="constexpr")
+               BLOCK="constexpr", VEC="constexpr", NUM_SCALARS="constexpr", HAS_GATES="constexpr")
     for gates in (True, False):
-        src = ASTSource(_folora_step_kernel, sig, constexprs={"BLOCK": cfg["BLOCK"], "HAS_GATES": gates,
+        src = ASTSource(_folora_step_kernel, sig, constexprs={"BLOCK": cfg["BLOCK"], "VEC": cfg["VEC"],
+                                                              "HAS_GATES": gates,
                                                               "NUM_SCALARS": NUM_FOLORA_SCALARS})
         k = triton.compile(src, target=target, options={"num_warps": cfg["num_warps"]})
         assert k.asm["cubin"], "no cubin"

@@ -26,6 +26,63 @@ from ._triton import HAS_TRITON, jit, tl
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 @jit
+def _adam_block(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, offs, lo, hi, seg_start, cols, gate_off,
+                neg_step, bc2_sqrt, eps, beta2, w1, w2, GATED: tl.constexpr, MASKED: tl.constexpr):
+    """The step on the elements ``offs``: all of them (``MASKED=False``: no mask, so 16-byte
+    vector loads and stores where ``offs`` starts on a 16-byte boundary), or those in ``[lo, hi)``."""
+    if MASKED:
+        mask = (offs >= lo) & (offs < hi)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    else:
+        g = tl.load(g_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    # m = lerp(m, g, w1), in torch's two-sided form
+    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
+    # v = beta2 v + (1 - beta2) g^2
+    v = v * beta2 + (w2 * g) * g
+    # s = -(lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    s = (m / denom) * neg_step  # the rounding order of torch's addcdiv
+    if GATED:
+        # gamma[column]: a gather (the columns of a row wrap around), read through the cache
+        if MASKED:
+            gamma = tl.load(gate_ptr + gate_off + (offs - seg_start) % cols, mask=mask, other=1.0)
+        else:
+            gamma = tl.load(gate_ptr + gate_off + (offs - seg_start) % cols)
+        s = s * gamma
+    if MASKED:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(s_ptr + offs, s, mask=mask)
+    else:
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+        tl.store(s_ptr + offs, s)
+
+
+@jit
+def _adam_piece(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, window, lo, hi, seg_start, cols, gate_off,
+                neg_step, bc2_sqrt, eps, beta2, w1, w2, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                GATED: tl.constexpr):
+    """The elements ``[lo, hi)`` of the window of ``BLOCK`` elements at ``window`` (a multiple of
+    ``VEC``), and those of ``[window + BLOCK, hi)`` (fewer than ``VEC``)."""
+    offs = window + tl.arange(0, BLOCK).to(tl.int64)
+    if (window >= lo) & (window + BLOCK <= hi):  # inside the segment: unmasked, vectorized
+        _adam_block(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, offs, lo, hi, seg_start, cols, gate_off,
+                    neg_step, bc2_sqrt, eps, beta2, w1, w2, GATED, False)
+    else:  # the segment's first or last window
+        _adam_block(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, offs, lo, hi, seg_start, cols, gate_off,
+                    neg_step, bc2_sqrt, eps, beta2, w1, w2, GATED, True)
+        if window + BLOCK < hi:  # the segment's last few elements past its last window
+            rest = window + BLOCK + tl.arange(0, VEC).to(tl.int64)
+            _adam_block(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, rest, lo, hi, seg_start, cols,
+                        gate_off, neg_step, bc2_sqrt, eps, beta2, w1, w2, GATED, True)
+
+
+@jit
 def _folora_step_kernel(
     g_ptr,  # [N] float32 gradient coordinates of all segments, flattened
     m_ptr,  # [N] float32 first moments (updated in place)
@@ -40,15 +97,23 @@ def _folora_step_kernel(
     scal_ptr,  # [S, NUM_SCALARS] float32 per-segment scalars, columns in FOLORA_SCALARS order
     gate_ptr,  # [G] float32 gates of all gated segments
     BLOCK: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16-byte vector
     NUM_SCALARS: tl.constexpr,
     HAS_GATES: tl.constexpr,
 ):
+    # Program k of a segment [start, end) owns the piece [start + k BLOCK, ...) of the block table
+    # but reads the window of BLOCK elements from that piece's first element rounded down to a
+    # multiple of VEC: consecutive windows tile the segment on 16-byte boundaries (the first one
+    # starts at the segment, the last one also takes the segment's last < VEC elements), so every
+    # window inside a segment loads and stores 16-byte vectors whatever the segments' offsets.
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
-    start = tl.load(blk_start_ptr + pid)
+    piece = tl.load(blk_start_ptr + pid)
+    start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_end_ptr + seg)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < end
+    window = tl.multiple_of(piece // VEC * VEC, VEC)
+    lo = tl.maximum(window, start)
+    hi = tl.where(piece + BLOCK >= end, end, tl.minimum(window + BLOCK, end))
     row = scal_ptr + seg * NUM_SCALARS  # FOLORA_SCALARS: neg_step_size, bc2_sqrt, eps, beta2, w1, w2
     neg_step = tl.load(row + 0)
     bc2_sqrt = tl.load(row + 1)
@@ -56,26 +121,16 @@ def _folora_step_kernel(
     beta2 = tl.load(row + 3)
     w1 = tl.load(row + 4)
     w2 = tl.load(row + 5)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    # m = lerp(m, g, w1), in torch's two-sided form
-    m = tl.where(w1 < 0.5, m + w1 * (g - m), g - (g - m) * (1.0 - w1))
-    # v = beta2 v + (1 - beta2) g^2
-    v = v * beta2 + (w2 * g) * g
-    # s = -(lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    s = (m / denom) * neg_step  # the rounding order of torch's addcdiv
+    cols = tl.load(seg_cols_ptr + seg)
+    gate_off = -1
     if HAS_GATES:
         gate_off = tl.load(seg_gate_ptr + seg)
-        if gate_off >= 0:
-            seg_start = tl.load(seg_start_ptr + seg)
-            cols = tl.load(seg_cols_ptr + seg)
-            gamma = tl.load(gate_ptr + gate_off + (offs - seg_start) % cols, mask=mask, other=1.0)
-            s = s * gamma
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(s_ptr + offs, s, mask=mask)
+    if gate_off >= 0:
+        _adam_piece(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, window, lo, hi, start, cols, gate_off,
+                    neg_step, bc2_sqrt, eps, beta2, w1, w2, BLOCK, VEC, True)
+    else:
+        _adam_piece(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, window, lo, hi, start, cols, gate_off,
+                    neg_step, bc2_sqrt, eps, beta2, w1, w2, BLOCK, VEC, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,9 +138,10 @@ def _folora_step_kernel(
 # --------------------------------------------------------------------------------------------
 def launch_config(total: int) -> dict:
     """Block size and warps for :func:`_folora_step_kernel`: 1024 elements per program
-    (4 KiB of each of the four float32 streams), 4 warps; small problems use 256."""
+    (4 KiB of each of the four float32 streams), 4 warps; small problems use 256. ``VEC``: float32
+    elements per 16-byte vector (windows start on multiples of it)."""
     block = 1024 if total >= 1 << 16 else 256
-    return {"BLOCK": block, "num_warps": 4}
+    return {"BLOCK": block, "VEC": 4, "num_warps": 4}
 
 
 def folora_step(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
