@@ -209,7 +209,8 @@ def _fuzz(backend, cases, seed, monkeypatch):
         from forgetkern.ops import tmkl as tmkl_ops
 
         real = tmkl_ops.launch_config
-        monkeypatch.setattr(tmkl_ops, "launch_config", lambda v, dtype, block_v=None, *a, **k: real(v, dtype, 16, *a, **k))
+        monkeypatch.setattr(tmkl_ops, "launch_config",
+                            lambda v, dtype, block_v=None, *a, **k: real(v, dtype, 16, *a, **k))
     rng = random.Random(f"{seed}-{backend}")
     for i in range(cases):
         case = _case(rng)
