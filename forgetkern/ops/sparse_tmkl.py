@@ -14,7 +14,7 @@ import torch
 
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
-from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE, STAT_M_Z,
+from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE, STAT_M_Z, exp,
                          online_lse, safe_max, store_ignored_row, store_zero_row, with_target)
 from ._triton import check_triton, constant, jit, next_power_of_2, tl
 from ..reference import sparse_tmkl as _driver
@@ -27,7 +27,7 @@ SP_LS_T = constant(_params.SP_LS_T)
 @jit
 def _logaddexp(a, b):
     m = safe_max(tl.maximum(a, b))
-    return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
+    return m + tl.log(exp(a - m) + exp(b - m))
 
 
 @jit
@@ -141,10 +141,10 @@ def _sparse_tmkl_fwd_kernel(
         lq_t = (m_t - m_z) + (ls_t - ls_z)
         # KL = sum_bins W (log W - log O), W the base's bins (forward) or the adapted's (reverse)
         if FORWARD_KL:
-            w, lw, lo, w_y, lw_y, lo_y, lw_t, lo_t = tl.exp(lp), lp, lq, tl.exp(lp_y), lp_y, lq_y, lp_t, lq_t
+            w, lw, lo, w_y, lw_y, lo_y, lw_t, lo_t = exp(lp), lp, lq, exp(lp_y), lp_y, lq_y, lp_t, lq_t
         else:
-            w, lw, lo, w_y, lw_y, lo_y, lw_t, lo_t = tl.exp(lq), lq, lp, tl.exp(lq_y), lq_y, lp_y, lq_t, lp_t
-        w_t = tl.exp(lw_t)
+            w, lw, lo, w_y, lw_y, lo_y, lw_t, lo_t = exp(lq), lq, lp, exp(lq_y), lq_y, lp_y, lq_t, lp_t
+        w_t = exp(lw_t)
         kl = tl.sum(tl.where(w == 0.0, 0.0, w * (lw - lo)), axis=0)
         kl += tl.where(w_y == 0.0, 0.0, w_y * (lw_y - lo_y))
         kl += tl.where(w_t == 0.0, 0.0, w_t * (lw_t - lo_t))
@@ -177,15 +177,15 @@ def _sparse_tmkl_fwd_kernel(
 def _sparse_grad(z, lq, lp, kl, a, c, m_c, ls_c, is_y, FORWARD_KL: tl.constexpr):
     """``a (softmax(z) - e_y) + c dKL/dx`` on columns whose bin has log-masses ``lq``/``lp`` and
     whose own ``log q~`` is ``lq`` too (support and target slots; ``c`` already holds ``1/T``)."""
-    q = tl.exp(lq)
+    q = exp(lq)
     if FORWARD_KL:
         # dKL/dx_v = q~_v - p~_v
-        d_kl = q - tl.exp(lp)
+        d_kl = q - exp(lp)
     else:
         # dKL/dx_v = q~_v (log q~_v - log p~_v - KL)
         d_kl = tl.where(q == 0.0, 0.0, q * (lq - lp - kl))
     # dCE/dz = softmax(z) - e_y
-    d_ce = tl.where(z == float("-inf"), 0.0, tl.exp((z - m_c) - ls_c)) - tl.where(is_y, 1.0, 0.0)
+    d_ce = tl.where(z == float("-inf"), 0.0, exp((z - m_c) - ls_c)) - tl.where(is_y, 1.0, 0.0)
     return tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
 
 
@@ -240,7 +240,7 @@ def _sparse_tmkl_bwd_kernel(
                                             tgt_ptr, row, y, inv_t, ACC_FP64, MASK_TARGET)
         # the tail's factor: forward 1 - P_t / Q_t, reverse log Q_t - log P_t - KL
         if FORWARD_KL:
-            f_t = 1.0 - tl.where(lp_t == NEG_INF, 0.0, tl.exp(lp_t - lq_t))
+            f_t = 1.0 - tl.where(lp_t == NEG_INF, 0.0, exp(lp_t - lq_t))
         else:
             f_t = lq_t - lp_t - kl
         for start in range(0, V, BLOCK_V):
@@ -249,18 +249,18 @@ def _sparse_tmkl_bwd_kernel(
             x = z * inv_t
             is_y = offs == y
             lq = (x - m_z) - ls_z
-            q = tl.where(x == NEG_INF, 0.0, tl.exp(lq))
+            q = tl.where(x == NEG_INF, 0.0, exp(lq))
             # tail column u: dKL/dx_u = q~_u * f_t
             d_kl = tl.where(q == 0.0, 0.0, q * f_t)
             if MASK_TARGET:
                 d_kl = tl.where(is_y, 0.0, d_kl)
             else:  # the target slot (its column is rewritten below when y is a support token)
                 if FORWARD_KL:
-                    d_y = q - tl.exp(lp_y)
+                    d_y = q - exp(lp_y)
                 else:
                     d_y = tl.where(q == 0.0, 0.0, q * (lq - lp_y - kl))
                 d_kl = tl.where(is_y, d_y, d_kl)
-            d_ce = tl.where(z == NEG_INF, 0.0, tl.exp((z - m_c) - ls_c)) - tl.where(is_y, 1.0, 0.0)
+            d_ce = tl.where(z == NEG_INF, 0.0, exp((z - m_c) - ls_c)) - tl.where(is_y, 1.0, 0.0)
             g = tl.where(a != 0.0, a * d_ce, 0.0) + tl.where(c != 0.0, c * d_kl, 0.0)
             in_sup = _support_in_block(idx, jm, start, BLOCK_V)
             tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=(offs < V) & ~in_sup)
