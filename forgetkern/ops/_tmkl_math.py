@@ -99,7 +99,8 @@ def online_lse(m, s, x, AXIS: tl.constexpr):
 
 
 @jit
-def rebase_kl(acc, s_z, s_b, m_z_old, m_b_old, m_z, m_b, alpha_z, alpha_b, FORWARD_KL: tl.constexpr):
+def rebase_kl(acc, s_z, s_b, m_z_old, m_b_old, m_z, m_b, alpha_z, alpha_b,
+              FORWARD_KL: tl.constexpr):
     """The KL accumulator (:func:`kl_accumulate`) with its offsets moved from the maxima
     ``m_*_old`` to ``m_*`` (``alpha_* = exp(m_*_old - m_*)``, sums ``s_*`` before the move):
     every earlier term shifts by the change of the offsets, and the weights by ``alpha``."""
@@ -215,7 +216,8 @@ def store_part(out, m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y, mask, FORWARD_KL: tl
     """Write one vocabulary split's partial record (``forgetkern._params.PART_*`` columns at
     ``out``) from its running statistics: maxima and log-sums apart, the KL accumulator as an
     expectation under the split's own weight distribution (0 when it has no mass), the CE
-    normalizer (``T != 1``; else the kept columns' own), and ``z_y`` (0 unless the split holds y)."""
+    normalizer (``T != 1``; else the kept columns' own), and ``z_y`` (0 unless the split holds
+    the target)."""
     if FORWARD_KL:
         kl_part = tl.where(s_b == 0.0, 0.0, acc / s_b)
     else:

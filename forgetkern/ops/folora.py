@@ -29,7 +29,8 @@ from ._triton import HAS_TRITON, jit, tl
 def _adam_block(g_ptr, m_ptr, v_ptr, s_ptr, gate_ptr, offs, lo, hi, seg_start, cols, gate_off,
                 neg_step, bc2_sqrt, eps, beta2, w1, w2, GATED: tl.constexpr, MASKED: tl.constexpr):
     """The step on the elements ``offs``: all of them (``MASKED=False``: no mask, so 16-byte
-    vector loads and stores where ``offs`` starts on a 16-byte boundary), or those in ``[lo, hi)``."""
+    vector loads and stores where ``offs`` starts on a 16-byte boundary), or those in
+    ``[lo, hi)``."""
     if MASKED:
         mask = (offs >= lo) & (offs < hi)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)

@@ -3,18 +3,20 @@
 Per token (DESIGN.md, "Fused-linear form"): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
 and ``loss = ce_weight * CE(z, y) + kl_weight * T^2 * KL`` exactly as :mod:`forgetkern.ops.tmkl`.
 
-Triton path
-  * Forward: the grid is ``(row blocks, vocabulary splits)``. A program forms ``BLOCK_N x BLOCK_V``
+Triton path (the on-chip ``fused`` form)
+  * Forward: one program per ``(row block, vocabulary split)``. A program forms ``BLOCK_N x BLOCK_V``
     tiles of both logits on chip with ``tl.dot`` (fp32 accumulation) over ``D`` and folds them into
     per-row online statistics (target-excluded LSE of both models, the KL accumulator, the CE
     normalizer when ``T != 1``, the target logit). Each program writes one partial record per row;
     the ``splits`` partial records of a row are merged afterwards (:func:`_merge_partials`) into
-    the four per-row statistics of :mod:`forgetkern._params`.
+    the per-row statistics of :mod:`forgetkern._params`.
   * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
     them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
     (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
-    ``tl.dot`` and fp32 atomic adds; rows go in launches of ``bwd_rows`` so ``dh`` is accumulated
-    in fp32 only a few MiB at a time.
+    ``tl.dot`` and relaxed fp32 atomic adds (no memory fence); rows go in launches of ``bwd_rows``
+    so ``dh`` is accumulated in fp32 only a few MiB at a time.
+  * Both kernels run their programs in grouped order (:func:`_grouped`), and with
+    ``params.compute_kl`` false (CE alone) neither reads the base side.
 
 The reference backend of the same op is :func:`forgetkern.reference.linear_tmkl_forward` /
 ``linear_tmkl_backward``; the autograd Function is :class:`forgetkern._autograd.LinearTMKLFunction`.
@@ -121,9 +123,9 @@ def _logit_tiles(
 @jit
 def _grouped(pid, row_blocks, per_row_block, GROUP_N: tl.constexpr):
     """``(row block, index)`` of program ``pid`` in grouped order: ``GROUP_N`` row blocks take
-    their ``per_row_block`` programs (vocabulary splits or tiles) together, index by index, so the
-    programs in flight at once read the same few head tiles and the same ``GROUP_N`` blocks of hidden
-    rows, which stay in L2 (row-major order would stream the head once per row block)."""
+    their ``per_row_block`` programs (vocabulary splits or tiles) together, index by index, so
+    the programs in flight at once read the same few head tiles and the same ``GROUP_N`` blocks
+    of hidden rows, which stay in L2 (row-major order would stream the head once per row block)."""
     in_group = GROUP_N * per_row_block
     first = pid // in_group * GROUP_N
     size = tl.minimum(row_blocks - first, GROUP_N)
