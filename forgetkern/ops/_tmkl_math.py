@@ -331,8 +331,6 @@ def merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams)
     # no weight mass: KL 0; weight mass where the other distribution has none: infinite
     kl = torch.where(ls_o_row == float("-inf"), torch.full_like(kl, float("inf")), kl)
     kl = torch.where(ls_w_row == float("-inf"), torch.zeros_like(kl), kl)
-    if not getattr(params, "compute_kl", True):  # CE alone: no base statistics, KL reported as 0
-        kl = torch.zeros_like(kl)
     if params.separate_ce:
         m_c, ls_c = _params.merge_lse(p[PART_M_CE], p[PART_LS_CE])
     elif params.mask_target:

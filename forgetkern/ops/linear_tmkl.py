@@ -486,7 +486,11 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
         part, n, v, d, splits, tiles_per_split, 1.0 / params.temperature,
         **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
     )
-    return (*_merge_partials(part, labels, params), None)
+    loss, ce, kl, stats = _merge_partials(part, labels, params)
+    if not getattr(params, "compute_kl", True):  # CE alone: no base statistics, KL reported as 0
+        kl = torch.zeros_like(kl)
+        stats[:, _params.STAT_KL] = 0.0
+    return loss, ce, kl, stats, None
 
 
 def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
