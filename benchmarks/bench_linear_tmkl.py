@@ -119,10 +119,15 @@ def _with_tma(fn):
 
 
 def strategies() -> tuple[str, ...]:
-    """The fused-linear strategies ``linear_tmkl_loss`` offers (none before it took ``strategy``)."""
+    """The fused-linear strategies ``linear_tmkl_loss`` offers, ``"auto"`` aside: none before it
+    took ``strategy``; those ``forgetkern._params.LINEAR_STRATEGIES`` lists when it lists them,
+    else the two the cost model knows (``floors.STRATEGIES``)."""
     if "strategy" not in inspect.signature(forgetkern.linear_tmkl_loss).parameters:
         return ()
-    return floors.STRATEGIES
+    from forgetkern import _params
+
+    listed = getattr(_params, "LINEAR_STRATEGIES", None) or floors.STRATEGIES
+    return tuple(s for s in listed if s != "auto")
 
 
 def _extension_reason(device) -> str | None:
@@ -155,10 +160,11 @@ def providers(device, probe_extension: bool = True) -> list[common.Provider]:
     no_tma = "TMA needs an sm_90 GPU: not run in the dry mode"
     if offered:
         for s in offered:
-            out.append(P(f"forgetkern-{s}", _forgetkern(strategy=s), works=every, strategy=s, predicts=s))
+            model = s if s in floors.STRATEGIES else None
+            out.append(P(f"forgetkern-{s}", _forgetkern(strategy=s), works=every, strategy=s, predicts=model))
             if ext is not None:
                 out.append(P(f"forgetkern-{s}-cuda", _forgetkern(strategy=s, backend="cuda"), works=every,
-                             strategy=s, predicts=s, needs_extension=True, unavailable=ext or None))
+                             strategy=s, predicts=model, needs_extension=True, unavailable=ext or None))
         if "fused" in offered:
             out.append(P("forgetkern-fused-tma", _with_tma(_forgetkern(strategy="fused")), works=exact,
                          strategy="fused", predicts="fused", late=True, skip_dry=no_tma))

@@ -16,7 +16,7 @@
 #     inputs when .bench_inputs/smollm2.pt was carried;
 #  4. once the build is done: the extension's smoke tests, then its providers;
 #  5. if time remains: the late phase (torch.compile, max-autotune, TMA loads, the FoLoRA step);
-#  6. if time remains: compute-sanitizer memcheck over the extension's gpu tests.
+#  6. if time remains: compute-sanitizer memcheck, then racecheck, over the extension's gpu tests.
 # Every step runs under `timeout` to a deadline RESERVE_S (20) seconds before the budget and the
 # benchmarks skip (and record) the cases that would not finish; each result is appended to the
 # results files as it comes, so nothing finished is lost. OUT_DIR ends with at most 8 files:
@@ -157,9 +157,11 @@ step bench_late 60 "$BUDGET" "${SUITE[@]}" --reuse-rates --phase late --only lin
 # --- 6. sanitizer -------------------------------------------------------------------------------
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
 if [ -n "$SANITIZER" ] && compgen -G "forgetkern/_C*.so" >/dev/null; then
-  step sanitizer_memcheck 120 "$BUDGET" env FORGETKERN_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SANITIZER" --tool memcheck --error-exitcode 97 "${PYTEST[@]}" tests/test_cuda.py \
-    -k "not compile and not 256000 and not 128256"
+  for tool in memcheck racecheck; do
+    step "sanitizer_$tool" 120 "$BUDGET" env FORGETKERN_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$tool" --error-exitcode 97 "${PYTEST[@]}" tests/test_cuda.py \
+      -k "not compile and not 256000 and not 128256"
+  done
 else
   note "sanitizer: compute-sanitizer or the extension missing; not run"
 fi

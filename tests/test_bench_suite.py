@@ -315,3 +315,29 @@ def test_gpu_suite_script_dry(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"results.jsonl", "results.csv", "summary.txt", "suite.log"} <= set(files)
     assert "DRY RUN" in res.stdout.splitlines()[-2] or "DRY RUN" in res.stdout[-2000:]
+
+
+def test_linear_providers_follow_the_api(mods, monkeypatch):
+    """One forgetkern provider per strategy when ``linear_tmkl_loss`` takes ``strategy`` (with a
+    ``-cuda`` twin where the op has a CUDA backend), the backends before that."""
+    import bench_linear_tmkl as lin
+
+    import forgetkern
+    from forgetkern import _backend
+
+    names = [p.name for p in lin.providers("cpu")]
+    assert "forgetkern-triton" in names and not [n for n in names if n.startswith("forgetkern-chunked")]
+    plain = forgetkern.linear_tmkl_loss
+
+    def with_strategy(*args, strategy="auto", **kw):
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(forgetkern, "linear_tmkl_loss", with_strategy)
+    monkeypatch.setitem(_backend.OP_BACKENDS, "linear_tmkl", ("reference", "triton", "cuda"))
+    provs = {p.name: p for p in lin.providers("cpu")}
+    assert {"forgetkern-chunked", "forgetkern-fused", "forgetkern-chunked-cuda", "forgetkern-fused-cuda",
+            "forgetkern-fused-tma"} <= set(provs) and "forgetkern-triton" not in provs
+    assert provs["forgetkern-chunked"].predicts == "chunked" and provs["forgetkern-fused-tma"].late
+    cuda = provs["forgetkern-chunked-cuda"]
+    assert cuda.needs_extension and "CUDA tensors" in cuda.unavailable
+    assert not [p for p in lin.providers("cpu", probe_extension=False) if p.needs_extension]
