@@ -32,9 +32,7 @@ SmolLM2-135M (``smollm2_inputs.py``) at that model's shape, N=8192 D=576 V=49152
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ IGNORE = -100
 #: the gate's formula for each work a provider does
 FORMULA = {"tmkl-exact": "tmkl", "ce": "ce", "tmkl-topk": "tmkl-topk", "jsd": "kl-full"}
 COMPILE_SETUP_S = 90.0
+TMA = {ENV_TMA: "1"}  # the on-chip kernel's operand tiles loaded by TMA (launch_config)
 
 
 @dataclass
@@ -96,26 +95,6 @@ def _forgetkern(**options):
         return forgetkern.linear_tmkl_loss(p.h, p.w, _forgetkern_base(p, work), p.y,
                                            kl_weight=0.0 if work == "ce" else 1.0, **options)
     return fn
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def _with_tma(fn):
-    def run(p, work):
-        with _env(ENV_TMA, "1"):
-            return fn(p, work)
-    return run
 
 
 def strategies() -> tuple[str, ...]:
@@ -166,13 +145,13 @@ def providers(device, probe_extension: bool = True) -> list[common.Provider]:
                 out.append(P(f"forgetkern-{s}-cuda", _forgetkern(strategy=s, backend="cuda"), works=every,
                              strategy=s, predicts=model, needs_extension=True, unavailable=ext or None))
         if "fused" in offered:
-            out.append(P("forgetkern-fused-tma", _with_tma(_forgetkern(strategy="fused")), works=exact,
+            out.append(P("forgetkern-fused-tma", _forgetkern(strategy="fused"), works=exact, env=TMA,
                          strategy="fused", predicts="fused", late=True, skip_dry=no_tma))
     else:  # before the strategies: the Triton backend is the on-chip (fused) kernel
         why = _backend.why_unavailable("triton", "linear_tmkl", torch.device(device))
         out.append(P("forgetkern-triton", _forgetkern(backend="triton"), works=every, strategy="fused",
                      predicts="fused", unavailable=why))
-        out.append(P("forgetkern-triton-tma", _with_tma(_forgetkern(backend="triton")), works=exact,
+        out.append(P("forgetkern-triton-tma", _forgetkern(backend="triton"), works=exact, env=TMA,
                      strategy="fused", predicts="fused", late=True, unavailable=why, skip_dry=no_tma))
     out.append(P("forgetkern-reference", _forgetkern(backend="reference"), works=every, opt_in=True))
     out.append(P("torch-eager", torch_eager, works=every))
@@ -335,16 +314,21 @@ def _case(ctx, pv: common.Provider, p: Problem | None, why: str, group: str, ndv
         return case
     leaves = (p.h, p.w) if opts.train_weight else (p.h,)
     case.grad_to_none = leaves
-    case.gate = lambda: gate.check_linear(lambda: pv.fn(p, group), p.h, reference(p, work), dtype)
+    ref = lambda: reference(p, work)  # noqa: E731
+
+    def check():
+        with common.environment(pv.env):
+            return gate.check_linear(lambda: pv.fn(p, group), p.h, ref(), dtype)
 
     def make():
-        if opts.passes == "forward":
-            def forward():
-                with torch.no_grad():
-                    return pv.fn(p, group)
-            return forward
-        return lambda: pv.fn(p, group).backward()
-    case.make = make
+        def call():
+            with common.environment(pv.env):
+                if opts.passes == "forward":
+                    with torch.no_grad():
+                        return pv.fn(p, group)
+                return pv.fn(p, group).backward()
+        return call
+    case.gate, case.make = check, make
     return case
 
 

@@ -20,6 +20,7 @@ or not run in the dry mode).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -248,6 +249,7 @@ class Record:
     commit: str
     dry: bool
     rates: str
+    command: str  # the command line that reproduces the record
     time_utc: str
 
     def as_dict(self) -> dict:
@@ -392,7 +394,8 @@ class Provider:
     run in the late phase (``torch.compile``, extra variants); ``setup_s``: its expected
     one-off cost (compilation); ``unavailable``: why it cannot run here; ``skip_dry``: why the
     dry mode leaves it out; ``opt_in``: only when ``--providers`` names it (or in the dry mode).
-    ``work``/``works``, ``formula``, ``strategy``, ``predicts``: what the benchmark records."""
+    ``work``/``works``, ``formula``, ``strategy``, ``predicts``: what the benchmark records;
+    ``env``: environment variables its calls need (:func:`environment`)."""
 
     name: str
     fn: Callable | None
@@ -407,6 +410,22 @@ class Provider:
     formula: str | None = None
     strategy: str | None = None
     predicts: str | None = None
+    env: dict | None = None  # environment variables set around its every call (forward and backward)
+
+
+@contextlib.contextmanager
+def environment(env: dict | None):
+    """``os.environ`` updated with ``env`` inside the block, restored after it."""
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def lazy_compile(fn: Callable, **options) -> Callable:
@@ -470,6 +489,7 @@ def _record(ctx: Context, case: Case, status: str, *, timing: Timing | None = No
         gate=gate or case.no_gate, tokens_per_s=(1e3 * case.tokens / med) if case.tokens and med else None,
         note="; ".join(notes), gpu=ctx.meta["gpu"], torch=ctx.meta["torch"],
         triton=ctx.meta["triton"], commit=ctx.meta["commit"], dry=ctx.dry, rates=ctx.rates.describe(),
+        command=ctx.meta.get("command", ""),
         time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
             parser.error(f"--warmup must be >= {common.MIN_WARMUP} and --reps >= {common.MIN_REPS} "
                          "(fewer only in --dry)")
     meta = common.meta(device)
+    meta["command"] = "python benchmarks/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out) if args.out else common.RESULTS_DIR / (
         "dry" if args.dry else common.gpu_slug(meta["gpu"]))
     out.mkdir(parents=True, exist_ok=True)

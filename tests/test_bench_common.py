@@ -163,3 +163,15 @@ def test_bench_call_tees_into_the_log(tmp_path, capsys):
     log = tmp_path / "x.log"
     assert _bench.call([sys.executable, "-c", "print('hello')"], log) == 0
     assert log.read_text() == "hello\n" and "hello" in capsys.readouterr().out
+
+
+def test_environment_is_set_around_calls_and_restored(bench, monkeypatch):
+    import os
+
+    monkeypatch.setenv("FORGETKERN_BENCH_A", "old")
+    monkeypatch.delenv("FORGETKERN_BENCH_B", raising=False)
+    with bench.environment({"FORGETKERN_BENCH_A": "1", "FORGETKERN_BENCH_B": "2"}):
+        assert (os.environ["FORGETKERN_BENCH_A"], os.environ["FORGETKERN_BENCH_B"]) == ("1", "2")
+    assert os.environ["FORGETKERN_BENCH_A"] == "old" and "FORGETKERN_BENCH_B" not in os.environ
+    with bench.environment(None):
+        pass

@@ -185,7 +185,15 @@ def _expected_floor(floors, r: dict) -> float:
         total, head = ts.matmul_params(ts.DRY_MODEL[1])
         return floors.train_step_floor(r["work"], total, head, s["B"] * s["L"], rates).ms
     assert bench == "folora_step" and r["work"] == "optimizer-step"
-    return r["floor_ms"]  # counted from the optimizer's parameters (checked for > 0 below)
+    import bench_folora_step as fs
+
+    nbytes = fs.ADAM_STREAMS * 4 * s["params"]
+    d_ins = [d_in for _, d_in, _ in fs.linears(fs.DRY_DIMS)] * s["blocks"]
+    if "-dense-" in r["provider"]:
+        nbytes += sum(4 * 2 * d * d for d in d_ins)
+    elif "-lowrank" in r["provider"]:
+        nbytes += sum(4 * 2 * fs.DRY_K * d for d in d_ins)
+    return floors.optimizer_floor(nbytes, rates, "").ms
 
 
 def test_dry_suite_runs_end_to_end(mods, tmp_path, monkeypatch, capsys):
@@ -206,6 +214,7 @@ def test_dry_suite_runs_end_to_end(mods, tmp_path, monkeypatch, capsys):
     assert len(rows) == len(records)
     for r in records:
         assert r["dry"] is True and "not measured" in r["rates"], r
+        assert r["command"].startswith("python benchmarks/suite.py --dry"), r["command"]
         assert r["floor_ms"] > 0 and r["floor_ms"] == pytest.approx(_expected_floor(floors, r)), r
         if r["status"] == "ok":
             assert "dry run" in r["timing"] and r["ratio"] == pytest.approx(r["median_ms"] / r["floor_ms"])
