@@ -5,7 +5,8 @@ Headline: N=8192 rows, V=128256, bf16. Providers: forgetkern's backends (``forge
 when ``--providers`` names it), plain torch (``torch-eager``, ``gate.torch_tmkl``), its
 ``torch.compile`` (default mode, and ``max-autotune`` if time remains: late phase), and
 Liger-Kernel's ``LigerCrossEntropyLoss`` + ``LigerKLDIVLoss`` (CE plus the full-vocabulary KL
-on log-softmaxes: the closest fused peer; it does not mask the target) when importable.
+on fp32 log-softmaxes, ``batchmean``: the closest fused peer; it does not mask the target) when
+importable.
 
 Floor (``floors.logits_floor``): two passes, ``5·N·V`` elements over the copy bandwidth, with the
 one-pass floor (``3·N·V``) beside it. Inputs: ``z`` ~ 3·N(0, 1), ``b = z + N(0, 1)``, labels
@@ -64,7 +65,8 @@ def providers(device, probe_extension: bool = True) -> list[common.Provider]:
         ce = LigerCrossEntropyLoss(ignore_index=IGNORE)
         kld = LigerKLDIVLoss(reduction="batchmean", log_target=True)
         out.append(common.Provider("liger-ce+kldiv",
-                                   lambda z, b, y: ce(z, y) + kld(z.log_softmax(-1), b.log_softmax(-1)),
+                                   lambda z, b, y: ce(z, y) + kld(z.float().log_softmax(-1),
+                                                                  b.float().log_softmax(-1)),
                                    work="ce+kl-full", formula="ce+kl-full-batchmean",
                                    skip_dry="a GPU-only peer (Triton kernels): not run in the dry mode"))
     except ImportError as exc:

@@ -126,10 +126,11 @@ def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 
 def measure(fn: Callable[[], Any], *, device, warmup: int = MIN_WARMUP, reps: int = MIN_REPS,
-            grad_to_none=(), budget_s: float | None = None) -> Timing:
+            grad_to_none=(), budget_s: float | None = None, slow_policy: bool = True) -> Timing:
     """Median, p20 and p80 milliseconds of ``fn`` (module docstring). ``grad_to_none``: tensors
     whose ``.grad`` is cleared before each call, outside the timed region. ``budget_s``: raise
-    :class:`OutOfTime` when the first call says the rest would not fit in it."""
+    :class:`OutOfTime` when the first call says the rest would not fit in it. ``slow_policy=False``
+    keeps the counts however long a call takes."""
     device = torch.device(device)
     for name, value in (("warmup", warmup), ("reps", reps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -146,7 +147,7 @@ def measure(fn: Callable[[], Any], *, device, warmup: int = MIN_WARMUP, reps: in
     synchronize(device)
     first = time.perf_counter() - start
     note = ""
-    if first > SLOW_ITERATION_S:
+    if slow_policy and first > SLOW_ITERATION_S:
         warmup, reps = SLOW_WARMUP, min(reps, SLOW_REPS)
         note = f"one iteration took {first:.2f} s (> {SLOW_ITERATION_S:.0f} s): {warmup} warm-up, {reps} timed"
     if budget_s is not None and first * (warmup - 1 + reps) > budget_s:
@@ -467,6 +468,7 @@ class Case:
     tokens: int | None = None  # tokens per call (a training step): tokens/s in the record
     note: str = ""
     timed_note: Callable[[float], str] | None = None  # a note from the median (ms), when timed
+    slow_policy: bool = True  # False: the full counts even when a call takes over a second
 
 
 def _record(ctx: Context, case: Case, status: str, *, timing: Timing | None = None, mem=None,
@@ -522,7 +524,8 @@ def run_case(ctx: Context, case: Case) -> Record:
                 mem = peak_memory_bytes(fn, ctx.device)
                 timing = measure(fn, device=ctx.device, warmup=ctx.warmup, reps=ctx.reps,
                                  grad_to_none=case.grad_to_none,
-                                 budget_s=ctx.remaining_s() - MIN_CASE_S / 2)
+                                 budget_s=ctx.remaining_s() - MIN_CASE_S / 2,
+                                 slow_policy=case.slow_policy)
                 if ctx.profile is not None:
                     profile_once(fn, ctx.device, ctx.profile,
                                  f"{case.bench} {case.work} {case.provider} {shape_str(case.shape)}")

@@ -50,6 +50,9 @@ def test_measure_counts_and_slow_policy(bench, monkeypatch):
     t = common.measure(lambda: calls.append(1), device="cpu", warmup=3, reps=10)
     assert len(calls) == 4 and (t.warmup, t.reps) == (1, 3)
     assert "1 warm-up, 3 timed" in t.note
+    calls.clear()
+    t = common.measure(lambda: calls.append(1), device="cpu", warmup=3, reps=10, slow_policy=False)
+    assert len(calls) == 13 and (t.warmup, t.reps) == (3, 10)
     with pytest.raises(common.OutOfTime):
         common.measure(lambda: None, device="cpu", budget_s=-1.0)
     for bad in (0, 1.5, True):
