@@ -1,116 +1,167 @@
 #!/usr/bin/env bash
-# The GPU suite of forgetkern: everything that needs a GPU, on one machine with no network.
+# forgetkern's GPU run: correctness smoke tests and the headline benchmarks on one machine with no
+# network, inside a time budget.
 #
-#   benchmarks/gpu_suite.sh [OUT_DIR]        (default: $OUT, else benchmarks/results/gpu_suite-<date>)
+#   GPU_SUITE_BUDGET_S=300 benchmarks/gpu_suite.sh [OUT_DIR]    (default: $OUT, else benchmarks/results/gpu_suite)
 #
-# 1. builds the CUDA extension in place (python setup.py build_ext --inplace; needs nvcc, setuptools
-#    and pybind11 or torch's bundled pybind11 headers; ninja if installed);
-# 2. runs every `gpu`-marked test (pytest -m gpu);
-# 3. if compute-sanitizer is available, runs memcheck and racecheck over the CUDA extension's GPU
-#    tests (tests/test_cuda.py);
-# 4. runs every benchmarks/bench_*.py (JSON/CSV results under OUT_DIR/bench), and the fused-linear
-#    benchmark once more with FORGETKERN_TMA=1 (provider forgetkern-triton-tma).
-#
-# Every step's output goes to OUT_DIR/<step>.log (and the console); OUT_DIR/summary.txt lists each
-# step's exit status. The script runs every step even when one fails, and exits non-zero if any did.
-# Environment: GPU_SUITE_QUICK=1 runs the benchmarks' --quick shapes; GPU_SUITE_SKIP_SANITIZER=1
-# skips step 3 and GPU_SUITE_SANITIZER_FILTER (a compute-sanitizer --kernel-name value) narrows it;
-# FORGETKERN_CUDA_ARCHS (default: this GPU's architecture) and MAX_JOBS go to the build.
+# Within GPU_SUITE_BUDGET_S seconds (default 300) of its start, in this order, each step left out
+# when too little time remains for it:
+#  0. installs the wheels carried in .whl/ offline (pip --no-index, into /tmp/forgetkern-site);
+#  1. starts building the CUDA extension for this GPU's architecture only, in the background (into
+#     a scratch folder; the module is moved into forgetkern/ in one rename once it is complete);
+#  2. smoke tests of the Triton kernels at small shapes (gpu-marked tests, a focused subset);
+#  3. the headline benchmarks (benchmarks/suite.py --quick, main phase, providers that need no
+#     extension) with one profiled iteration per case: fused-linear losses, the loss on logits and
+#     the eigensolvers, then the training step, then the fused-linear losses on the real SmolLM2
+#     inputs when .bench_inputs/smollm2.pt was carried;
+#  4. once the build is done: the extension's smoke tests, then its providers;
+#  5. if time remains: the late phase (torch.compile, max-autotune, TMA loads, the FoLoRA step);
+#  6. if time remains: compute-sanitizer memcheck, then racecheck, over the extension's gpu tests.
+# Every step runs under `timeout` to a deadline RESERVE_S (20) seconds before the budget and the
+# benchmarks skip (and record) the cases that would not finish; each result is appended to the
+# results files as it comes, so nothing finished is lost. OUT_DIR ends with at most 8 files:
+#   results.jsonl results.csv rates.json profile.txt summary.txt suite.log build.log
+# and the script prints one summary table last. Set FORGETKERN_COMMIT=<sha> when the copy of the
+# tree has no .git (the records carry it). GPU_SUITE_DRY=1 runs the same steps on a machine without
+# a GPU: the suite's dry mode (CPU tensors, tiny shapes, no GPU timing), no build, no GPU tests.
 set -uo pipefail
 
+START_EPOCH=$(date +%s)
+BUDGET=${GPU_SUITE_BUDGET_S:-300}
+case "$BUDGET" in ''|*[!0-9]*) echo "GPU_SUITE_BUDGET_S must be a whole number of seconds, got '$BUDGET'" >&2; exit 2;; esac
+RESERVE_S=20
+DEADLINE=$((START_EPOCH + BUDGET - RESERVE_S))
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT_DIR="${1:-${OUT:-$ROOT/benchmarks/results/gpu_suite-$(date +%Y%m%d-%H%M%S)}}"
+OUT_DIR="${1:-${OUT:-$ROOT/benchmarks/results/gpu_suite}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$ROOT"
-# the in-place build of this checkout, whatever forgetkern is installed
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+DRY="${GPU_SUITE_DRY:-0}"
+SITE=/tmp/forgetkern-site
+BUILD_DIR=/tmp/forgetkern-build
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
-SUMMARY="$OUT_DIR/summary.txt"
-: > "$SUMMARY"
-FAILED=0
+LOG="$OUT_DIR/suite.log"
+exec > >(tee -a "$LOG") 2>&1
 
-step() {  # step NAME COMMAND...: run, log to OUT_DIR/NAME.log, record the exit status
-  local name="$1"
-  shift
-  echo "::: $name: $*"
-  local start=$SECONDS
-  "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-  local rc=${PIPESTATUS[0]}
-  local cmd="${*//$'\n'/ }"
-  printf '%-28s rc=%-3s %5ss  %.100s\n' "$name" "$rc" "$((SECONDS - start))" "$cmd" | tee -a "$SUMMARY"
-  [ "$rc" -eq 0 ] || FAILED=1
-  return "$rc"
+left() { echo $((DEADLINE - $(date +%s))); }
+note() { echo "::: [$(( $(date +%s) - START_EPOCH ))s] $*"; }
+
+step() {  # step NAME NEED MAX COMMAND...: run it if NEED seconds remain, for at most MAX (and the deadline)
+  local name="$1" need="$2" max="$3"
+  shift 3
+  local l
+  l=$(left)
+  if [ "$l" -lt "$need" ]; then
+    note "$name: left out ($l s left, needs $need)"
+    return 0
+  fi
+  [ "$l" -gt "$max" ] && l=$max
+  note "$name (up to $l s): $*"
+  timeout --kill-after=5 "$l" "$@"
+  note "$name: exit $?"
+  return 0
 }
 
-# --- environment ----------------------------------------------------------------------------
-{
-  date -u
-  git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -20
-  nvidia-smi 2>&1 || echo "nvidia-smi not available"
-  command -v nvcc && nvcc --version
-  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-} > "$OUT_DIR/environment.txt" 2>&1
+finish() {
+  "$PY" benchmarks/suite.py --summary "$OUT_DIR" > "$OUT_DIR/summary.txt" 2>&1
+  note "done in $(( $(date +%s) - START_EPOCH )) s (budget $BUDGET s); files in $OUT_DIR:"
+  ls -la "$OUT_DIR"
+  echo
+  cat "$OUT_DIR/summary.txt"
+}
+trap finish EXIT
 
-if [ -z "${FORGETKERN_CUDA_ARCHS:-}" ]; then
-  cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
-  export FORGETKERN_CUDA_ARCHS="${cap:-80;90}"
-fi
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# --- environment ---------------------------------------------------------------------------------
+note "forgetkern GPU suite, budget $BUDGET s, commit ${FORGETKERN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
+[ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || true
+"$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+command -v nvcc >/dev/null && nvcc --version | tail -2
 
-# --- 1. build ---------------------------------------------------------------------------------
-if step build "$PY" setup.py build_ext --inplace; then
-  step info "$PY" -c "
-import json, sys, forgetkern
-info = forgetkern.info()
-print(json.dumps(info, indent=2))
-sys.exit(0 if info['cuda_extension'] and info['gpu'] else 1)"
-fi
-"$PY" -m forgetkern info > "$OUT_DIR/forgetkern_info.txt" 2>&1
-
-# --- 2. gpu tests -----------------------------------------------------------------------------
-step pytest_gpu "$PY" -m pytest -m gpu -rs -q tests --junitxml="$OUT_DIR/pytest_gpu.xml"
-
-# --- 3. compute-sanitizer over the CUDA extension's GPU tests ---------------------------------
-SANITIZER="$(command -v compute-sanitizer || true)"
-for candidate in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
-  [ -n "$SANITIZER" ] && break
-  [ -n "$candidate" ] && [ -x "$candidate/bin/compute-sanitizer" ] && SANITIZER="$candidate/bin/compute-sanitizer"
-done
-if [ "${GPU_SUITE_SKIP_SANITIZER:-0}" = "1" ]; then
-  echo "sanitizer: skipped (GPU_SUITE_SKIP_SANITIZER=1)" | tee -a "$SUMMARY"
-elif [ -z "$SANITIZER" ]; then
-  echo "sanitizer: compute-sanitizer not found; memcheck/racecheck not run" | tee -a "$SUMMARY"
+# --- 0. carried wheels -------------------------------------------------------------------------
+if compgen -G ".whl/*.whl" >/dev/null; then
+  note "installing $(ls .whl/*.whl | wc -l) carried wheel(s) offline"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || note "wheel install failed: the peers they provide will be recorded as unavailable"
 else
-  # every kernel is checked (torch's too): a name filter that silently matched nothing would
-  # report a clean run; GPU_SUITE_SANITIZER_FILTER (e.g. "kns=tmkl_") narrows it on purpose
-  FILTER=()
-  [ -n "${GPU_SUITE_SANITIZER_FILTER:-}" ] && FILTER=(--kernel-name "$GPU_SUITE_SANITIZER_FILTER")
-  # the largest vocabularies and torch.compile add time under instrumentation, not coverage
-  SELECT=(-m gpu -q -x tests/test_cuda.py -k "not compile and not 256000 and not 128256")
-  for tool in memcheck racecheck; do
-    # without torch's caching allocator every tensor is its own allocation: memcheck then sees
-    # an access past a tensor's end instead of landing in a cached neighbour
-    step "sanitizer_$tool" env FORGETKERN_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$tool" ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 97 \
-      "$PY" -m pytest "${SELECT[@]}"
-  done
+  note "no wheels in .whl/ (benchmarks/fetch_wheels.sh): Liger-Kernel and Cut Cross-Entropy will be unavailable"
 fi
 
-# --- 4. benchmarks ----------------------------------------------------------------------------
-BENCH_ARGS=(--out "$OUT_DIR/bench")
-[ "${GPU_SUITE_QUICK:-0}" = "1" ] && BENCH_ARGS+=(--quick)
-for bench in benchmarks/bench_*.py; do
-  [ -e "$bench" ] || continue
-  name="$(basename "$bench" .py)"
-  step "$name" "$PY" "$bench" "${BENCH_ARGS[@]}"
-done
-# the fused-linear kernels with TMA operand loads (opt-in, FORGETKERN_TMA=1), for the A/B
-step bench_linear_tmkl_tma env FORGETKERN_TMA=1 "$PY" benchmarks/bench_linear_tmkl.py \
-  "${BENCH_ARGS[@]}" --providers forgetkern-triton-tma
+if [ "$DRY" = 1 ]; then
+  SUITE=("$PY" benchmarks/suite.py --dry --out "$OUT_DIR" --deadline "$DEADLINE" --no-table)
+  step bench_main 10 "$BUDGET" "${SUITE[@]}" --profile --phase main --only linear_tmkl,tmkl,generalized_eigh
+  step bench_train 10 "$BUDGET" "${SUITE[@]}" --phase main --only train_step
+  step bench_late 10 "$BUDGET" "${SUITE[@]}" --phase late --only linear_tmkl,tmkl,folora_step
+  exit 0
+fi
 
-echo
-echo "::: summary ($OUT_DIR)"
-cat "$SUMMARY"
-exit "$FAILED"
+# --- 1. the extension, in the background ----------------------------------------------------------
+ARCH="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
+ARCH="${ARCH:-90}"
+rm -f "$BUILD_DIR.rc"
+(
+  rm -rf "$BUILD_DIR"
+  FORGETKERN_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" timeout --kill-after=5 "$(left)" \
+    "$PY" setup.py build_ext --build-lib "$BUILD_DIR" --build-temp "$BUILD_DIR/tmp" > "$OUT_DIR/build.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    so="$(ls "$BUILD_DIR"/forgetkern/_C*.so 2>/dev/null | head -1)"
+    if [ -n "$so" ]; then
+      cp "$so" "forgetkern/.$(basename "$so").partial" && mv -f "forgetkern/.$(basename "$so").partial" "forgetkern/$(basename "$so")"
+    else
+      rc=3
+    fi
+  fi
+  echo "$rc" > "$BUILD_DIR.rc"
+) &
+BUILD_PID=$!
+note "building the CUDA extension for sm_$ARCH in the background (build.log)"
+
+# --- 2. smoke tests of the Triton kernels ------------------------------------------------------
+PYTEST=("$PY" -m pytest -q -x -p no:cacheprovider -m gpu)
+step smoke_triton 60 75 "${PYTEST[@]}" tests/test_linear_tmkl.py tests/test_generalized_eigh.py tests/test_tmkl.py \
+  -k "not cuda and (default_tiles or large_batches or (triton and bf16 and 128256))"
+
+# --- 3. headline benchmarks (providers that need no extension) --------------------------------
+SUITE=("$PY" benchmarks/suite.py --quick --out "$OUT_DIR" --deadline "$DEADLINE" --no-table)
+step bench_main 30 "$BUDGET" "${SUITE[@]}" --profile --phase main --extension skip --inputs synthetic \
+  --only linear_tmkl,tmkl,generalized_eigh
+step bench_train 30 "$BUDGET" "${SUITE[@]}" --profile --reuse-rates --phase main --only train_step
+INPUTS=synthetic
+if [ -f .bench_inputs/smollm2.pt ]; then
+  INPUTS=synthetic,smollm2
+  step bench_real 20 "$BUDGET" "${SUITE[@]}" --reuse-rates --phase main --extension skip --inputs smollm2 \
+    --only linear_tmkl
+else
+  note "no .bench_inputs/smollm2.pt (benchmarks/smollm2_inputs.py writes it): no real-input records"
+fi
+
+# --- 4. the extension ----------------------------------------------------------------------------
+note "waiting for the build (up to $(left) s)"
+while kill -0 "$BUILD_PID" 2>/dev/null && [ "$(left)" -gt 0 ]; do sleep 2; done
+if [ "$(cat "$BUILD_DIR.rc" 2>/dev/null || echo none)" = "0" ]; then
+  note "extension built: $(ls forgetkern/_C*.so)"
+  step smoke_cuda 40 45 "${PYTEST[@]}" tests/test_cuda.py tests/test_tmkl.py tests/test_generalized_eigh.py \
+    -k "cuda and not compile and not 256000 and not fp16"
+  step bench_extension 20 "$BUDGET" "${SUITE[@]}" --profile --reuse-rates --phase main --extension only \
+    --inputs "$INPUTS" --only linear_tmkl,tmkl,generalized_eigh
+else
+  note "the extension is not built (build exit: $(cat "$BUILD_DIR.rc" 2>/dev/null || echo 'still running')); see build.log"
+  tail -20 "$OUT_DIR/build.log" 2>/dev/null
+fi
+
+# --- 5. late phase ------------------------------------------------------------------------------
+step bench_late 60 "$BUDGET" "${SUITE[@]}" --reuse-rates --phase late --only linear_tmkl,tmkl,generalized_eigh,folora_step
+
+# --- 6. sanitizer -------------------------------------------------------------------------------
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+if [ -n "$SANITIZER" ] && compgen -G "forgetkern/_C*.so" >/dev/null; then
+  for tool in memcheck racecheck; do
+    step "sanitizer_$tool" 120 "$BUDGET" env FORGETKERN_CUDA_SYNC=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$tool" --error-exitcode 97 "${PYTEST[@]}" tests/test_cuda.py \
+      -k "not compile and not 256000 and not 128256"
+  done
+else
+  note "sanitizer: compute-sanitizer or the extension missing; not run"
+fi
