@@ -307,11 +307,13 @@ def _layer_stat(a_state: dict, name: str):
 
 
 @torch.no_grad()
-def solve_pairs(items, state, eigh_backend: str | None = None, process_group=None) -> None:
+def solve_pairs(items, state, eigh_backend: str | None = None, process_group=None,
+                name=lambda B: f"B {tuple(B.shape)}") -> None:
     """Re-solve the bases of paired ``B``, all of one rank ``r`` and device, in one eigensolver call
     (with ``process_group``: pair ``i`` on rank ``i % world``, then broadcast, see :func:`spread`).
 
-    ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state. Per pair,
+    ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state;
+    ``name(B)``: how errors name a pair whose statistics are degenerate. Per pair,
     in plain torch (``tn``: trace-normalize; ``damping`` of ``B``'s group)::
 
         P = tn(A Σp Aᵀ) + damping * I;  T = tn(A Σt Aᵀ)                  # (r, r)
@@ -326,10 +328,18 @@ def solve_pairs(items, state, eigh_backend: str | None = None, process_group=Non
         tasks.append(project(a, _layer_stat(state[A], "task")))
     proxy, task = torch.stack(proxies), torch.stack(tasks)
     tr = torch.diagonal(proxy, dim1=-2, dim2=-1).sum(-1)
+
+    def names(mask):
+        return ", ".join(name(items[i][0]) for i in torch.nonzero(mask).flatten().tolist()[:4])
+
+    finite = torch.isfinite(proxy).flatten(1).all(1) & torch.isfinite(task).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"{names(~finite)}: A Σ Aᵀ of the paired LoRA A has non-finite entries "
+                         "(NaN or inf in A or its statistics)")
     if bool((tr <= 0).any()):
         raise ValueError(
-            "A Σp Aᵀ has a non-positive trace for a paired LoRA A (an all-zero A?); "
-            "pair B only with a non-zero A"
+            f"{names(tr <= 0)}: A Σp Aᵀ has a non-positive trace for the paired LoRA A (an "
+            "all-zero A?); pair B only with a non-zero A"
         )
     proxy = trace_normalize(proxy, "A proxy_cov A^T")
     task = trace_normalize(task, "A task_cov A^T")
@@ -341,7 +351,10 @@ def solve_pairs(items, state, eigh_backend: str | None = None, process_group=Non
         try:
             lam, V = functional.generalized_eigh(task[idx], proxy[idx], eps=0.0, backend=eigh_backend)
         except ValueError as exc:
-            raise ValueError(f"A Σp Aᵀ + damping*I is not positive definite; increase damping ({exc})") from None
+            bad = torch.zeros(len(items), dtype=torch.bool)
+            bad[list(idx)] = torch.linalg.cholesky_ex(proxy[idx]).info.cpu() > 0
+            raise ValueError(f"{names(bad)}: A Σp Aᵀ + damping*I is not positive definite; "
+                             f"increase damping ({exc})") from None
         W = proxy[idx] @ V
         return [{"lam": lam[j], "V": V[j], "W": W[j]} for j in range(len(idx))]
 
