@@ -285,8 +285,8 @@ def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temper
         u = (b / T).scatter(-1, y[:, None], -inf)             # the target removed
         lse, tail_lse = u.logsumexp(-1), u.scatter(-1, indices, -inf).logsumexp(-1)
 
-    with ``target = b.gather(-1, y[:, None])``; rows of ignored labels use label 0 (the loss
-    ignores them). Shapes follow ``labels``: ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
+    with ``target = b.gather(-1, y[:, None])`` and ``labels = y`` (the record names its targets);
+    rows of ignored labels use label 0 (the loss ignores them). Shapes follow ``labels``: ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
     Float32 (float64 for float64 logits), indices int32.
     """
     params = TMKLParams(temperature=temperature, ignore_index=ignore_index)
@@ -300,4 +300,4 @@ def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temper
         _validate.rows(base_logits.detach()), _validate.flat_labels(labels), k,
         params.temperature, ignore_index)
     return TopKBase(values.view(*lead, k), idx.view(*lead, k), lse.view(lead), tail.view(lead),
-                    target.view(lead), params.temperature)
+                    target.view(lead), params.temperature, labels.detach().clone())

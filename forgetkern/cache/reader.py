@@ -135,7 +135,8 @@ class BaseCache:
             dtype = TORCH_DTYPES[self.manifest["dtype"]]
             h = take("hidden")
             return (h.view(torch.bfloat16) if dtype == torch.bfloat16 else h).to(device)
-        return TopKBase(*(take(n).to(device) for n in TOPK_FILES), temperature=self.temperature)
+        return TopKBase(*(take(n).to(device) for n in TOPK_FILES), temperature=self.temperature,
+                        labels=take("targets").to(device=device, dtype=torch.int64))
 
     def check(self, model, config: LossConfig, *, verify_model: bool = True) -> None:
         """Raise unless this cache can stand in for ``model``'s base forward under ``config``
