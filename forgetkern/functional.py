@@ -112,12 +112,9 @@ def tmkl_loss(
         z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
                                         num_items_in_batch)
         impl = _backend.resolve("tmkl", logits, backend=backend)
-    else:
-        _validate.check_tensor(logits, "logits")
-        impl, total = distributed.resolve("tmkl", logits.shape[-1], logits.device, process_group,
-                                          backend)
-        z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
-                                        num_items_in_batch, num_classes=total)
+    else:  # every rank's inputs checked, and checked against the other ranks'
+        impl, (z, b, y) = distributed.resolve("tmkl", process_group, backend, logits, base_logits,
+                                              labels, params, reduction, num_items_in_batch)
     loss, ce, kl = TMKLFunction.apply(z, b, y, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
@@ -232,16 +229,13 @@ def linear_tmkl_loss(
             num_items_in_batch)
         return _linear_apply(LinearSparseTMKLFunction, (h, weight, bias, *rec, y), params, impl,
                              labels, reduction, num_items_in_batch, return_components)
+    inputs = (hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
+              num_items_in_batch)
     if process_group is None:
-        total = None
         impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
-    else:
-        _validate.check_tensor(weight, "weight")
-        impl, total = distributed.resolve("linear_tmkl", weight.shape[0], weight.device,
-                                          process_group, backend)
-    h, hb, wb, bb, y = _validate.linear_tmkl_inputs(
-        hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
-        num_items_in_batch, num_classes=total)
+        h, hb, wb, bb, y = _validate.linear_tmkl_inputs(*inputs)
+    else:  # every rank's inputs checked, and checked against the other ranks'
+        impl, (h, hb, wb, bb, y) = distributed.resolve("linear_tmkl", process_group, backend, *inputs)
     acc = accumulation_dtype(hidden.dtype)
     # the upstream gradient each row's loss receives from the reduction (1/denominator for
     # "mean"): an implementation that can precomputes gradients for it during the forward
