@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._args import writable_dir
+
 OPS = ("tmkl", "linear_tmkl", "generalized_eigh", "folora_step")
 
 
@@ -16,7 +18,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmark suite (GPU), or CPU micro-benchmarks")
     p.add_argument("--op", choices=OPS, default=None, help="one op (default: all)")
     p.add_argument("--quick", action="store_true", help="one representative shape per op")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    p.add_argument("--out", type=writable_dir, default=None,
+                   help="output folder, existing and writable or creatable "
+                        "(default benchmarks/results)")
     p.set_defaults(func=run)
 
 

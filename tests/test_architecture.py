@@ -15,7 +15,7 @@ PACKAGE = Path(forgetkern.__file__).parent
 # Layer of every top-level module or subpackage of forgetkern; an import may only go to a lower
 # layer, or sideways within a layer along SIDEWAYS.
 LAYERS = {
-    "_params": 0, "_version": 0, "_files": 0,
+    "_params": 0, "_version": 0, "_files": 0, "_args": 0,
     "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1, "distributed": 1,
     "_rank_check": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
