@@ -280,7 +280,8 @@ def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temper
         lse, tail_lse = u.logsumexp(-1), u.scatter(-1, indices, -inf).logsumexp(-1)
 
     with ``target = b.gather(-1, y[:, None])`` and ``labels = y`` (the record names its targets);
-    rows of ignored labels use label 0 (the loss ignores them). Shapes follow ``labels``: ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
+    rows of ignored labels use label 0 (the loss ignores them). Shapes follow ``labels``:
+    ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
     Float32 (float64 for float64 logits), indices int32.
     """
     params = TMKLParams(temperature=temperature, ignore_index=ignore_index)
