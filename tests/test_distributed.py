@@ -567,6 +567,32 @@ def test_folora_nonfinite_gradient_on_one_rank_skips_every_rank(two_ranks):
     assert two_ranks("folora_nonfinite_gradient_skips_on_every_rank") == [[1, True], [1, True]]
 
 
+@_check
+def _rank_folora_degenerate_statistics_raise_on_every_rank(rank: int, world: int) -> str:
+    """A layer whose statistics cannot be solved, its basis owned by one rank: every rank
+    raises (the owner naming the layer), none waits in a broadcast."""
+    from forgetkern.optim import FoLoRA, calibrate
+
+    model = _lora_model()
+    stats = calibrate(model, *_calibration_batches(), progress=False)
+    name = sorted(stats)[-1]
+    proxy, task = stats[name]
+    bad = {**stats, name: (proxy - 2 * torch.diag(proxy.diagonal().max().expand(proxy.shape[0])), task)}
+    try:
+        FoLoRA.from_model(model, bad, backend="reference", eigh_backend="reference",
+                          process_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_folora_degenerate_statistics_raise_on_every_rank_without_a_hang(two_ranks):
+    got = two_ranks("folora_degenerate_statistics_raise_on_every_rank")
+    assert all(m != "no error" for m in got), got
+    assert any("lora_A: " in m for m in got), got  # the owner names the layer
+    assert all("lora_A: " in m or "rank(s) [" in m for m in got), got
+
+
 # ---- TMKLTrainer: HF Trainer's own distributed handling (accelerate over the gloo group) -------
 class _Rows(torch.utils.data.Dataset):
     """4 rows of 10 tokens, rows with different numbers of ignored labels."""

@@ -169,9 +169,8 @@ def check_manifest(manifest: dict, file) -> None:
     _check(_is_int(get("rows"), 0), file, "rows", "an int >= 0", get("rows"))
     _check(_is_int(get("ignore_index")), file, "ignore_index", "an int", get("ignore_index"))
     _check(isinstance(get("complete"), bool), file, "complete", "true or false", get("complete"))
-    for name in ("examples_hash", "chunks_hash"):
-        _check(m["complete"] is False or isinstance(get(name), str), file, name, "a hash",
-               get(name))
+    for name, needed in (("examples_hash", True), ("chunks_hash", m["complete"])):
+        _check(not needed or isinstance(get(name), str), file, name, "a hash", get(name))
     if m["mode"] == "exact":
         _check(_is_int(get("hidden_size"), 1), file, "hidden_size", "an int >= 1",
                get("hidden_size"))

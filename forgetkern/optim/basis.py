@@ -231,26 +231,42 @@ def spread(solve, jobs: list, layouts: list, group, device) -> list[dict]:
     ``i % world`` (``solve`` gets each rank's jobs as one list, returns one dict per job) and the
     results are broadcast from there, one ``broadcast`` per owning rank of its results packed in
     one float32 buffer; ``layouts[i]`` lists job ``i``'s ``(key, shape)`` (known on every rank).
-    Every rank returns every job's dict (float32 tensors), equal to solving all of them here."""
+    Every rank returns every job's dict (float32 tensors), equal to solving all of them here.
+    A rank whose ``solve`` raises still takes part in every broadcast (its buffer's leading flag
+    says it failed), then every rank raises: that rank its own error, the others one naming it."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = list(range(rank, len(jobs), world))
     results: list = [None] * len(jobs)
-    for i, out in zip(mine, solve([jobs[i] for i in mine]) if mine else []):
-        results[i] = out
+    failed, failure = [], None
+    try:
+        for i, out in zip(mine, solve([jobs[i] for i in mine]) if mine else []):
+            results[i] = out
+    except (ValueError, RuntimeError) as exc:  # raised below, after the broadcasts
+        failure = exc
     for src in range(min(world, len(jobs))):
         owned = [(i, key, shape) for i in range(src, len(jobs), world) for key, shape in layouts[i]]
-        if src == rank:
-            buf = torch.cat([_f32(results[i][key]).reshape(-1) for i, key, _ in owned])
+        size = 1 + sum(math.prod(sh) for *_, sh in owned)  # a leading flag: 1 = the solve failed
+        if src == rank and failure is None:
+            buf = torch.cat([torch.zeros(1, device=device)] + [
+                _f32(results[i][key]).reshape(-1).to(device) for i, key, _ in owned])
         else:
-            buf = torch.empty(sum(math.prod(sh) for *_, sh in owned), dtype=torch.float32,
-                              device=device)
+            buf = torch.full((size,), float(src == rank), dtype=torch.float32, device=device)
         dist.broadcast(buf, group=group, group_src=src)
+        if bool(buf[0]):
+            failed.append(src)
+            continue
+        buf = buf[1:]
         if src != rank:
             offset = 0
             for i, key, shape in owned:
                 results[i] = results[i] or {}
                 results[i][key] = buf[offset:offset + math.prod(shape)].view(shape).clone()
                 offset += math.prod(shape)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ValueError(f"the basis solves of rank(s) {failed} failed (degenerate statistics): "
+                         "their error names the layer")
     return results
 
 

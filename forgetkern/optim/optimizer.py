@@ -12,14 +12,13 @@ import contextlib
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .. import _backend
 from .._params import NUM_FOLORA_SCALARS
 from .._validate import check_folora_options
 from ..lora.discovery import lora_modules
-from ._flat import OP, build_flats, local, scalar_row
+from ._flat import OP, build_flats, local, nonfinite_gradients, scalar_row
 from .basis import (BasisCache, check_statistics, gates_of, layer_layout, set_basis, solve_layer,
                     solve_pairs, spread)
 
@@ -224,12 +223,15 @@ class FoLoRA(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        bad = self._nonfinite_gradients()
-        if bad is not None:
+        params = self._all_params()
+        count, mine = nonfinite_gradients(params, self.process_group)
+        if count:
             self.skipped_steps += 1
+            names = [self.param_name(params[i]) for i in mine[:4]] or ["another rank's parameters"]
             warnings.warn(f"FoLoRA: step skipped (the {self.skipped_steps}. so far): non-finite "
-                          f"gradients (NaN or inf) in {bad}; parameters and moments are unchanged",
-                          RuntimeWarning, stacklevel=2)
+                          f"gradients (NaN or inf) in {', '.join(names)}"
+                          f"{f' and {len(mine) - 4} more' if len(mine) > 4 else ''}; parameters "
+                          "and moments are unchanged", RuntimeWarning, stacklevel=2)
             return loss
         if self._flat is None:
             self._flat = build_flats(self._all_params(), self.state, self._step_backend)
@@ -262,25 +264,6 @@ class FoLoRA(Optimizer):
             flat.apply_steps(active, self.state)  # p += s Vᵀ (spectral), s Pᵀ (low-rank) or s
         self._gates_stale = False
         return loss
-
-    def _nonfinite_gradients(self):
-        """``None`` when every gradient is finite, else a description of the parameters whose
-        gradient holds NaN or inf: one device sync (and, with a process group, one all-reduce of
-        one integer, so that every rank decides alike)."""
-        params = [p for p in self._all_params() if p.grad is not None and not p.grad.is_sparse]
-        # the largest |g| per parameter is NaN or inf exactly when the gradient holds one
-        dev = (params or self._all_params())[0].device
-        peaks = torch._foreach_norm([local(p.grad) for p in params], float("inf")) if params else []
-        finite = torch.isfinite(torch.stack([t.to(dev, torch.float32) for t in peaks]) if params
-                                else torch.zeros(0, device=dev))
-        count = (~finite).sum()
-        if self.process_group is not None:
-            dist.all_reduce(count, group=self.process_group)
-        if not int(count):  # the one sync
-            return None
-        names = [self.param_name(params[i]) for i in torch.nonzero(~finite).flatten().tolist()]
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") \
-            if names else "another rank's parameters"
 
     # ---- state dict ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -362,7 +345,7 @@ class FoLoRA(Optimizer):
     def _spread_solves(self, items) -> None:
         """The distinct layer bases of ``[(A, proxy_cov, task_cov), ...]`` solved over the ranks of
         the process group (:func:`.basis.spread`) into the cache :meth:`set_statistics` reads."""
-        jobs, seen = [], set()
+        jobs, seen, owner = [], set(), {}
         for A, proxy, task in items:
             group = self._group_of(A, "param")
             with self._named(A):
@@ -372,9 +355,18 @@ class FoLoRA(Optimizer):
             if key not in seen:
                 seen.add(key)
                 jobs.append((proxy, task, k, group["damping"], group["basis_norm"], A.device))
+                owner[id(jobs[-1])] = A
+
+        def solve(js):  # a degenerate statistic's error names the (first) layer that reads it
+            out = []
+            for j in js:
+                with self._named(owner[id(j)]):
+                    out.append(solve_layer(*j, self.eigh_backend))
+            return out
+
         layouts = [layer_layout(job[0].shape[0], job[2]) for job in jobs]
-        solved = spread(lambda js: [solve_layer(*j, self.eigh_backend) for j in js], jobs,
-                        [lay for _, lay in layouts], self.process_group, jobs[0][5] if jobs else None)
+        solved = spread(solve, jobs, [lay for _, lay in layouts], self.process_group,
+                        jobs[0][5] if jobs else None)
         for job, (mode, _), out in zip(jobs, layouts, solved):
             self._bases.put(*job, {**out, "mode": mode})
 
