@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._args import writable_dir
+
 #: the benchmarks of ``benchmarks/suite.py`` (its ``BENCHES``)
 OPS = ("linear_tmkl", "tmkl", "generalized_eigh", "train_step", "folora_step")
 # pytest -k expressions of the CPU micro-benchmarks of each op ("tmkl" alone would also match
@@ -29,7 +31,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="run the benchmark suite (GPU), or CPU benchmarks")
     p.add_argument("--op", choices=OPS, default=None, help="one benchmark (default: all)")
     p.add_argument("--quick", action="store_true", help="one representative shape per benchmark")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", type=writable_dir, default=None,
+                   help="output folder, existing and writable or creatable "
+                        "(default benchmarks/results/<device>)")
     p.add_argument("--dry", action="store_true",
                    help="the GPU suite's dry mode on the CPU: tiny shapes, no meaningful timings")
     p.set_defaults(func=run)

@@ -232,7 +232,10 @@ class TopKBase(NamedTuple):
     * ``tail_lse`` ``(...)``: ``LSE(b_u / T)`` over the tail, ``u`` outside ``indices`` and
       ``u != y``, computed directly (``-inf`` when empty), so the base tail mass never comes from
       a cancelling ``1 - sum``;
-    * ``target`` ``(...)``: the target's logit ``b_y`` (raw).
+    * ``target`` ``(...)``: the target's logit ``b_y`` (raw);
+    * ``labels`` ``(...)``: the targets ``y`` the record was made for (``ignore_index`` where
+      ignored). ``lse`` and ``target`` depend on them, so the loss requires them and checks them
+      against its own labels: a record paired with other labels is an error, not a wrong KL.
     """
 
     values: torch.Tensor
@@ -241,6 +244,7 @@ class TopKBase(NamedTuple):
     tail_lse: torch.Tensor
     target: torch.Tensor
     temperature: float = 1.0
+    labels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ backend.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
-
-import math
 
 from ._params import (GATES, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
                       REDUCTIONS, TMKLParams, accumulation_dtype)
@@ -308,39 +307,42 @@ def check_folora_options(group: dict) -> None:
         raise ValueError(f"basis_norm must be 'proxy' or 'unit', got {group['basis_norm']!r}")
 
 
-def _topk_base_inputs(base, lead_shape, vocab: int, params: TMKLParams, device, arg: str):
+def _topk_base_inputs(base, labels, vocab: int, params: TMKLParams, device, arg: str):
     """The checks of a top-k base record (``forgetkern._params.TopKBase``) passed as ``arg`` for
-    rows shaped ``lead_shape`` over a vocabulary of ``vocab``; returns its rows laid out as every
-    backend takes them: ``(values (N, k), indices (N, k) int64, lse, tail_lse, target (N,))``,
-    contiguous and detached. Index range and distinctness are read (one sync), except while
-    ``torch.compile`` traces."""
-    t, labels_like = base.temperature, torch.empty(lead_shape, device="meta")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isclose(
+    ``labels`` over a vocabulary of ``vocab``; returns its rows as every backend takes them:
+    ``(values (N, k), indices (N, k) int64, lse, tail_lse, target (N,))``, contiguous, detached.
+    Indices and the record's labels are read (one sync), except while ``torch.compile`` traces."""
+    if isinstance(t := base.temperature, bool) or not isinstance(t, (int, float)) or not math.isclose(
             float(t), params.temperature, rel_tol=1e-9):
         raise ValueError(f"{arg} was recorded at temperature {t!r} but the loss runs at "
                          f"temperature={params.temperature}; they must be equal")
-    for name in ("values", "indices", "lse", "tail_lse", "target"):
-        value = getattr(base, name)
+    if base.labels is None:
+        raise ValueError(f"{arg}.labels is None: a record must name the labels it was made for "
+                         "(forgetkern.topk_base does; or TopKBase(..., labels=y))")
+    for name in ("values", "indices", "lse", "tail_lse", "target", "labels"):
+        value, integer = getattr(base, name), name in ("indices", "labels")
         check_tensor(value, f"{arg}.{name}")
         if value.device != device:
             raise ValueError(f"{arg}.{name} is on {value.device} but the inputs are on {device}")
-        if name != "indices":
+        if not integer:
             check_float(value, f"{arg}.{name}")
-    values, indices = base.values, base.indices
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"{arg}.indices must be an integer tensor, got {indices.dtype}")
-    lead = tuple(lead_shape)
+        elif value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{arg}.{name} must be an integer tensor, got {value.dtype}")
+    values, indices, lead = base.values, base.indices, tuple(labels.shape)
     if values.dim() != len(lead) + 1 or tuple(values.shape[:-1]) != lead:
         raise ValueError(f"{arg}.values must have shape {lead + ('k',)} (one row per label), "
                          f"got {tuple(values.shape)}")
-    k = values.shape[-1]
-    if not 1 <= k <= vocab:
+    if not 1 <= (k := values.shape[-1]) <= vocab:
         raise ValueError(f"{arg} must keep 1 <= k <= V={vocab} tokens per row, got k={k}")
     check_same_shape(indices, f"{arg}.indices", values, f"{arg}.values")
-    for name in ("lse", "tail_lse", "target"):
-        check_same_shape(getattr(base, name), f"{arg}.{name}", labels_like, "labels")
+    for name in ("lse", "tail_lse", "target", "labels"):
+        check_same_shape(getattr(base, name), f"{arg}.{name}", labels, "labels")
     idx = indices.reshape(-1, k).long().contiguous()
     if idx.numel() and not _compiling():
+        paired = ((labels == params.ignore_index) | (base.labels == labels)).reshape(-1)
+        if not bool(paired.all()):
+            raise ValueError(f"{arg} was recorded for other labels: {arg}.labels != labels at "
+                             f"{int((~paired).sum())} row(s), e.g. row {int(torch.nonzero(~paired)[0])}")
         if bool(((idx < 0) | (idx >= vocab)).any()):
             raise ValueError(f"{arg}.indices must be token ids in [0, {vocab})")
         ordered = idx.sort(dim=1).values
@@ -362,8 +364,7 @@ def sparse_tmkl_inputs(logits, base, labels, params: TMKLParams, reduction: str,
     check_reduction(reduction)
     check_num_items(num_items_in_batch)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index)
-    rec = _topk_base_inputs(base, logits.shape[:-1], logits.shape[-1], params, logits.device,
-                            "base_logits")
+    rec = _topk_base_inputs(base, labels, logits.shape[-1], params, logits.device, "base_logits")
     return rows(logits), rec, flat_labels(labels)
 
 
@@ -395,5 +396,5 @@ def linear_sparse_tmkl_inputs(hidden, weight, base, labels, base_weight, bias, b
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     check_reduction(reduction), check_num_items(num_items_in_batch)
     check_labels(labels, hidden.shape[:-1], v, params.ignore_index, what="hidden")
-    rec = _topk_base_inputs(base, hidden.shape[:-1], v, params, hidden.device, "base_hidden")
+    rec = _topk_base_inputs(base, labels, v, params, hidden.device, "base_hidden")
     return hidden.reshape(-1, d), rec, flat_labels(labels)

@@ -1,4 +1,6 @@
-"""The ``forgetkern`` command line."""
+"""The ``forgetkern`` command line. Every argument is checked by one validation layer
+(:mod:`forgetkern._args`) before a command runs: a bad one prints one line
+(``forgetkern <command>: error: ...``) and exits with status 2, having written nothing."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +8,7 @@ import json
 import sys
 
 from . import _bench
+from ._args import Parser, UsageError
 from ._info import info
 from .cache import cli as _cache_cli
 from .demo import run as _demo
@@ -23,7 +26,7 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgetkern", description=__doc__)
+    parser = Parser(prog="forgetkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, GPU and available backends")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
@@ -35,9 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; an input error prints one line to stderr and raises :class:`UsageError`
+    (``SystemExit`` with status 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.func(args)
+    command = None
+    try:
+        args = parser.parse_args(argv)
+        command = f"forgetkern {args.command}"
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{exc.prog or command or 'forgetkern'}: error: {exc}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

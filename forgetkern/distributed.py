@@ -3,8 +3,9 @@ contiguous shard of the vocabulary (rank order; shard sizes may differ) of the l
 logits, labels are global token ids identical on every rank.
 
 Per row, in plain torch over the whole vocabulary, this computes exactly ``tmkl_loss``; per rank it
-reads only its shard (DESIGN.md, "Vocab-parallel form"):
-
+reads only its shard (DESIGN.md, "Vocab-parallel form"). First, per call, one ``all_gather`` of a
+fixed-size descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when
+one rank's inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
 1. local statistics of the shard, each normalizer as its max and its sum apart, and the KL
    accumulator as a sum of differences of offsets to the local maxima (the rank that owns the
    target removes it from its sums when ``mask_target``);
@@ -16,9 +17,8 @@ reads only its shard (DESIGN.md, "Vocab-parallel form"):
    global statistics: no collective, no vocabulary-sized traffic.
 
 The helpers at the end serve a data-parallel (DDP, FSDP2) training step (:func:`data_parallel`).
-The implementation is the reference's torch math in row chunks (it runs on CPU and GPU tensors and
-any backend of ``torch.distributed``: gloo, NCCL); :func:`vocab_parallel_tmkl` wraps it with the
-``tmkl`` op's interface so the usual autograd Function drives it.
+The math is the reference's in row chunks (CPU and GPU tensors, gloo or NCCL);
+:func:`vocab_parallel_tmkl` gives it the ``tmkl`` op's interface for the usual autograd Function.
 """
 from __future__ import annotations
 
@@ -34,11 +34,14 @@ try:
 except ImportError:  # a torch without torch.distributed: isinstance(x, ()) is always False
     FSDPModule = ()
 
+from . import _validate
 from ._backend import Implementation
+from ._rank_check import check_ranks_agree, describe
 from ._params import TMKLParams, accumulation_dtype, row_outputs, with_target
 from .reference import tmkl as ref
 
 NEG_INF = float("-inf")
+_ANY_VOCAB = 2**62  # the label bound of the per-rank checks, before the whole vocabulary is known
 
 
 def is_dtensor(x) -> bool:
@@ -76,17 +79,6 @@ def from_dtensors(logits, base_logits, labels, process_group):
                              f"placements {labels.placements}")
         labels = labels.to_local()
     return logits.to_local(), base_logits, labels, group
-
-
-def shard_layout(local_columns: int, group, device) -> tuple[int, int]:
-    """``(offset, total)``: where this rank's vocabulary shard starts and the whole vocabulary's
-    size, from every rank's shard size (one ``all_gather`` of one integer)."""
-    world = dist.get_world_size(group)
-    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(local_columns, dtype=torch.int64, device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    rank = dist.get_rank(group)
-    return sum(sizes[:rank]), sum(sizes)
 
 
 def _local_labels(labels, offset, columns, p: TMKLParams):
@@ -259,16 +251,25 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     return dh, dw, db
 
 
-def resolve(op: str, local_columns: int, device, group, backend: str | None):
-    """The vocab-parallel form's ``(Implementation, whole vocabulary size)`` for ``op``
-    (``"tmkl"`` or ``"linear_tmkl"``) on this rank's shard of ``local_columns`` vocabulary entries:
-    the one place that decides it (it runs the reference math, whatever ``backend`` would pick)."""
-    if backend not in (None, "reference"):
-        raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) runs "
-                         "the reference implementation; use backend=None")
-    offset, total = shard_layout(local_columns, group, device)
-    make = vocab_parallel_tmkl if op == "tmkl" else vocab_parallel_linear_tmkl
-    return make(group, offset), total
+def resolve(op: str, group, backend: str | None, *inputs):
+    """The vocab-parallel form of ``op`` (``"tmkl"`` or ``"linear_tmkl"``): ``(Implementation,
+    laid-out inputs)`` (``inputs``: the arguments of ``_validate.<op>_inputs``). Each rank checks
+    its inputs, then one ``all_gather`` (:func:`forgetkern._rank_check.check_ranks_agree`) gives
+    every rank the same verdict and the shard layout; then the labels meet the whole vocabulary."""
+    validate = _validate.linear_tmkl_inputs if op == "linear_tmkl" else _validate.tmkl_inputs
+    laid = descriptor = error = None
+    try:
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
+                             "runs the reference implementation; use backend=None")
+        laid = validate(*inputs, num_classes=_ANY_VOCAB)  # global ids: bounded after the gather
+        descriptor = describe(op, inputs, laid)
+    except Exception as exc:  # noqa: BLE001 - every rank learns it in the check below
+        error = exc
+    offset, total = check_ranks_agree(group, descriptor, error, f"{op}_loss")
+    _validate.check_labels(laid[-1], laid[-1].shape, total, inputs[-3].ignore_index)
+    make = vocab_parallel_linear_tmkl if op == "linear_tmkl" else vocab_parallel_tmkl
+    return make(group, offset), laid
 
 
 def vocab_parallel_linear_tmkl(group, offset: int) -> Implementation:

@@ -112,12 +112,9 @@ def tmkl_loss(
         z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
                                         num_items_in_batch)
         impl = _backend.resolve("tmkl", logits, backend=backend)
-    else:
-        _validate.check_tensor(logits, "logits")
-        impl, total = distributed.resolve("tmkl", logits.shape[-1], logits.device, process_group,
-                                          backend)
-        z, b, y = _validate.tmkl_inputs(logits, base_logits, labels, params, reduction,
-                                        num_items_in_batch, num_classes=total)
+    else:  # every rank's inputs checked, and checked against the other ranks'
+        impl, (z, b, y) = distributed.resolve("tmkl", process_group, backend, logits, base_logits,
+                                              labels, params, reduction, num_items_in_batch)
     loss, ce, kl = TMKLFunction.apply(z, b, y, params, impl)
     reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
     if return_components:
@@ -232,16 +229,13 @@ def linear_tmkl_loss(
             num_items_in_batch)
         return _linear_apply(LinearSparseTMKLFunction, (h, weight, bias, *rec, y), params, impl,
                              labels, reduction, num_items_in_batch, return_components)
+    inputs = (hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
+              num_items_in_batch)
     if process_group is None:
-        total = None
         impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
-    else:
-        _validate.check_tensor(weight, "weight")
-        impl, total = distributed.resolve("linear_tmkl", weight.shape[0], weight.device,
-                                          process_group, backend)
-    h, hb, wb, bb, y = _validate.linear_tmkl_inputs(
-        hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
-        num_items_in_batch, num_classes=total)
+        h, hb, wb, bb, y = _validate.linear_tmkl_inputs(*inputs)
+    else:  # every rank's inputs checked, and checked against the other ranks'
+        impl, (h, hb, wb, bb, y) = distributed.resolve("linear_tmkl", process_group, backend, *inputs)
     acc = accumulation_dtype(hidden.dtype)
     # the upstream gradient each row's loss receives from the reduction (1/denominator for
     # "mean"): an implementation that can precomputes gradients for it during the forward
@@ -285,8 +279,9 @@ def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temper
         u = (b / T).scatter(-1, y[:, None], -inf)             # the target removed
         lse, tail_lse = u.logsumexp(-1), u.scatter(-1, indices, -inf).logsumexp(-1)
 
-    with ``target = b.gather(-1, y[:, None])``; rows of ignored labels use label 0 (the loss
-    ignores them). Shapes follow ``labels``: ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
+    with ``target = b.gather(-1, y[:, None])`` and ``labels = y`` (the record names its targets);
+    rows of ignored labels use label 0 (the loss ignores them). Shapes follow ``labels``:
+    ``base_logits (..., V)`` gives ``(..., k)`` / ``(...)``.
     Float32 (float64 for float64 logits), indices int32.
     """
     params = TMKLParams(temperature=temperature, ignore_index=ignore_index)
@@ -300,4 +295,4 @@ def topk_base(base_logits: torch.Tensor, labels: torch.Tensor, k: int, *, temper
         _validate.rows(base_logits.detach()), _validate.flat_labels(labels), k,
         params.temperature, ignore_index)
     return TopKBase(values.view(*lead, k), idx.view(*lead, k), lse.view(lead), tail.view(lead),
-                    target.view(lead), params.temperature)
+                    target.view(lead), params.temperature, labels.detach().clone())

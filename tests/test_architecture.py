@@ -15,8 +15,9 @@ PACKAGE = Path(forgetkern.__file__).parent
 # Layer of every top-level module or subpackage of forgetkern; an import may only go to a lower
 # layer, or sideways within a layer along SIDEWAYS.
 LAYERS = {
-    "_params": 0, "_version": 0,
+    "_params": 0, "_version": 0, "_files": 0, "_args": 0,
     "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1, "distributed": 1,
+    "_rank_check": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
     "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3,
     "integrations": 4, "demo": 4, "_bench": 4, "cli": 4, "__main__": 5, "__init__": 5,
@@ -25,6 +26,7 @@ SIDEWAYS = {
     ("_backend", "_cuda"),  # the table asks the extension loader whether it is built
     ("_cuda_emulated", "_cuda"),  # the CUDA backend's interfaces over the host emulation
     ("distributed", "_backend"), ("distributed", "reference"),  # vocab-parallel: reference math
+    ("distributed", "_validate"), ("distributed", "_rank_check"),  # its one entry: checks, ranks
     ("ops", "reference"),  # the fused-linear sparse TMKL's chunked driver, shared
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers

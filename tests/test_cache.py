@@ -262,3 +262,173 @@ def test_tmkl_trainer_with_cache(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="another base model"):
         TMKLTrainer(model=_model(seed=3), args=args, base_cache=cache)
+
+
+def _small_cache(tmp_path, mode="topk", name="c"):
+    return build_cache(_model(), _batches(), tmp_path / name, mode=mode, k=5, temperature=1.5,
+                       log=lambda *_: None, show_progress=False)
+
+
+def _rewrite_manifest(path, **fields):
+    """The manifest with ``fields`` changed and its checksum recomputed (a well-formed edit)."""
+    from forgetkern.cache.store import json_digest
+
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(fields)
+    m.pop("checksum")
+    m["checksum"] = json_digest(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("mode", ["exact", "topk"])
+def test_flipped_bytes_in_any_array_are_found_and_named(tmp_path, mode):
+    """Every byte of every array's data is covered by a chunk checksum: a flip anywhere is an
+    error naming the file and rows, at load (default) or at the lookup that reads it."""
+    import random
+    import shutil
+
+    from forgetkern.cache import CacheError
+
+    cache = _small_cache(tmp_path, mode)
+    rng = random.Random(0)
+    batch, labels = _batches()[1], batch_labels(_batches()[1])
+    for trial in range(6):
+        name = rng.choice(sorted(cache.arrays))
+        arr = cache.arrays[name]
+        copy = tmp_path / f"copy{trial}"
+        shutil.copytree(cache.path, copy)
+        file = copy / f"{name}.npy"
+        raw = bytearray(file.read_bytes())
+        at = arr.offset + rng.randrange(arr.nbytes)
+        raw[at] ^= 1 << rng.randrange(8)
+        file.write_bytes(bytes(raw))
+        with pytest.raises(CacheError, match=rf"{name}\.npy: rows \[\d+, \d+\) do not match"):
+            BaseCache(copy)
+        lazy = BaseCache(copy, verify="read")  # opens; the lookup reading the chunk fails
+        row = (at - arr.offset) // (arr.nbytes // arr.shape[0])
+        first = [r for r in range(3) if lazy._chunks[r]["start"] <= row < lazy._chunks[r]["stop"]]
+        lookup_batch = _batches()[first[0]]
+        with pytest.raises(CacheError, match=rf"{name}\.npy"):
+            lazy.lookup(lookup_batch, batch_labels(lookup_batch))
+    BaseCache(cache.path, verify="read").lookup(batch, labels)  # the original is intact
+
+
+def test_damaged_or_edited_files_name_the_file_and_field(tmp_path):
+    import shutil
+
+    from forgetkern.cache import CacheError
+
+    cache = _small_cache(tmp_path)
+
+    def damaged(tag, edit):
+        copy = tmp_path / tag
+        shutil.copytree(cache.path, copy)
+        edit(copy)
+        return copy
+
+    cut = damaged("cut", lambda p: (p / "values.npy").write_bytes((p / "values.npy").read_bytes()[:-7]))
+    with pytest.raises(CacheError, match=r"values\.npy: cannot be read|values\.npy: \d+ bytes"):
+        BaseCache(cut)
+    half = damaged("half", lambda p: (p / "manifest.json").write_text(
+        (p / "manifest.json").read_text()[:40]))
+    with pytest.raises(CacheError, match=r"manifest\.json: not valid JSON"):
+        BaseCache(half)
+    edited = damaged("edit", lambda p: (p / "manifest.json").write_text(
+        (p / "manifest.json").read_text().replace('"temperature": 1.5', '"temperature": 2.5')))
+    with pytest.raises(CacheError, match=r"manifest\.json: the manifest's checksum"):
+        BaseCache(edited)
+    for field, value, message in (("temperature", float("nan"), "a finite number > 0"),
+                                  ("temperature", 0.0, "a finite number > 0"),
+                                  ("k", 0, r"an int in \[1, vocab_size"),
+                                  ("mode", "dense", "one of"), ("rows", -1, "an int >= 0")):
+        bad = damaged(f"{field}{value}", lambda p: _rewrite_manifest(p, **{field: value}))
+        with pytest.raises(CacheError, match=rf"manifest\.json: field '{field}' must be {message}"):
+            BaseCache(bad)
+    old = damaged("v1", lambda p: _rewrite_manifest(p, format_version=1))
+    with pytest.raises(CacheError, match=r"field 'format_version' is 1; this forgetkern reads"):
+        BaseCache(old)
+    ex = damaged("ex", lambda p: (p / "examples.json").write_text(
+        (p / "examples.json").read_text().replace('"count": [', '"count": [1, ')))
+    with pytest.raises(CacheError, match=r"examples\.json: does not match the manifest"):
+        BaseCache(ex)
+
+
+def test_a_changed_prompt_token_is_not_served_stale_base_outputs(tmp_path):
+    """The input tokens are part of an example's key: a prompt token changed (its label ignored,
+    so positions and targets are unchanged) is an error, not stale base states."""
+    cache = _small_cache(tmp_path, "exact")
+    batch = dict(_batches()[0])
+    labels = batch_labels(batch)
+    assert labels[0, 0] == -100  # a prompt token: its label is ignored
+    ids = batch["input_ids"].clone()
+    ids[0, 1] = (ids[0, 1] + 1) % V
+    with pytest.raises(ValueError, match="example id 0: its input tokens differ"):
+        cache.lookup({**batch, "input_ids": ids}, labels)
+    config = loss_config("tmkl", backend="reference")
+    with pytest.raises(ValueError, match="input tokens differ"):
+        config_loss(_model(), {**batch, "input_ids": ids}, config, base_cache=cache)
+    cache.lookup(batch, labels)
+
+
+def test_batches_read_twice_or_refused(tmp_path):
+    """The build reads the batches twice: a one-shot iterator is refused, and a second pass that
+    differs (shuffled, shorter) is an error that leaves the cache incomplete."""
+    model, batches = _model(), _batches()
+    with pytest.raises(TypeError, match="re-iterable"):
+        build_cache(model, (b for b in batches), tmp_path / "g", log=lambda *_: None)
+    assert not (tmp_path / "g").exists()
+
+    class Passes:
+        def __init__(self, second):
+            self.second, self.n = second, 0
+
+        def __iter__(self):
+            self.n += 1
+            return iter(batches if self.n == 1 else self.second)
+
+    for tag, second in (("shuffled", batches[::-1]), ("short", batches[:2]), ("none", [])):
+        with pytest.raises(ValueError, match="second pass"):
+            build_cache(model, Passes(second), tmp_path / tag, log=lambda *_: None,
+                        show_progress=False)
+        with pytest.raises(ValueError, match="incomplete"):
+            BaseCache(tmp_path / tag)
+    # a directory holding other files is never written into
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a base cache's"):
+        build_cache(model, batches, tmp_path / "mine", log=lambda *_: None)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_cache_writer_is_the_public_writer_for_importers(tmp_path):
+    """Another tool's top-k base outputs written through CacheWriter (the writer computes the
+    checksums, hashes and format version) are read back by BaseCache and feed the loss."""
+    from forgetkern.cache import CacheWriter, input_key
+
+    g = torch.Generator().manual_seed(0)
+    docs = {"a": torch.randint(0, V, (6,), generator=g), "b": torch.randint(0, V, (4,), generator=g)}
+    logits = {d: torch.randn(len(t) - 1, V, generator=g) for d, t in docs.items()}
+    w = CacheWriter(tmp_path / "imp", mode="topk", vocab_size=V, k=4, temperature=1.0,
+                    ids=list(docs), counts=[len(t) - 1 for t in docs.values()],
+                    keys=[input_key(t) for t in docs.values()])
+    start = 0
+    for i, (d, t) in enumerate(docs.items()):
+        rec = forgetkern.topk_base(logits[d], t[1:], 4)
+        with pytest.raises(ValueError, match="rows must name exactly"):
+            w.write(i, start, positions=torch.arange(len(t) - 1))
+        w.write(i, start, positions=torch.arange(len(t) - 1), targets=t[1:], values=rec.values,
+                indices=rec.indices, lse=rec.lse, tail_lse=rec.tail_lse, target=rec.target)
+        assert w.done(i)
+        start += len(t) - 1
+    w.finish()
+    cache = BaseCache(tmp_path / "imp", expect={"mode": "topk", "k": 4})
+    batch = make_batches([(d, t.tolist()) for d, t in docs.items()], 2)[0]
+    labels = batch_labels(batch)
+    got = cache.lookup(batch, labels)
+    want = forgetkern.topk_base(torch.cat(list(logits.values())), labels[labels != -100], 4)
+    for name in ("values", "indices", "lse", "tail_lse", "target"):
+        assert torch.equal(getattr(got, name).to(getattr(want, name).dtype), getattr(want, name))
+    unfinished = CacheWriter(tmp_path / "part", mode="topk", vocab_size=V, k=4, temperature=1.0,
+                             ids=["a"], counts=[5], keys=["x"])
+    with pytest.raises(ValueError, match=r"rows \[0, \.\.\.\) of 5 were never written"):
+        unfinished.finish()

@@ -468,6 +468,131 @@ def test_folora_solves_spread_over_ranks_equal_one_process(two_ranks):
             torch.testing.assert_close(got["bases"][name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+# ---- vocab-parallel: the ranks disagree or one rank's inputs are wrong: one error on every rank --
+#: name -> (what each rank passes differently, the error every rank must raise)
+MISMATCHES = {
+    "rows": (lambda r, a: a.update(n=7 - 2 * r), ValueError, "disagree on the number of rows"),
+    "dtype": (lambda r, a: a.update(dtype=torch.float32 if r else torch.float64), ValueError,
+              "disagree on the input dtype: rank 0: torch.float64, rank 1: torch.float32"),
+    "options": (lambda r, a: a["kw"].update(temperature=1.0 + r), ValueError,
+                "disagree on the loss options: ranks .0. vs ranks .1."),
+    "num_items": (lambda r, a: a["kw"].update(num_items_in_batch=10 + r), ValueError,
+                  "disagree on the loss options"),
+    "labels": (lambda r, a: a.update(shift=r), ValueError, "disagree on the labels"),
+    "local_shape": (lambda r, a: a.update(bad_base=r == 1), ValueError,
+                    r"tmkl_loss \(vocab-parallel\): rank 1: base_logits must have the same shape"),
+    "local_dtype": (lambda r, a: a.update(base_dtype=torch.float32 if r == 0 else None), TypeError,
+                    "rank 0: base_logits dtype torch.float32 does not match"),
+    "local_backend": (lambda r, a: a["kw"].update(backend="triton" if r == 0 else None), ValueError,
+                      "rank 0: backend='triton': the vocab-parallel form"),
+    "label_range": (lambda r, a: a.update(label=V), ValueError, r"labels must be in \[0, 37\)"),
+    "linear_hidden": (lambda r, a: a.update(linear=True, d=4 + r), ValueError,
+                      r"linear_tmkl_loss \(vocab-parallel\): the ranks disagree on the hidden size"),
+    "linear_bias": (lambda r, a: a.update(linear=True, bias=r == 0), ValueError,
+                    "disagree on which of base_weight / base_bias / bias are given"),
+    "linear_grad": (lambda r, a: a.update(linear=True, grad=r == 1), ValueError,
+                    "whether hidden needs a gradient"),
+}
+
+
+def _mismatch_call(rank: int, world: int, name: str):
+    args = dict(n=7, dtype=torch.float64, kw={}, shift=0, bad_base=False, base_dtype=None,
+                label=None, linear=False, d=4, bias=False, grad=False)
+    MISMATCHES[name][0](rank, args)
+    lo = sum(_shards(world)[:rank])
+    cols = slice(lo, lo + _shards(world)[rank])
+    gen = torch.Generator().manual_seed(11)
+    n, dt = args["n"], args["dtype"]
+    y = (torch.randint(0, V, (n,), generator=gen) + args["shift"]) % V
+    if args["label"] is not None:
+        y[0] = args["label"]
+    group = dict(process_group=dist.group.WORLD, **args["kw"])
+    if args["linear"]:
+        h = torch.randn(n, args["d"], generator=gen, dtype=dt).requires_grad_(args["grad"])
+        w = torch.randn(V, args["d"], generator=gen, dtype=dt)[cols]
+        bias = torch.zeros(V, dtype=dt)[cols] if args["bias"] else None
+        return forgetkern.linear_tmkl_loss(h, w, h.detach(), y, bias=bias, **group)
+    z = torch.randn(n, V, generator=gen, dtype=dt)[:, cols]
+    b = torch.randn(n, V, generator=gen, dtype=args["base_dtype"] or dt)[:, cols]
+    return forgetkern.tmkl_loss(z, b[:, 1:] if args["bad_base"] else b, y, **group)
+
+
+@_check
+def _rank_vocab_parallel_mismatches(rank: int, world: int) -> dict:
+    """Each case: this rank's (error class, message); then a good call still runs."""
+    out = {}
+    for name in MISMATCHES:
+        try:
+            _mismatch_call(rank, world, name)
+            out[name] = None
+        except Exception as exc:  # noqa: BLE001 - compared across the ranks by the test
+            out[name] = (type(exc).__name__, str(exc))
+    out["after"] = float(forgetkern.tmkl_loss(torch.randn(3, V, dtype=torch.float64)[:, :5],
+                                              torch.zeros(3, 5, dtype=torch.float64),
+                                              torch.tensor([0, 1, 2]),
+                                              process_group=dist.group.WORLD))
+    return out
+
+
+def test_vocab_parallel_ranks_that_disagree_raise_the_same_error_on_every_rank(two_ranks):
+    """Rows, dtypes, hidden sizes, options, labels that differ between ranks, and inputs that fail
+    one rank's own checks: never a hang or an abort in a collective, never different losses, but
+    one clear error, the same on every rank; the group is usable afterwards."""
+    import re
+
+    got = two_ranks("vocab_parallel_mismatches")
+    for name, (_, cls, pattern) in MISMATCHES.items():
+        assert got[0][name] is not None, f"{name}: no error"
+        assert got[0][name] == got[1][name], f"{name}: the ranks differ: {got[0][name]} / {got[1][name]}"
+        assert got[0][name][0] == cls.__name__ and re.search(pattern, got[0][name][1]), (name, got[0][name])
+    assert got[0]["after"] == got[1]["after"]
+
+
+@_check
+def _rank_folora_nonfinite_gradient_skips_on_every_rank(rank: int, world: int) -> list:
+    """A NaN gradient on rank 1 only: with the process group, both ranks skip the step."""
+    from forgetkern.optim import FoLoRA
+
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    opt = FoLoRA([p], lr=0.1, backend="reference", process_group=dist.group.WORLD)
+    p.grad = torch.ones(3, 4)
+    if rank == 1:
+        p.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="another rank's parameters" if rank == 0 else "params'\\]\\[0\\]"):
+        opt.step()
+    return [opt.skipped_steps, bool(torch.equal(p.detach(), torch.ones(3, 4)))]
+
+
+def test_folora_nonfinite_gradient_on_one_rank_skips_every_rank(two_ranks):
+    assert two_ranks("folora_nonfinite_gradient_skips_on_every_rank") == [[1, True], [1, True]]
+
+
+@_check
+def _rank_folora_degenerate_statistics_raise_on_every_rank(rank: int, world: int) -> str:
+    """A layer whose statistics cannot be solved, its basis owned by one rank: every rank
+    raises (the owner naming the layer), none waits in a broadcast."""
+    from forgetkern.optim import FoLoRA, calibrate
+
+    model = _lora_model()
+    stats = calibrate(model, *_calibration_batches(), progress=False)
+    name = sorted(stats)[-1]
+    proxy, task = stats[name]
+    bad = {**stats, name: (proxy - 2 * torch.diag(proxy.diagonal().max().expand(proxy.shape[0])), task)}
+    try:
+        FoLoRA.from_model(model, bad, backend="reference", eigh_backend="reference",
+                          process_group=dist.group.WORLD)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_folora_degenerate_statistics_raise_on_every_rank_without_a_hang(two_ranks):
+    got = two_ranks("folora_degenerate_statistics_raise_on_every_rank")
+    assert all(m != "no error" for m in got), got
+    assert any("lora_A: " in m for m in got), got  # the owner names the layer
+    assert all("lora_A: " in m or "rank(s) [" in m for m in got), got
+
+
 # ---- TMKLTrainer: HF Trainer's own distributed handling (accelerate over the gloo group) -------
 class _Rows(torch.utils.data.Dataset):
     """4 rows of 10 tokens, rows with different numbers of ignored labels."""

@@ -465,6 +465,75 @@ def test_state_dict_round_trip_continues_identically(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_nonfinite_gradient_skips_the_step_and_leaves_the_state_untouched(backend):
+    """The policy, the same on every step backend: a NaN or inf gradient skips the whole step
+    (counted, warned naming the parameters); the run then continues exactly as if the bad step
+    had never happened."""
+    dev = _step_device(backend)
+    gen = torch.Generator().manual_seed(4)
+    grads = [[torch.randn(p.shape, generator=gen) for p in _lora_params(pairs=2)] for _ in range(4)]
+
+    def run(bad_step):
+        params = _lora_params(pairs=2, device=dev)
+        opt = FoLoRA(params, lr=1e-2, weight_decay=0.1, refresh_every=1, backend=backend,
+                     eigh_backend="reference")
+        for i in (0, 2):
+            opt.set_statistics(params[i], *_stats(5, i))
+            opt.pair(params[i + 1], params[i])
+        for t in range(4):
+            if t == bad_step:
+                for p, g in zip(params, grads[t]):
+                    p.grad = g.clone().to(dev)
+                params[1].grad[0, 0] = float("nan")
+                params[2].grad[1, 3] = float("-inf")
+                before = [p.detach().clone() for p in params]
+                moments = {i: {k: v.clone() for k, v in opt.state[p].items()
+                               if isinstance(v, torch.Tensor)} for i, p in enumerate(params)}
+                steps = [opt.state[p]["step"] for p in params]
+                with pytest.warns(RuntimeWarning, match=r"step skipped.*param_groups\[0\]\['params'\]\[1\]"
+                                  r".*param_groups\[0\]\['params'\]\[2\]"):
+                    opt.step()
+                assert opt.skipped_steps == 1
+                assert all(torch.equal(a, b) for a, b in zip(before, params))
+                for i, p in enumerate(params):
+                    assert opt.state[p]["step"] == steps[i]
+                    for k, v in moments[i].items():
+                        assert torch.equal(opt.state[p][k], v), k
+            for p, g in zip(params, grads[t]):
+                p.grad = g.clone().to(dev)
+            opt.step()
+            assert all(bool(torch.isfinite(p).all()) for p in params)
+        assert opt.state_dict()["skipped_steps"] == (bad_step is not None)
+        return params
+
+    for a, b in zip(run(None), run(2)):
+        assert torch.equal(a, b)
+
+
+def test_degenerate_statistics_and_pairs_name_the_layer():
+    model = lora_toy()
+    proxy = sample_proxy_data(model, n_samples=4, length=6, prompts=[[1], [2]], progress=False)
+    stats = calibrate(model, proxy, [torch.randint(0, 11, (2, 5))], progress=False)
+    nan = stats["o"][0].clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^o\.lora_A: proxy_cov has non-finite entries"):
+        FoLoRA.from_model(model, {**stats, "o": (nan, stats["o"][1])}, eigh_backend="reference")
+    indefinite = torch.diag(torch.tensor([1.0, 1, 1, 1, 1, -0.5]))
+    with pytest.raises(ValueError, match=r"^k\.lora_A: proxy_cov.*not positive definite"):
+        FoLoRA.from_model(model, {**stats, "k": (indefinite, stats["k"][1])}, damping=0.0,
+                          eigh_backend="reference")
+    opt = FoLoRA.from_model(model, stats, eigh_backend="reference", backend="reference")
+    with torch.no_grad():
+        model.v.lora_A.zero_()
+    with pytest.raises(ValueError, match=r"^v\.lora_B: A Σp Aᵀ has a non-positive trace"):
+        opt.refresh(force=True)
+    with torch.no_grad():
+        model.v.lora_A.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"^v\.lora_B: A Σ Aᵀ .* non-finite"):
+        opt.refresh(force=True)
+
+
 @pytest.mark.skipif(not HAS_TRITON_RUN, reason="Triton needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("gate,tau", [("soft", 1.0), ("sigmoid", 0.7), ("hard", 0.8), ("topk", 0.5)])
 def test_triton_step_matches_reference_with_gates(gate, tau):

@@ -236,3 +236,36 @@ def test_fuzz_ci_budget(backend, monkeypatch):
 ])
 def test_fuzz_slow_budget(backend, cases, monkeypatch):
     _fuzz(backend, cases, SEED + 1, monkeypatch)
+
+
+def test_fuzz_topk_record_pairing():
+    """A top-k record names the labels it was made for: paired with labels that differ on any
+    counted row it is refused, on both forms; otherwise (differences on ignored rows only) the
+    loss is the one of the record made for the loss's own labels."""
+    rng = random.Random(f"{SEED}-pairing")
+    for i in range(150):
+        n, v = rng.choice([1, 2, 5]), rng.choice([2, 7, 31])
+        k = rng.randint(1, v)
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        z, b = torch.randn(n, v, generator=g, dtype=torch.float64), torch.randn(n, v, generator=g)
+        y = torch.randint(0, v, (n,), generator=g)
+        y[torch.rand(n, generator=g) < 0.3] = -100
+        y_rec = y.clone()
+        for r in range(n):
+            if rng.random() < 0.3:
+                y_rec[r] = rng.choice([-100, rng.randrange(v)])
+        rec = forgetkern.topk_base(b.double(), y_rec, k)
+        counted = y != -100
+        mismatch = bool((counted & (y_rec != y)).any())
+        h, w = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(v, 3, dtype=torch.float64)
+        for form in ("logits", "linear"):
+            def call(r):
+                if form == "logits":
+                    return forgetkern.tmkl_loss(z, r, y, backend="reference")
+                return forgetkern.linear_tmkl_loss(h, w, r, y, backend="reference")
+            if mismatch:
+                with pytest.raises(ValueError, match="recorded for other labels"):
+                    call(rec)
+            else:
+                own = forgetkern.topk_base(b.double(), y, k)  # other rows where y is ignored
+                assert torch.equal(call(rec), call(own)), (i, form)

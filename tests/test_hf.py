@@ -102,6 +102,52 @@ def test_disable_and_adapter_files_with_peft(tmp_path):
     torch.testing.assert_close(other(input_ids=ids).logits, adapted)
 
 
+def test_adapter_files_of_a_named_peft_adapter_and_partial_files(tmp_path):
+    """A PEFT adapter not named "default" saves and loads; a file that lacks some of the model's
+    adapter tensors (or holds others) is refused before any weight changes."""
+    from safetensors.torch import save_file
+
+    from forgetkern.lora import read_adapters
+
+    def named(seed):
+        torch.manual_seed(0)  # the same base model, adapters random (seed) or zero
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1)
+        lcfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lcfg, adapter_name="task")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed))
+                            * 0.2 * bool(seed))
+        return model
+
+    model, other = named(1), named(0)
+    ids = _batch()["input_ids"]
+    path = tmp_path / "task.safetensors"
+    save_adapters(model, path)
+    tensors, meta = read_adapters(path)
+    assert meta["adapter"] == "task" and len(tensors) == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]  # no temporary left
+    load_adapters(other, path)
+    torch.testing.assert_close(other(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="adapter_name='nope'"):
+        save_adapters(model, tmp_path / "x.safetensors", adapter_name="nope")
+
+    fresh = named(0)
+    before = {n: p.clone() for n, p in fresh.named_parameters() if "lora_" in n}
+    for name, keep in (("partial", lambda k: "layers.1." not in k), ("extra", None)):
+        part = dict(tensors) if keep is None else {k: v for k, v in tensors.items() if keep(k)}
+        if keep is None:
+            part["base_model.model.lm_head.lora_A.weight"] = torch.zeros(2, 16)
+        save_file(part, str(tmp_path / f"{name}.safetensors"),
+                  metadata={"forgetkern": __import__("json").dumps(meta)})
+        with pytest.raises(ValueError, match="does not hold the model's adapters"):
+            load_adapters(fresh, tmp_path / f"{name}.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in fresh.named_parameters() if "lora_" in n)
+
+
 def test_trainer_runs_with_gradient_accumulation(tmp_path, monkeypatch):
     from forgetkern.integrations.hf import TMKLTrainer
 

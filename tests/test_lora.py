@@ -236,3 +236,24 @@ def test_disable_adapters_on_a_plain_model_says_what_to_do():
     with pytest.raises(ValueError, match="inject_lora"):
         with disable_adapters(Net()):
             pass
+
+
+def test_save_adapters_is_atomic(tmp_path, monkeypatch):
+    """A save that fails midway leaves the previous file as it was and no temporary file."""
+    import forgetkern.lora.io as lio
+
+    monkeypatch.setattr(lio, "_has_safetensors", lambda: False)
+    model = inject_lora(Net(), ["q_proj"], rank=2, alpha=4)
+    path = tmp_path / "a.bin"
+    save_adapters(model, path)
+    before = path.read_bytes()
+    _randomize_adapters(model)
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lio.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapters(model, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.bin"]

@@ -234,6 +234,9 @@ def _bad(rec, **changes):
     ("duplicate", "distinct"),
     ("lse_shape", "lse must have the same shape"),
     ("k_too_large", "1 <= k <= V"),
+    ("labels_missing", "labels is None: a record must name the labels"),
+    ("labels_dtype", "labels must be an integer"),
+    ("labels_other", r"recorded for other labels: base_logits.labels != labels at \d+ row"),
     ("base_weight", "base_weight/base_bias must be None"),
 ])
 def test_errors_name_the_argument(case, match):
@@ -255,9 +258,15 @@ def test_errors_name_the_argument(case, match):
     elif case == "lse_shape":
         rec = _bad(rec, lse=rec.lse[:, None])
     elif case == "k_too_large":
-        rec = TopKBase(*(torch.cat([t, t], 1) if t.dim() == 2 else t for t in rec[:5]))
-        z = z[:, :6]
         y = y.clamp(max=5)
+        rec = TopKBase(*(torch.cat([t, t], 1) if t.dim() == 2 else t for t in rec[:5]), labels=y)
+        z = z[:, :6]
+    elif case == "labels_missing":
+        rec = _bad(rec, labels=None)
+    elif case == "labels_dtype":
+        rec = _bad(rec, labels=rec.labels.float())
+    elif case == "labels_other":  # a record paired with other labels
+        y = torch.where(y == -100, y, (y + 1) % V)
     with pytest.raises((ValueError, TypeError), match=match):
         if case == "base_weight":
             h = torch.randn(6, 4, dtype=torch.float64)

@@ -7,11 +7,14 @@ fixed data set can be computed once and read back instead of running its forward
 * :class:`BaseCache` -- an opened cache: :meth:`BaseCache.lookup` gives a batch's base side.
 * :func:`cached_loss` -- the training loss with the base side from a cache
   (``ForgetAwareStep(..., base_cache=cache)``, ``TMKLTrainer(..., base_cache=cache)``).
+* :class:`CacheWriter` -- the one writer of the on-disk format (checksums, hashes, format
+  version), for ``build_cache`` and for importers of other tools' base outputs.
 * ``forgetkern cache-base`` -- the command line (:mod:`forgetkern.cache.cli`).
 """
 from .build import build_cache
 from .reader import BaseCache, cached_loss, check_compatible
-from .store import bytes_per_token, model_identity
+from .keys import input_key, model_identity
+from .store import CacheError, CacheWriter, bytes_per_token
 
 __all__ = ["build_cache", "BaseCache", "cached_loss", "check_compatible", "bytes_per_token",
-           "model_identity"]
+           "model_identity", "CacheWriter", "CacheError", "input_key"]

@@ -3,15 +3,18 @@
 :func:`build_cache` runs the model as its base model (adapters off, eval mode, no grad) over the
 batches and stores, per target token, the final hidden state (``mode="exact"``) or a top-k record
 of the base logits (``mode="topk"``, :func:`forgetkern.topk_base`). Two passes over the batches:
-the first reads only the labels (row count, per-example rows, data hash: the size is printed
-before anything is written), the second runs the model and streams each batch's rows into the
-memory-mapped arrays, marking the batch done. An interrupted build resumes where it stopped when
-run again with the same model and data; a finished one returns at once.
+the first reads only the labels and tokens (row count, per-example rows and input keys, data
+hash: the size is printed before anything is written), the second checks that each batch is the
+one the first pass saw, runs the model and streams the batch's rows through the cache's writer
+(:class:`forgetkern.cache.store.CacheWriter`: memory-mapped arrays, a checksummed record per
+batch). An interrupted build resumes where it stopped when run again with the same model and
+data; a finished one returns at once.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,10 @@ from ..lora import disable_adapters
 from ..lora.discovery import logits_of
 from ..optim._progress import progress
 from ..train import batch_labels, fused_parts
+from .keys import NON_MODEL_KEYS, example_ids, input_keys, model_identity, token_positions
 from .reader import BaseCache
-from .store import (FORMAT_VERSION, MODES, NON_MODEL_KEYS, bytes_per_token, dtype_name,
-                    example_ids, identity_mismatch, model_identity, open_arrays, read_json,
-                    token_positions, write_json)
+from .store import MODES, CacheWriter, file_shapes
+
 
 def model_inputs(batch: dict) -> dict:
     """The entries of ``batch`` that the model's forward takes."""
@@ -51,28 +54,33 @@ def _human(n: float) -> str:
         n /= 1024
 
 
+def _batch_keys(batch, shift_labels: bool, ignore_index: int):
+    """``(labels, valid, positions, ids, input keys, counts)`` of one batch."""
+    labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
+    valid, pos = token_positions(batch, labels, ignore_index)
+    return labels, valid, pos, example_ids(batch), input_keys(batch), valid.sum(dim=-1).tolist()
+
+
 def _plan(batches, shift_labels: bool, ignore_index: int):
-    """Pass 1 (labels only): ``(ids, starts, counts, rows, data_hash, num_batches)``."""
+    """Pass 1 (labels and tokens only): ``(ids, counts, input keys, data_hash, batch sizes)``."""
     h = hashlib.blake2b(digest_size=16)
-    ids, counts, seen = [], [], set()
-    num_batches = 0
+    ids, counts, keys, sizes, seen = [], [], [], [], set()
     for batch in batches:
-        num_batches += 1
-        labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
-        valid, _ = token_positions(batch, labels, ignore_index)
-        for key, n in zip(example_ids(batch), valid.sum(dim=-1).tolist()):
+        labels, _, _, bids, bkeys, bcounts = _batch_keys(batch, shift_labels, ignore_index)
+        for key in bids:
             if key in seen:
                 raise ValueError(f"example id {key!r} occurs twice in the data set")
             seen.add(key)
-            ids.append(key)
-            counts.append(int(n))
-        h.update(repr(example_ids(batch)).encode())
+        ids += bids
+        keys += bkeys
+        counts += [int(n) for n in bcounts]
+        sizes.append(len(bids))
+        h.update(repr(bids).encode())
         for name in ("input_ids", "attention_mask"):
             if batch.get(name) is not None:
                 h.update(batch[name].cpu().to(torch.int64).numpy().tobytes())
         h.update(labels.cpu().to(torch.int64).numpy().tobytes())
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist() if counts else []
-    return ids, starts, counts, int(sum(counts)), h.hexdigest(), num_batches
+    return ids, counts, keys, h.hexdigest(), sizes
 
 
 def _probe(model, batches, parts):
@@ -124,7 +132,9 @@ def build_cache(model, batches, out, *, mode: str = "exact", k: int = 64,
         batches: a re-iterable of dicts with ``input_ids``, ``labels`` (unshifted, HF convention;
             or ``shift_labels``), optionally ``attention_mask``, and ``example_id`` (one int or
             str per row, unique over the data set). Iterated twice: it must yield the same
-            batches both times (a list, or a ``DataLoader`` without shuffling).
+            batches both times (a list, or a ``DataLoader`` without shuffling). A one-shot
+            iterator (a generator) is refused, and a second pass that yields other examples,
+            other tokens or fewer batches is an error that leaves the cache incomplete.
         out: the cache directory (created; an existing incomplete cache of the same model and
             data is resumed, one of anything else is an error).
         mode: ``"exact"`` or ``"topk"``; ``k``, ``temperature``: the top-k record's.
@@ -140,15 +150,20 @@ def build_cache(model, batches, out, *, mode: str = "exact", k: int = 64,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "topk" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive int, got {k!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(batches, Iterator):  # iterating it once would exhaust it
+        raise TypeError("batches must be re-iterable (a list, or a DataLoader without shuffling): "
+                        f"the build reads them twice, and a {type(batches).__name__} yields its "
+                        "batches once; pass list(batches)")
     out = Path(out)
     parts = fused_parts(model)
     if mode == "exact" and parts is None:
         raise ValueError("mode='exact' needs the model's final hidden states and a plain linear "
                          "head (forgetkern.train.fused_parts): use mode='topk' for this model")
-    ids, starts, counts, rows, data_hash, num_batches = _plan(batches, shift_labels, ignore_index)
-    if num_batches == 0:
+    ids, counts, keys, data_hash, sizes = _plan(batches, shift_labels, ignore_index)
+    if not sizes:
         raise ValueError("batches is empty")
     hidden_size, vocab, dtype = _probe(model, batches, parts)
     if mode == "topk" and k > vocab:
@@ -156,64 +171,50 @@ def build_cache(model, batches, out, *, mode: str = "exact", k: int = 64,
     identity = model_identity(model)
     if model_name:
         identity["name_or_path"] = model_name
-    manifest = {
-        "format_version": FORMAT_VERSION, "mode": mode, "k": k if mode == "topk" else None,
-        "temperature": float(temperature) if mode == "topk" else None, "dtype": dtype_name(dtype),
-        "hidden_size": hidden_size, "vocab_size": vocab, "ignore_index": ignore_index,
-        "shift_labels": shift_labels, "model": identity,
-        "tokenizer": None if tokenizer is None else {
-            "name": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer)},
-        "data": {"hash": data_hash, "examples": len(ids), "tokens": rows, "batches": num_batches},
-        "rows": rows, "complete": False,
-        "bytes_per_token": bytes_per_token(mode, hidden_size=hidden_size, dtype=dtype, k=k),
-    }
-    done = out / "done"
-    if (out / "manifest.json").exists():
-        have = read_json(out / "manifest.json")
-        why = identity_mismatch(have, manifest)
-        if why:
-            raise ValueError(f"{out} holds a different base cache ({why}); choose another "
-                             "directory or delete it")
-        if have.get("complete"):
-            log(f"base cache {out} is complete ({rows} tokens); nothing to do")
-            return BaseCache(out)
-        arrays = open_arrays(out, manifest, "r+")
-        log(f"resuming base cache {out}: {len(list(done.glob('chunk_*')))}/{num_batches} "
-            "batches done")
+    writer = CacheWriter(
+        out, mode=mode, vocab_size=vocab, ids=ids, counts=counts, keys=keys, k=k,
+        temperature=temperature, dtype=dtype, hidden_size=hidden_size, ignore_index=ignore_index,
+        shift_labels=shift_labels, model=identity,
+        tokenizer=None if tokenizer is None else {"name": getattr(tokenizer, "name_or_path", None),
+                                                  "vocab_size": len(tokenizer)},
+        data={"hash": data_hash, "examples": len(ids), "tokens": int(sum(counts)),
+              "batches": len(sizes)})
+    rows, size = writer.manifest["rows"], writer.manifest["rows"] * writer.manifest["bytes_per_token"]
+    if writer.complete:
+        log(f"base cache {out} is complete ({rows} tokens); nothing to do")
+        return BaseCache(out)
+    if writer.resumed:
+        log(f"resuming base cache {out}: {sum(writer.done(i) for i in range(len(sizes)))}/"
+            f"{len(sizes)} batches done")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        done.mkdir(exist_ok=True)
-        write_json(out / "examples.json", {"ids": ids, "start": starts, "count": counts})
-        size = rows * manifest["bytes_per_token"]
         log(f"base cache {out}: {mode} mode, {rows} target tokens x "
-            f"{manifest['bytes_per_token']} B = {_human(size)} to write")
-        arrays = open_arrays(out, manifest, "w+")
-        write_json(out / "manifest.json", manifest)
-    row = 0
-    bar = progress(total=num_batches, desc="cache-base", unit="batch", disable=not show_progress)
+            f"{writer.manifest['bytes_per_token']} B = {_human(size)} to write")
+    row, first, i = 0, 0, -1
+    bar = progress(total=len(sizes), desc="cache-base", unit="batch", disable=not show_progress)
     with bar:
         for i, batch in enumerate(batches):
-            labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
-            valid, pos = token_positions(batch, labels, ignore_index)
+            labels, valid, pos, bids, bkeys, _ = _batch_keys(batch, shift_labels, ignore_index)
+            if i >= len(sizes) or bids != ids[first:first + sizes[i]] or bkeys != keys[
+                    first:first + sizes[i]]:
+                raise ValueError(f"batches: batch {i} of the second pass differs from the first "
+                                 "pass's (other examples or tokens): the batches must be the same "
+                                 "every time they are iterated (no shuffling); the cache at "
+                                 f"{out} stays incomplete")
             n = int(valid.sum())
-            marker = done / f"chunk_{i:06d}"
-            if not marker.exists():
-                sl = slice(row, row + n)
-                arrays["positions"][sl] = pos[valid].cpu().numpy()
-                arrays["targets"][sl] = labels[valid].cpu().numpy()
+            if not writer.done(i):
+                fields = {"positions": pos[valid], "targets": labels[valid]}
                 if n:
-                    fields = _base_rows(model, batch, parts, labels, valid, mode, k, temperature,
-                                        ignore_index)
-                    for name, value in fields.items():
-                        t = value.detach().cpu()
-                        t = t.to(dtype) if name == "hidden" else t
-                        t = t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
-                        arrays[name][sl] = t.numpy()
-                for a in arrays.values():
-                    a.flush()
-                marker.touch()
-            row += n
+                    fields.update(_base_rows(model, batch, parts, labels, valid, mode, k,
+                                             temperature, ignore_index))
+                else:  # no target token: empty rows of every array
+                    fields.update({name: np.zeros((0, *shape[1:])) for name, (shape, _)
+                                   in file_shapes(writer.manifest).items() if name not in fields})
+                writer.write(i, row, **fields)
+            row, first = row + n, first + sizes[i]
             bar.update(1)
-    manifest["complete"] = True
-    write_json(out / "manifest.json", manifest)
+    if i + 1 != len(sizes):
+        raise ValueError(f"batches: the second pass yielded {i + 1} batches, the first "
+                         f"{len(sizes)}: the batches must be the same every time they are "
+                         f"iterated; the cache at {out} stays incomplete")
+    writer.finish()
     return BaseCache(out)

@@ -12,35 +12,62 @@ from .._params import LossConfig, TopKBase
 from ..functional import linear_tmkl_loss, tmkl_loss
 from ..lora.discovery import logits_of
 from ..train import LossOutput, batch_labels, fused_parts
-from .store import (TORCH_DTYPES, NON_MODEL_KEYS, TOPK_FILES, example_ids, example_key,
-                    identity_mismatch, model_identity, open_arrays, read_json, token_positions)
+from .keys import (NON_MODEL_KEYS, example_ids, example_key, input_keys, model_identity,
+                   token_positions)
+from .store import (TORCH_DTYPES, TOPK_FILES, CacheError, check_manifest, identity_mismatch,
+                    json_digest, open_arrays, read_json, verify_chunks)
+
+#: When a cache's arrays are checked against their checksums (:class:`BaseCache`'s ``verify``).
+VERIFY = ("load", "read", "none")
 
 
 class BaseCache:
     """A base cache on disk, opened for lookups (:func:`forgetkern.cache.build_cache` writes one).
 
-    ``BaseCache(path)`` reads the manifest and memory-maps the arrays; it fails when the build has
-    not completed. ``expect`` (a dict of manifest fields, e.g. ``{"mode": "topk", "k": 64}``)
-    raises on any identity field that differs. :meth:`check_model` compares the base model's
-    parameter hash; :meth:`lookup` returns the base record of a batch.
+    ``BaseCache(path)`` reads and checks the manifest (format version, its checksum, every
+    field), the hashes of ``examples.json`` and ``chunks.json``, and memory-maps the arrays; it
+    fails when the build has not completed. ``verify``: ``"load"`` (default) checks every chunk
+    of every array against its checksum here (one read of the cache); ``"read"`` checks, at each
+    lookup, the chunks it reads instead; ``"none"`` trusts the files. A damaged or truncated file
+    is a :class:`~forgetkern.cache.store.CacheError` naming it. ``expect`` (a dict of manifest
+    fields, e.g. ``{"mode": "topk", "k": 64}``) raises on any identity field that differs.
+    :meth:`check_model` compares the base model's parameter hash; :meth:`lookup` returns the base
+    record of a batch.
     """
 
-    def __init__(self, path, *, expect: dict | None = None):
+    def __init__(self, path, *, expect: dict | None = None, verify: str = "load"):
         self.path = Path(path)
+        if verify not in VERIFY:
+            raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
         file = self.path / "manifest.json"
         if not file.exists():
             raise FileNotFoundError(f"{self.path} is not a base cache (no manifest.json)")
         self.manifest = read_json(file)
-        if not self.manifest.get("complete"):
+        check_manifest(self.manifest, file)
+        if not self.manifest["complete"]:
             raise ValueError(f"the base cache at {self.path} is incomplete (interrupted build): "
                              "run the same build again to resume it")
         if expect:
             why = identity_mismatch(self.manifest, expect)
             if why:
                 raise ValueError(f"base cache {self.path} does not match: {why}")
+        ex = self._table("examples.json", "examples_hash")
+        self._chunks = self._table("chunks.json", "chunks_hash")["chunks"]
+        self._starts = [c["start"] for c in self._chunks]
         self.arrays = open_arrays(self.path, self.manifest, "r")
-        ex = read_json(self.path / "examples.json")
-        self._rows = {example_key(i): (s, c) for i, s, c in zip(ex["ids"], ex["start"], ex["count"])}
+        self.verify = verify
+        if verify == "load":
+            verify_chunks(self.path, self.arrays, self._chunks)
+        self._rows = {example_key(i): (s, c, k) for i, s, c, k in
+                      zip(ex["ids"], ex["start"], ex["count"], ex["keys"])}
+
+    def _table(self, name: str, field: str) -> dict:
+        """A JSON file of the cache, checked against its hash in the manifest."""
+        data = read_json(self.path / name)
+        if json_digest(data) != self.manifest[field]:
+            raise CacheError(f"{self.path / name}: does not match the manifest's {field!r} "
+                             "(modified or damaged)")
+        return data
 
     mode = property(lambda self: self.manifest["mode"])
     temperature = property(lambda self: self.manifest["temperature"])  # top-k only, else None
@@ -52,6 +79,10 @@ class BaseCache:
     def check_model(self, model) -> None:
         """Raise unless ``model``'s base parameters (adapters excluded) hash as the cached ones."""
         have = self.manifest["model"]
+        if not isinstance(have, dict) or not {"num_parameters", "param_hash"} <= set(have):
+            raise ValueError(f"the base cache at {self.path} records no base model identity "
+                             f"(model: {have!r}): write it with model=forgetkern.cache."
+                             "model_identity(base_model) to check it against the model trained")
         now = model_identity(model)
         for key in ("num_parameters", "param_hash"):
             if have[key] != now[key]:
@@ -61,29 +92,37 @@ class BaseCache:
     def rows_of(self, batch: dict, labels: torch.Tensor) -> np.ndarray:
         """The cache rows of the batch's target tokens, in row-major order of ``labels != ignore``
         (``labels``: ``(B, L)`` shifted targets), after checking that every example is cached with
-        the same target positions and tokens."""
+        the same input tokens (its input key) and target positions and tokens."""
         ids = example_ids(batch)
         if len(ids) != labels.shape[0]:
             raise ValueError(f"batch has {len(ids)} example ids for {labels.shape[0]} rows")
         valid, pos = token_positions(batch, labels, self.ignore_index)
-        valid, pos, tgt = valid.cpu(), pos.cpu(), labels.cpu()
-        out = []
+        valid, pos, tgt, keys = valid.cpu(), pos.cpu(), labels.cpu(), input_keys(batch)
+        found = []
         for b, key in enumerate(ids):
             if key not in self._rows:
                 raise KeyError(f"example id {key!r} is not in the base cache at {self.path} "
                                f"({len(self._rows)} examples)")
-            start, count = self._rows[key]
-            p = pos[b][valid[b]].numpy()
-            if p.size != count:
-                raise ValueError(f"example id {key!r}: the batch has {p.size} target tokens, the "
-                                 f"base cache has {count} (different labels or truncation?)")
-            rows = np.arange(start, start + count)
-            if not (np.array_equal(self.arrays["positions"][rows], p) and np.array_equal(
-                    self.arrays["targets"][rows], tgt[b][valid[b]].numpy())):
+            start, count, input_key = self._rows[key]
+            if keys[b] != input_key:
+                raise ValueError(f"example id {key!r}: its input tokens differ from those the base "
+                                 f"cache at {self.path} was built on (its cached base outputs "
+                                 "would be stale): rebuild the cache for this data")
+            if int(valid[b].sum()) != count:
+                raise ValueError(f"example id {key!r}: the batch has {int(valid[b].sum())} target "
+                                 f"tokens, the base cache has {count} (different labels or "
+                                 "truncation?)")
+            found.append(np.arange(start, start + count))
+        rows = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        if self.verify == "read" and rows.size:  # the chunks read, before any of their rows is used
+            touched = np.unique(np.searchsorted(self._starts, rows, side="right") - 1)
+            verify_chunks(self.path, self.arrays, [self._chunks[i] for i in touched.tolist()])
+        for b, (key, r) in enumerate(zip(ids, found)):
+            if not (np.array_equal(self.arrays["positions"][r], pos[b][valid[b]].numpy())
+                    and np.array_equal(self.arrays["targets"][r], tgt[b][valid[b]].numpy())):
                 raise ValueError(f"example id {key!r}: the target positions or tokens differ from "
                                  "the base cache's (another tokenization or data set?)")
-            out.append(rows)
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        return rows
 
     def lookup(self, batch: dict, labels: torch.Tensor, device=None):
         """The base side of the batch's target tokens (row-major order of ``labels != ignore``):
@@ -96,7 +135,8 @@ class BaseCache:
             dtype = TORCH_DTYPES[self.manifest["dtype"]]
             h = take("hidden")
             return (h.view(torch.bfloat16) if dtype == torch.bfloat16 else h).to(device)
-        return TopKBase(*(take(n).to(device) for n in TOPK_FILES), temperature=self.temperature)
+        return TopKBase(*(take(n).to(device) for n in TOPK_FILES), temperature=self.temperature,
+                        labels=take("targets").to(device=device, dtype=torch.int64))
 
     def check(self, model, config: LossConfig, *, verify_model: bool = True) -> None:
         """Raise unless this cache can stand in for ``model``'s base forward under ``config``

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from .._files import atomic_path
 from .metrics import forgetting_at, spread
 
 METHOD_COLORS = {"ce": "#444444", "kl": "#1f77b4", "tmkl": "#d62728", "folora": "#2ca02c",
@@ -227,6 +228,7 @@ def write_plot(path: str, results: list[dict], title: str, key: str = "target_lo
                 color="#555555", ha="left", va="bottom")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:  # whole or not at all (same suffix: the same format)
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return True

@@ -21,12 +21,17 @@ from dataclasses import asdict, replace
 import torch
 
 from .. import models
+from .._args import (UsageError, comma_list, device_name, finite_nonnegative_float,
+                     finite_positive_float, int_range, nonnegative_int, positive_int,
+                     readable_file, writable_file)
+from .._files import atomic_open
 from .._params import cache_dir
 from .config import HF_TARGETS, METHODS, REAL_PRESETS, TINY_PRESETS, DemoConfig, is_real
 from .hf import real_setup, text_setup
 from .report import comparisons, format_breakdown, format_table, write_plot
 from .tiny import tiny_setup
 
+PLOT = "forgetkern-demo.png"
 DESCRIPTION = """\
 Does forgetting-aware LoRA forget less? Every method (ce, kl, tmkl, folora, tmkl+folora) adapts
 the same base model with the same budget; the demo prints the learning/forgetting table (mean
@@ -40,7 +45,12 @@ tasks (word reversal, arithmetic word problems, key=value to JSON) scored by exa
 retention on English prose (pydoc topics) and stdlib source, and an output-drift probe (the
 share of the base model's greedy chat answers kept).
 
---model DIR --data FILE: any local Hugging Face causal LM adapted to a text file."""
+--model DIR --data FILE: any local Hugging Face causal LM adapted to a text file.
+
+Every option is checked before anything runs or is written (sizes and steps >= 1, learning rate
+finite and > 0, kl_weights finite and >= 0, seeds distinct ints >= 0, the device present, input
+files readable, output paths writable): a bad one prints one line and exits with status 2. The
+JSON and the plot are written whole or not at all (a temporary file then renamed)."""
 
 
 def add_parser(sub) -> None:
@@ -52,44 +62,50 @@ def add_parser(sub) -> None:
                       help="the quick preset (tiny model ~2 min, smollm2 ~9 min on 2 cores); "
                            "default: the full preset")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
-    p.add_argument("--seed", type=int, default=None, help="one seed (shorthand for --seeds N)")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds (default: the preset's; 3 for smollm2's full)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--kl-weights", default=None,
-                   help="comma-separated kl_weight values, every seed (default: the preset's)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=nonnegative_int, default=None,
+                       help="one seed, an int >= 0 (shorthand for --seeds N)")
+    seeds.add_argument("--seeds", type=comma_list(nonnegative_int, distinct=True), default=None,
+                       help="comma-separated distinct ints >= 0 (default: the preset's; 3 for "
+                            "smollm2's full)")
+    p.add_argument("--methods", type=comma_list(_method, distinct=True), default=list(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--kl-weights", type=comma_list(finite_nonnegative_float), default=None,
+                   help="comma-separated kl_weight values >= 0, every seed (default: the preset's)")
     p.add_argument("--sweep-kl-weights", default=None,
-                   help="extra kl_weight values for kl and tmkl on the first seed "
+                   type=comma_list(finite_nonnegative_float, allow_empty=True),
+                   help="extra kl_weight values >= 0 for kl and tmkl on the first seed, or '' "
                         "(default: the preset's)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="adaptation steps per run (default: the preset's)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="adaptation learning rate (default: the preset's)")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="write config and results as JSON (rewritten after every run)")
-    p.add_argument("--resume", default=None, metavar="PATH",
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="adaptation steps per run, >= 1 (default: the preset's)")
+    p.add_argument("--lr", type=finite_positive_float, default=None,
+                   help="adaptation learning rate, a finite number > 0 (default: the preset's)")
+    p.add_argument("--json", type=writable_file, default=None, metavar="PATH",
+                   help="write config and results as JSON (replaced whole after every run)")
+    p.add_argument("--resume", type=readable_file, default=None, metavar="PATH",
                    help="continue an interrupted run saved with --json (same options): its "
                         "finished runs are kept, the rest run and are saved there")
-    p.add_argument("--from-json", default=None, metavar="PATH",
+    p.add_argument("--from-json", type=readable_file, default=None, metavar="PATH",
                    help="no training: print the table and write the plot of a run saved with --json")
-    p.add_argument("--plot", default="forgetkern-demo.png", metavar="PATH",
-                   help="PNG of the learning/forgetting frontier")
+    p.add_argument("--plot", type=writable_file, default=None, metavar="PATH",
+                   help=f"PNG of the learning/forgetting frontier (default: {PLOT})")
     p.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--no-cache", action="store_true",
                    help=f"neither read nor write the pretrained tiny base in {cache_dir()}")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, ... (default: cuda when present with --model, else cpu)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:N, ... a device this machine has (default: cuda when "
+                        "present with --model, else cpu)")
     p.add_argument("--model", default=None, metavar="NAME|DIR",
                    help=f"{' or '.join(models.MODELS)} (real pretrained LM, offline), or a local "
                         "HF causal-LM folder (with --data) (default: the built-in tiny LM)")
-    p.add_argument("--data", default=None, metavar="FILE",
+    p.add_argument("--data", type=readable_file, default=None, metavar="FILE",
                    help="target text file (with --model; needed for a folder)")
-    p.add_argument("--targets", default=None,
+    p.add_argument("--targets", type=comma_list(str), default=None,
                    help="comma-separated LoRA target module names (default: the preset's)")
-    p.add_argument("--seq-len", type=int, default=256, help="sequence length with --data")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--seq-len", type=int_range(2), default=256,
+                   help="sequence length with --data, >= 2")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1 for the built-in tiny model, whose small "
                         "matmuls gain nothing from more; torch's default with --model)")
     p.set_defaults(func=main)
@@ -105,11 +121,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         return text + " (default: %(default)s)"
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(METHODS)}, got {text!r}")
+    return text
 
 
 def build_config(args) -> DemoConfig:
@@ -118,35 +133,21 @@ def build_config(args) -> DemoConfig:
     real = args.model in models.MODELS and args.data is None
     preset = REAL_PRESETS[mode] if real else TINY_PRESETS[mode]
     cfg = replace(DemoConfig(), mode=mode, **preset)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise SystemExit(f"--methods: unknown {bad}; choose from {','.join(METHODS)}")
-    cfg.methods = methods
-    if args.seeds is not None and args.seed is not None:
-        raise SystemExit("--seed and --seeds: give one of them")
+    cfg.methods = list(args.methods)  # the values were checked by the parser (forgetkern._args)
     if args.seeds is not None:
-        try:
-            cfg.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise SystemExit(f"--seeds: expected comma-separated ints, got {args.seeds!r}") from None
-        if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-            raise SystemExit(f"--seeds: expected distinct ints, got {args.seeds!r}")
+        cfg.seeds = list(args.seeds)
     elif args.seed is not None:
         cfg.seeds = [args.seed]
     if args.kl_weights:
-        cfg.kl_weights = _floats(args.kl_weights, "--kl-weights")
+        cfg.kl_weights = list(args.kl_weights)
     if args.sweep_kl_weights is not None:
-        cfg.sweep_kl_weights = _floats(args.sweep_kl_weights, "--sweep-kl-weights")
-    for flag, value in (("--steps", args.steps), ("--lr", args.lr)):
-        if value is not None and not value > 0:
-            raise SystemExit(f"{flag} must be > 0, got {value}")
+        cfg.sweep_kl_weights = list(args.sweep_kl_weights)
     if args.steps:
         cfg.adapt_steps = args.steps
     if args.lr:
         cfg.adapt_lr = args.lr
     if args.targets:
-        cfg.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        cfg.targets = list(args.targets)
     if args.device:
         cfg.device = args.device
     elif args.model and torch.cuda.is_available():
@@ -166,49 +167,38 @@ def main(args) -> int:
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) keep theirs
 
 
-def _writable(path: str, flag: str) -> None:
-    """Fail now, not after the whole run, when ``path`` cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    existed = os.path.exists(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise SystemExit(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
-    if not existed:
-        os.remove(path)
-
-
 def check_inputs_and_outputs(args) -> None:
-    """Every path the run reads or writes, checked before any training."""
+    """What needs more than one option, checked before any training and before anything is
+    written (each option alone was checked by the parser, :mod:`forgetkern._args`)."""
     if args.model is not None and args.model not in models.MODELS:
         if not os.path.isdir(args.model):
-            raise SystemExit(f"--model {args.model}: no such folder (a local Hugging Face model "
+            raise UsageError(f"--model {args.model}: no such folder (a local Hugging Face model "
                              f"folder with config.json and weights) and not one of "
                              f"{', '.join(models.MODELS)}")
         if args.data is None:
-            raise SystemExit("--model DIR needs --data FILE (the target text)")
+            raise UsageError("--model DIR needs --data FILE (the target text)")
     if args.data is not None and args.model is None:
-        raise SystemExit("--data needs --model")
+        raise UsageError("--data needs --model")
     if args.model in models.MODELS:
         ok, why = models.available(args.model)
         if not ok:
-            raise SystemExit(f"--model {args.model}: {why}")
-    if args.data is not None and not os.path.isfile(args.data):
-        raise SystemExit(f"--data {args.data}: no such file")
-    if args.resume:
-        if not os.path.isfile(args.resume):
-            raise SystemExit(f"--resume {args.resume}: no such file (a run saved with --json)")
-        if args.json is None:
-            args.json = args.resume
-    if args.json:
-        _writable(args.json, "--json")
-    if not args.no_plot:
-        _writable(args.plot, "--plot")
+            raise UsageError(f"--model {args.model}: {why}")
+    if args.resume and args.json is None:
+        args.json = writable_path(args.resume, "--resume")
+
+
+def writable_path(path: str, flag: str) -> str:
+    """``path`` if a file can be written there (:func:`forgetkern._args.writable_file`), else a
+    :class:`UsageError` naming ``flag``."""
+    try:
+        return writable_file(path)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{flag} {path}: {exc}") from None
 
 
 def _main(args) -> int:
+    if args.plot is None:  # the default, checked only when a plot is written
+        args.plot = PLOT if args.no_plot else writable_path(PLOT, "--plot")
     if args.from_json:
         return replay(args)
     check_inputs_and_outputs(args)
@@ -217,8 +207,6 @@ def _main(args) -> int:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     threads = args.threads if args.threads is not None else (None if args.model else 1)
     if threads is not None:
-        if threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     bases, results, earlier = {}, [], 0.0
     if args.resume:  # settings checked before any model is loaded
@@ -244,8 +232,9 @@ def _main(args) -> int:
                 "results": results, "complete": complete}
 
     def save(complete: bool) -> None:
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.json:  # replaced whole: an interrupted write leaves the previous file
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with atomic_open(args.json, "w") as f:
                 json.dump(payload(complete), f, indent=2)
 
     shared, first = None, None
@@ -273,10 +262,12 @@ def _load(path: str, flag: str) -> dict:
         with open(path) as f:
             payload = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{flag}: cannot read {path}: {e}") from None
+        raise UsageError(f"{flag}: cannot read {path}: {e}") from None
+    if not isinstance(payload, dict):
+        raise UsageError(f"{flag}: {path} is not a demo result (not a JSON object)")
     missing = [k for k in ("config", "base", "results") if k not in payload]
     if missing:
-        raise SystemExit(f"{flag}: {path} is not a demo result (missing {', '.join(missing)})")
+        raise UsageError(f"{flag}: {path} is not a demo result (missing {', '.join(missing)})")
     return payload
 
 
@@ -286,7 +277,7 @@ def resumed(path: str, cfg: DemoConfig) -> tuple[dict, list, float]:
     differ = [k for k, v in json.loads(json.dumps(asdict(cfg))).items()
               if saved["config"].get(k) != v]
     if differ:
-        raise SystemExit(f"--resume {path}: the saved run has other settings "
+        raise UsageError(f"--resume {path}: the saved run has other settings "
                          f"({', '.join(differ)}); run with the same options")
     finished = [r for r in saved["results"] if r.get("status") == "ok"]
     return dict(saved.get("bases", {})), finished, float(saved["config"].get("elapsed_s", 0.0))
@@ -339,7 +330,7 @@ def report(config: dict, base: dict, results: list[dict], args) -> None:
 def replay(args) -> int:
     """``--from-json PATH``: the table, comparisons and plot of a saved run, without training."""
     if args.json or args.resume:
-        raise SystemExit("--from-json replays a saved run; there is nothing new for "
+        raise UsageError("--from-json replays a saved run; there is nothing new for "
                          f"{'--json' if args.json else '--resume'} to write")
     payload = _load(args.from_json, "--from-json")
     report(payload["config"], payload["base"], payload["results"], args)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from .._files import atomic_path
 from .._params import cache_dir
 from ..lora import inject_lora
 from . import data as D
@@ -65,7 +66,8 @@ def pretrain_tiny(cfg: DemoConfig, pretrain: torch.Tensor, seed: int, *, use_cac
         f"{time.perf_counter() - start:.0f} s, train loss {ema:.3f} nats/byte")
     if use_cache:
         os.makedirs(cache_dir(), exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "loss": ema}, path)
+        with atomic_path(path) as tmp:  # a crash never leaves half a cached model
+            torch.save({"state_dict": model.state_dict(), "loss": ema}, tmp)
     return model, {"pretrain_loss": ema, "cached": False, "path": path if use_cache else None}
 
 

@@ -7,8 +7,10 @@ top-level ``"rank"``/``"alpha"`` when every layer shares them). Written with ``s
 is installed (the metadata in the safetensors header), else with ``torch.save`` as
 ``{"metadata": ..., "tensors": ...}``. :func:`load_adapters` reads both.
 
-For HF PEFT models the tensors are PEFT's own adapter state dict and the metadata records the
-adapter's ``r``, ``lora_alpha`` and ``target_modules``.
+For HF PEFT models the tensors are PEFT's own adapter state dict (of the active adapter, or the one
+named) and the metadata records the adapter's name, ``r``, ``lora_alpha`` and ``target_modules``.
+Loading checks that the file holds exactly the model's adapter tensors (names and shapes) before
+any weight changes.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import zipfile
 import torch
 from torch import nn
 
+from .._files import atomic_path
 from .discovery import lora_layers
 from .inject import is_peft_model
 
@@ -32,7 +35,48 @@ def _has_safetensors() -> bool:
     return importlib.util.find_spec("safetensors") is not None
 
 
-def _collect(model: nn.Module):
+def peft_adapter_name(model, adapter_name: str | None) -> str:
+    """The PEFT adapter a file is written from or read into: ``adapter_name``, else the model's
+    active adapter (whatever its name); an error when several are active or the name is unknown."""
+    names = list(model.peft_config)
+    if adapter_name is None:
+        active = model.active_adapter
+        if not isinstance(active, str):
+            active = list(active)
+            if len(active) != 1:
+                raise ValueError(f"adapter_name: the PEFT model has {len(active)} active adapters "
+                                 f"{active}; name the one to use")
+            active = active[0]
+        adapter_name = active
+    if adapter_name not in names:
+        raise ValueError(f"adapter_name={adapter_name!r} is not an adapter of the PEFT model "
+                         f"(it has {names})")
+    return adapter_name
+
+
+def _peft_state(model, name: str) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def _match(path, have: dict, want: dict) -> None:
+    """Raise unless the file's tensors ``have`` are exactly the model's adapter tensors ``want``
+    (``name -> shape``): none missing (a partial load), none extra, every shape equal."""
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+        raise ValueError(f"adapter file {str(path)!r} does not hold the model's adapters: "
+                         + "; ".join(f"{what} ({len(keys)}): {keys[:3]}" for what, keys in
+                                     (("missing from the file", missing),
+                                      ("in the file but not the model", extra)) if keys))
+    for key, shape in want.items():
+        if tuple(have[key].shape) != tuple(shape):
+            raise ValueError(f"shape mismatch for {key!r}: file {tuple(have[key].shape)}, "
+                             f"model {tuple(shape)}")
+
+
+def _collect(model: nn.Module, adapter_name: str | None = None):
     layers = lora_layers(model)
     if layers:
         tensors, meta_layers = {}, {}
@@ -50,12 +94,11 @@ def _collect(model: nn.Module):
             meta["rank"], meta["alpha"] = ranks.pop(), alphas.pop()
         return tensors, meta
     if is_peft_model(model):
-        from peft.utils import get_peft_model_state_dict
-
-        tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
-        cfg = model.peft_config[model.active_adapter]
+        name = peft_adapter_name(model, adapter_name)
+        tensors = {k: v.detach() for k, v in _peft_state(model, name).items()}
+        cfg = model.peft_config[name]
         targets = getattr(cfg, "target_modules", None)
-        meta = {"format": FORMAT, "version": VERSION, "kind": "peft",
+        meta = {"format": FORMAT, "version": VERSION, "kind": "peft", "adapter": name,
                 "targets": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
                 "rank": getattr(cfg, "r", None), "alpha": getattr(cfg, "lora_alpha", None),
                 "layers": {}}
@@ -63,7 +106,8 @@ def _collect(model: nn.Module):
     raise ValueError("save_adapters: the model has no LoRA layers (forgetkern inject_lora or PEFT)")
 
 
-def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+def save_adapters(model: nn.Module, path: str | os.PathLike, *,
+                  adapter_name: str | None = None) -> None:
     """Write the adapter weights of ``model`` (and their rank/alpha/targets) to ``path``.
 
     In plain torch, roughly::
@@ -72,17 +116,20 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
                    for name, layer in lora_layers(model).items()}
         torch.save({"metadata": {...rank, alpha, targets...}, "tensors": tensors}, path)
 
-    (safetensors is used instead when installed). Base weights are never written.
+    (safetensors is used instead when installed). Base weights are never written. The file
+    appears whole or not at all (written to a temporary file that then replaces ``path``). For a
+    PEFT model, ``adapter_name`` picks the adapter (default: the active one, whatever its name).
     """
-    tensors, meta = _collect(model)
+    tensors, meta = _collect(model, adapter_name)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if _has_safetensors():
-        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        if _has_safetensors():
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
-    else:
-        torch.save({"metadata": meta, "tensors": tensors}, str(path))
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        else:
+            torch.save({"metadata": meta, "tensors": tensors}, str(tmp))
 
 
 def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -118,13 +165,16 @@ def read_adapters(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return tensors, meta
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | os.PathLike, *,
+                  adapter_name: str | None = None) -> nn.Module:
     """Load adapter weights saved by :func:`save_adapters` into ``model`` (in place).
 
     The model must already carry adapters on the same layers with the same rank and alpha
-    (``inject_lora`` with the settings of the saved run); any difference in targets, rank, alpha
-    or shapes raises ``ValueError`` naming it, before any weight is changed. Merged layers are
-    unmerged, loaded and merged again.
+    (``inject_lora`` with the settings of the saved run); any difference in targets, rank, alpha,
+    tensor names or shapes (a file that lacks some of the model's adapters, or holds others)
+    raises ``ValueError`` naming it, before any weight is changed. Merged layers are unmerged,
+    loaded and merged again. For a PEFT model, ``adapter_name`` picks the adapter loaded into
+    (default: the active one).
     """
     tensors, meta = read_adapters(path)
     layers = lora_layers(model)
@@ -137,14 +187,13 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{path!s} holds forgetkern LoRA adapters; the model is a PEFT model")
         from peft.utils import set_peft_model_state_dict
 
-        cfg = model.peft_config[model.active_adapter]
+        name = peft_adapter_name(model, adapter_name)
+        cfg = model.peft_config[name]
         if meta.get("rank") != cfg.r or meta.get("alpha") != cfg.lora_alpha:
             raise ValueError(f"adapter rank/alpha mismatch: file r={meta.get('rank')}, "
                              f"alpha={meta.get('alpha')}; model r={cfg.r}, alpha={cfg.lora_alpha}")
-        result = set_peft_model_state_dict(model, tensors)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"adapter tensors not in the model: {unexpected[:5]}")
+        _match(path, tensors, {k: v.shape for k, v in _peft_state(model, name).items()})
+        set_peft_model_state_dict(model, tensors, adapter_name=name)
         return model
     if meta.get("kind") != "forgetkern":
         raise ValueError(f"{path!s} holds PEFT adapters; the model uses forgetkern LoRA layers")
@@ -162,14 +211,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if float(info["alpha"]) != layer.alpha:
             raise ValueError(f"alpha mismatch at {name!r}: file alpha={info['alpha']}, "
                              f"model alpha={layer.alpha}")
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}"
-            if key not in tensors:
-                raise ValueError(f"adapter file lacks tensor {key!r}")
-            want = tuple(getattr(layer, part).shape)
-            if tuple(tensors[key].shape) != want:
-                raise ValueError(f"shape mismatch for {key!r}: file {tuple(tensors[key].shape)}, "
-                                 f"model {want}")
+    _match(path, tensors, {f"{name}.{part}": getattr(layer, part).shape
+                           for name, layer in layers.items() for part in ("lora_A", "lora_B")})
     with torch.no_grad():
         for name, layer in layers.items():
             was_merged = layer.merged

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from .. import _backend
 from .._params import FOLORA_SCALARS, SegmentTable
@@ -25,6 +26,23 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (an FSDP2 shard: rows of the parameter), or ``t`` itself.
     FoLoRA's per-row math (``g V``, ``s Vᵀ``, Adam) runs on it as on a whole parameter."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def nonfinite_gradients(params, process_group=None) -> tuple[int, list[int]]:
+    """``(count, mine)``: how many of ``params``' gradients hold NaN or inf (summed over the ranks
+    of ``process_group`` when given, so that every rank decides alike: one ``all_reduce`` of one
+    integer) and the indices of this rank's. One device sync."""
+    have = [i for i, p in enumerate(params) if p.grad is not None and not p.grad.is_sparse]
+    dev = params[0].device
+    # the largest |g| of a gradient is NaN or inf exactly when the gradient holds one
+    peaks = torch._foreach_norm([local(params[i].grad) for i in have], float("inf")) if have else []
+    finite = torch.isfinite(torch.stack([t.to(dev, torch.float32) for t in peaks])) if have else \
+        torch.zeros(0, dtype=torch.bool, device=dev)
+    count = (~finite).sum()
+    if process_group is not None:
+        dist.all_reduce(count, group=process_group)
+    count = int(count)
+    return count, [have[i] for i in torch.nonzero(~finite).flatten().tolist()] if count else []
 
 
 def scalar_row(step: int, lr: float, beta1: float, beta2: float, eps: float) -> list[float]:

@@ -231,26 +231,42 @@ def spread(solve, jobs: list, layouts: list, group, device) -> list[dict]:
     ``i % world`` (``solve`` gets each rank's jobs as one list, returns one dict per job) and the
     results are broadcast from there, one ``broadcast`` per owning rank of its results packed in
     one float32 buffer; ``layouts[i]`` lists job ``i``'s ``(key, shape)`` (known on every rank).
-    Every rank returns every job's dict (float32 tensors), equal to solving all of them here."""
+    Every rank returns every job's dict (float32 tensors), equal to solving all of them here.
+    A rank whose ``solve`` raises still takes part in every broadcast (its buffer's leading flag
+    says it failed), then every rank raises: that rank its own error, the others one naming it."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = list(range(rank, len(jobs), world))
     results: list = [None] * len(jobs)
-    for i, out in zip(mine, solve([jobs[i] for i in mine]) if mine else []):
-        results[i] = out
+    failed, failure = [], None
+    try:
+        for i, out in zip(mine, solve([jobs[i] for i in mine]) if mine else []):
+            results[i] = out
+    except (ValueError, RuntimeError) as exc:  # raised below, after the broadcasts
+        failure = exc
     for src in range(min(world, len(jobs))):
         owned = [(i, key, shape) for i in range(src, len(jobs), world) for key, shape in layouts[i]]
-        if src == rank:
-            buf = torch.cat([_f32(results[i][key]).reshape(-1) for i, key, _ in owned])
+        size = 1 + sum(math.prod(sh) for *_, sh in owned)  # a leading flag: 1 = the solve failed
+        if src == rank and failure is None:
+            buf = torch.cat([torch.zeros(1, device=device)] + [
+                _f32(results[i][key]).reshape(-1).to(device) for i, key, _ in owned])
         else:
-            buf = torch.empty(sum(math.prod(sh) for *_, sh in owned), dtype=torch.float32,
-                              device=device)
+            buf = torch.full((size,), float(src == rank), dtype=torch.float32, device=device)
         dist.broadcast(buf, group=group, group_src=src)
+        if bool(buf[0]):
+            failed.append(src)
+            continue
+        buf = buf[1:]
         if src != rank:
             offset = 0
             for i, key, shape in owned:
                 results[i] = results[i] or {}
                 results[i][key] = buf[offset:offset + math.prod(shape)].view(shape).clone()
                 offset += math.prod(shape)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ValueError(f"the basis solves of rank(s) {failed} failed (degenerate statistics): "
+                         "their error names the layer")
     return results
 
 
@@ -307,11 +323,13 @@ def _layer_stat(a_state: dict, name: str):
 
 
 @torch.no_grad()
-def solve_pairs(items, state, eigh_backend: str | None = None, process_group=None) -> None:
+def solve_pairs(items, state, eigh_backend: str | None = None, process_group=None,
+                name=lambda B: f"B {tuple(B.shape)}") -> None:
     """Re-solve the bases of paired ``B``, all of one rank ``r`` and device, in one eigensolver call
     (with ``process_group``: pair ``i`` on rank ``i % world``, then broadcast, see :func:`spread`).
 
-    ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state. Per pair,
+    ``items``: ``[(B, A, group), ...]``; ``state``: the optimizer's per-parameter state;
+    ``name(B)``: how errors name a pair whose statistics are degenerate. Per pair,
     in plain torch (``tn``: trace-normalize; ``damping`` of ``B``'s group)::
 
         P = tn(A Σp Aᵀ) + damping * I;  T = tn(A Σt Aᵀ)                  # (r, r)
@@ -326,10 +344,18 @@ def solve_pairs(items, state, eigh_backend: str | None = None, process_group=Non
         tasks.append(project(a, _layer_stat(state[A], "task")))
     proxy, task = torch.stack(proxies), torch.stack(tasks)
     tr = torch.diagonal(proxy, dim1=-2, dim2=-1).sum(-1)
+
+    def names(mask):
+        return ", ".join(name(items[i][0]) for i in torch.nonzero(mask).flatten().tolist()[:4])
+
+    finite = torch.isfinite(proxy).flatten(1).all(1) & torch.isfinite(task).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"{names(~finite)}: A Σ Aᵀ of the paired LoRA A has non-finite entries "
+                         "(NaN or inf in A or its statistics)")
     if bool((tr <= 0).any()):
         raise ValueError(
-            "A Σp Aᵀ has a non-positive trace for a paired LoRA A (an all-zero A?); "
-            "pair B only with a non-zero A"
+            f"{names(tr <= 0)}: A Σp Aᵀ has a non-positive trace for the paired LoRA A (an "
+            "all-zero A?); pair B only with a non-zero A"
         )
     proxy = trace_normalize(proxy, "A proxy_cov A^T")
     task = trace_normalize(task, "A task_cov A^T")
@@ -341,7 +367,10 @@ def solve_pairs(items, state, eigh_backend: str | None = None, process_group=Non
         try:
             lam, V = functional.generalized_eigh(task[idx], proxy[idx], eps=0.0, backend=eigh_backend)
         except ValueError as exc:
-            raise ValueError(f"A Σp Aᵀ + damping*I is not positive definite; increase damping ({exc})") from None
+            bad = torch.zeros(len(items), dtype=torch.bool)
+            bad[list(idx)] = torch.linalg.cholesky_ex(proxy[idx]).info.cpu() > 0
+            raise ValueError(f"{names(bad)}: A Σp Aᵀ + damping*I is not positive definite; "
+                             f"increase damping ({exc})") from None
         W = proxy[idx] @ V
         return [{"lam": lam[j], "V": V[j], "W": W[j]} for j in range(len(idx))]
 

@@ -8,6 +8,9 @@ gated Adam update of all parameters, one call; its implementation comes from the
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch.optim import Optimizer
 
@@ -15,7 +18,7 @@ from .. import _backend
 from .._params import NUM_FOLORA_SCALARS
 from .._validate import check_folora_options
 from ..lora.discovery import lora_modules
-from ._flat import OP, build_flats, local, scalar_row
+from ._flat import OP, build_flats, local, nonfinite_gradients, scalar_row
 from .basis import (BasisCache, check_statistics, gates_of, layer_layout, set_basis, solve_layer,
                     solve_pairs, spread)
 
@@ -89,6 +92,9 @@ class FoLoRA(Optimizer):
         self._flat: dict | None = None  # device -> _flat.Flat, built at the first step
         self._gates_stale = True
         self._bases = BasisCache()
+        self._names: dict = {}  # id(param) -> its name in the model (from_model)
+        #: Steps skipped because a gradient held NaN or inf (the state was left untouched).
+        self.skipped_steps = 0
         super().__init__(params, defaults)  # every group goes through add_param_group
 
     def add_param_group(self, param_group: dict) -> None:
@@ -127,6 +133,21 @@ class FoLoRA(Optimizer):
             "pass it in params when constructing FoLoRA"
         )
 
+    def param_name(self, param) -> str:
+        """How messages name ``param``: its name in the model (:meth:`from_model`), else its place
+        in the parameter groups."""
+        where = [f"param_groups[{gi}]['params'][{i}]" for gi, g in enumerate(self.param_groups)
+                 for i, p in enumerate(g["params"]) if p is param]
+        return self._names.get(id(param)) or f"{(where or ['a parameter'])[0]} {tuple(param.shape)}"
+
+    @contextlib.contextmanager
+    def _named(self, param):
+        """A ``ValueError`` / ``TypeError`` raised inside, re-raised naming ``param``."""
+        try:
+            yield
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{self.param_name(param)}: {exc}") from exc
+
     # ---- bases --------------------------------------------------------------------------------
     def set_statistics(self, param: torch.Tensor, proxy_cov: torch.Tensor, task_cov: torch.Tensor) -> None:
         """Gate the LoRA ``A`` matrix ``param`` ``(r, d_in)`` by ``(task_cov, proxy_cov)``.
@@ -141,10 +162,11 @@ class FoLoRA(Optimizer):
                 finite, or ``proxy_cov`` not positive definite even after damping.
         """
         group = self._group_of(param, "param")
-        check_statistics(param, proxy_cov, task_cov)
-        k = None if group["basis"] == "dense" else int(group["basis"])
-        new = self._bases.get(proxy_cov, task_cov, k, group["damping"], group["basis_norm"],
-                              param.device, self.eigh_backend)
+        with self._named(param):
+            check_statistics(param, proxy_cov, task_cov)
+            k = None if group["basis"] == "dense" else int(group["basis"])
+            new = self._bases.get(proxy_cov, task_cov, k, group["damping"], group["basis_norm"],
+                                  param.device, self.eigh_backend)
         set_basis(self.state[param], {**new, "gate": gates_of(group, new["lam"], param.shape[1])})
         self._gates_stale = True
 
@@ -181,7 +203,8 @@ class FoLoRA(Optimizer):
             if force or last is None or st.get("step", 0) - last >= group["refresh_every"]:
                 by_r.setdefault((B.shape[1], B.device), []).append((B, A, group))
         for items in by_r.values():
-            solve_pairs(items, self.state, self.eigh_backend, self.process_group)
+            solve_pairs(items, self.state, self.eigh_backend, self.process_group,
+                        name=self.param_name)
         due = sum(len(items) for items in by_r.values())
         if due:
             self._gates_stale = True
@@ -190,11 +213,26 @@ class FoLoRA(Optimizer):
     # ---- the step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step (see the class docstring). ``closure`` as in ``torch.optim``."""
+        """One optimizer step (see the class docstring). ``closure`` as in ``torch.optim``.
+
+        A gradient holding NaN or inf skips the whole step, as mixed-precision gradient scalers
+        do: no parameter, moment or step count changes, :attr:`skipped_steps` counts it and a
+        ``RuntimeWarning`` names the parameters (with a ``process_group``, every rank skips when
+        any rank's gradients are non-finite). The check runs here, before any backend's step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = self._all_params()
+        count, mine = nonfinite_gradients(params, self.process_group)
+        if count:
+            self.skipped_steps += 1
+            names = [self.param_name(params[i]) for i in mine[:4]] or ["another rank's parameters"]
+            warnings.warn(f"FoLoRA: step skipped (the {self.skipped_steps}. so far): non-finite "
+                          f"gradients (NaN or inf) in {', '.join(names)}"
+                          f"{f' and {len(mine) - 4} more' if len(mine) > 4 else ''}; parameters "
+                          "and moments are unchanged", RuntimeWarning, stacklevel=2)
+            return loss
         if self._flat is None:
             self._flat = build_flats(self._all_params(), self.state, self._step_backend)
             self._gates_stale = True
@@ -236,6 +274,7 @@ class FoLoRA(Optimizer):
                        for i, st in sd["state"].items()}
         index = {id(p): i for i, p in enumerate(self._all_params())}
         sd["pairs"] = [[index[id(B)], index[id(A)]] for B, A in self._pairs.items()]
+        sd["skipped_steps"] = self.skipped_steps
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -243,6 +282,7 @@ class FoLoRA(Optimizer):
         for low-precision parameters)."""
         state_dict = dict(state_dict)
         pairs = state_dict.pop("pairs", [])
+        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
         saved_state = state_dict.get("state", {})
         super().load_state_dict(state_dict)
         params = self._all_params()
@@ -286,6 +326,7 @@ class FoLoRA(Optimizer):
         if not params:
             raise ValueError("the model has no trainable parameters")
         opt = cls(params, **options)
+        opt._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         for name, value in stats.items():
             if not (isinstance(value, (tuple, list)) and len(value) == 2):
                 raise ValueError(f"stats[{name!r}] must be a (proxy_cov, task_cov) pair")
@@ -304,18 +345,28 @@ class FoLoRA(Optimizer):
     def _spread_solves(self, items) -> None:
         """The distinct layer bases of ``[(A, proxy_cov, task_cov), ...]`` solved over the ranks of
         the process group (:func:`.basis.spread`) into the cache :meth:`set_statistics` reads."""
-        jobs, seen = [], set()
+        jobs, seen, owner = [], set(), {}
         for A, proxy, task in items:
             group = self._group_of(A, "param")
-            check_statistics(A, proxy, task)
+            with self._named(A):
+                check_statistics(A, proxy, task)
             k = None if group["basis"] == "dense" else int(group["basis"])
             key = (id(proxy), id(task), k, group["damping"], group["basis_norm"], str(A.device))
             if key not in seen:
                 seen.add(key)
                 jobs.append((proxy, task, k, group["damping"], group["basis_norm"], A.device))
+                owner[id(jobs[-1])] = A
+
+        def solve(js):  # a degenerate statistic's error names the (first) layer that reads it
+            out = []
+            for j in js:
+                with self._named(owner[id(j)]):
+                    out.append(solve_layer(*j, self.eigh_backend))
+            return out
+
         layouts = [layer_layout(job[0].shape[0], job[2]) for job in jobs]
-        solved = spread(lambda js: [solve_layer(*j, self.eigh_backend) for j in js], jobs,
-                        [lay for _, lay in layouts], self.process_group, jobs[0][5] if jobs else None)
+        solved = spread(solve, jobs, [lay for _, lay in layouts], self.process_group,
+                        jobs[0][5] if jobs else None)
         for job, (mode, _), out in zip(jobs, layouts, solved):
             self._bases.put(*job, {**out, "mode": mode})
 
