@@ -20,16 +20,12 @@ import torch
 from ..functional import topk_base
 from ..lora import disable_adapters
 from ..lora.discovery import logits_of
+from ..modeling import batch_labels, fused_parts, model_inputs
 from ..optim._progress import progress
-from ..train import batch_labels, fused_parts
 from .reader import BaseCache
-from .store import (FORMAT_VERSION, MODES, NON_MODEL_KEYS, bytes_per_token, dtype_name,
+from .store import (FORMAT_VERSION, MODES, bytes_per_token, dtype_name,
                     example_ids, identity_mismatch, model_identity, open_arrays, read_json,
                     token_positions, write_json)
-
-def model_inputs(batch: dict) -> dict:
-    """The entries of ``batch`` that the model's forward takes."""
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
 @contextlib.contextmanager

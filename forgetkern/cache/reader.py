@@ -11,8 +11,9 @@ import torch
 from .._params import LossConfig, TopKBase
 from ..functional import linear_tmkl_loss, tmkl_loss
 from ..lora.discovery import logits_of
-from ..train import LossOutput, batch_labels, fused_parts
-from .store import (TORCH_DTYPES, NON_MODEL_KEYS, TOPK_FILES, example_ids, example_key,
+from ..modeling import NON_MODEL_KEYS, batch_labels, fused_parts
+from ..train import LossOutput
+from .store import (TORCH_DTYPES, TOPK_FILES, example_ids, example_key,
                     identity_mismatch, model_identity, open_arrays, read_json, token_positions)
 
 

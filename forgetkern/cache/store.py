@@ -34,8 +34,6 @@ MODES = ("exact", "topk")
 IDENTITY = ("format_version", "mode", "k", "temperature", "dtype", "hidden_size", "vocab_size",
             "ignore_index", "shift_labels", "model", "tokenizer", "data")
 ROW_FILES = {"positions": np.int32, "targets": np.int32}
-#: Batch entries that are not model inputs.
-NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch", "example_id")
 TOPK_FILES = ("values", "indices", "lse", "tail_lse", "target")
 
 TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in
