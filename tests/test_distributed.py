@@ -291,8 +291,9 @@ def _ddp_steps(make, vocab: int, rank: int, steps: int) -> dict:
                            backend="reference")
     micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
              for r in range(2 * rank, 2 * rank + 2)]  # two micro-batches: one sync
-    paths = [step(micro)["path"] for _ in range(steps)]
-    return {"params": _trainable(model.module), "paths": paths}
+    metrics = [step(micro) for _ in range(steps)]
+    return {"params": _trainable(model.module), "paths": [m["path"] for m in metrics],
+            "metrics": [{k: m[k] for k in ("loss", "ce", "kl", "tokens")} for m in metrics]}
 
 
 def _one_process_steps(make, vocab: int, steps: int) -> dict:
@@ -302,9 +303,16 @@ def _one_process_steps(make, vocab: int, steps: int) -> dict:
     model = make()
     step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5, chunk_size=8,
                            backend="reference")
-    for _ in range(steps):
-        step({"input_ids": ids, "labels": labels})
-    return _trainable(model)
+    metrics = [step({"input_ids": ids, "labels": labels}) for _ in range(steps)]
+    return _trainable(model), [{k: m[k] for k in ("loss", "ce", "kl", "tokens")} for m in metrics]
+
+
+def _assert_same_metrics(got: list, want: list) -> None:
+    """Every rank reports the global means of one process on the global batch."""
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        for key in ("loss", "ce", "kl"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-7), key
 
 
 @_check
@@ -319,20 +327,23 @@ def _rank_ddp_llama(rank: int, world: int):
 
 def test_ddp_steps_equal_one_process_on_the_global_batch(two_ranks):
     """The fused-linear path through DDP (the forward_hidden protocol): 2 ranks x 2 micro-batches,
-    3 AdamW steps, equal the parameters of one process on the global batch."""
-    want = _one_process_steps(_lora_model, 41, 3)
+    3 AdamW steps, equal the parameters of one process on the global batch, and every rank reports
+    the global loss, CE and KL means."""
+    want, metrics = _one_process_steps(_lora_model, 41, 3)
     for got in two_ranks("ddp_protocol_model"):
         assert got["paths"] == ["fused"] * 3
         _assert_same_params(got["params"], want)
+        _assert_same_metrics(got["metrics"], metrics)
 
 
 def test_ddp_fused_llama_equals_one_process(two_ranks):
     """A tiny HF Llama under DDP takes the fused-linear path (its backbone through DDP's forward)
     and matches one process on the global batch after 2 steps."""
-    want = _one_process_steps(_llama, 64, 2)
+    want, metrics = _one_process_steps(_llama, 64, 2)
     for got in two_ranks("ddp_llama"):
         assert got["paths"] == ["fused"] * 2
         _assert_same_params(got["params"], want)
+        _assert_same_metrics(got["metrics"], metrics)
 
 
 def test_routed_leaves_a_plain_model_as_it_is():
