@@ -8,10 +8,13 @@ fixed data set can be computed once and read back instead of running its forward
 * :func:`cached_loss` -- the training loss with the base side from a cache
   (``ForgetAwareStep(..., base_cache=cache)``, ``TMKLTrainer(..., base_cache=cache)``).
 * ``forgetkern cache-base`` -- the command line (:mod:`forgetkern.cache.cli`).
+* :func:`import_vllm_prompt_logprobs`, :func:`import_megatron_topk_logits` -- top-k caches from
+  records vLLM or Megatron-based distillation already wrote (:mod:`forgetkern.cache.importers`).
 """
 from .build import build_cache
+from .importers import import_megatron_topk_logits, import_vllm_prompt_logprobs
 from .reader import BaseCache, cached_loss, check_compatible
 from .store import bytes_per_token, model_identity
 
 __all__ = ["build_cache", "BaseCache", "cached_loss", "check_compatible", "bytes_per_token",
-           "model_identity"]
+           "model_identity", "import_vllm_prompt_logprobs", "import_megatron_topk_logits"]
