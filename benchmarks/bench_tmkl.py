@@ -32,7 +32,7 @@ def providers() -> dict:
         "torch-eager": common.torch_tmkl,
         "torch-compile": torch.compile(common.torch_tmkl, dynamic=False),
     }
-    if forgetkern.info()["cuda_extension"]:
+    if forgetkern.info()["cuda_extension_usable"]:
         out["forgetkern-cuda"] = lambda z, b, y: forgetkern.tmkl_loss(z, b, y, backend="cuda")
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss

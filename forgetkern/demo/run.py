@@ -22,7 +22,7 @@ import torch
 
 from .. import models
 from .._params import cache_dir
-from .config import HF_TARGETS, METHODS, REAL_PRESETS, TINY_PRESETS, DemoConfig, is_real
+from .config import HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, DemoConfig, is_real
 from .hf import real_setup, text_setup
 from .report import comparisons, format_breakdown, format_table, write_plot
 from .tiny import tiny_setup
@@ -49,8 +49,9 @@ def add_parser(sub) -> None:
                        formatter_class=lambda prog: _Formatter(prog, max_help_position=30))
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the quick preset (tiny model ~2 min, smollm2 ~9 min on 2 cores); "
-                           "default: the full preset")
+                      help=f"the quick preset ({TIMES['quick']} for the tiny model, "
+                           f"{TIMES['smollm2 quick']} for smollm2, one seed on 2 CPU cores); "
+                           f"default: the full preset ({TIMES['full']} for the tiny model)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
     p.add_argument("--seed", type=int, default=None, help="one seed (shorthand for --seeds N)")
     p.add_argument("--seeds", default=None,
