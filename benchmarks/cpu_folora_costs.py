@@ -42,16 +42,19 @@ def main(argv=None) -> dict:
                               progress=False)
     out["proxy_s"] = time.perf_counter() - t
     out["proxy_tokens"] = args.samples * args.length
+    print("proxy sampling", out["proxy_s"], "s", flush=True)
 
     t = time.perf_counter()
     stats = calibrate(model, proxy, task, progress=False)
     out["calibrate_s"] = time.perf_counter() - t
     out["calibrate_tokens"] = out["proxy_tokens"] + args.task * 4 * 128
+    print("calibration", out["calibrate_s"], "s", flush=True)
 
     t = time.perf_counter()
     opt = FoLoRA.from_model(model, stats, lr=2e-4, gate="soft", tau=1.0)
     out["from_model_s"] = time.perf_counter() - t
     out["layers"] = len(stats)
+    print("FoLoRA.from_model", out["from_model_s"], "s", flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
