@@ -589,7 +589,7 @@ def _rank_doc_vocab_parallel(rank: int, world: int):
     w = torch.randn(V, 5, generator=gen, dtype=torch.float64)
     lo = sum(_shards(world)[:rank])
     hi = lo + _shards(world)[rank]
-    ns = _doc_block("process_group=dist.group.WORLD)\nloss.backward()", {
+    ns = _doc_block("each rank gets the gradient of its own shard", {
         "logits": z[:, lo:hi].clone().requires_grad_(), "base_logits": b[:, lo:hi], "labels": y,
         "hidden": h, "weight_shard": w[lo:hi], "base_hidden": hb})
     out = {"fused": float(ns["loss"]),  # the block's last loss: the fused-linear form

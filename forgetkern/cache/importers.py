@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -156,13 +157,13 @@ def _targets(labels, length: int, ignore_index: int):
 def _logprob(value) -> float:
     if hasattr(value, "logprob"):
         return float(value.logprob)
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return float(value["logprob"])
     return float(value)
 
 
 def _get(obj, name):
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+    return obj[name] if isinstance(obj, Mapping) else getattr(obj, name)
 
 
 def import_vllm_prompt_logprobs(outputs, out, model, *, example_ids=None, labels=None,

@@ -251,7 +251,7 @@ def _split(model: nn.Module):
         return None, f"{type(inner).__name__} has no backbone (base_model) apart from its head"
 
     def hidden_fn(**inputs):
-        out = backbone(**inputs, use_cache=False)
+        out = backbone(**{**inputs, "use_cache": False})
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     return hidden_fn, inner.get_output_embeddings()
