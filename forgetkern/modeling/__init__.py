@@ -6,7 +6,7 @@
 * the fused-linear split: final hidden states and the effective LM head (:func:`lm_parts`,
   :class:`LMParts`, :class:`HeadWeights`), the logit transformation after the head
   (:func:`head_transform`), checked once against the model's own logits;
-* :func:`hidden_states_and_head`: the public helper for :func:`forgetkern.linear_tmkl_loss`.
+* :func:`hidden_states_and_head`: what :func:`forgetkern.linear_tmkl_loss` needs from a model.
 """
 from __future__ import annotations
 
