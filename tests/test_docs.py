@@ -111,12 +111,12 @@ def test_demo_times_agree_between_help_readme_and_docs(capsys):
 
 
 # ---- fixtures: tiny models ----------------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 V = 40
 
 
 def _llama():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -193,6 +193,8 @@ def test_training_trl_sft_trainer(model_dir):
 # ---- docs/linear_tmkl.md ------------------------------------------------------------------------
 def test_linear_tmkl_blocks():
     import forgetkern
+
+    peft = pytest.importorskip("peft")
 
     model = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     with torch.no_grad():
