@@ -16,9 +16,11 @@ def info() -> dict:
 
     Returns:
         A dict with at least ``version``, ``torch``, ``triton`` (version or ``None``),
-        ``cuda_extension`` (bool: ``forgetkern._C`` loaded), ``cuda_extension_error`` (why not),
-        ``gpu`` (device name or ``None``), ``backends`` (usable for GPU tensors if a GPU is
-        present, else for CPU tensors), ``triton_interpret``, ``backend_env``, ``python``.
+        ``cuda_extension_built`` (bool: ``forgetkern._C`` is compiled and loads),
+        ``cuda_extension_error`` (why not), ``cuda_extension_usable`` (bool: built *and* this
+        machine has a CUDA GPU to run it on), ``cuda_extension_unusable_why`` (why not, or
+        ``None``), ``gpu`` (device name or ``None``), ``backends`` (usable for GPU tensors if a
+        GPU is present, else for CPU tensors), ``triton_interpret``, ``backend_env``, ``python``.
     """
     triton_version = None
     if _backend.triton_installed():
@@ -29,12 +31,20 @@ def info() -> dict:
         except Exception as exc:  # pragma: no cover - broken install
             triton_version = f"broken: {exc}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if gpu is None:
+        unusable = ("no CUDA GPU on this machine (torch.cuda.is_available() is False"
+                    + (f"; torch {torch.__version__} is a CPU build)" if torch.version.cuda is None
+                       else ")"))
+    else:
+        unusable = _backend.why_unavailable("cuda", "tmkl", torch.device("cuda"))
     return {
         "version": __version__,
         "torch": torch.__version__,
         "triton": triton_version,
-        "cuda_extension": _cuda.available(),
+        "cuda_extension_built": _cuda.available(),
         "cuda_extension_error": _cuda.load_error(),
+        "cuda_extension_usable": unusable is None,
+        "cuda_extension_unusable_why": unusable,
         "gpu": gpu,
         "torch_cuda": torch.version.cuda,
         "backends": _backend.available_backends(),

@@ -9,8 +9,9 @@ materialized) when the model exposes its final hidden states and its output head
 
 * HF ``transformers`` causal LMs (and PEFT models wrapping them): the backbone
   (``model.base_model``, e.g. ``LlamaModel``) gives the last hidden state and
-  ``get_output_embeddings()`` the head, when that head is a plain ``nn.Linear`` and the config has
-  no logit soft-capping or logit scale;
+  ``get_output_embeddings()`` the head: a plain ``nn.Linear`` or a LoRA-adapted one (PEFT LoRA on
+  ``lm_head``, ``modules_to_save``, forgetkern ``LoRALinear``: the effective weight against the
+  base weight, :mod:`forgetkern.modeling`);
 * your own models, through a two-method protocol::
 
       class MyLM(nn.Module):
@@ -19,31 +20,36 @@ materialized) when the model exposes its final hidden states and its output head
           def get_output_embeddings(self) -> nn.Linear:           # logits = head(hidden)
               ...
 
-Anything else (an adapted head, soft-capped logits, a model returning only logits) takes the
-logits path (:func:`forgetkern.tmkl_loss` on ``model(**inputs)`` logits).
+Anything else (a head that is not linear, LoRA dropout on the head, a model returning only logits)
+takes the logits path (:func:`forgetkern.tmkl_loss` on ``model(**inputs)`` logits), and so do
+models whose config transforms the logits after the head (Gemma-2's soft cap, Cohere's logit
+scale) until the fused loss applies the transformation (:func:`forgetkern.modeling.fused_logit_options`).
+Any transformation that no config attribute announces raises on the first batch: the model's own
+logits are checked once against the head applied to its hidden states.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._params import LOSSES, PATHS, LossConfig
-from .distributed import data_parallel, full_weight, is_linear, routed, unwrap
+from .distributed import data_parallel
 from .functional import linear_tmkl_loss, tmkl_loss
-from .lora import adapter_parameters, disable_adapters, has_adapters, is_peft_model, merged_layers
+from .lora import adapter_parameters, disable_adapters, has_adapters, merged_layers
 from .lora.discovery import logits_of
+from .modeling import (as_batch, batch_labels, count_items, eval_mode, find_parts,
+                       fused_logit_options, fused_parts, lm_parts, model_inputs,
+                       shift_labels_for_causal_lm, token_statistics, transform_error)
 
 __all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget_aware_loss",
            "ForgetAwareStep", "fused_parts", "batch_labels", "count_items",
            "shift_labels_for_causal_lm"]
 
-_NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch", "example_id")
 _KL_OPTIONS = ("kl_weight", "ce_weight", "temperature", "direction", "backend", "chunk_size")
 
 
@@ -68,89 +74,11 @@ class LossOutput:
     kl: torch.Tensor | None
     tokens: int
     path: str
+    #: ``(tokens, entropy sum, top-1 hits)`` of the adapted model when asked for
+    statistics: tuple | None = None
 
 
-def shift_labels_for_causal_lm(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Labels for next-token prediction at every position (HF convention).
-
-    In plain torch, for ``(B, L)`` labels::
-
-        shifted = torch.full_like(labels, ignore_index)
-        shifted[:, :-1] = labels[:, 1:]            # position t predicts token t+1
-    """
-    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def batch_labels(batch: dict, *, shift_labels: bool = True, ignore_index: int = -100) -> torch.Tensor:
-    """The per-position targets of ``batch`` (already shifted when ``shift_labels``).
-
-    Uses ``batch["shift_labels"]`` as is when present, else ``batch["labels"]``, else
-    ``input_ids`` with padding (``attention_mask == 0``) ignored.
-    """
-    if "shift_labels" in batch:
-        return batch["shift_labels"]
-    labels = batch.get("labels")
-    if labels is None:
-        if "input_ids" not in batch:
-            raise ValueError("batch needs 'labels', 'shift_labels' or 'input_ids'")
-        labels = batch["input_ids"]
-        if batch.get("attention_mask") is not None:
-            labels = labels.masked_fill(batch["attention_mask"] == 0, ignore_index)
-    return shift_labels_for_causal_lm(labels, ignore_index) if shift_labels else labels
-
-
-def count_items(batches, *, shift_labels: bool = True, ignore_index: int = -100) -> int:
-    """Number of non-ignored target tokens over micro-batches (``num_items_in_batch``)."""
-    return int(sum((batch_labels(b, shift_labels=shift_labels, ignore_index=ignore_index)
-                    != ignore_index).sum() for b in batches))
-
-
-def _hf_inner(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def fused_parts(model: nn.Module) -> tuple[Callable[..., torch.Tensor], nn.Linear] | None:
-    """``(hidden_fn, head)`` when ``model`` exposes final hidden states and a plain linear head.
-
-    ``hidden_fn(**inputs)`` returns ``(B, L, D)`` final hidden states and ``head`` is the
-    ``nn.Linear`` turning them into logits; ``None`` when the model offers no such split
-    (see the module docstring for what qualifies).
-    """
-    wrapper, model = model, unwrap(model)  # DDP / FSDP2: hidden_fn runs through their forward
-    if hasattr(model, "forward_hidden") and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-        return (routed(wrapper, model.forward_hidden), head) if is_linear(head) else None
-    inner = _hf_inner(model)
-    if not (hasattr(inner, "get_output_embeddings") and hasattr(inner, "config")):
-        return None
-    head = inner.get_output_embeddings()
-    if not is_linear(head):  # adapted (LoRA / modules_to_save) or custom head
-        return None
-    cfg = inner.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        return None
-    backbone = getattr(inner, "base_model", inner)
-    if backbone is inner or backbone is None:
-        return None
-
-    def hidden_fn(**inputs):
-        out = backbone(**inputs, use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    return routed(wrapper, hidden_fn), head
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_items_in_batch=None,
+def forget_aware_loss(model: nn.Module, batch, *, loss: str = "tmkl", num_items_in_batch=None,
                       shift_labels: bool = True, ignore_index: int = -100, path: str = "auto",
                       **options) -> LossOutput:
     """The loss of one micro-batch, with base-model outputs from ``model`` with adapters disabled.
@@ -168,8 +96,8 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
     Args:
         model: a forgetkern-LoRA model, an HF PEFT model, or any model mapping ``batch``'s
             inputs to logits (then the KL is against itself: inject adapters first).
-        batch: dict with ``input_ids`` (and optionally ``attention_mask``, ``labels``,
-            ``shift_labels``, other model keyword inputs).
+        batch: a mapping (``dict``, HF ``BatchEncoding``, ...) with ``input_ids`` (and optionally
+            ``attention_mask``, ``labels``, ``shift_labels``, other model keyword inputs).
         loss: ``"ce"``, ``"kl"`` or ``"tmkl"``.
         num_items_in_batch: the mean's denominator (valid target tokens across the accumulated
             micro-batches); defaults to this batch's count.
@@ -188,18 +116,19 @@ def forget_aware_loss(model: nn.Module, batch: dict, *, loss: str = "tmkl", num_
                        shift_labels=shift_labels)
 
 
-def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_in_batch=None,
-                shift_labels: bool = True, base_cache=None) -> LossOutput:
+def config_loss(model: nn.Module, batch, config: LossConfig, *, num_items_in_batch=None,
+                shift_labels: bool = True, base_cache=None, statistics: bool = False) -> LossOutput:
     """:func:`forget_aware_loss` with its options as one validated :class:`LossConfig`;
-    ``base_cache`` (a :class:`forgetkern.cache.BaseCache`) replaces the base forward."""
+    ``base_cache`` (a :class:`forgetkern.cache.BaseCache`) replaces the base forward;
+    ``statistics`` also fills :attr:`LossOutput.statistics` (entropy and top-1 hits of the
+    adapted model, from the same forward)."""
+    batch = as_batch(batch)
     if base_cache is not None:
         return base_cache.training_loss(model, batch, config, num_items_in_batch=num_items_in_batch,
                                         shift_labels=shift_labels)
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
     ignore_index = config.ignore_index
     labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
-    inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+    inputs = model_inputs(batch)
     tokens = int((labels != ignore_index).sum())
     if num_items_in_batch is None or tokens == 0:
         # no target token here: the loss is 0 whatever the denominator (never a division by 0)
@@ -207,15 +136,18 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
 
     parts = None
     if config.path != "logits":
-        parts = fused_parts(model)
+        parts, why = find_parts(model)
+        if parts is not None and fused_logit_options(parts.transform) is None:
+            parts, why = None, transform_error(model, parts.transform)
         if parts is None and config.path == "fused":
-            raise ValueError("path='fused' impossible: the model exposes no final hidden states "
-                             "and plain linear head")
+            raise ValueError(f"path='fused' impossible: {why}")
+    stats = None
 
     if not config.uses_base:
         if parts is not None:
-            hidden_fn, head = parts
-            logits = head(hidden_fn(**inputs))
+            hidden = parts.hidden(**inputs)
+            weights = parts.weights()
+            logits = parts.logits(hidden, weights)
             used = "fused"
         else:
             logits = logits_of(model(**inputs))
@@ -223,30 +155,40 @@ def config_loss(model: nn.Module, batch: dict, config: LossConfig, *, num_items_
         ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=ignore_index, reduction="sum")
         ce = ce_sum / (1.0 if num_items_in_batch is None else max(float(num_items_in_batch), 1.0))
-        return LossOutput(config.ce_weight * ce, ce.detach(), None, tokens, used)
+        if statistics:
+            stats = token_statistics(labels, logits=logits.detach(), ignore_index=ignore_index)
+        return LossOutput(config.ce_weight * ce, ce.detach(), None, tokens, used, stats)
 
     kwargs = config.loss_kwargs()
     kwargs.update(reduction="mean", num_items_in_batch=num_items_in_batch, return_components=True)
     if parts is not None:
-        hidden_fn, head = parts
-        with torch.no_grad(), _eval_mode(model), disable_adapters(model):
-            base_hidden = hidden_fn(**inputs)
-        hidden = hidden_fn(**inputs)
-        weight = full_weight(head.weight).to(hidden.dtype)  # FSDP2: gathered once, not per chunk
-        bias = full_weight(head.bias).to(hidden.dtype) if head.bias is not None else None
-        total, ce, kl = linear_tmkl_loss(hidden, weight, base_hidden.to(hidden.dtype), labels,
-                                         bias=bias, chunk_size=config.chunk_size, **kwargs)
-        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
-    with torch.no_grad(), _eval_mode(model), disable_adapters(model):
+        with torch.no_grad(), eval_mode(model), disable_adapters(model):
+            base_hidden = parts.hidden(**inputs)
+        hidden = parts.hidden(**inputs)
+        # the effective head (adapted weight against the base weight when LoRA is on the head),
+        # gathered once (FSDP2), not per chunk
+        weights = parts.weights()
+        cast = lambda t: None if t is None else t.to(hidden.dtype)  # noqa: E731
+        head = {k: cast(v) for k, v in weights.linear_kwargs().items()}
+        head.update(fused_logit_options(parts.transform))
+        total, ce, kl = linear_tmkl_loss(hidden, cast(weights.weight), base_hidden.to(hidden.dtype),
+                                         labels, chunk_size=config.chunk_size, **head, **kwargs)
+        if statistics:
+            stats = token_statistics(labels, hidden=hidden.detach(), parts=parts, weights=weights,
+                                     ignore_index=ignore_index)
+        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused", stats)
+    with torch.no_grad(), eval_mode(model), disable_adapters(model):
         base_logits = logits_of(model(**inputs))
     logits = logits_of(model(**inputs))
     total, ce, kl = tmkl_loss(logits, base_logits.to(logits.dtype), labels, **kwargs)
-    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
+    if statistics:
+        stats = token_statistics(labels, logits=logits.detach(), ignore_index=ignore_index)
+    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits", stats)
 
 
-def _move(batch: dict, device: torch.device) -> dict:
+def _move(batch, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
+            for k, v in as_batch(batch).items()}
 
 
 class ForgetAwareStep:
@@ -289,8 +231,8 @@ class ForgetAwareStep:
     the world size so that the wrapper's gradient average is the global token mean, and the
     gradients are reduced once per step (``no_sync`` / ``set_requires_gradient_sync``; see
     :class:`forgetkern.distributed.DataParallel`, also for the FSDP2 head of the fused path).
-    ``loss``/``ce``/``kl`` are then this rank's share of the global means and ``tokens`` the
-    global count.
+    ``loss``/``ce``/``kl`` are the global means on every rank (one more ``all_reduce`` of three
+    numbers per step) and ``tokens`` the global count.
     """
 
     def __init__(self, model: nn.Module, loss: str = "tmkl", optimizer=None, *, lr: float = 1e-4,
@@ -328,7 +270,7 @@ class ForgetAwareStep:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def loss_of(self, batch: dict, num_items_in_batch=None) -> LossOutput:
+    def loss_of(self, batch, num_items_in_batch=None) -> LossOutput:
         """The loss of one micro-batch under this step's settings (no backward)."""
         with self._autocast():
             return config_loss(self.model, _move(batch, self.device), self.config,
@@ -348,8 +290,8 @@ class ForgetAwareStep:
         start = time.perf_counter()
         self.model.train()
         n_items = count_items(micro, shift_labels=self.shift_labels, ignore_index=self.ignore_index)
-        parts = fused_parts(self.model) if self.config.path != "logits" else None
-        dp = data_parallel(self.model, head=parts[1] if parts else None)
+        parts = lm_parts(self.model) if self.config.path != "logits" else None
+        dp = data_parallel(self.model, head=parts.head if parts else None)
         scale = 1.0
         if dp is not None:
             # the mean's denominator counts every rank's tokens; DDP and FSDP2 average the
@@ -372,6 +314,12 @@ class ForgetAwareStep:
             # a failed micro-batch must not leave the earlier ones' gradients for the next step
             self.optimizer.zero_grad(set_to_none=True)
             raise
+        if dp is not None:
+            # each rank holds its share of the global means: their sum is the global mean
+            sums = torch.tensor([total, ce, kl or 0.0], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(sums, group=dp.group)
+            total, ce, kl_sum = sums.tolist()
+            kl = None if kl is None else kl_sum
         metrics = {}
         if self.max_grad_norm is not None:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params,

@@ -304,3 +304,26 @@ def aot_compile_env(tmp_path) -> dict:
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     return env
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A word-level HF fast tokenizer over ``<pad> <eos> w2 ... w{vocab_size-1}`` (no download)."""
+    import tokenizers
+    import transformers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                eos_token="<eos>")
+
+
+def tiny_texts(n: int, vocab_size: int, seed: int = 0, lengths=(5, 12)) -> list:
+    """``n`` random word sequences of the :func:`tiny_tokenizer` vocabulary, lengths varying."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+        words = torch.randint(2, vocab_size, (length,), generator=g).tolist()
+        out.append(" ".join(f"w{i}" for i in words))
+    return out

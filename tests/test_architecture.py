@@ -19,7 +19,7 @@ LAYERS = {
     "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1, "distributed": 1,
     "_rank_check": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
-    "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3,
+    "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3, "modeling": 3,
     "integrations": 4, "demo": 4, "_bench": 4, "cli": 4, "__main__": 5, "__init__": 5,
 }
 SIDEWAYS = {
@@ -31,6 +31,8 @@ SIDEWAYS = {
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers
     ("train", "lora"),
+    ("modeling", "lora"),  # adapters off for the base side; LoRA heads
+    ("train", "modeling"), ("cache", "modeling"),  # batches, labels, hidden states and the head
     ("cache", "train"), ("cache", "lora"),  # the cache pass runs the model as training does
     ("cache", "optim"),  # only the progress bar
     ("cache", "models"),  # cache-base --model smollm2

@@ -19,11 +19,11 @@ def test_import_is_light():
 
 def test_info_keys():
     data = forgetkern.info()
-    for key in ("version", "torch", "triton", "cuda_extension", "gpu", "backends"):
+    for key in ("version", "torch", "triton", "cuda_extension_built", "cuda_extension_usable", "gpu", "backends"):
         assert key in data
     assert data["version"] == forgetkern.__version__
     assert "reference" in data["backends"]
-    assert isinstance(data["cuda_extension"], bool)
+    assert isinstance(data["cuda_extension_built"], bool)
 
 
 def test_resolution_order(monkeypatch):
@@ -102,3 +102,18 @@ def test_modules_and_loss_configs_check_the_backend_name_at_construction():
                  lambda: loss_config("tmkl", backend="fast")):
         with pytest.raises(ValueError, match="backend must be one of"):
             make()
+
+
+def test_info_tells_built_from_usable(monkeypatch):
+    """``cuda_extension_built`` says whether the extension compiled and loads, and
+    ``cuda_extension_usable`` whether this machine can run it (a GPU), each with its reason."""
+    from forgetkern import _cuda
+
+    data = forgetkern.info()
+    assert data["cuda_extension_usable"] == (data["cuda_extension_built"] and torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU on this machine" in data["cuda_extension_unusable_why"]
+    monkeypatch.setattr(_cuda, "_STATE", (None, "not built (test)"))
+    data = forgetkern.info()
+    assert data["cuda_extension_built"] is False and data["cuda_extension_usable"] is False
+    assert data["cuda_extension_unusable_why"]

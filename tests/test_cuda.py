@@ -41,7 +41,7 @@ def test_extension_built_where_nvcc_is():
     if os.environ.get("FORGETKERN_SKIP_CUDA_BUILD", "").strip().lower() not in ("", "0", "false", "no", "off"):
         pytest.skip("FORGETKERN_SKIP_CUDA_BUILD is set")
     info = forgetkern.info()
-    assert info["cuda_extension"] is True, info["cuda_extension_error"]
+    assert info["cuda_extension_built"] is True, info["cuda_extension_error"]
     assert info["cuda_extension_error"] is None
 
 
@@ -79,7 +79,7 @@ def test_extension_constants_match_python():
 def test_missing_extension_is_a_reason_not_an_import_error(monkeypatch):
     monkeypatch.setattr(_cuda, "_STATE", (None, "not built (test)"))
     assert not _cuda.available()
-    assert forgetkern.info()["cuda_extension"] is False
+    assert forgetkern.info()["cuda_extension_built"] is False
     assert forgetkern.info()["cuda_extension_error"] == "not built (test)"
     reason = _backend.why_unavailable("cuda", "tmkl", torch.device("cuda"))
     assert "not built (test)" in reason

@@ -291,8 +291,9 @@ def _ddp_steps(make, vocab: int, rank: int, steps: int) -> dict:
                            backend="reference")
     micro = [{"input_ids": ids[r:r + 1], "labels": labels[r:r + 1]}
              for r in range(2 * rank, 2 * rank + 2)]  # two micro-batches: one sync
-    paths = [step(micro)["path"] for _ in range(steps)]
-    return {"params": _trainable(model.module), "paths": paths}
+    metrics = [step(micro) for _ in range(steps)]
+    return {"params": _trainable(model.module), "paths": [m["path"] for m in metrics],
+            "metrics": [{k: m[k] for k in ("loss", "ce", "kl", "tokens")} for m in metrics]}
 
 
 def _one_process_steps(make, vocab: int, steps: int) -> dict:
@@ -302,9 +303,16 @@ def _one_process_steps(make, vocab: int, steps: int) -> dict:
     model = make()
     step = ForgetAwareStep(model, loss="tmkl", lr=1e-2, kl_weight=0.5, chunk_size=8,
                            backend="reference")
-    for _ in range(steps):
-        step({"input_ids": ids, "labels": labels})
-    return _trainable(model)
+    metrics = [step({"input_ids": ids, "labels": labels}) for _ in range(steps)]
+    return _trainable(model), [{k: m[k] for k in ("loss", "ce", "kl", "tokens")} for m in metrics]
+
+
+def _assert_same_metrics(got: list, want: list) -> None:
+    """Every rank reports the global means of one process on the global batch."""
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        for key in ("loss", "ce", "kl"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-7), key
 
 
 @_check
@@ -319,20 +327,23 @@ def _rank_ddp_llama(rank: int, world: int):
 
 def test_ddp_steps_equal_one_process_on_the_global_batch(two_ranks):
     """The fused-linear path through DDP (the forward_hidden protocol): 2 ranks x 2 micro-batches,
-    3 AdamW steps, equal the parameters of one process on the global batch."""
-    want = _one_process_steps(_lora_model, 41, 3)
+    3 AdamW steps, equal the parameters of one process on the global batch, and every rank reports
+    the global loss, CE and KL means."""
+    want, metrics = _one_process_steps(_lora_model, 41, 3)
     for got in two_ranks("ddp_protocol_model"):
         assert got["paths"] == ["fused"] * 3
         _assert_same_params(got["params"], want)
+        _assert_same_metrics(got["metrics"], metrics)
 
 
 def test_ddp_fused_llama_equals_one_process(two_ranks):
     """A tiny HF Llama under DDP takes the fused-linear path (its backbone through DDP's forward)
     and matches one process on the global batch after 2 steps."""
-    want = _one_process_steps(_llama, 64, 2)
+    want, metrics = _one_process_steps(_llama, 64, 2)
     for got in two_ranks("ddp_llama"):
         assert got["paths"] == ["fused"] * 2
         _assert_same_params(got["params"], want)
+        _assert_same_metrics(got["metrics"], metrics)
 
 
 def test_routed_leaves_a_plain_model_as_it_is():
@@ -671,9 +682,10 @@ def test_tmkl_trainer_two_ranks_equal_one_process(two_ranks, tmp_path):
 
 
 # ---- the recipes of docs/distributed.md, run as written ----------------------------------------
-def _doc_block(marker: str) -> dict:
+def _doc_block(marker: str, namespace: dict | None = None, subs=()) -> dict:
     """The docs/distributed.md python block containing ``marker``, executed as a module (its
-    ``if __name__ == "__main__"`` part does not run)."""
+    ``if __name__ == "__main__"`` part does not run) in ``namespace`` (the names its prose gives);
+    ``subs``: a real model's sizes replaced by a tiny one's."""
     import pathlib
     import re
 
@@ -681,9 +693,69 @@ def _doc_block(marker: str) -> dict:
     blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
               if marker in b]
     assert len(blocks) == 1, f"docs/distributed.md: no single python block with {marker!r}"
-    namespace = {"__name__": "__doc_recipe__"}
-    exec(compile(blocks[0], str(doc), "exec"), namespace)
+    code = blocks[0]
+    for old, new in subs:
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace = {"__name__": "__doc_recipe__", **(namespace or {})}
+    exec(compile(code, str(doc), "exec"), namespace)
     return namespace
+
+
+@_check
+def _rank_doc_vocab_parallel(rank: int, world: int):
+    """The vocab-parallel and DTensor blocks, on this rank's shard, against one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    gen = torch.Generator().manual_seed(11)
+    z, b = (torch.randn(6, V, generator=gen, dtype=torch.float64) for _ in range(2))
+    y = torch.randint(0, V, (6,), generator=gen)
+    h, hb = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(V, 5, generator=gen, dtype=torch.float64)
+    lo = sum(_shards(world)[:rank])
+    hi = lo + _shards(world)[rank]
+    ns = _doc_block("each rank gets the gradient of its own shard", {
+        "logits": z[:, lo:hi].clone().requires_grad_(), "base_logits": b[:, lo:hi], "labels": y,
+        "hidden": h, "weight_shard": w[lo:hi], "base_hidden": hb})
+    out = {"fused": float(ns["loss"]),  # the block's last loss: the fused-linear form
+           "sharded": float(forgetkern.tmkl_loss(ns["logits"], ns["base_logits"], y,
+                                                 process_group=dist.group.WORLD))}
+    ns = _doc_block("distribute_tensor(z, mesh", {"forgetkern": forgetkern, "z": z, "b": b, "y": y,
+                                                  "mesh": init_device_mesh("cpu", (world,))})
+    return {**out, "dtensor": float(ns["loss"])}
+
+
+def test_doc_vocab_parallel_blocks_equal_one_process(two_ranks):
+    gen = torch.Generator().manual_seed(11)
+    z, b = (torch.randn(6, V, generator=gen, dtype=torch.float64) for _ in range(2))
+    y = torch.randint(0, V, (6,), generator=gen)
+    h, hb = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(V, 5, generator=gen, dtype=torch.float64)
+    want = float(forgetkern.tmkl_loss(z, b, y))
+    fused = float(forgetkern.linear_tmkl_loss(h, w, hb, y))
+    for got in two_ranks("doc_vocab_parallel"):
+        assert got["sharded"] == pytest.approx(want, rel=1e-12)
+        assert got["dtensor"] == pytest.approx(want, rel=1e-12)
+        assert got["fused"] == pytest.approx(fused, rel=1e-12)
+
+
+@_check
+def _rank_doc_folora(rank: int, world: int):
+    """The FoLoRA-across-ranks block, with a tiny model's sizes."""
+    ns = _doc_block("proxy = forgetkern.optim.sample_proxy_data", {
+        "dist": dist, "forgetkern": forgetkern, "model": _llama(),
+        "my_task_batches": [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(r))
+                            for r in (2 * rank, 2 * rank + 1)]},
+        subs=[("n_samples=512, length=128", "n_samples=4, length=6")])
+    return {"proxy": sum(t.shape[0] for t in ns["proxy"]), "layers": sorted(ns["stats"]),
+            "optimizer": type(ns["opt"]).__name__}
+
+
+def test_doc_folora_across_ranks_block_runs(two_ranks):
+    r0, r1 = two_ranks("doc_folora")
+    assert r0["optimizer"] == r1["optimizer"] == "FoLoRA"
+    assert r0["layers"] == r1["layers"] and r0["layers"]
+    assert r0["proxy"] + r1["proxy"] == 4  # each rank samples its share
 
 
 def _recipe_loader(vocab: int = 64):

@@ -235,3 +235,90 @@ def test_demo_on_a_local_hf_model(tmp_path):
         assert r["status"] == "ok"
         assert r["target_loss"] < r["base_target_loss"]  # 8 steps on the file it evaluates near
         assert r["forgetting"] == pytest.approx(r["retention_loss"] - r["base_retention_loss"])
+
+
+# ---- any mapping of tensors: HF's own collators return BatchEncoding --------------------------
+def _token_rows(n=4, seed=0):
+    from tests.helpers import tiny_texts, tiny_tokenizer
+
+    tok = tiny_tokenizer(V)
+    return tok, [tok(t) for t in tiny_texts(n, V, seed=seed)]
+
+
+def _args(tmp_path, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2,
+        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        remove_unused_columns=False, **kw)
+
+
+def test_trainer_with_data_collator_for_language_modeling(tmp_path):
+    from forgetkern.integrations.hf import TMKLTrainer
+
+    tok, rows = _token_rows()
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+    assert not isinstance(collator(rows[:2]), dict)  # a BatchEncoding, a Mapping
+    trainer = TMKLTrainer(model=_peft_model(), args=_args(tmp_path), train_dataset=rows,
+                          data_collator=collator, tmkl_options={"kl_weight": 0.5})
+    trainer.train()
+    assert [h for h in trainer.state.log_history if "tmkl_kl" in h]
+
+
+def test_batch_encoding_from_data_collator_with_padding_everywhere():
+    from forgetkern import ForgetAwareStep
+    from forgetkern.integrations.hf import compute_tmkl_loss
+
+    tok, rows = _token_rows(seed=3)
+    batch = transformers.DataCollatorWithPadding(tok)(rows[:3])
+    assert isinstance(batch, transformers.BatchEncoding)
+    model = _peft_model()
+    loss, out = compute_tmkl_loss(model, batch, kl_weight=0.5)
+    as_dict = compute_tmkl_loss(model, dict(batch), kl_weight=0.5)[0]
+    assert out.path == "fused" and torch.equal(loss, as_dict)
+    assert forgetkern.train.forget_aware_loss(model, batch).tokens == out.tokens
+    metrics = ForgetAwareStep(model, kl_weight=0.5)(batch)
+    assert metrics["tokens"] == out.tokens and metrics["ce"] > 0
+    with pytest.raises(TypeError, match="mapping of tensors.*got list"):
+        compute_tmkl_loss(model, [batch])
+
+
+# ---- one line on any Trainer subclass ------------------------------------------------------------
+class _UserTrainer(transformers.Trainer):
+    """A user's own Trainer subclass: its other overrides must keep running."""
+
+    def log(self, logs, *args, **kwargs):
+        self.seen_logs = getattr(self, "seen_logs", []) + [dict(logs)]
+        return super().log(logs, *args, **kwargs)
+
+
+def test_tmkl_trainer_class_and_apply_tmkl_keep_the_users_trainer(tmp_path):
+    from forgetkern.integrations.hf import TMKLMixin, apply_tmkl, tmkl_trainer_class
+
+    tok, rows = _token_rows()
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
+    cls = tmkl_trainer_class(_UserTrainer)
+    assert tmkl_trainer_class(_UserTrainer) is cls and issubclass(cls, _UserTrainer)
+    trainer = cls(model=_peft_model(), args=_args(tmp_path), train_dataset=rows,
+                  data_collator=collator, tmkl_options={"kl_weight": 0.5})
+    trainer.train()
+    assert any("tmkl_kl" in h for h in trainer.seen_logs)  # the user's log saw the TMKL terms
+
+    built = _UserTrainer(model=_peft_model(), args=_args(tmp_path), train_dataset=rows,
+                         data_collator=collator)
+    seen = []
+    orig = TMKLMixin.compute_loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(1)
+        return orig(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TMKLMixin, "compute_loss", spy)
+        assert apply_tmkl(built, "kl", kl_weight=0.5) is built
+        assert isinstance(built, _UserTrainer) and built.tmkl_config.loss == "kl"
+        built.train()
+    assert seen and any("tmkl_kl" in h for h in built.seen_logs)
+    with pytest.raises(ValueError, match="no adapters"):
+        apply_tmkl(transformers.Trainer(model=_peft_model().get_base_model(), args=_args(tmp_path)))
+    with pytest.raises(TypeError, match="unexpected loss options"):
+        apply_tmkl(built, klweight=1.0)

@@ -23,9 +23,9 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def _block(first_line_contains: str) -> str:
-    found = [b for b in _blocks() if first_line_contains in b.splitlines()[0]]
-    assert len(found) == 1, f"README has {len(found)} python blocks starting with {first_line_contains!r}"
+def _block(marker: str) -> str:
+    found = [b for b in _blocks() if marker in b]
+    assert len(found) == 1, f"README has {len(found)} python blocks containing {marker!r}"
     return found[0]
 
 
@@ -60,11 +60,14 @@ def _peft(seed=0):
     return model
 
 
+MARKERS = ("import torch, forgetkern", "hidden_states_and_head", "FoLoRA.from_model",
+           "metrics = step(batch)", "TMKLTrainer(model=model")
+
+
 def test_every_python_block_is_covered():
-    starts = [b.splitlines()[0] for b in _blocks()]
-    covered = ("import torch, forgetkern", "# an HF causal LM", "from forgetkern.lora import inject_lora",
-               "from forgetkern import ForgetAwareStep", "from peft import LoraConfig")
-    assert len(starts) == len(covered) and all(any(c in s for c in covered) for s in starts), starts
+    blocks = _blocks()
+    assert len(blocks) == len(MARKERS) and all(
+        sum(m in b for m in MARKERS) == 1 for b in blocks), [b.splitlines()[0] for b in blocks]
 
 
 def test_quickstart_swap_your_loss():
@@ -88,7 +91,7 @@ def test_fused_linear_form_matches_logits_form():
     # the block continues the quickstart: its imports and labels are in scope
     ns = {"model": model, "input_ids": b["input_ids"], "labels": labels, "torch": torch,
           "forgetkern": forgetkern, "disable_adapters": disable_adapters}
-    exec(_block("# an HF causal LM"), ns)
+    exec(_block("hidden_states_and_head"), ns)
 
     with torch.no_grad():
         logits = model(b["input_ids"]).logits[:, :-1].double()
@@ -104,7 +107,7 @@ def test_folora_in_ten_lines():
 
     model = _llama(3)
     task_batches = [_batch(10 + i, B=2, L=8) for i in range(66)]
-    code = _block("from forgetkern.lora import inject_lora")
+    code = _block("FoLoRA.from_model")
     # the README's sizes are for a real model; the tiny one gets tiny ones (nothing else changes)
     code = code.replace("rank=16, alpha=32", "rank=4, alpha=8")
     code = code.replace("n_samples=256, length=256", "n_samples=4, length=8")
@@ -112,6 +115,7 @@ def test_folora_in_ten_lines():
     ns = {"model": model, "task_batches": task_batches}
     exec(code, ns)
     assert isinstance(ns["opt"], FoLoRA)
+    assert ns["step"].optimizer is ns["opt"] and ns["step"].config.loss == "tmkl"  # with TMKL
     assert sum(t.shape[0] for t in ns["proxy"]) == 4 and all(t.shape[1] == 8 for t in ns["proxy"])
     lora_b = [p for n, p in ns["model"].named_parameters() if n.endswith("lora_B") or "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "three FoLoRA steps left every B at zero"
@@ -120,7 +124,7 @@ def test_folora_in_ten_lines():
 def test_plain_loop_with_forget_aware_step(capsys):
     model = _llama(4)
     loader = [_batch(20 + i) for i in range(2)]
-    code = _block("from forgetkern import ForgetAwareStep").replace("rank=16, alpha=32", "rank=4, alpha=8")
+    code = _block("metrics = step(batch)").replace("rank=16, alpha=32", "rank=4, alpha=8")
     ns = {"model": model, "loader": loader}
     exec(code, ns)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -139,7 +143,7 @@ def test_hf_trainer_with_peft(tmp_path):
     training_args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
         report_to=[], logging_steps=1, save_strategy="no", use_cpu=True)
-    code = _block("from peft import LoraConfig").replace("r=16, lora_alpha=32", "r=4, lora_alpha=8")
+    code = _block("TMKLTrainer(model=model").replace("r=16, lora_alpha=32", "r=4, lora_alpha=8")
     ns = {"model": model, "training_args": training_args, "ds": ds, "collator": collator}
     exec(code, ns)
     logs = [h for h in ns["trainer"].state.log_history if "loss" in h]

@@ -10,11 +10,15 @@ fixed data set can be computed once and read back instead of running its forward
 * :class:`CacheWriter` -- the one writer of the on-disk format (checksums, hashes, format
   version), for ``build_cache`` and for importers of other tools' base outputs.
 * ``forgetkern cache-base`` -- the command line (:mod:`forgetkern.cache.cli`).
+* :func:`import_vllm_prompt_logprobs`, :func:`import_megatron_topk_logits` -- top-k caches from
+  records vLLM or Megatron-based distillation already wrote (:mod:`forgetkern.cache.importers`).
 """
 from .build import build_cache
+from .importers import import_megatron_topk_logits, import_vllm_prompt_logprobs
 from .reader import BaseCache, cached_loss, check_compatible
 from .keys import input_key, model_identity
 from .store import CacheError, CacheWriter, bytes_per_token
 
 __all__ = ["build_cache", "BaseCache", "cached_loss", "check_compatible", "bytes_per_token",
-           "model_identity", "CacheWriter", "CacheError", "input_key"]
+           "model_identity", "CacheWriter", "CacheError", "input_key",
+           "import_vllm_prompt_logprobs", "import_megatron_topk_logits"]

@@ -23,16 +23,11 @@ import torch
 from ..functional import topk_base
 from ..lora import disable_adapters
 from ..lora.discovery import logits_of
+from ..modeling import batch_labels, fused_parts, model_inputs
 from ..optim._progress import progress
-from ..train import batch_labels, fused_parts
-from .keys import NON_MODEL_KEYS, example_ids, input_keys, model_identity, token_positions
+from .keys import example_ids, input_keys, model_identity, token_positions
 from .reader import BaseCache
 from .store import MODES, CacheWriter, file_shapes
-
-
-def model_inputs(batch: dict) -> dict:
-    """The entries of ``batch`` that the model's forward takes."""
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
 @contextlib.contextmanager

@@ -8,8 +8,8 @@ import hashlib
 import numpy as np
 import torch
 
-#: Batch entries that are not model inputs.
-NON_MODEL_KEYS = ("labels", "shift_labels", "num_items_in_batch", "example_id")
+from ..modeling.batch import NON_MODEL_KEYS
+
 #: Per-token model inputs that do not enter an example's input key (``position_ids`` follow from
 #: the attention mask, so a different padding still finds the rows).
 UNKEYED_INPUTS = ("attention_mask", "position_ids")

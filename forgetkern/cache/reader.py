@@ -11,9 +11,9 @@ import torch
 from .._params import LossConfig, TopKBase
 from ..functional import linear_tmkl_loss, tmkl_loss
 from ..lora.discovery import logits_of
-from ..train import LossOutput, batch_labels, fused_parts
-from .keys import (NON_MODEL_KEYS, example_ids, example_key, input_keys, model_identity,
-                   token_positions)
+from ..modeling import NON_MODEL_KEYS, batch_labels, fused_parts
+from ..train import LossOutput
+from .keys import example_ids, example_key, input_keys, model_identity, token_positions
 from .store import (TORCH_DTYPES, TOPK_FILES, CacheError, check_manifest, identity_mismatch,
                     json_digest, open_arrays, read_json, verify_chunks)
 

@@ -26,7 +26,7 @@ from .._args import (UsageError, comma_list, device_name, finite_nonnegative_flo
                      readable_file, writable_file)
 from .._files import atomic_open
 from .._params import cache_dir
-from .config import HF_TARGETS, METHODS, REAL_PRESETS, TINY_PRESETS, DemoConfig, is_real
+from .config import HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, DemoConfig, is_real
 from .hf import real_setup, text_setup
 from .report import comparisons, format_breakdown, format_table, write_plot
 from .tiny import tiny_setup
@@ -59,8 +59,9 @@ def add_parser(sub) -> None:
                        formatter_class=lambda prog: _Formatter(prog, max_help_position=30))
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the quick preset (tiny model ~2 min, smollm2 ~9 min on 2 cores); "
-                           "default: the full preset")
+                      help=f"the quick preset ({TIMES['quick']} for the tiny model, "
+                           f"{TIMES['smollm2 quick']} for smollm2, one seed on 2 CPU cores); "
+                           f"default: the full preset ({TIMES['full']} for the tiny model)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=nonnegative_int, default=None,
