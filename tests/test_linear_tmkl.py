@@ -1,5 +1,7 @@
-"""Fused-linear TMKL (reference chunks and Triton kernels) against the fp64 materialized oracle:
-``logits = hidden @ weight.T + bias`` then :func:`tests.helpers.oracle_tmkl`, forward and backward."""
+"""Fused-linear TMKL against the fp64 materialized oracle (``logits = hidden @ weight.T + bias``
+then :func:`tests.helpers.oracle_tmkl`), forward and backward, on every variant: the chunked driver
+over each backend's TMKL kernels (reference, Triton, the CUDA kernels in host emulation) and the
+Triton on-chip kernels (``strategy="fused"``)."""
 import importlib.util
 
 import pytest
@@ -8,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import forgetkern
-from forgetkern import _autograd, _backend, reference
+from forgetkern import _autograd, _backend, _chunked
 from forgetkern._params import triton_interpret
 from forgetkern.ops import linear_tmkl as lt_ops
+from forgetkern.ops import tmkl as tmkl_ops
 
 from .helpers import (
     DEVICE,
@@ -20,6 +23,7 @@ from .helpers import (
     assert_close_to_ref,
     backend_skip_reason,
     backends,
+    cuda_backend_on_cpu,
     oracle_tmkl,
     naive_tmkl_in_dtype,
     rel_err,
@@ -28,15 +32,25 @@ from .helpers import linear_tmkl_inputs as _inputs
 
 _TRITON_REASON = backend_skip_reason("linear_tmkl", "triton")
 needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton: {_TRITON_REASON}")
-BACKENDS = backends("linear_tmkl")
+# every variant: the chunked driver on each backend of the table, and the on-chip Triton kernels
+BACKENDS = backends("linear_tmkl") + [pytest.param(
+    "fused", id="fused", marks=[] if _TRITON_REASON is None else pytest.mark.skip(
+        reason=f"triton: {_TRITON_REASON}"))]
 REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces it
 
 
+def _variant(name: str) -> dict:
+    """The ``linear_tmkl_loss`` options of a test variant (``"fused"``: Triton's on-chip kernels;
+    a backend name: the chunked strategy, which ``"auto"`` picks with the default budget)."""
+    return dict(backend="triton", strategy="fused") if name == "fused" else dict(backend=name)
+
+
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
+def small_tiles(monkeypatch, request):
     """Triton: 16-wide tiles, 3 vocabulary splits and 16-row backward launches so every test
     crosses tile, split, launch and ``D``-loop boundaries with a partial last tile (the
-    interpreter is slow: keep shapes tiny)."""
+    interpreter is slow: keep shapes tiny). The CUDA variant runs its kernels in host emulation
+    without a GPU."""
     original = lt_ops.launch_config
 
     def small(n, v, d, dtype, device=None, **kw):
@@ -45,6 +59,9 @@ def small_tiles(monkeypatch):
         return original(n, v, d, dtype, device, **kw)
 
     monkeypatch.setattr(lt_ops, "launch_config", small)
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "cuda":
+        cuda_backend_on_cpu(monkeypatch, "linear_tmkl")
 
 
 def _reduce(x, labels, reduction, num_items=None):
@@ -56,9 +73,21 @@ def _reduce(x, labels, reduction, num_items=None):
     return x.sum() / max(denom, 1)
 
 
-def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=None, **kw):
-    """fp64 materialized: logits then the independent TMKL oracle; returns outputs and the
-    gradients of hidden, weight and bias for upstream ``grads`` (one per output)."""
+def _transform(x, logit_scale=1.0, logit_softcap=None):
+    """A head's logit transform in plain torch: scale, then the soft cap."""
+    x = x * logit_scale
+    return x if logit_softcap is None else logit_softcap * torch.tanh(x / logit_softcap)
+
+
+# options of the chunked driver alone: they change how, not what, is computed
+DRIVER_OPTIONS = ("chunk_size", "memory_budget", "strategy", "chunk_dtype")
+
+
+def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=None,
+            logit_scale=1.0, logit_softcap=None, **kw):
+    """fp64 materialized: logits (transformed as the head says) then the independent TMKL oracle;
+    returns outputs and the gradients of hidden, weight and bias for upstream ``grads`` (one per
+    output)."""
     h = t["hidden"].detach().double().cpu().requires_grad_()
     w = t["weight"].detach().double().cpu().requires_grad_()
     b = t["bias"].detach().double().cpu().requires_grad_() if "bias" in t else None
@@ -70,6 +99,7 @@ def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=
     d = h.shape[-1]
     z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
     zb = t["base_hidden"].detach().double().cpu().reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    z, zb = (_transform(x, logit_scale, logit_softcap) for x in (z, zb))
     y = t["labels"].cpu().reshape(-1)
     outs = [_reduce(o, t["labels"].cpu(), reduction, num_items) for o in oracle_tmkl(z, zb, y, **kw)]
     if not return_components:
@@ -87,7 +117,7 @@ def _run(t, backend, reduction="mean", return_components=False, grads=None, **kw
     opts = {k: t[k] for k in ("base_weight", "bias", "base_bias") if k in t}
     out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
                                       reduction=reduction, return_components=return_components,
-                                      backend=backend, **opts, **kw)
+                                      **_variant(backend), **opts, **kw)
     outs = list(out) if return_components else [out]
     if grads is None:
         grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outs]
@@ -99,7 +129,7 @@ def _run(t, backend, reduction="mean", return_components=False, grads=None, **kw
 def _compare(t, backend, rtol=1e-9, atol=1e-11, **kw):
     """Run forgetkern and the oracle with the same random upstream gradients and compare."""
     outs, grads, g = _run(t, backend, **kw)
-    opts = {k: v for k, v in kw.items() if k not in ("chunk_size",)}
+    opts = {k: v for k, v in kw.items() if k not in DRIVER_OPTIONS}
     num_items = opts.pop("num_items_in_batch", None)
     ref, ref_grads = _oracle(t, num_items=num_items, grads=g, **opts)
     for a, r in zip(outs, ref):
@@ -153,7 +183,7 @@ def test_custom_ignore_index_and_inplace_backward(backend):
         t[name].grad = None
     out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], y, bias=t["bias"],
                                       ignore_index=-1, inplace_backward=True, temperature=1.7,
-                                      return_components=True, backend=backend)
+                                      return_components=True, **_variant(backend))
     g = [torch.randn_like(o) for o in out]
     torch.autograd.backward(out, g)
     _, ref_grads = _oracle(t, return_components=True, grads=g, temperature=1.7)
@@ -181,23 +211,25 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     t2["base_weight"] = t2["weight"]  # same tensor: base bias is then None unless given
     t2["base_bias"] = t2["bias"]
     out_same, grads_same, _ = _run(t2, backend, reduction="none", grads=g)
-    # the default base head is weight itself, handed down without a copy: the reference reads the
-    # same tensor for both logits, the kernels get no separate base head (SHARED_WEIGHT)
+    # the default base head is weight itself, handed down without a copy: the chunked driver
+    # stacks both models' rows into one GEMM over it, the kernels get no separate base head
     seen = []
     ptr = t["weight"].data_ptr()
-    if backend == "reference":
-        real = reference.linear_tmkl_pass
-        spy = lambda *a, **k: seen.append(a[3] is a[1] and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
-        target = (reference.tmkl, "linear_tmkl_pass")
-    else:
+    if backend == "fused":
         real = lt_ops.linear_tmkl_forward
         spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
         target = (lt_ops, "linear_tmkl_forward")
+    else:
+        real = _chunked.linear_pass
+        spy = lambda *a, **k: seen.append(k["base_weight"] is None and a[2].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (_chunked, "linear_pass")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(*target, spy)
-        mp.setattr(_backend, "_LOADED", {})  # the table loads the spy
+        # the table loads the fused kernels' spy anew
+        mp.setattr(_backend, "_LOADED", {k: v for k, v in _backend._LOADED.items()
+                                         if k[0] != "linear_tmkl_fused"})
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
-                                    bias=t["bias"], backend=backend)
+                                    bias=t["bias"], **_variant(backend))
     assert seen == [True]
     torch.testing.assert_close(out_same[0], out_default[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_same, grads_default):
@@ -223,7 +255,7 @@ def test_head_gradient_with_frozen_hidden(backend):
     t["hidden"].requires_grad_(False)
     loss = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
                                        bias=t["bias"], reduction="none", temperature=1.5,
-                                       backend=backend)
+                                       **_variant(backend))
     g = torch.randn_like(loss)
     loss.backward(g)
     _, ref_grads = _oracle(t, reduction="none", grads=[g], temperature=1.5)
@@ -248,7 +280,7 @@ def test_all_rows_ignored_and_empty(backend):
     h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    loss = forgetkern.linear_tmkl_loss(h, w, h.detach(), y, backend=backend)
+    loss = forgetkern.linear_tmkl_loss(h, w, h.detach(), y, **_variant(backend))
     assert loss.item() == 0.0
     loss.backward()
     assert h.grad.shape == (0, 8) and torch.count_nonzero(w.grad) == 0
@@ -277,37 +309,42 @@ def test_padded_vocabulary_with_neg_inf_bias(backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# reference path specifics: chunking and the precomputed-gradient fast path
+# the chunked driver: chunking, the precomputed-gradient fast path
 # ------------------------------------------------------------------------------------------------
-def test_reference_chunking_is_invisible(monkeypatch):
+CHUNKED = backends("linear_tmkl")
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_chunking_is_invisible(backend):
+    """Any chunk size, given as rows or as a byte budget, gives the one-chunk results."""
     t = _inputs(shape=(13,), bias=True, dtype=torch.float64)
-    base, grads_base, g = _run(t, "reference", reduction="none", chunk_size=13)
-    for chunk in (1, 5):
-        outs, grads, _ = _run(t, "reference", reduction="none", chunk_size=chunk, grads=g)
+    base, grads_base, g = _run(t, backend, reduction="none", chunk_size=13)
+    rows = _backend.implementation("tmkl", backend)
+    per_row = _chunked.plan(13, 45, torch.float64, _params(), rows, dense=True).row_bytes
+    for opts in (dict(chunk_size=1), dict(chunk_size=5), dict(memory_budget=2 * per_row)):
+        outs, grads, _ = _run(t, backend, reduction="none", grads=g, **opts)
         torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, grads_base):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
-    assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
-    assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
-    monkeypatch.setattr(reference.tmkl, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
-    assert reference.linear_chunk_rows(45, torch.float64) == 2
-    outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
-    torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[1], grads_base[1], rtol=1e-10, atol=1e-12)
 
 
-def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
+def _params(**kw):
+    from forgetkern._params import LinearTMKLParams
+
+    return LinearTMKLParams(**kw)
+
+
+def test_precomputed_gradients_rescale_or_recompute(monkeypatch):
     """Exactly-1 upstream (mean, then .backward()), a uniform multiple, and per-component
     gradients (where the per-row CE/KL coefficients differ) must all give the oracle's gradients."""
     calls = []
-    original = reference.linear_tmkl_pass
+    original = _chunked.linear_pass
 
     def counting(*a, **k):
         calls.append(k.get("needs"))
         return original(*a, **k)
 
-    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass", counting)
+    monkeypatch.setattr(_chunked, "linear_pass", counting)
     rescales = []  # (scale, whether the precomputed tensors came back untouched)
     real_rescale = _autograd._rescale
 
@@ -317,7 +354,6 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
         return out
 
     monkeypatch.setattr(_autograd, "_rescale", spy_rescale)
-    monkeypatch.setattr(_backend, "_LOADED", {})  # the table loads the counting pass
     t = _inputs(shape=(9,), bias=True, ignore=(4,))
     cases = [
         # upstream exactly 1: one pass, the precomputed tensors returned as they are
@@ -347,12 +383,11 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
             torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11)
 
 
-def test_reference_no_grad_skips_gradient_work(monkeypatch):
+def test_no_grad_skips_gradient_work(monkeypatch):
     seen = []
-    original = reference.linear_tmkl_pass
-    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass",
-                        lambda *a, **k: seen.append(a[8] is not None) or original(*a, **k))
-    monkeypatch.setattr(_backend, "_LOADED", {})
+    original = _chunked.linear_pass
+    monkeypatch.setattr(_chunked, "linear_pass",
+                        lambda *a, **k: seen.append(k["coef_ce"] is not None) or original(*a, **k))
     t = _inputs()
     with torch.no_grad():
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
@@ -384,13 +419,22 @@ def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_ta
 
 def _check_within_torch_own(t, backend, **kw):
     """Loss and gradients against the fp64 oracle, within a small multiple of plain torch's own
-    error in the inputs' dtype (:func:`_naive`)."""
+    error (:func:`_naive`): the gradients (in the inputs' dtype) against plain torch in that dtype,
+    the loss (fp32) against plain fp32 torch on the same inputs, whose logits are fp32 too, or,
+    with ``chunk_dtype="input"`` (logits rounded to the inputs' dtype), against plain torch in
+    the inputs' dtype."""
     dtype = t["hidden"].dtype
     outs, grads, g = _run(t, backend, reduction="none", **kw)
     assert all(gr is None or gr.dtype == dtype for gr in grads)
-    ref, ref_grads = _oracle(t, reduction="none", grads=g, **kw)
-    naive, naive_grads = _naive(t, g[0], **kw)
-    assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive, what="loss")
+    math = {k: v for k, v in kw.items() if k not in DRIVER_OPTIONS}
+    ref, ref_grads = _oracle(t, reduction="none", grads=g, **math)
+    naive, naive_grads = _naive(t, g[0], **math)
+    if dtype in (torch.bfloat16, torch.float16) and kw.get("chunk_dtype") != "input":
+        wide = {k: v.detach().float() if v.is_floating_point() else v for k, v in t.items()}
+        naive32, _ = _naive(wide, g[0], **math)
+        assert_close_to_ref(outs[0].cpu(), ref[0], torch.float32, baseline=naive32, what="loss")
+    else:
+        assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive, what="loss")
     for name, a, r, base in zip(("hidden", "weight", "bias"), grads, ref_grads, naive_grads):
         if r is not None:
             assert_close_to_ref(a.cpu(), r, dtype, baseline=base, what=f"grad {name}")
@@ -451,7 +495,7 @@ def test_triton_split_merge(monkeypatch, splits):
     monkeypatch.setattr(lt_ops, "launch_config",
                         lambda *a, **k: small(*a, **{**k, "splits": splits}))
     for direction in ("forward", "reverse"):
-        _compare(t, "triton", reduction="none", return_components=True, direction=direction,
+        _compare(t, "fused", reduction="none", return_components=True, direction=direction,
                  temperature=1.3)
 
 
@@ -468,7 +512,7 @@ def test_triton_backward_row_launches(monkeypatch, dtype):
     results = []
     for rows in (16, 48):  # three launches (the last partial), then one
         monkeypatch.setattr(lt_ops, "launch_config", lambda *a, r=rows, **k: small(*a, **{**k, "bwd_rows": r}))
-        outs, grads, g = _run(t, "triton", reduction="none", grads=results[0][2] if results else None)
+        outs, grads, g = _run(t, "fused", reduction="none", grads=results[0][2] if results else None)
         results.append((outs, grads, g))
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
@@ -502,7 +546,7 @@ def test_triton_tma_operand_loads(monkeypatch, dtype, distinct_base):
         monkeypatch.setattr(lt_ops, "launch_config", lambda *a, f=tma, **k: small(*a, **{**k, "tma": f}))
         taken.clear()
         g = results[False][2] if results else None
-        results[tma] = _run(t, "triton", reduction="none", return_components=True, grads=g,
+        results[tma] = _run(t, "fused", reduction="none", return_components=True, grads=g,
                             direction="reverse" if distinct_base else "forward", temperature=1.5)
         assert taken and all(x is tma for x in taken), taken  # forward + 3 backward launches
     (o0, g0, _), (o1, g1, _) = results[False], results[True]
@@ -633,12 +677,11 @@ def test_bad_inputs_name_the_argument(backend):
 
 
 def test_backend_registered_and_dispatch():
-    from forgetkern import _backend
-
-    assert _backend.OP_BACKENDS["linear_tmkl"] == ("reference", "triton")
-    with pytest.raises(RuntimeError, match="no 'cuda' backend"):
-        forgetkern.linear_tmkl_loss(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4),
-                                    torch.tensor([0, 1]), backend="cuda")
+    assert _backend.OP_BACKENDS["linear_tmkl"] == _backend.OP_BACKENDS["tmkl"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            forgetkern.linear_tmkl_loss(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4),
+                                        torch.tensor([0, 1]), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------
