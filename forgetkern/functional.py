@@ -289,8 +289,8 @@ def _linear_strategy(op, hidden, weight, params, backend, grads):
     plan = _chunked.plan(hidden.shape[0], weight.shape[0], hidden.dtype, params, rows,
                          dense=op == "linear_tmkl", grads=grads)
     chosen = (backend or env_backend()) in (None, "triton")
-    if (params.strategy == "auto" and not plan.useful and fused is not None and chosen
-            and not params.transforms_logits
+    if (params.strategy == "auto" and params.chunk_size is None and not plan.useful
+            and fused is not None and chosen and not params.transforms_logits
             and _backend.why_unavailable("triton", fused, hidden.device) is None):
         return _backend.implementation(fused, "triton"), params
     return _backend.implementation(op, name), replace(params, chunk_size=plan.rows)

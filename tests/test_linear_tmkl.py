@@ -399,7 +399,7 @@ def test_no_grad_skips_gradient_work(monkeypatch):
 # lower precision: error within a small multiple of plain torch's own error in that dtype
 # ------------------------------------------------------------------------------------------------
 def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_target=True,
-           kl_weight=1.0, ce_weight=1.0):
+           kl_weight=1.0, ce_weight=1.0, logit_scale=1.0, logit_softcap=None):
     """Plain torch in the inputs' own dtype on materialized logits (the baseline error): the loss
     and the gradients of hidden, weight and bias for the upstream gradient ``g``."""
     h = t["hidden"].detach().clone().requires_grad_()
@@ -410,6 +410,7 @@ def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_ta
     d = h.shape[-1]
     z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
     zb = t["base_hidden"].reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    z, zb = (_transform(x, logit_scale, logit_softcap) for x in (z, zb))
     ce, kl = naive_tmkl_in_dtype(z, zb, t["labels"].reshape(-1), temperature=temperature,
                                  direction=direction, mask_target=mask_target)
     loss = _reduce(ce_weight * ce + kl_weight * temperature**2 * kl, t["labels"], reduction)
@@ -482,6 +483,111 @@ def test_confident_targets(backend, dtype):
     valid = (t["labels"] != -100).cpu()
     assert (ref[2][valid] > 1e-3).all()
     torch.testing.assert_close(outs[2].double().cpu(), ref[2], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_logits_beyond_the_fp16_range(backend):
+    """fp16 hidden states and head whose logits are ~1e5 (> 65504, where plain fp16 torch gets
+    inf and NaN): the logits are formed in fp32, so the loss is finite and within a small multiple
+    of plain fp32 torch's error on the same inputs. The gradients come from an fp16 ``dz``: each
+    within 4x plain fp32 torch's error plus the bound of a GEMM on a ``dz`` rounded to fp16
+    (``|dz| |W|`` times a few fp16 units, plus fp16's subnormal step per entry; here ``dh`` is a
+    cancelling sum, every row of ``W`` near the same vector)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 7, 16, 37
+    e = torch.ones(d, dtype=torch.float64) * 82.0  # |h . w| ~ 16 * 82^2 ~ 1.1e5
+    t = _inputs(shape=(n,), d=d, v=v, dtype=torch.float16, ignore=(2,))
+    with torch.no_grad():
+        t["hidden"] = (e + torch.randn(n, d, generator=g, dtype=torch.float64)).half()
+        t["base_hidden"] = (e + torch.randn(n, d, generator=g, dtype=torch.float64)).half()
+        t["weight"] = (e + 0.05 * torch.randn(v, d, generator=g, dtype=torch.float64)).half()
+    t["weight"].requires_grad_()
+    h64, w64 = t["hidden"].double(), t["weight"].detach().double()
+    assert (h64 @ w64.T).min() > 65504 and not torch.isfinite(t["hidden"] @ t["weight"].detach().T).all()
+    outs, grads, up = _run(t, backend, reduction="none")
+    ref, ref_grads = _oracle(t, reduction="none", grads=up)
+    wide = {k: v.detach().float() if v.is_floating_point() else v for k, v in t.items()}
+    naive32, grads32 = _naive(wide, up[0])
+    assert_close_to_ref(outs[0].cpu(), ref[0], torch.float32, baseline=naive32, what="loss")
+    z = (h64 @ w64.T).requires_grad_()
+    loss = oracle_tmkl(z, t["base_hidden"].double() @ w64.T, t["labels"])[0]
+    (dz,) = torch.autograd.grad(loss, z, up[0].double())
+    # |dz| rounded to fp16: relative error 2^-11, absolute 2^-24 (subnormals) per entry
+    unit, tiny = 2.0**-11, 2.0**-24
+    for name, got, want, base, bound in (
+            ("hidden", grads[0], ref_grads[0], grads32[0], (unit * dz.abs() + tiny) @ w64.abs()),
+            ("weight", grads[1], ref_grads[1], grads32[1], (unit * dz.abs() + tiny).T @ h64.abs())):
+        assert torch.isfinite(got).all(), name
+        err = (got.double().cpu() - want).norm()
+        limit = 4 * (base.double() - want).norm() + (4 * bound + unit * want.abs()).norm()
+        assert err <= limit, (name, float(err), float(limit))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_alone_reads_no_base(backend):
+    """``kl_weight=0``: the base hidden states are not read (NaN there changes nothing) and the
+    loss and gradients are the oracle's; asking for the components computes the KL."""
+    t = _inputs(shape=(7,), bias=True, ignore=(2,))
+    outs, grads, g = _run({**t, "base_hidden": torch.full_like(t["base_hidden"], float("nan"))},
+                          backend, reduction="none", kl_weight=0.0)
+    ref, ref_grads = _oracle(t, reduction="none", grads=g, kl_weight=0.0)
+    torch.testing.assert_close(outs[0].double().cpu(), ref[0], rtol=1e-9, atol=1e-11)
+    for a, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(a.double().cpu(), r, rtol=1e-9, atol=1e-11)
+    outs, _ = _compare(t, backend, reduction="none", kl_weight=0.0, return_components=True)
+    assert (outs[2] > 0).any()
+
+
+TRANSFORMS = [(dict(logit_scale=0.4), False), (dict(logit_softcap=3.0), True),
+              (dict(logit_scale=2.5, logit_softcap=4.0), False),
+              (dict(logit_scale=2.5, logit_softcap=4.0), True)]
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("transform,distinct_base", TRANSFORMS,
+                         ids=["scale", "cap-own-base-head", "scale-cap", "scale-cap-own-base-head"])
+def test_logit_transforms_match_oracle(backend, transform, distinct_base):
+    """``logit_scale`` and ``logit_softcap`` applied to both models' logits, forward and backward
+    (hidden, head, bias), against the fp64 oracle on the transformed logits."""
+    t = _inputs(shape=(7,), d=12, v=37, bias=True, distinct_base=distinct_base, ignore=(2,),
+                scale=2.0)
+    _compare(t, backend, reduction="none", return_components=True, temperature=1.5,
+             chunk_size=4, **transform)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_softcap_in_bf16(backend):
+    """The soft cap's derivative multiplies a bf16 ``dz``: gradients within a small multiple of
+    plain bf16 torch's own error, the loss of plain fp32 torch's."""
+    t = _inputs(shape=(10,), d=24, v=50, dtype=torch.bfloat16, bias=True, ignore=(3,), scale=3.0)
+    _check_within_torch_own(t, backend, logit_scale=1.5, logit_softcap=5.0)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_input_dtype_chunks(backend):
+    """``chunk_dtype="input"``: bf16 logits chunks (half the memory) carry bf16 rounding, within a
+    small multiple of plain bf16 torch's own error; the default fp32 chunks are far closer."""
+    t = _inputs(shape=(10,), d=24, v=50, dtype=torch.bfloat16, bias=True, ignore=(3,), scale=4.0)
+    _check_within_torch_own(t, backend, chunk_dtype="input")
+    errors = []
+    for chunk_dtype in ("input", "accumulation"):
+        outs, _, g = _run(t, backend, reduction="none", chunk_dtype=chunk_dtype)
+        ref, _ = _oracle(t, reduction="none", grads=g)
+        errors.append(rel_err(outs[0].cpu(), ref[0]))
+    assert errors[1] * 100 < errors[0], errors
+
+
+@needs_triton
+def test_triton_chunk_rows_cross_blocks(monkeypatch):
+    """The chunked driver over Triton's TMKL kernels streaming each row in 16-column blocks: a
+    vocabulary of 45 ends in a partial block."""
+    real = tmkl_ops.launch_config
+    monkeypatch.setattr(tmkl_ops, "launch_config", lambda v, dtype, block_v=None: real(v, dtype, 16))
+    t = _inputs(shape=(7,), d=12, v=45, bias=True, distinct_base=True, ignore=(3,))
+    for direction in ("forward", "reverse"):
+        _compare(t, "triton", reduction="none", return_components=True, temperature=1.5,
+                 direction=direction, chunk_size=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -627,6 +733,14 @@ def test_module_matches_function():
                                     bias=t["bias"], kl_weight=0.5, temperature=2.0,
                                     direction="reverse", backend="reference")
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    opts = dict(strategy="chunked", memory_budget=2**20, chunk_dtype="input", logit_scale=0.5,
+                logit_softcap=8.0)
+    mod = forgetkern.LinearTMKLLoss(backend="reference", **opts)
+    a = mod(t["hidden"], t["weight"], t["base_hidden"], t["labels"], bias=t["bias"])
+    b = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    bias=t["bias"], backend="reference", **opts)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert "logit_softcap=8.0" in repr(mod)
     with pytest.raises(ValueError, match="chunk_size must be > 0"):
         forgetkern.LinearTMKLLoss(chunk_size=0)
     with pytest.raises(ValueError, match="direction must be one of"):
