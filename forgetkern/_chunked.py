@@ -119,6 +119,21 @@ def _wide_mm(device: torch.device, dtype: torch.dtype) -> bool:
     return _WIDE_MM[key]
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether ``a`` and ``b`` are the same values in memory (``detach`` gives a new object)."""
+    if a is None or b is None:
+        return a is b
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _scaled_mm(out, a, b, scale: float):
+    """``out = scale * a @ b`` into ``out`` (the inputs' dtype)."""
+    if scale == 1.0:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(out, a, b, beta=0.0, alpha=scale, out=out)
+
+
 class _Head:
     """One LM head ``(V, D)`` and its bias as the logits GEMM reads them: ``logits(out, h)`` writes
     ``s * (h @ W.T + bias)`` into ``out`` (any float dtype at least as wide as ``h``'s)."""
@@ -152,21 +167,6 @@ def logits_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """A fresh ``h @ weight.T (+ bias)`` in ``dtype`` (fp32 GEMM output for 16-bit operands)."""
     out = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device)
     return _Head(weight, bias, dtype, 1.0).logits(out, h)
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Whether ``a`` and ``b`` are the same values in memory (``detach`` gives a new object)."""
-    if a is None or b is None:
-        return a is b
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
-
-
-def _scaled_mm(out, a, b, scale: float):
-    """``out = scale * a @ b`` into ``out`` (the inputs' dtype)."""
-    if scale == 1.0:
-        return torch.mm(a, b, out=out)
-    return torch.addmm(out, a, b, beta=0.0, alpha=scale, out=out)
 
 
 def _weight_grad(gw, dz, h, scale, spare):
