@@ -16,8 +16,9 @@ Triton path
     ``tl.dot`` and fp32 atomic adds; rows go in launches of ``bwd_rows`` so ``dh`` is accumulated
     in fp32 only a few MiB at a time.
 
-The reference backend of the same op is :func:`forgetkern.reference.linear_tmkl_forward` /
-``linear_tmkl_backward``; the autograd Function is :class:`forgetkern._autograd.LinearTMKLFunction`.
+These kernels serve ``strategy="fused"`` (the ``linear_tmkl_fused`` op of the table); the
+chunked strategy of the same loss is :mod:`forgetkern._chunked`. The autograd Function is
+:class:`forgetkern._autograd.LinearTMKLFunction`.
 """
 from __future__ import annotations
 

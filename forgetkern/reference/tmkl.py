@@ -58,6 +58,8 @@ def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) ->
     """``t[i, y[i]] = value[i]`` (``+=`` with ``add``) for every row whose target column lies in
     this block of columns; ``y < 0`` marks a row whose target is elsewhere (another vocabulary
     shard). ``value``: a float or an ``(R, 1)`` tensor."""
+    if torch.is_tensor(value):
+        value = value.to(t.dtype)
     if bool((y >= 0).all()):
         fn = t.scatter_add_ if add else t.scatter_
         fn(1, y[:, None], value if torch.is_tensor(value) else torch.full_like(t[:, :1], value))
@@ -67,12 +69,19 @@ def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) ->
     t.index_put_((rows, y[rows]), vals, accumulate=add)
 
 
-def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
-    """A fresh ``z / T`` in the accumulation dtype (one pass from any input dtype), with the target
-    column at ``-inf`` when masked (rows with ``y < 0`` have no target column here)."""
-    x = z.to(accumulation_dtype(z.dtype), copy=True)
+def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams, shift=None) -> torch.Tensor:
+    """A fresh ``z / T - shift`` in the accumulation dtype (``shift``: a per-row column or
+    ``None``), with the target column at ``-inf`` when masked (rows with ``y < 0`` have no target
+    column here). One pass from accumulation-dtype logits at ``T = 1``."""
+    acc = accumulation_dtype(z.dtype)
     if p.temperature != 1.0:
-        x.mul_(1.0 / p.temperature)
+        x = torch.mul(z if z.dtype == acc else z.to(acc), 1.0 / p.temperature)
+        if shift is not None:
+            x.sub_(shift)
+    elif shift is not None:
+        x = torch.sub(z, shift.to(acc))  # promotes 16-bit logits to the accumulation dtype
+    else:
+        x = z.to(acc, copy=True)
     if p.mask_target:
         set_target(x, y, NEG_INF)
     return x
@@ -128,14 +137,16 @@ def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tens
                p: TMKLParams) -> torch.Tensor:
     """``log q~ = (z/T - m) - ls`` from the saved row max and log-sum (``-inf`` where dropped, and
     on a row with no mass)."""
-    return _scaled(z, y, p).sub_(m[:, None]).sub_(ls.masked_fill(ls == NEG_INF, 0.0)[:, None])
+    return _scaled(z, y, p, m[:, None]).sub_(ls.masked_fill(ls == NEG_INF, 0.0)[:, None])
 
 
-def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
+def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams, out=None) -> torch.Tensor:
     """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk from its saved statistics
     ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in the
-    accumulation dtype. ``z``, ``b`` may be one vocabulary shard of the rows (``st`` then holds the
-    whole rows' statistics and ``y < 0`` marks rows whose target lies in another shard).
+    accumulation dtype, or written into ``out`` (any float dtype; it may be ``z`` itself) when the
+    last pass can write there; the caller copies otherwise. ``z``, ``b`` may be one vocabulary
+    shard of the rows (``st`` then holds the whole rows' statistics and ``y < 0`` marks rows whose
+    target lies in another shard).
 
     Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
     dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
@@ -148,17 +159,20 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
     a = coef_ce.to(acc).masked_fill(~valid, 0.0)[:, None]
     c = coef_kl.to(acc).masked_fill(~valid, 0.0)[:, None] * inv_t
     m_c, ls_c = st[:, STAT_M_CE, None], st[:, STAT_LS_CE, None]
+    z_y = z.gather(1, y.clamp_min(0)[:, None]).to(acc)  # before anything writes out (maybe z)
     if p.separate_ce:
         r = None
     elif p.mask_target:
         r = ((st[:, STAT_M_Z, None] - m_c) + (st[:, STAT_LS_Z, None] - ls_c)).exp()
     else:
         r = torch.ones_like(a)
+    # the last pass writes out directly unless the CE term still reads z afterwards (r is None)
+    last = {} if out is None or r is None else {"out": out}
     log_q = _log_probs(z, y, st[:, STAT_M_Z], st[:, STAT_LS_Z], p)
     if b is None:  # the base is z itself: the KL's gradient is exactly 0, in either direction
         c = torch.zeros_like(c)
-        grad = log_q.zero_() if r is None else log_q.exp_().mul_(a * r)
-        return _finish_grad(grad, z, y, a, c, r, m_c, ls_c, p)
+        grad = log_q.zero_() if r is None else torch.mul(log_q.exp_(), a * r, **last)
+        return _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p)
     log_p = _log_probs(b, y, st[:, STAT_M_B], st[:, STAT_LS_B], p)
     # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan): the base side of a row with
     # c = 0 is dropped before it can meet c
@@ -169,8 +183,8 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
         pb = log_p.exp_()
         if bool(drop_base.any()):
             pb.masked_fill_(drop_base, 0.0)
-        grad = q.mul_(c if r is None else a * r + c).sub_(pb.mul_(c))
-        del pb
+        grad = torch.addcmul(q.mul_(c if r is None else a * r + c), pb, c, value=-1.0, **last)
+        del pb, q
     else:
         # a softmax(z) + c q~ (log q~ - log p~ - KL) = q~ (a r + c (log q~ - log p~ - KL)), with 0 where
         # q~ = 0 (NaN propagates)
@@ -183,14 +197,13 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
             t.add_(a * r)
         grad = t.mul_(q).masked_fill_(q == 0, 0.0)
         del q
-    return _finish_grad(grad, z, y, a, c, r, m_c, ls_c, p)
+    return _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p)
 
 
-def _finish_grad(grad, z, y, a, c, r, m_c, ls_c, p: TMKLParams) -> torch.Tensor:
+def _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p: TMKLParams) -> torch.Tensor:
     """The CE terms :func:`_chunk_grad` has not folded into ``grad`` yet (``softmax(z)`` over every
-    column when it keeps its own normalizer, ``- e_y``), and zero on rows whose coefficients are
-    both zero."""
-    acc = grad.dtype
+    column when it keeps its own normalizer, ``- e_y``; ``z_y`` the target logits), and zero on
+    rows whose coefficients are both zero."""
     if r is None:
         # a softmax(z) over every column, softmax(z) = exp((z - m) - log s)
         sm = torch.sub(z, m_c).sub_(ls_c).exp_()
@@ -198,7 +211,6 @@ def _finish_grad(grad, z, y, a, c, r, m_c, ls_c, p: TMKLParams) -> torch.Tensor:
         del sm
     if p.mask_target and r is not None:
         # the target column: q~_y = p~_y = 0, softmax(z)_y = exp((z_y - m) - log s)
-        z_y = z.gather(1, y.clamp_min(0)[:, None]).to(acc)
         set_target(grad, y, a * (((z_y - m_c) - ls_c).exp() - 1.0))
     else:
         set_target(grad, y, -a, add=True)
@@ -248,7 +260,9 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     """Write ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for every row into ``grad_out``,
     from the forward's statistics (:func:`_chunk_grad`)."""
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
+        out = grad_out[start:stop]
         grad = _chunk_grad(z, b, y, valid, stats[start:stop], coef_ce[start:stop],
-                           coef_kl[start:stop], params)
-        grad_out[start:stop].copy_(grad)  # one pass, converting to the logits dtype
+                           coef_kl[start:stop], params, out=out)
+        if grad is not out:
+            out.copy_(grad)  # one pass, converting to the gradient's dtype
     return grad_out
