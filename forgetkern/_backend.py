@@ -119,6 +119,9 @@ class Implementation:
     #: ``rows x V`` temporaries in the accumulation dtype a logits op allocates per row it is
     #: given (the chunked driver counts them in its budget); the module's ``CHUNK_TEMPORARIES``
     temporaries: int = 0
+    #: the most bytes those temporaries take whatever the rows (``None``: no bound); the
+    #: module's ``CHUNK_TEMPORARY_CAP``
+    temporary_cap: int | None = None
 
 
 _LOADED: dict[tuple[str, str], Implementation] = {}  # a plain dict: torch.compile reads it
@@ -140,7 +143,8 @@ def implementation(op: str, backend: str) -> Implementation:
         fns = {name: getattr(module, attr) for name, attr in zip(INTERFACES[op], attrs)}
         impl = _LOADED[key] = Implementation(
             op=op, backend=backend, grad_any_dtype=getattr(module, "GRAD_ANY_DTYPE", True),
-            temporaries=getattr(module, "CHUNK_TEMPORARIES", 0), **fns)
+            temporaries=getattr(module, "CHUNK_TEMPORARIES", 0),
+            temporary_cap=getattr(module, "CHUNK_TEMPORARY_CAP", None), **fns)
     return impl
 
 

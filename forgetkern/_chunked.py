@@ -38,19 +38,25 @@ import torch
 from ._params import NUM_STATS, LinearTMKLParams, accumulation_dtype
 
 #: Most bytes a default chunk's working set takes (logits buffers, gradient buffers and the
-#: per-chunk kernels' temporaries; outputs and gradients are not counted).
+#: per-chunk kernels' temporaries; outputs and gradients are not counted), unless that is less than
+#: :data:`DEFAULT_MIN_ROWS` rows' worth.
 DEFAULT_BUDGET_CAP = 1 << 30
 #: Rows of the smallest useful chunk, and the granularity of larger ones: one GEMM tile of rows.
 #: With fewer the GEMMs run partial tiles and the head is read once per few rows.
 MIN_USEFUL_ROWS = 128
+#: Rows a default budget holds at least (or every row): from about here on the GEMMs run at their
+#: full rate (on the CPU at D=256, V=50000, 128-row GEMMs take 1.4-1.8x the time per row of
+#: 512-row ones; on an H200 at D=4096, V=128256, reading the head once per 512 rows costs a fifth
+#: of the chunk's GEMM time).
+DEFAULT_MIN_ROWS = 512
 
 
 class Plan(NamedTuple):
-    """Rows per chunk, bytes of one row's working set, and whether the chunk is useful (at least
-    :data:`MIN_USEFUL_ROWS` rows, or every row)."""
+    """Rows per chunk, the bytes of that chunk's working set, and whether the chunk is useful (at
+    least :data:`MIN_USEFUL_ROWS` rows, or every row)."""
 
     rows: int
-    row_bytes: int
+    bytes: int
     useful: bool
 
 
@@ -66,16 +72,18 @@ def _dtypes(dtype: torch.dtype, p: LinearTMKLParams, rows):
     return cdt, gdt, gdt != cdt or p.logit_softcap is not None, gdt != dtype
 
 
-def row_bytes(v: int, dtype: torch.dtype, p: LinearTMKLParams, rows, *, dense: bool,
-              grads: bool = True) -> int:
-    """Bytes of one row of a chunk's working set: the logits (two rows with an exact base), the
-    gradient buffers when ``grads``, and ``rows.temporaries`` rows in the accumulation dtype."""
+def _costs(v: int, dtype: torch.dtype, p: LinearTMKLParams, rows, dense: bool, grads: bool):
+    """``(buffer bytes per row, temporaries' bytes per row, cap of the temporaries' bytes)``: the
+    logits (two rows per row with an exact base), the gradient buffers when ``grads``, and the
+    per-chunk kernels' ``rows.temporaries`` rows in the accumulation dtype, at most
+    ``rows.temporary_cap`` bytes whatever the chunk (kernels that work in sub-chunks)."""
     cdt, gdt, separate, cast = _dtypes(dtype, p, rows)
     per = _size(cdt) * (2 if dense and p.compute_kl else 1)
     if grads:
         per += (_size(gdt) if separate else 0) + (_size(dtype) if cast else 0)
-    per += getattr(rows, "temporaries", 0) * _size(accumulation_dtype(dtype))
-    return per * max(1, v)
+    temp = getattr(rows, "temporaries", 0) * _size(accumulation_dtype(dtype)) * max(1, v)
+    cap = getattr(rows, "temporary_cap", None)
+    return per * max(1, v), temp, float("inf") if cap is None else max(temp, cap)
 
 
 def plan(n: int, v: int, dtype: torch.dtype, p: LinearTMKLParams, rows, *, dense: bool,
@@ -83,20 +91,28 @@ def plan(n: int, v: int, dtype: torch.dtype, p: LinearTMKLParams, rows, *, dense
     """Rows per chunk: ``p.chunk_size`` when given, else as many as ``p.memory_budget`` bytes hold
     (a multiple of :data:`MIN_USEFUL_ROWS` when at least that many). The default budget is a
     quarter of the ``n x V`` logits in fp32, at most :data:`DEFAULT_BUDGET_CAP`, and never less
-    than the smallest useful chunk."""
-    per = row_bytes(v, dtype, p, rows, dense=dense, grads=grads)
+    than :data:`DEFAULT_MIN_ROWS` rows' worth (or every row's)."""
+    per, temp, cap = _costs(v, dtype, p, rows, dense, grads)
+
+    def cost(r: int) -> int:
+        return int(r * per + min(r * temp, cap))
+
+    def fit(budget: int) -> int:
+        r = budget // (per + temp)
+        return max(r, int(budget - cap) // per) if r * temp >= cap else r
+
     need = max(1, min(n, MIN_USEFUL_ROWS))
     if p.chunk_size is not None:
-        return Plan(p.chunk_size, per, p.chunk_size >= need)
+        return Plan(p.chunk_size, cost(p.chunk_size), p.chunk_size >= need)
     budget = p.memory_budget
     if budget is None:
         quarter = n * max(1, v) * _size(accumulation_dtype(dtype)) // 4
-        budget = max(need * per, min(DEFAULT_BUDGET_CAP, quarter))
-    fit = budget // per
-    rows_ = min(max(1, n), max(1, fit))
+        budget = max(cost(max(1, min(n, DEFAULT_MIN_ROWS))), min(DEFAULT_BUDGET_CAP, quarter))
+    room = fit(budget)
+    rows_ = min(max(1, n), max(1, room))
     if rows_ >= MIN_USEFUL_ROWS and rows_ < n:
         rows_ -= rows_ % MIN_USEFUL_ROWS
-    return Plan(rows_, per, fit >= need)
+    return Plan(rows_, cost(rows_), room >= need)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,16 +19,23 @@ V, D = 30, 8
 _TRITON_REASON = backend_skip_reason("linear_tmkl", "triton")
 
 
-class _Rows:
-    """A stand-in for a logits op's implementation: only the facts the driver sizes chunks by."""
-
-    def __init__(self, grad_any_dtype=True, temporaries=0):
-        self.grad_any_dtype, self.temporaries = grad_any_dtype, temporaries
-
-
 # ------------------------------------------------------------------------------------------------
 # chunk sizing
 # ------------------------------------------------------------------------------------------------
+class _Rows:
+    """A stand-in for a logits op's implementation: only the facts the driver sizes chunks by."""
+
+    def __init__(self, grad_any_dtype=True, temporaries=0, temporary_cap=None):
+        self.grad_any_dtype, self.temporaries = grad_any_dtype, temporaries
+        self.temporary_cap = temporary_cap
+
+
+def _per_row(rows, **kw):
+    """Bytes of one row of a chunk's working set (one-row chunks)."""
+    return _chunked.plan(10**4, V, kw.pop("dtype", torch.float32), LinearTMKLParams(chunk_size=1, **kw),
+                         rows, dense=kw.pop("dense", True)).bytes
+
+
 @pytest.mark.parametrize("grad_any_dtype", [True, False], ids=["casting-kernels", "cuda-kernels"])
 def test_default_chunk_at_the_headline_shape(grad_any_dtype):
     """N=8192, D=4096, V=128256, bf16 on a GPU's kernels (no temporaries): at least 512 rows per
@@ -38,24 +45,25 @@ def test_default_chunk_at_the_headline_shape(grad_any_dtype):
     rows = _Rows(grad_any_dtype=grad_any_dtype)
     plan = _chunked.plan(n, v, torch.bfloat16, LinearTMKLParams(), rows, dense=True)
     assert plan.useful and plan.rows >= 512 and plan.rows % _chunked.MIN_USEFUL_ROWS == 0
-    assert plan.rows * plan.row_bytes <= _chunked.DEFAULT_BUDGET_CAP
-    assert plan.row_bytes == v * (4 + 4 + 2)
+    assert plan.bytes <= _chunked.DEFAULT_BUDGET_CAP
+    assert plan.bytes == plan.rows * v * (4 + 4 + 2)
     ce_alone = _chunked.plan(n, v, torch.bfloat16, LinearTMKLParams(kl_weight=0.0, compute_kl=False),
                              rows, dense=True)
-    assert ce_alone.row_bytes == v * (4 + 2) and ce_alone.rows >= plan.rows
+    assert ce_alone.bytes == ce_alone.rows * v * (4 + 2) and ce_alone.rows >= plan.rows
     narrow = _chunked.plan(n, v, torch.bfloat16, LinearTMKLParams(chunk_dtype="input"), rows,
                            dense=True)
-    assert narrow.row_bytes == v * (2 + 2)  # dz written in place over the bf16 logits
+    assert narrow.bytes == narrow.rows * v * (2 + 2)  # dz written in place over the bf16 logits
 
 
 def test_budget_chunk_size_and_temporaries():
-    p = LinearTMKLParams(memory_budget=10**6)
     ref = _Rows(temporaries=10)
-    plan = _chunked.plan(1000, V, torch.float32, p, ref, dense=True)
-    assert plan.row_bytes == V * (2 * 4 + 10 * 4)  # fp32: dz in place; the reference's temporaries
-    assert plan.rows * plan.row_bytes <= 10**6 < (plan.rows + 1) * plan.row_bytes + 128 * plan.row_bytes
+    per = V * (2 * 4 + 10 * 4)  # fp32: dz in place; the reference's temporaries
+    assert _per_row(ref) == per
+    plan = _chunked.plan(1000, V, torch.float32, LinearTMKLParams(memory_budget=10**6), ref,
+                         dense=True)
+    assert plan.bytes <= 10**6 < plan.bytes + 128 * per and plan.bytes == plan.rows * per
     assert plan.rows % 128 == 0 and plan.useful
-    tight = _chunked.plan(1000, V, torch.float32, LinearTMKLParams(memory_budget=V * 48 * 5), ref,
+    tight = _chunked.plan(1000, V, torch.float32, LinearTMKLParams(memory_budget=per * 5), ref,
                           dense=True)
     assert tight.rows == 5 and not tight.useful  # fewer than one GEMM tile of rows
     assert _chunked.plan(7, V, torch.float32, LinearTMKLParams(memory_budget=1), ref,
@@ -64,10 +72,27 @@ def test_budget_chunk_size_and_temporaries():
                          dense=True).rows == 7
     small = _chunked.plan(40, V, torch.float32, LinearTMKLParams(), ref, dense=True)
     assert small.rows == 40 and small.useful  # every row in one chunk
-    assert _chunked.plan(40, V, torch.float32, LinearTMKLParams(), ref, dense=True,
-                         grads=False).row_bytes == V * (2 * 4 + 10 * 4)
-    bf = _chunked.plan(40, V, torch.bfloat16, LinearTMKLParams(), ref, dense=True, grads=False)
-    assert bf.row_bytes == V * (2 * 4 + 10 * 4)  # no gradient buffers without gradients
+    big = _chunked.plan(4000, V, torch.float32, LinearTMKLParams(), ref, dense=True)
+    assert big.rows == _chunked.DEFAULT_MIN_ROWS  # the default budget holds at least 512 rows
+    # no gradient buffers without gradients: bf16 costs what fp32 does (fp32 logits)
+    assert _per_row(ref, dtype=torch.bfloat16) == V * (2 * 4 + 2 + 10 * 4)
+    assert _chunked.plan(40, V, torch.bfloat16, LinearTMKLParams(chunk_size=1), ref, dense=True,
+                         grads=False).bytes == per
+
+
+def test_capped_temporaries():
+    """Kernels that work in sub-chunks cap their temporaries: beyond the cap a budget buys rows at
+    the buffers' price alone."""
+    capped = _Rows(temporaries=10, temporary_cap=100 * V * 40)
+    buf, temp = V * 8, V * 40
+    assert _chunked.plan(10**4, V, torch.float32, LinearTMKLParams(chunk_size=50), capped,
+                         dense=True).bytes == 50 * (buf + temp)
+    assert _chunked.plan(10**4, V, torch.float32, LinearTMKLParams(chunk_size=300), capped,
+                         dense=True).bytes == 300 * buf + 100 * temp
+    budget = 1000 * buf + 100 * temp
+    plan = _chunked.plan(10**4, V, torch.float32, LinearTMKLParams(memory_budget=budget), capped,
+                         dense=True)
+    assert plan.rows == 896 and plan.bytes <= budget  # 1000 fit, in whole 128-row tiles
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +219,7 @@ def _call(**kw):
 def test_auto_strategy(monkeypatch):
     taken = _spy_strategies(monkeypatch)
     _call(backend="reference")
-    assert taken == [("chunked", 128)]  # the default budget: at least one useful chunk
+    assert taken == [("chunked", 300)]  # the default budget holds every row here (< 512)
     taken.clear()
     _call(backend="reference", memory_budget=1)  # no useful chunk fits, the reference stays
     assert taken == [("chunked", 1)]

@@ -320,8 +320,8 @@ def test_chunking_is_invisible(backend):
     t = _inputs(shape=(13,), bias=True, dtype=torch.float64)
     base, grads_base, g = _run(t, backend, reduction="none", chunk_size=13)
     rows = _backend.implementation("tmkl", backend)
-    per_row = _chunked.plan(13, 45, torch.float64, _params(), rows, dense=True).row_bytes
-    for opts in (dict(chunk_size=1), dict(chunk_size=5), dict(memory_budget=2 * per_row)):
+    two_rows = _chunked.plan(13, 45, torch.float64, _params(chunk_size=2), rows, dense=True).bytes
+    for opts in (dict(chunk_size=1), dict(chunk_size=5), dict(memory_budget=two_rows)):
         outs, grads, _ = _run(t, backend, reduction="none", grads=g, **opts)
         torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, grads_base):

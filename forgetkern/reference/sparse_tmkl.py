@@ -22,7 +22,8 @@ import torch
 
 from .._params import (NUM_STATS, SP_LS_T, SP_M_T, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE,
                        STAT_M_Z, TMKLParams, accumulation_dtype, row_outputs)
-from .tmkl import CHUNK_TEMPORARIES, ce_normalizer, chunk_rows  # noqa: F401 (a fact of this module too)
+from .tmkl import (CHUNK_TEMPORARIES, CHUNK_TEMPORARY_CAP,  # noqa: F401 (facts of this module too)
+                   ce_normalizer, chunk_rows)
 
 NEG_INF = float("-inf")
 

@@ -16,9 +16,11 @@ NEG_INF = float("-inf")
 REFERENCE_CHUNK_BYTES = 256 * 2**20
 # Roughly how many rows x V temporaries the chunk computations keep alive at once.
 _TEMPS_PER_CHUNK = 10
-#: ``rows x V`` temporaries (accumulation dtype) per row of logits the TMKL ops here allocate: the
+#: ``rows x V`` temporaries (accumulation dtype) per row of logits the TMKL ops here allocate, and
+#: at most :data:`REFERENCE_CHUNK_BYTES` of them (rows go in chunks of :func:`chunk_rows`): the
 #: chunked fused-linear driver counts them in its memory budget (``_backend.Implementation``).
 CHUNK_TEMPORARIES = _TEMPS_PER_CHUNK
+CHUNK_TEMPORARY_CAP = REFERENCE_CHUNK_BYTES
 
 
 def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
@@ -119,18 +121,31 @@ def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParam
     maxima, so shift-invariant. ``0`` where the weights have no mass, ``inf`` where they have mass
     the other distribution lacks; zero weights give exactly zero; NaN propagates.
     """
+    if b is None:
+        return _ce_alone(z, y)
     xs = _scaled(z, y, p)
     m_z, s_z, e_z = _shifted(xs)
-    if b is None:  # the base is the adapted model itself: the KL is exactly 0
-        del xs, e_z
-        ls_z = s_z.log()
-        m_b, ls_b, kl = m_z, ls_z, torch.zeros_like(ls_z)
-    else:
-        kl, m_b, ls_b, ls_z = _kl(xs, e_z, b, y, s_z, p)
+    kl, m_b, ls_b, ls_z = _kl(xs, e_z, b, y, s_z, p)
     z_y = z.gather(1, y[:, None]).squeeze(1).to(ls_z.dtype)
     m_c, ls_c = ce_normalizer(z, z_y, m_z, ls_z, p)
     ce = (m_c - z_y) + ls_c
     return ce, kl, torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
+
+
+def _ce_alone(z: torch.Tensor, y: torch.Tensor):
+    """Per-row ``(ce, kl = 0, stats)`` when the base is ``z`` itself: ``CE = -log_softmax(z)_y``
+    from torch's row-wise log-softmax, which forms ``(z - m) - log s`` (shift-invariant), and the
+    normalizer ``(m, log s)`` with ``log s = -log_softmax(z)`` at the row's argmax, exactly. No KL is
+    formed: every normalizer column of ``stats`` holds this one, over every column."""
+    zf = z.to(accumulation_dtype(z.dtype))
+    m, top = zf.max(dim=1)
+    lsm = torch.log_softmax(zf, dim=1)
+    ls = -lsm.gather(1, top[:, None]).squeeze(1)
+    ce = -lsm.gather(1, y[:, None]).squeeze(1)
+    del lsm
+    m = m.masked_fill(m == NEG_INF, 0.0)
+    kl = torch.zeros_like(ce)
+    return ce, kl, torch.stack([m, ls, m, ls, m, ls, kl], dim=1)
 
 
 def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tensor,
@@ -166,13 +181,15 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams, out=None) -
         r = ((st[:, STAT_M_Z, None] - m_c) + (st[:, STAT_LS_Z, None] - ls_c)).exp()
     else:
         r = torch.ones_like(a)
+    if b is None:  # the base is z itself: the KL's gradient is exactly 0, in either direction
+        sm = torch.softmax(z.to(acc), dim=1)  # row-wise: exp((z - m) - log s)
+        grad = torch.mul(sm, a, **({} if out is None else {"out": out}))
+        del sm
+        set_target(grad, y, -a, add=True)
+        return grad.masked_fill_(a == 0, 0.0) if bool((a == 0).any()) else grad
     # the last pass writes out directly unless the CE term still reads z afterwards (r is None)
     last = {} if out is None or r is None else {"out": out}
     log_q = _log_probs(z, y, st[:, STAT_M_Z], st[:, STAT_LS_Z], p)
-    if b is None:  # the base is z itself: the KL's gradient is exactly 0, in either direction
-        c = torch.zeros_like(c)
-        grad = log_q.zero_() if r is None else torch.mul(log_q.exp_(), a * r, **last)
-        return _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p)
     log_p = _log_probs(b, y, st[:, STAT_M_B], st[:, STAT_LS_B], p)
     # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan): the base side of a row with
     # c = 0 is dropped before it can meet c
