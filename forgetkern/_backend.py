@@ -3,16 +3,22 @@
 Every op has one interface, and every backend of the op implements it with the same signatures
 (``docs/architecture.md`` lists them):
 
-===================  ==========================  ==================================================
-op                   interface                   backends
-===================  ==========================  ==================================================
-``tmkl``             ``forward``, ``backward``   reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
-``linear_tmkl``      ``forward``, ``backward``   reference, triton (``ops/linear_tmkl.py``)
-``sparse_tmkl``      ``forward``, ``backward``   reference, triton (``ops/sparse_tmkl.py``)
-``linear_sparse_tmkl`` ``forward``, ``backward`` reference, triton (the shared chunked driver)
-``generalized_eigh`` ``solve``                   reference, triton (``ops/generalized_eigh.py``), cuda
-``folora_step``      ``step``                    reference, triton (``ops/folora.py``)
-===================  ==========================  ==================================================
+======================  ========================  ===============================================
+op                      interface                 backends
+======================  ========================  ===============================================
+``tmkl``                ``forward``, ``backward`` reference, triton (``ops/tmkl.py``), cuda (``_cuda``)
+``sparse_tmkl``         ``forward``, ``backward`` reference, triton (``ops/sparse_tmkl.py``)
+``linear_tmkl``         ``forward``, ``backward`` every backend of ``tmkl``: the chunked driver
+``linear_sparse_tmkl``  ``forward``, ``backward`` every backend of ``sparse_tmkl``: the chunked driver
+``linear_tmkl_fused``   ``forward``, ``backward`` triton (``ops/linear_tmkl.py``: on-chip tiles)
+``generalized_eigh``    ``solve``                 reference, triton (``ops/generalized_eigh.py``), cuda
+``folora_step``         ``step``                  reference, triton (``ops/folora.py``)
+======================  ========================  ===============================================
+
+The fused-linear ops of :data:`CHUNKED` have no kernels of their own: their implementation on a
+backend is the chunked driver (:mod:`forgetkern._chunked`) bound to that backend's implementation
+of a logits op, which it runs on each chunk of rows. :data:`FUSED` names the on-chip op that serves
+``strategy="fused"``.
 
 Choice, in order (DESIGN.md): an explicit ``backend=`` argument, then the ``FORGETKERN_BACKEND``
 environment variable, then the CUDA extension if it is built and the tensors are on a GPU, then
@@ -33,11 +39,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
-from . import _cuda
+from . import _chunked, _cuda
 from ._params import (BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, check_backend_name,
                       env_backend, triton_interpret)
 
@@ -47,6 +54,7 @@ INTERFACES: dict[str, tuple[str, ...]] = {
     "linear_tmkl": ("forward", "backward"),
     "sparse_tmkl": ("forward", "backward"),
     "linear_sparse_tmkl": ("forward", "backward"),
+    "linear_tmkl_fused": ("forward", "backward"),
     "generalized_eigh": ("solve",),
     "folora_step": ("step",),
 }
@@ -56,20 +64,12 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     ("tmkl", "reference"): ("forgetkern.reference.tmkl", ("tmkl_forward", "tmkl_backward")),
     ("tmkl", "triton"): ("forgetkern.ops.tmkl", ("tmkl_forward", "tmkl_backward")),
     ("tmkl", "cuda"): ("forgetkern._cuda", ("tmkl_forward", "tmkl_backward")),
-    ("linear_tmkl", "reference"): ("forgetkern.reference.tmkl",
-                                   ("linear_tmkl_forward", "linear_tmkl_backward")),
-    ("linear_tmkl", "triton"): ("forgetkern.ops.linear_tmkl",
-                                ("linear_tmkl_forward", "linear_tmkl_backward")),
     ("sparse_tmkl", "reference"): ("forgetkern.reference.sparse_tmkl",
                                    ("sparse_tmkl_forward", "sparse_tmkl_backward")),
     ("sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
                                 ("sparse_tmkl_forward", "sparse_tmkl_backward")),
-    ("linear_sparse_tmkl", "reference"): ("forgetkern.reference.sparse_tmkl",
-                                          ("linear_sparse_tmkl_forward",
-                                           "linear_sparse_tmkl_backward")),
-    ("linear_sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
-                                       ("linear_sparse_tmkl_forward",
-                                        "linear_sparse_tmkl_backward")),
+    ("linear_tmkl_fused", "triton"): ("forgetkern.ops.linear_tmkl",
+                                      ("linear_tmkl_forward", "linear_tmkl_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),
@@ -79,10 +79,22 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: Fused-linear op -> the logits op whose kernels the chunked driver runs on each chunk of rows.
+CHUNKED: dict[str, str] = {"linear_tmkl": "tmkl", "linear_sparse_tmkl": "sparse_tmkl"}
+#: Fused-linear op -> the op of its on-chip strategy (``strategy="fused"``).
+FUSED: dict[str, str] = {"linear_tmkl": "linear_tmkl_fused"}
+# the chunked driver's interface functions of each fused-linear op, in INTERFACES order
+_DRIVER = {"linear_tmkl": (_chunked.linear_tmkl_forward, _chunked.linear_tmkl_backward),
+           "linear_sparse_tmkl": (_chunked.linear_sparse_tmkl_forward,
+                                  _chunked.linear_sparse_tmkl_backward)}
+
+
 def _op_backends() -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for op, backend in TABLE:
         out[op] = out.get(op, ()) + (backend,)
+    for op, rows_op in CHUNKED.items():
+        out[op] = out[rows_op]
     return out
 
 
@@ -101,6 +113,15 @@ class Implementation:
     backward: Callable | None = None
     solve: Callable | None = None
     step: Callable | None = None
+    #: a logits op's ``backward`` writes ``grad_out`` in any float dtype (else only in the logits'
+    #: dtype: the chunked driver then writes in place and casts); the module's ``GRAD_ANY_DTYPE``
+    grad_any_dtype: bool = True
+    #: ``rows x V`` temporaries in the accumulation dtype a logits op allocates per row it is
+    #: given (the chunked driver counts them in its budget); the module's ``CHUNK_TEMPORARIES``
+    temporaries: int = 0
+    #: the most bytes those temporaries take whatever the rows (``None``: no bound); the
+    #: module's ``CHUNK_TEMPORARY_CAP``
+    temporary_cap: int | None = None
 
 
 _LOADED: dict[tuple[str, str], Implementation] = {}  # a plain dict: torch.compile reads it
@@ -111,14 +132,28 @@ def implementation(op: str, backend: str) -> Implementation:
     key = (op, backend)
     impl = _LOADED.get(key)
     if impl is None:
-        if key not in TABLE:
+        if backend not in OP_BACKENDS.get(op, ()):
             raise ValueError(f"op {op!r} has no {backend!r} backend "
                              f"(it has: {', '.join(OP_BACKENDS.get(op, ()))})")
+        if op in CHUNKED:
+            impl = _LOADED[key] = chunked(op, implementation(CHUNKED[op], backend))
+            return impl
         module_name, attrs = TABLE[key]
         module = importlib.import_module(module_name)
         fns = {name: getattr(module, attr) for name, attr in zip(INTERFACES[op], attrs)}
-        impl = _LOADED[key] = Implementation(op=op, backend=backend, **fns)
+        impl = _LOADED[key] = Implementation(
+            op=op, backend=backend, grad_any_dtype=getattr(module, "GRAD_ANY_DTYPE", True),
+            temporaries=getattr(module, "CHUNK_TEMPORARIES", 0),
+            temporary_cap=getattr(module, "CHUNK_TEMPORARY_CAP", None), **fns)
     return impl
+
+
+def chunked(op: str, rows: Implementation) -> Implementation:
+    """The fused-linear ``op`` as the chunked driver over ``rows``, an implementation of the
+    logits op ``CHUNKED[op]`` (the table's own, or a stand-in such as the CUDA host emulation)."""
+    forward, backward = _DRIVER[op]
+    return Implementation(op=op, backend=rows.backend, forward=partial(forward, rows=rows),
+                          backward=partial(backward, rows=rows))
 
 
 # The implementations that import no Triton are loaded now, so that a call traced by
@@ -126,6 +161,10 @@ def implementation(op: str, backend: str) -> Implementation:
 for _key, (_module, _) in TABLE.items():
     if _module.startswith("forgetkern.reference") or _module == "forgetkern._cuda":
         implementation(*_key)
+for _op, _rows_op in CHUNKED.items():
+    for _name in ("reference", "cuda"):
+        if _name in OP_BACKENDS[_op]:
+            implementation(_op, _name)
 
 
 def triton_installed() -> bool:

@@ -36,6 +36,9 @@ from ._params import ENV_CUDA_SYNC, NUM_STATS, TMKLParams, accumulation_dtype, e
 
 #: dtype codes of the launchers (``_C.DTYPE_CODES``).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+#: The TMKL backward kernel writes its gradient in the logits' dtype only (``grad_out`` of another
+#: dtype goes through a buffer): the chunked fused-linear driver writes in place and casts itself.
+GRAD_ANY_DTYPE = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,9 +167,10 @@ def _tmkl_forward_call(launcher, logits, base_logits, labels, ignore_index, temp
 
 def _tmkl_backward_call(launcher, logits, base_logits, labels, stats, coef_ce, coef_kl, grad,
                         ignore_index, temperature, forward_kl, mask_target, separate_ce, **launch):
-    # the kernel writes rows with unit stride along V: another layout gets a buffer, copied back
-    g = grad if grad.shape[1] <= 1 or grad.stride(1) == 1 else torch.empty(
-        grad.shape, dtype=grad.dtype, device=grad.device)
+    # the kernel writes rows with unit stride along V in the logits' dtype: another layout or dtype
+    # gets a buffer, copied back (the chunked driver avoids that: GRAD_ANY_DTYPE)
+    same = grad.dtype == logits.dtype and (grad.shape[1] <= 1 or grad.stride(1) == 1)
+    g = grad if same else torch.empty(grad.shape, dtype=logits.dtype, device=grad.device)
     inplace = g is grad and grad.data_ptr() == logits.data_ptr() and grad.numel() > 0
     z = grad if inplace else _unit_cols(logits)
     b, y = _unit_cols(base_logits), _labels64(labels)

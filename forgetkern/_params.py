@@ -163,20 +163,61 @@ class TMKLParams:
         return self.temperature != 1.0
 
 
+#: How the fused-linear loss runs: per chunk of rows a vendor GEMM and the backend's TMKL kernels
+#: (``"chunked"``), logit tiles on chip (``"fused"``, Triton), or ``"auto"`` (docs/linear_tmkl.md).
+STRATEGIES = ("auto", "chunked", "fused")
+#: dtype of the chunked strategy's logits: the accumulation dtype (fp32 for 16-bit inputs) or the
+#: inputs' own (``"input"``: half the chunk memory, logits rounded to that dtype).
+CHUNK_DTYPES = ("accumulation", "input")
+
+
 @dataclass(frozen=True)
 class LinearTMKLParams(TMKLParams):
-    """:class:`TMKLParams` plus the reference path's ``chunk_size`` (rows per chunk, ``None`` =
-    sized from ``forgetkern.reference.REFERENCE_CHUNK_BYTES``)."""
+    """:class:`TMKLParams` plus the fused-linear options (``forgetkern.linear_tmkl_loss``).
+
+    ``chunk_size`` (rows per chunk) and ``memory_budget`` (bytes of one chunk's working set) size the
+    chunked strategy's chunks; ``strategy`` is one of :data:`STRATEGIES`, ``chunk_dtype`` one of
+    :data:`CHUNK_DTYPES`; ``logit_scale`` ``s`` and ``logit_softcap`` ``c`` transform both models'
+    logits, ``z = c * tanh(s * (h W^T + bias) / c)``; ``compute_kl=False`` (only with
+    ``kl_weight == 0``) skips the base model entirely.
+    """
 
     chunk_size: int | None = None
+    memory_budget: int | None = None
+    strategy: str = "auto"
+    chunk_dtype: str = "accumulation"
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    compute_kl: bool = True
 
     def __post_init__(self):
         super().__post_init__()
-        if self.chunk_size is not None:
-            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
-                raise TypeError(f"chunk_size must be an int or None, got {type(self.chunk_size).__name__}")
-            if self.chunk_size <= 0:
-                raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+        for name in ("chunk_size", "memory_budget"):
+            if (value := getattr(self, name)) is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            object.__setattr__(self, name, int(value))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.chunk_dtype not in CHUNK_DTYPES:
+            raise ValueError(f"chunk_dtype must be one of {CHUNK_DTYPES}, got {self.chunk_dtype!r}")
+        for name in ("logit_scale", "logit_softcap"):
+            value = getattr(self, name)
+            if (value is not None or name == "logit_scale") and not _check_number(name, value) > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            object.__setattr__(self, name, None if value is None else float(value))
+        if not isinstance(self.compute_kl, bool):
+            raise TypeError(f"compute_kl must be a bool, got {type(self.compute_kl).__name__}")
+        if not self.compute_kl and self.kl_weight != 0.0:
+            raise ValueError(f"compute_kl=False needs kl_weight == 0, got {self.kl_weight}")
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether ``logit_scale`` or ``logit_softcap`` changes the logits."""
+        return self.logit_scale != 1.0 or self.logit_softcap is not None
 
 
 def guarded(weight: float, value: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ except ImportError:  # a torch without torch.distributed: isinstance(x, ()) is a
     FSDPModule = ()
 
 from . import _validate
-from ._backend import Implementation
+from ._backend import Implementation, implementation
+from ._chunked import logits_chunk, plan
 from ._rank_check import check_ranks_agree, describe
 from ._params import TMKLParams, accumulation_dtype, row_outputs, with_target
 from .reference import tmkl as ref
@@ -207,11 +208,11 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     wb = weight if base_weight is None else base_weight
     parts = [torch.zeros(n, dtype=acc_dtype, device=hidden.device) for _ in range(8)]
     y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
+    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
-        z = ref._logits_chunk(hidden[sl], weight, bias, acc_dtype)
-        b = ref._logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
+        z = logits_chunk(hidden[sl], weight, bias, acc_dtype)
+        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
         for out, value in zip(parts, _shard_partials(z, b, y_loc[sl], params)):
             out[sl] = value
     return (*_combine(parts, valid, params, group), None)
@@ -231,12 +232,12 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
     dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if need_w else None
     db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if need_b else None
     y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
+    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
         h = hidden[sl]
-        z = ref._logits_chunk(h, weight, bias, acc_dtype)
-        b = ref._logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
+        z = logits_chunk(h, weight, bias, acc_dtype)
+        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
         g = ref._chunk_grad(z, b, y_loc[sl], valid[sl], stats[sl], coef_ce[sl], coef_kl[sl], params)
         del z, b
         if need_h:
@@ -262,6 +263,10 @@ def resolve(op: str, group, backend: str | None, *inputs):
         if backend not in (None, "reference"):
             raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
                              "runs the reference implementation; use backend=None")
+        params = inputs[-3]
+        if op == "linear_tmkl" and (params.strategy == "fused" or params.transforms_logits):
+            raise ValueError("the vocab-parallel form (process_group) runs the chunked reference "
+                             "without strategy='fused', logit_scale or logit_softcap")
         laid = validate(*inputs, num_classes=_ANY_VOCAB)  # global ids: bounded after the gather
         descriptor = describe(op, inputs, laid)
     except Exception as exc:  # noqa: BLE001 - every rank learns it in the check below

@@ -2,12 +2,14 @@
 backend once (``_backend``) and hands that implementation to the autograd Function."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from . import _backend, _validate, distributed
+from . import _backend, _chunked, _validate, distributed
 from ._autograd import (LinearSparseTMKLFunction, LinearTMKLFunction, SparseTMKLFunction,
                         TMKLFunction)
-from ._params import LinearTMKLParams, TMKLParams, TopKBase, accumulation_dtype
+from ._params import LinearTMKLParams, TMKLParams, TopKBase, accumulation_dtype, env_backend
 from .reference.sparse_tmkl import topk_record
 
 
@@ -169,7 +171,12 @@ def linear_tmkl_loss(
     num_items_in_batch=None,
     return_components: bool = False,
     inplace_backward: bool = False,
+    strategy: str = "auto",
     chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    chunk_dtype: str = "accumulation",
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     backend: str | None = None,
     process_group=None,
 ):
@@ -182,16 +189,18 @@ def linear_tmkl_loss(
         base_logits = h_b @ W_b.T + base_bias                # (N, V), W_b = W by default
         loss = tmkl_loss(logits, base_logits, labels, ...)   # same options, same result
 
-    The Triton backend forms logits tiles on chip and recomputes them in backward; the reference
-    backend (CPU, and the fallback elsewhere) processes rows in chunks, so extra memory is one
-    chunk's ``rows x V`` temporaries plus ``O(N·D)`` (and ``V x D`` when ``weight`` is trained).
+    (with ``logit_scale`` ``s`` and ``logit_softcap`` ``c``, both logits are first
+    ``c * tanh(s * logits / c)``). ``strategy="chunked"`` forms a chunk of rows' logits at a time
+    with a vendor GEMM (fp32 for 16-bit inputs) and runs the backend's TMKL kernels on it;
+    ``"fused"`` (Triton) forms logit tiles on chip; ``"auto"`` picks (docs/linear_tmkl.md).
 
     Args:
         hidden: ``(..., D)`` adapted-model final hidden states (float16/bfloat16/float32/float64).
         weight: ``(V, D)`` LM head, same dtype. Gets a gradient only if it requires grad.
         base_hidden: ``(..., D)`` frozen base-model hidden states; never gets a gradient. Or a
             :class:`TopKBase` record of the base logits (then no ``base_weight``/``base_bias``;
-            reference backend only).
+            the record holds the base logits as they are: ``logit_scale``/``logit_softcap``
+            apply to the adapted side only).
         labels: ``(...)`` integer targets in ``[0, V)`` or ``ignore_index``.
         base_weight: ``(V, D)`` base LM head; ``None`` (default) uses ``weight`` itself (no copy).
             Never gets a gradient.
@@ -199,12 +208,21 @@ def linear_tmkl_loss(
         base_bias: ``(V,)`` base head bias. ``None`` means ``bias`` when the head is shared
             (``base_weight=None``) and no bias when a separate ``base_weight`` is given.
         kl_weight, ce_weight, temperature, direction, mask_target, ignore_index, reduction,
-            num_items_in_batch, return_components: as in :func:`tmkl_loss`.
+            num_items_in_batch, return_components: as in :func:`tmkl_loss`. With
+            ``kl_weight=0`` and no components the base model is not read at all (CE alone).
         inplace_backward: accepted for parity with :func:`tmkl_loss`; no effect here (there is no
             logits-sized gradient to write in place).
-        chunk_size: rows per chunk of the reference backend; ``None`` sizes chunks from
-            ``forgetkern.reference.REFERENCE_CHUNK_BYTES`` (see docs/linear_tmkl.md).
-        backend: ``"reference"``, ``"triton"`` or ``None`` (automatic).
+        strategy: ``"auto"`` (chunked unless ``memory_budget`` forbids a useful chunk; then
+            fused where Triton runs), ``"chunked"`` or ``"fused"`` (Triton only).
+        chunk_size: rows per chunk (chunked strategy); ``None`` sizes chunks from ``memory_budget``.
+        memory_budget: bytes of one chunk's working set (logits and gradient buffers, the
+            kernels' temporaries); ``None``: a quarter of the fp32 ``N x V`` logits, at most 1 GiB.
+        chunk_dtype: ``"accumulation"`` (fp32 logits chunks for 16-bit inputs) or ``"input"``
+            (chunks in the inputs' dtype: half the memory, logits rounded to that dtype).
+        logit_scale: ``s > 0``, logits ``s * (h W^T + bias)`` (Cohere).
+        logit_softcap: ``c > 0`` or ``None``, logits ``c * tanh(logits / c)`` after the scale
+            (Gemma 2). Neither runs on ``strategy="fused"``.
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic).
         process_group: a ``torch.distributed`` process group over which the head is sharded by
             rows (vocab-parallel): ``weight`` (and ``base_weight``, the biases) hold this rank's
             contiguous rows of the vocabulary in rank order, ``labels`` global ids identical on
@@ -218,45 +236,62 @@ def linear_tmkl_loss(
     params = LinearTMKLParams(
         kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, direction=direction,
         mask_target=mask_target, ignore_index=ignore_index, inplace_backward=inplace_backward,
-        chunk_size=chunk_size,
+        strategy=strategy, chunk_size=chunk_size, memory_budget=memory_budget,
+        chunk_dtype=chunk_dtype, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        compute_kl=kl_weight != 0 or return_components,
     )
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     if isinstance(base_hidden, TopKBase):
         if process_group is not None:
             raise ValueError("a TopKBase base record has no vocab-parallel form (process_group)")
-        impl = _backend.resolve("linear_sparse_tmkl", hidden, backend=backend)
         h, rec, y = _validate.linear_sparse_tmkl_inputs(
             hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
             num_items_in_batch)
+        impl, params = _linear_strategy("linear_sparse_tmkl", h, weight, params, backend, grads)
         return _linear_apply(LinearSparseTMKLFunction, (h, weight, bias, *rec, y), params, impl,
                              labels, reduction, num_items_in_batch, return_components)
     inputs = (hidden, weight, base_hidden, labels, base_weight, bias, base_bias, params, reduction,
               num_items_in_batch)
     if process_group is None:
-        impl = _backend.resolve("linear_tmkl", hidden, backend=backend)
         h, hb, wb, bb, y = _validate.linear_tmkl_inputs(*inputs)
+        impl, params = _linear_strategy("linear_tmkl", h, weight, params, backend, grads)
     else:  # every rank's inputs checked, and checked against the other ranks'
-        impl, (h, hb, wb, bb, y) = distributed.resolve("linear_tmkl", process_group, backend, *inputs)
-    acc = accumulation_dtype(hidden.dtype)
-    # the upstream gradient each row's loss receives from the reduction (1/denominator for
-    # "mean"): an implementation that can precomputes gradients for it during the forward
-    row_weight = torch.ones((), dtype=acc, device=hidden.device)
-    if reduction == "mean" and y.numel() > 0:
-        unit = torch.zeros(y.numel(), dtype=acc, device=hidden.device)
-        unit[0] = 1.0
-        row_weight = _reduce(unit, labels, reduction, ignore_index, num_items_in_batch)
-    loss, ce, kl = LinearTMKLFunction.apply(
-        h, weight, hb, wb, bias, bb, y, row_weight,
-        torch.is_grad_enabled() and process_group is None, params, impl)
-    reduce = lambda t: _reduce(t, labels, reduction, ignore_index, num_items_in_batch)  # noqa: E731
-    if return_components:
-        return reduce(loss), reduce(ce), reduce(kl)
-    return reduce(loss)
+        impl, (h, hb, wb, bb, y) = distributed.resolve("linear_tmkl", process_group, backend,
+                                                       *inputs)
+    return _linear_apply(LinearTMKLFunction, (h, weight, hb, wb, bias, bb, y), params, impl,
+                         labels, reduction, num_items_in_batch, return_components,
+                         precompute=process_group is None)
+
+
+def _linear_strategy(op, hidden, weight, params, backend, grads):
+    """``(implementation, params)`` of one fused-linear call: the strategy (docs/linear_tmkl.md),
+    chosen once here, and for the chunked one its rows per chunk (``params.chunk_size``)."""
+    fused = _backend.FUSED.get(op)
+    if params.strategy == "fused":
+        if fused is None:
+            raise ValueError("strategy='fused' has no form for a TopKBase base record; use 'chunked'")
+        if params.transforms_logits:
+            raise ValueError("strategy='fused' does not apply logit_scale/logit_softcap; use "
+                             "strategy='chunked' or 'auto'")
+        return _backend.resolve(fused, hidden, backend=backend or "triton"), params
+    name = _backend.resolve_name(op, hidden, backend=backend)
+    rows = _backend.implementation(_backend.CHUNKED[op], name)
+    plan = _chunked.plan(hidden.shape[0], weight.shape[0], hidden.dtype, params, rows,
+                         dense=op == "linear_tmkl", grads=grads)
+    chosen = (backend or env_backend()) in (None, "triton")
+    if (params.strategy == "auto" and params.chunk_size is None and not plan.useful
+            and fused is not None and chosen and not params.transforms_logits
+            and _backend.why_unavailable("triton", fused, hidden.device) is None):
+        return _backend.implementation(fused, "triton"), params
+    return _backend.implementation(op, name), replace(params, chunk_size=plan.rows)
 
 
 def _linear_apply(function, args, params, impl, labels, reduction, num_items_in_batch,
-                  return_components):
+                  return_components, precompute=True):
     """Run a fused-linear Function whose forward may precompute gradients for the upstream
-    gradient each row's loss receives from the reduction (``row_weight``), then reduce."""
+    gradient each row's loss receives from the reduction (``row_weight``: ``1/denominator`` for
+    ``"mean"``), then reduce."""
     hidden = args[0]
     acc = accumulation_dtype(hidden.dtype)
     row_weight = torch.ones((), dtype=acc, device=hidden.device)
@@ -264,7 +299,7 @@ def _linear_apply(function, args, params, impl, labels, reduction, num_items_in_
         unit = torch.zeros(labels.numel(), dtype=acc, device=hidden.device)
         unit[0] = 1.0
         row_weight = _reduce(unit, labels, reduction, params.ignore_index, num_items_in_batch)
-    outs = function.apply(*args, row_weight, torch.is_grad_enabled(), params, impl)
+    outs = function.apply(*args, row_weight, torch.is_grad_enabled() and precompute, params, impl)
     outs = [_reduce(t, labels, reduction, params.ignore_index, num_items_in_batch) for t in outs]
     return tuple(outs) if return_components else outs[0]
 

@@ -55,7 +55,8 @@ class TMKLLoss(nn.Module):
 
 class LinearTMKLLoss(nn.Module):
     """Module form of :func:`forgetkern.linear_tmkl_loss`; keyword options (those of
-    :class:`TMKLLoss` plus ``chunk_size``) are fixed at construction.
+    :class:`TMKLLoss` plus ``strategy``, ``chunk_size``, ``memory_budget``, ``chunk_dtype``,
+    ``logit_scale`` and ``logit_softcap``) are fixed at construction.
 
     ``forward(hidden, weight, base_hidden, labels, base_weight=None, bias=None, base_bias=None,
     num_items_in_batch=None)``.
@@ -64,20 +65,22 @@ class LinearTMKLLoss(nn.Module):
     def __init__(self, *, kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0,
                  direction: str = "forward", mask_target: bool = True, ignore_index: int = -100,
                  reduction: str = "mean", return_components: bool = False,
-                 inplace_backward: bool = False, chunk_size: int | None = None,
-                 backend: str | None = None):
+                 inplace_backward: bool = False, strategy: str = "auto",
+                 chunk_size: int | None = None, memory_budget: int | None = None,
+                 chunk_dtype: str = "accumulation", logit_scale: float = 1.0,
+                 logit_softcap: float | None = None, backend: str | None = None):
         super().__init__()
-        # validate the options now rather than at the first call
-        LinearTMKLParams(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
-                         direction=direction, mask_target=mask_target, ignore_index=ignore_index,
-                         inplace_backward=inplace_backward, chunk_size=chunk_size)
-        check_reduction(reduction)
-        check_backend_name(backend)
         self.options = dict(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             direction=direction, mask_target=mask_target,
-                            ignore_index=ignore_index, reduction=reduction,
-                            return_components=return_components,
-                            inplace_backward=inplace_backward, chunk_size=chunk_size,
+                            ignore_index=ignore_index, inplace_backward=inplace_backward,
+                            strategy=strategy, chunk_size=chunk_size, memory_budget=memory_budget,
+                            chunk_dtype=chunk_dtype, logit_scale=logit_scale,
+                            logit_softcap=logit_softcap)
+        # validate the options now rather than at the first call
+        LinearTMKLParams(**self.options)
+        check_reduction(reduction)
+        check_backend_name(backend)
+        self.options.update(reduction=reduction, return_components=return_components,
                             backend=backend)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Tensor,

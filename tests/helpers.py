@@ -3,6 +3,7 @@ the input makers and the backends of each op (with the CUDA kernels' host emulat
 the device on a machine without a GPU)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -57,6 +58,7 @@ def cuda_backend_on_cpu(monkeypatch, op: str = "tmkl", *, threads: int = 0) -> N
     ``_backend.why_unavailable`` and puts the emulation (:func:`forgetkern._cuda_emulated.emulated`, with
     ``threads`` per emulated block, ``0``: the device's launch setting) into the implementation
     table, so the public functions run it through their usual validate -> resolve -> Function path.
+    A fused-linear op (``linear_tmkl``) gets the chunked driver over the emulated logits op.
     """
     if HAS_GPU:
         return
@@ -64,18 +66,21 @@ def cuda_backend_on_cpu(monkeypatch, op: str = "tmkl", *, threads: int = 0) -> N
 
     if not _cuda.available():
         pytest.skip(f"forgetkern._C is not available: {_cuda.load_error()}")
-    emu = _cuda_emulated.emulated(op, threads=threads)
+    rows_op = _backend.CHUNKED.get(op, op)
+    emu = _cuda_emulated.emulated(rows_op, threads=threads)
     real = _backend.why_unavailable
 
     def why_unavailable(backend, op_, device):
-        if backend == "cuda" and op_ == op and device.type == "cpu":
+        if backend == "cuda" and op_ in (op, rows_op) and device.type == "cpu":
             return None
         return real(backend, op_, device)
 
     monkeypatch.setattr(_backend, "why_unavailable", why_unavailable)
-    fns = {name: getattr(emu, name) for name in _backend.INTERFACES[op]}
-    monkeypatch.setitem(_backend._LOADED, (op, "cuda"),
-                        _backend.Implementation(op=op, backend="cuda", **fns))
+    fns = {name: getattr(emu, name) for name in _backend.INTERFACES[rows_op]}
+    rows = dataclasses.replace(_backend.implementation(rows_op, "cuda"), **fns)
+    monkeypatch.setitem(_backend._LOADED, (rows_op, "cuda"), rows)
+    if op != rows_op:
+        monkeypatch.setitem(_backend._LOADED, (op, "cuda"), _backend.chunked(op, rows))
 
 
 # ------------------------------------------------------------------------------------------------

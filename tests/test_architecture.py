@@ -16,18 +16,19 @@ PACKAGE = Path(forgetkern.__file__).parent
 # layer, or sideways within a layer along SIDEWAYS.
 LAYERS = {
     "_params": 0, "_version": 0, "_files": 0, "_args": 0,
-    "_validate": 1, "_backend": 1, "reference": 1, "ops": 1, "_cuda": 1, "_cuda_emulated": 1, "distributed": 1,
-    "_rank_check": 1,
+    "_validate": 1, "_backend": 1, "_chunked": 1, "reference": 1, "ops": 1, "_cuda": 1,
+    "_cuda_emulated": 1, "distributed": 1, "_rank_check": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
     "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3, "modeling": 3,
     "integrations": 4, "demo": 4, "_bench": 4, "cli": 4, "__main__": 5, "__init__": 5,
 }
 SIDEWAYS = {
     ("_backend", "_cuda"),  # the table asks the extension loader whether it is built
+    ("_backend", "_chunked"),  # the fused-linear ops: the chunked driver over a logits op
     ("_cuda_emulated", "_cuda"),  # the CUDA backend's interfaces over the host emulation
     ("distributed", "_backend"), ("distributed", "reference"),  # vocab-parallel: reference math
     ("distributed", "_validate"), ("distributed", "_rank_check"),  # its one entry: checks, ranks
-    ("ops", "reference"),  # the fused-linear sparse TMKL's chunked driver, shared
+    ("distributed", "_chunked"),  # ... with the chunked driver's GEMMs and chunk sizes
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers
     ("train", "lora"),
@@ -102,6 +103,8 @@ def test_ground_layer_and_reference_import_no_kernels():
         names = {dst for _, dst in _imports(rel, path)} - {src}
         if src == "_params":
             assert not names, f"the ground layer imports {names}"
+        if src == "_chunked":  # the driver gets its per-chunk kernels as an argument
+            assert names <= {"_params"}, f"the chunked driver imports {names}"
         if src in ("reference", "_validate", "_cuda") or (src == "ops"):
             allowed = {src} | {d for s, d in SIDEWAYS if s == src}  # listed, with the reason
             assert not names & {"ops", "reference", "_cuda", "_validate", "_backend"} - allowed, (

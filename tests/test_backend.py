@@ -55,10 +55,10 @@ def test_explicit_unavailable_backend_says_why(monkeypatch):
 
 
 def test_env_backend_falls_back_for_ops_without_it(monkeypatch):
-    # linear_tmkl has no CUDA-extension backend: the environment preference does not apply
+    # linear_sparse_tmkl has no CUDA-extension backend: the environment preference does not apply
     monkeypatch.setenv("FORGETKERN_BACKEND", "cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _backend.resolve_name("linear_tmkl", torch.zeros(1)) == "reference"
+    assert _backend.resolve_name("linear_sparse_tmkl", torch.zeros(1)) == "reference"
 
 
 def test_table_is_the_one_dispatch():
@@ -71,6 +71,13 @@ def test_table_is_the_one_dispatch():
     assert set(_backend.OP_BACKENDS) == set(_backend.INTERFACES)
     assert _backend.resolve("tmkl", torch.zeros(1), backend="reference").forward is \
         forgetkern.reference.tmkl_forward
+    # a fused-linear op is the chunked driver over its logits op, on every backend of that op
+    for op, rows_op in _backend.CHUNKED.items():
+        assert _backend.OP_BACKENDS[op] == _backend.OP_BACKENDS[rows_op]
+        for backend in _backend.OP_BACKENDS[op]:
+            impl = _backend.implementation(op, backend)
+            for name in _backend.INTERFACES[op]:
+                assert getattr(impl, name).keywords["rows"] is _backend.implementation(rows_op, backend)
 
 
 def test_eigensolver_size_fallback_is_decided_in_the_table(monkeypatch):

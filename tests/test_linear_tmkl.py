@@ -1,5 +1,7 @@
-"""Fused-linear TMKL (reference chunks and Triton kernels) against the fp64 materialized oracle:
-``logits = hidden @ weight.T + bias`` then :func:`tests.helpers.oracle_tmkl`, forward and backward."""
+"""Fused-linear TMKL against the fp64 materialized oracle (``logits = hidden @ weight.T + bias``
+then :func:`tests.helpers.oracle_tmkl`), forward and backward, on every variant: the chunked driver
+over each backend's TMKL kernels (reference, Triton, the CUDA kernels in host emulation) and the
+Triton on-chip kernels (``strategy="fused"``)."""
 import importlib.util
 
 import pytest
@@ -8,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import forgetkern
-from forgetkern import _autograd, _backend, reference
+from forgetkern import _autograd, _backend, _chunked
 from forgetkern._params import triton_interpret
 from forgetkern.ops import linear_tmkl as lt_ops
+from forgetkern.ops import tmkl as tmkl_ops
 
 from .helpers import (
     DEVICE,
@@ -20,6 +23,7 @@ from .helpers import (
     assert_close_to_ref,
     backend_skip_reason,
     backends,
+    cuda_backend_on_cpu,
     oracle_tmkl,
     naive_tmkl_in_dtype,
     rel_err,
@@ -28,15 +32,25 @@ from .helpers import linear_tmkl_inputs as _inputs
 
 _TRITON_REASON = backend_skip_reason("linear_tmkl", "triton")
 needs_triton = pytest.mark.skipif(_TRITON_REASON is not None, reason=f"triton: {_TRITON_REASON}")
-BACKENDS = backends("linear_tmkl")
+# every variant: the chunked driver on each backend of the table, and the on-chip Triton kernels
+BACKENDS = backends("linear_tmkl") + [pytest.param(
+    "fused", id="fused", marks=[] if _TRITON_REASON is None else pytest.mark.skip(
+        reason=f"triton: {_TRITON_REASON}"))]
 REAL_LAUNCH_CONFIG = lt_ops.launch_config  # before the fixture below replaces it
 
 
+def _variant(name: str) -> dict:
+    """The ``linear_tmkl_loss`` options of a test variant (``"fused"``: Triton's on-chip kernels;
+    a backend name: the chunked strategy, which ``"auto"`` picks with the default budget)."""
+    return dict(backend="triton", strategy="fused") if name == "fused" else dict(backend=name)
+
+
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
+def small_tiles(monkeypatch, request):
     """Triton: 16-wide tiles, 3 vocabulary splits and 16-row backward launches so every test
     crosses tile, split, launch and ``D``-loop boundaries with a partial last tile (the
-    interpreter is slow: keep shapes tiny)."""
+    interpreter is slow: keep shapes tiny). The CUDA variant runs its kernels in host emulation
+    without a GPU."""
     original = lt_ops.launch_config
 
     def small(n, v, d, dtype, device=None, **kw):
@@ -45,6 +59,9 @@ def small_tiles(monkeypatch):
         return original(n, v, d, dtype, device, **kw)
 
     monkeypatch.setattr(lt_ops, "launch_config", small)
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "cuda":
+        cuda_backend_on_cpu(monkeypatch, "linear_tmkl")
 
 
 def _reduce(x, labels, reduction, num_items=None):
@@ -56,9 +73,21 @@ def _reduce(x, labels, reduction, num_items=None):
     return x.sum() / max(denom, 1)
 
 
-def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=None, **kw):
-    """fp64 materialized: logits then the independent TMKL oracle; returns outputs and the
-    gradients of hidden, weight and bias for upstream ``grads`` (one per output)."""
+def _transform(x, logit_scale=1.0, logit_softcap=None):
+    """A head's logit transform in plain torch: scale, then the soft cap."""
+    x = x * logit_scale
+    return x if logit_softcap is None else logit_softcap * torch.tanh(x / logit_softcap)
+
+
+# options of the chunked driver alone: they change how, not what, is computed
+DRIVER_OPTIONS = ("chunk_size", "memory_budget", "strategy", "chunk_dtype")
+
+
+def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=None,
+            logit_scale=1.0, logit_softcap=None, **kw):
+    """fp64 materialized: logits (transformed as the head says) then the independent TMKL oracle;
+    returns outputs and the gradients of hidden, weight and bias for upstream ``grads`` (one per
+    output)."""
     h = t["hidden"].detach().double().cpu().requires_grad_()
     w = t["weight"].detach().double().cpu().requires_grad_()
     b = t["bias"].detach().double().cpu().requires_grad_() if "bias" in t else None
@@ -70,6 +99,7 @@ def _oracle(t, reduction="mean", num_items=None, return_components=False, grads=
     d = h.shape[-1]
     z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
     zb = t["base_hidden"].detach().double().cpu().reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    z, zb = (_transform(x, logit_scale, logit_softcap) for x in (z, zb))
     y = t["labels"].cpu().reshape(-1)
     outs = [_reduce(o, t["labels"].cpu(), reduction, num_items) for o in oracle_tmkl(z, zb, y, **kw)]
     if not return_components:
@@ -87,7 +117,7 @@ def _run(t, backend, reduction="mean", return_components=False, grads=None, **kw
     opts = {k: t[k] for k in ("base_weight", "bias", "base_bias") if k in t}
     out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
                                       reduction=reduction, return_components=return_components,
-                                      backend=backend, **opts, **kw)
+                                      **_variant(backend), **opts, **kw)
     outs = list(out) if return_components else [out]
     if grads is None:
         grads = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outs]
@@ -99,7 +129,7 @@ def _run(t, backend, reduction="mean", return_components=False, grads=None, **kw
 def _compare(t, backend, rtol=1e-9, atol=1e-11, **kw):
     """Run forgetkern and the oracle with the same random upstream gradients and compare."""
     outs, grads, g = _run(t, backend, **kw)
-    opts = {k: v for k, v in kw.items() if k not in ("chunk_size",)}
+    opts = {k: v for k, v in kw.items() if k not in DRIVER_OPTIONS}
     num_items = opts.pop("num_items_in_batch", None)
     ref, ref_grads = _oracle(t, num_items=num_items, grads=g, **opts)
     for a, r in zip(outs, ref):
@@ -153,7 +183,7 @@ def test_custom_ignore_index_and_inplace_backward(backend):
         t[name].grad = None
     out = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], y, bias=t["bias"],
                                       ignore_index=-1, inplace_backward=True, temperature=1.7,
-                                      return_components=True, backend=backend)
+                                      return_components=True, **_variant(backend))
     g = [torch.randn_like(o) for o in out]
     torch.autograd.backward(out, g)
     _, ref_grads = _oracle(t, return_components=True, grads=g, temperature=1.7)
@@ -181,23 +211,25 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     t2["base_weight"] = t2["weight"]  # same tensor: base bias is then None unless given
     t2["base_bias"] = t2["bias"]
     out_same, grads_same, _ = _run(t2, backend, reduction="none", grads=g)
-    # the default base head is weight itself, handed down without a copy: the reference reads the
-    # same tensor for both logits, the kernels get no separate base head (SHARED_WEIGHT)
+    # the default base head is weight itself, handed down without a copy: the chunked driver
+    # stacks both models' rows into one GEMM over it, the kernels get no separate base head
     seen = []
     ptr = t["weight"].data_ptr()
-    if backend == "reference":
-        real = reference.linear_tmkl_pass
-        spy = lambda *a, **k: seen.append(a[3] is a[1] and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
-        target = (reference.tmkl, "linear_tmkl_pass")
-    else:
+    if backend == "fused":
         real = lt_ops.linear_tmkl_forward
         spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
         target = (lt_ops, "linear_tmkl_forward")
+    else:
+        real = _chunked.linear_pass
+        spy = lambda *a, **k: seen.append(k["base_weight"] is None and a[2].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
+        target = (_chunked, "linear_pass")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(*target, spy)
-        mp.setattr(_backend, "_LOADED", {})  # the table loads the spy
+        # the table loads the fused kernels' spy anew
+        mp.setattr(_backend, "_LOADED", {k: v for k, v in _backend._LOADED.items()
+                                         if k[0] != "linear_tmkl_fused"})
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
-                                    bias=t["bias"], backend=backend)
+                                    bias=t["bias"], **_variant(backend))
     assert seen == [True]
     torch.testing.assert_close(out_same[0], out_default[0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads_same, grads_default):
@@ -223,7 +255,7 @@ def test_head_gradient_with_frozen_hidden(backend):
     t["hidden"].requires_grad_(False)
     loss = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
                                        bias=t["bias"], reduction="none", temperature=1.5,
-                                       backend=backend)
+                                       **_variant(backend))
     g = torch.randn_like(loss)
     loss.backward(g)
     _, ref_grads = _oracle(t, reduction="none", grads=[g], temperature=1.5)
@@ -248,7 +280,7 @@ def test_all_rows_ignored_and_empty(backend):
     h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
     y = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    loss = forgetkern.linear_tmkl_loss(h, w, h.detach(), y, backend=backend)
+    loss = forgetkern.linear_tmkl_loss(h, w, h.detach(), y, **_variant(backend))
     assert loss.item() == 0.0
     loss.backward()
     assert h.grad.shape == (0, 8) and torch.count_nonzero(w.grad) == 0
@@ -277,37 +309,42 @@ def test_padded_vocabulary_with_neg_inf_bias(backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# reference path specifics: chunking and the precomputed-gradient fast path
+# the chunked driver: chunking, the precomputed-gradient fast path
 # ------------------------------------------------------------------------------------------------
-def test_reference_chunking_is_invisible(monkeypatch):
+CHUNKED = backends("linear_tmkl")
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_chunking_is_invisible(backend):
+    """Any chunk size, given as rows or as a byte budget, gives the one-chunk results."""
     t = _inputs(shape=(13,), bias=True, dtype=torch.float64)
-    base, grads_base, g = _run(t, "reference", reduction="none", chunk_size=13)
-    for chunk in (1, 5):
-        outs, grads, _ = _run(t, "reference", reduction="none", chunk_size=chunk, grads=g)
+    base, grads_base, g = _run(t, backend, reduction="none", chunk_size=13)
+    rows = _backend.implementation("tmkl", backend)
+    two_rows = _chunked.plan(13, 45, torch.float64, _params(chunk_size=2), rows, dense=True).bytes
+    for opts in (dict(chunk_size=1), dict(chunk_size=5), dict(memory_budget=two_rows)):
+        outs, grads, _ = _run(t, backend, reduction="none", grads=g, **opts)
         torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, grads_base):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # the default chunk size comes from the byte budget: a tiny budget gives one-row chunks
-    assert reference.linear_chunk_rows(45, torch.float32, chunk_bytes=1) == 1
-    assert reference.linear_chunk_rows(45, torch.float32, chunk_size=7) == 7
-    monkeypatch.setattr(reference.tmkl, "REFERENCE_CHUNK_BYTES", 45 * 8 * 16 * 2)  # two fp64 rows per chunk
-    assert reference.linear_chunk_rows(45, torch.float64) == 2
-    outs, grads, _ = _run(t, "reference", reduction="none", grads=g)
-    torch.testing.assert_close(outs[0], base[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[1], grads_base[1], rtol=1e-10, atol=1e-12)
 
 
-def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
+def _params(**kw):
+    from forgetkern._params import LinearTMKLParams
+
+    return LinearTMKLParams(**kw)
+
+
+def test_precomputed_gradients_rescale_or_recompute(monkeypatch):
     """Exactly-1 upstream (mean, then .backward()), a uniform multiple, and per-component
     gradients (where the per-row CE/KL coefficients differ) must all give the oracle's gradients."""
     calls = []
-    original = reference.linear_tmkl_pass
+    original = _chunked.linear_pass
 
     def counting(*a, **k):
         calls.append(k.get("needs"))
         return original(*a, **k)
 
-    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass", counting)
+    monkeypatch.setattr(_chunked, "linear_pass", counting)
     rescales = []  # (scale, whether the precomputed tensors came back untouched)
     real_rescale = _autograd._rescale
 
@@ -317,7 +354,6 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
         return out
 
     monkeypatch.setattr(_autograd, "_rescale", spy_rescale)
-    monkeypatch.setattr(_backend, "_LOADED", {})  # the table loads the counting pass
     t = _inputs(shape=(9,), bias=True, ignore=(4,))
     cases = [
         # upstream exactly 1: one pass, the precomputed tensors returned as they are
@@ -347,12 +383,11 @@ def test_reference_precomputed_gradients_rescale_or_recompute(monkeypatch):
             torch.testing.assert_close(a.cpu(), r, rtol=1e-9, atol=1e-11)
 
 
-def test_reference_no_grad_skips_gradient_work(monkeypatch):
+def test_no_grad_skips_gradient_work(monkeypatch):
     seen = []
-    original = reference.linear_tmkl_pass
-    monkeypatch.setattr(reference.tmkl, "linear_tmkl_pass",
-                        lambda *a, **k: seen.append(a[8] is not None) or original(*a, **k))
-    monkeypatch.setattr(_backend, "_LOADED", {})
+    original = _chunked.linear_pass
+    monkeypatch.setattr(_chunked, "linear_pass",
+                        lambda *a, **k: seen.append(k["coef_ce"] is not None) or original(*a, **k))
     t = _inputs()
     with torch.no_grad():
         forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
@@ -364,7 +399,7 @@ def test_reference_no_grad_skips_gradient_work(monkeypatch):
 # lower precision: error within a small multiple of plain torch's own error in that dtype
 # ------------------------------------------------------------------------------------------------
 def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_target=True,
-           kl_weight=1.0, ce_weight=1.0):
+           kl_weight=1.0, ce_weight=1.0, logit_scale=1.0, logit_softcap=None):
     """Plain torch in the inputs' own dtype on materialized logits (the baseline error): the loss
     and the gradients of hidden, weight and bias for the upstream gradient ``g``."""
     h = t["hidden"].detach().clone().requires_grad_()
@@ -375,6 +410,7 @@ def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_ta
     d = h.shape[-1]
     z = h.reshape(-1, d) @ w.T + (0 if b is None else b)
     zb = t["base_hidden"].reshape(-1, d) @ wb.T + (0 if bb is None else bb)
+    z, zb = (_transform(x, logit_scale, logit_softcap) for x in (z, zb))
     ce, kl = naive_tmkl_in_dtype(z, zb, t["labels"].reshape(-1), temperature=temperature,
                                  direction=direction, mask_target=mask_target)
     loss = _reduce(ce_weight * ce + kl_weight * temperature**2 * kl, t["labels"], reduction)
@@ -384,13 +420,22 @@ def _naive(t, g, reduction="none", temperature=1.0, direction="forward", mask_ta
 
 def _check_within_torch_own(t, backend, **kw):
     """Loss and gradients against the fp64 oracle, within a small multiple of plain torch's own
-    error in the inputs' dtype (:func:`_naive`)."""
+    error (:func:`_naive`): the gradients (in the inputs' dtype) against plain torch in that dtype,
+    the loss (fp32) against plain fp32 torch on the same inputs, whose logits are fp32 too, or,
+    with ``chunk_dtype="input"`` (logits rounded to the inputs' dtype), against plain torch in
+    the inputs' dtype."""
     dtype = t["hidden"].dtype
     outs, grads, g = _run(t, backend, reduction="none", **kw)
     assert all(gr is None or gr.dtype == dtype for gr in grads)
-    ref, ref_grads = _oracle(t, reduction="none", grads=g, **kw)
-    naive, naive_grads = _naive(t, g[0], **kw)
-    assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive, what="loss")
+    math = {k: v for k, v in kw.items() if k not in DRIVER_OPTIONS}
+    ref, ref_grads = _oracle(t, reduction="none", grads=g, **math)
+    naive, naive_grads = _naive(t, g[0], **math)
+    if dtype in (torch.bfloat16, torch.float16) and kw.get("chunk_dtype") != "input":
+        wide = {k: v.detach().float() if v.is_floating_point() else v for k, v in t.items()}
+        naive32, _ = _naive(wide, g[0], **math)
+        assert_close_to_ref(outs[0].cpu(), ref[0], torch.float32, baseline=naive32, what="loss")
+    else:
+        assert_close_to_ref(outs[0].cpu(), ref[0], dtype, baseline=naive, what="loss")
     for name, a, r, base in zip(("hidden", "weight", "bias"), grads, ref_grads, naive_grads):
         if r is not None:
             assert_close_to_ref(a.cpu(), r, dtype, baseline=base, what=f"grad {name}")
@@ -440,6 +485,111 @@ def test_confident_targets(backend, dtype):
     torch.testing.assert_close(outs[2].double().cpu(), ref[2], rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_logits_beyond_the_fp16_range(backend):
+    """fp16 hidden states and head whose logits are ~1e5 (> 65504, where plain fp16 torch gets
+    inf and NaN): the logits are formed in fp32, so the loss is finite and within a small multiple
+    of plain fp32 torch's error on the same inputs. The gradients come from an fp16 ``dz``: each
+    within 4x plain fp32 torch's error plus the bound of a GEMM on a ``dz`` rounded to fp16
+    (``|dz| |W|`` times a few fp16 units, plus fp16's subnormal step per entry; here ``dh`` is a
+    cancelling sum, every row of ``W`` near the same vector)."""
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 7, 16, 37
+    e = torch.ones(d, dtype=torch.float64) * 82.0  # |h . w| ~ 16 * 82^2 ~ 1.1e5
+    t = _inputs(shape=(n,), d=d, v=v, dtype=torch.float16, ignore=(2,))
+    with torch.no_grad():
+        t["hidden"] = (e + torch.randn(n, d, generator=g, dtype=torch.float64)).half()
+        t["base_hidden"] = (e + torch.randn(n, d, generator=g, dtype=torch.float64)).half()
+        t["weight"] = (e + 0.05 * torch.randn(v, d, generator=g, dtype=torch.float64)).half()
+    t["weight"].requires_grad_()
+    h64, w64 = t["hidden"].double(), t["weight"].detach().double()
+    assert (h64 @ w64.T).min() > 65504 and not torch.isfinite(t["hidden"] @ t["weight"].detach().T).all()
+    outs, grads, up = _run(t, backend, reduction="none")
+    ref, ref_grads = _oracle(t, reduction="none", grads=up)
+    wide = {k: v.detach().float() if v.is_floating_point() else v for k, v in t.items()}
+    naive32, grads32 = _naive(wide, up[0])
+    assert_close_to_ref(outs[0].cpu(), ref[0], torch.float32, baseline=naive32, what="loss")
+    z = (h64 @ w64.T).requires_grad_()
+    loss = oracle_tmkl(z, t["base_hidden"].double() @ w64.T, t["labels"])[0]
+    (dz,) = torch.autograd.grad(loss, z, up[0].double())
+    # |dz| rounded to fp16: relative error 2^-11, absolute 2^-24 (subnormals) per entry
+    unit, tiny = 2.0**-11, 2.0**-24
+    for name, got, want, base, bound in (
+            ("hidden", grads[0], ref_grads[0], grads32[0], (unit * dz.abs() + tiny) @ w64.abs()),
+            ("weight", grads[1], ref_grads[1], grads32[1], (unit * dz.abs() + tiny).T @ h64.abs())):
+        assert torch.isfinite(got).all(), name
+        err = (got.double().cpu() - want).norm()
+        limit = 4 * (base.double() - want).norm() + (4 * bound + unit * want.abs()).norm()
+        assert err <= limit, (name, float(err), float(limit))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_alone_reads_no_base(backend):
+    """``kl_weight=0``: the base hidden states are not read (NaN there changes nothing) and the
+    loss and gradients are the oracle's; asking for the components computes the KL."""
+    t = _inputs(shape=(7,), bias=True, ignore=(2,))
+    outs, grads, g = _run({**t, "base_hidden": torch.full_like(t["base_hidden"], float("nan"))},
+                          backend, reduction="none", kl_weight=0.0)
+    ref, ref_grads = _oracle(t, reduction="none", grads=g, kl_weight=0.0)
+    torch.testing.assert_close(outs[0].double().cpu(), ref[0], rtol=1e-9, atol=1e-11)
+    for a, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(a.double().cpu(), r, rtol=1e-9, atol=1e-11)
+    outs, _ = _compare(t, backend, reduction="none", kl_weight=0.0, return_components=True)
+    assert (outs[2] > 0).any()
+
+
+TRANSFORMS = [(dict(logit_scale=0.4), False), (dict(logit_softcap=3.0), True),
+              (dict(logit_scale=2.5, logit_softcap=4.0), False),
+              (dict(logit_scale=2.5, logit_softcap=4.0), True)]
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("transform,distinct_base", TRANSFORMS,
+                         ids=["scale", "cap-own-base-head", "scale-cap", "scale-cap-own-base-head"])
+def test_logit_transforms_match_oracle(backend, transform, distinct_base):
+    """``logit_scale`` and ``logit_softcap`` applied to both models' logits, forward and backward
+    (hidden, head, bias), against the fp64 oracle on the transformed logits."""
+    t = _inputs(shape=(7,), d=12, v=37, bias=True, distinct_base=distinct_base, ignore=(2,),
+                scale=2.0)
+    _compare(t, backend, reduction="none", return_components=True, temperature=1.5,
+             chunk_size=4, **transform)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_softcap_in_bf16(backend):
+    """The soft cap's derivative multiplies a bf16 ``dz``: gradients within a small multiple of
+    plain bf16 torch's own error, the loss of plain fp32 torch's."""
+    t = _inputs(shape=(10,), d=24, v=50, dtype=torch.bfloat16, bias=True, ignore=(3,), scale=3.0)
+    _check_within_torch_own(t, backend, logit_scale=1.5, logit_softcap=5.0)
+
+
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_input_dtype_chunks(backend):
+    """``chunk_dtype="input"``: bf16 logits chunks (half the memory) carry bf16 rounding, within a
+    small multiple of plain bf16 torch's own error; the default fp32 chunks are far closer."""
+    t = _inputs(shape=(10,), d=24, v=50, dtype=torch.bfloat16, bias=True, ignore=(3,), scale=4.0)
+    _check_within_torch_own(t, backend, chunk_dtype="input")
+    errors = []
+    for chunk_dtype in ("input", "accumulation"):
+        outs, _, g = _run(t, backend, reduction="none", chunk_dtype=chunk_dtype)
+        ref, _ = _oracle(t, reduction="none", grads=g)
+        errors.append(rel_err(outs[0].cpu(), ref[0]))
+    assert errors[1] * 100 < errors[0], errors
+
+
+@needs_triton
+def test_triton_chunk_rows_cross_blocks(monkeypatch):
+    """The chunked driver over Triton's TMKL kernels streaming each row in 16-column blocks: a
+    vocabulary of 45 ends in a partial block."""
+    real = tmkl_ops.launch_config
+    monkeypatch.setattr(tmkl_ops, "launch_config", lambda v, dtype, block_v=None: real(v, dtype, 16))
+    t = _inputs(shape=(7,), d=12, v=45, bias=True, distinct_base=True, ignore=(3,))
+    for direction in ("forward", "reverse"):
+        _compare(t, "triton", reduction="none", return_components=True, temperature=1.5,
+                 direction=direction, chunk_size=3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton specifics
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +601,7 @@ def test_triton_split_merge(monkeypatch, splits):
     monkeypatch.setattr(lt_ops, "launch_config",
                         lambda *a, **k: small(*a, **{**k, "splits": splits}))
     for direction in ("forward", "reverse"):
-        _compare(t, "triton", reduction="none", return_components=True, direction=direction,
+        _compare(t, "fused", reduction="none", return_components=True, direction=direction,
                  temperature=1.3)
 
 
@@ -468,7 +618,7 @@ def test_triton_backward_row_launches(monkeypatch, dtype):
     results = []
     for rows in (16, 48):  # three launches (the last partial), then one
         monkeypatch.setattr(lt_ops, "launch_config", lambda *a, r=rows, **k: small(*a, **{**k, "bwd_rows": r}))
-        outs, grads, g = _run(t, "triton", reduction="none", grads=results[0][2] if results else None)
+        outs, grads, g = _run(t, "fused", reduction="none", grads=results[0][2] if results else None)
         results.append((outs, grads, g))
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
@@ -502,7 +652,7 @@ def test_triton_tma_operand_loads(monkeypatch, dtype, distinct_base):
         monkeypatch.setattr(lt_ops, "launch_config", lambda *a, f=tma, **k: small(*a, **{**k, "tma": f}))
         taken.clear()
         g = results[False][2] if results else None
-        results[tma] = _run(t, "triton", reduction="none", return_components=True, grads=g,
+        results[tma] = _run(t, "fused", reduction="none", return_components=True, grads=g,
                             direction="reverse" if distinct_base else "forward", temperature=1.5)
         assert taken and all(x is tma for x in taken), taken  # forward + 3 backward launches
     (o0, g0, _), (o1, g1, _) = results[False], results[True]
@@ -583,6 +733,14 @@ def test_module_matches_function():
                                     bias=t["bias"], kl_weight=0.5, temperature=2.0,
                                     direction="reverse", backend="reference")
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    opts = dict(strategy="chunked", memory_budget=2**20, chunk_dtype="input", logit_scale=0.5,
+                logit_softcap=8.0)
+    mod = forgetkern.LinearTMKLLoss(backend="reference", **opts)
+    a = mod(t["hidden"], t["weight"], t["base_hidden"], t["labels"], bias=t["bias"])
+    b = forgetkern.linear_tmkl_loss(t["hidden"], t["weight"], t["base_hidden"], t["labels"],
+                                    bias=t["bias"], backend="reference", **opts)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert "logit_softcap=8.0" in repr(mod)
     with pytest.raises(ValueError, match="chunk_size must be > 0"):
         forgetkern.LinearTMKLLoss(chunk_size=0)
     with pytest.raises(ValueError, match="direction must be one of"):
@@ -633,12 +791,11 @@ def test_bad_inputs_name_the_argument(backend):
 
 
 def test_backend_registered_and_dispatch():
-    from forgetkern import _backend
-
-    assert _backend.OP_BACKENDS["linear_tmkl"] == ("reference", "triton")
-    with pytest.raises(RuntimeError, match="no 'cuda' backend"):
-        forgetkern.linear_tmkl_loss(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4),
-                                    torch.tensor([0, 1]), backend="cuda")
+    assert _backend.OP_BACKENDS["linear_tmkl"] == _backend.OP_BACKENDS["tmkl"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            forgetkern.linear_tmkl_loss(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4),
+                                        torch.tensor([0, 1]), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------

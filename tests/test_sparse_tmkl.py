@@ -9,7 +9,7 @@ import torch
 import forgetkern
 from forgetkern import TopKBase, topk_base
 from tests.helpers import (OPTION_IDS, OPTION_NAMES, OPTIONS, assert_close_to_ref, backends,
-                           oracle_tmkl, run_tmkl)
+                           naive_tmkl_in_dtype, oracle_tmkl, run_tmkl)
 
 V = 37
 
@@ -321,3 +321,54 @@ def test_fp32_error_within_four_times_plain_torch(backend, regime, direction, ma
     assert err_l <= 4 * base_l + 8 * eps * n**0.5, f"loss error {err_l:.2e} vs torch {base_l:.2e}"
     assert err_g <= 4 * base_g + 8 * eps * float(up.norm()), \
         f"grad error {err_g:.2e} vs torch {base_g:.2e}"
+
+
+def _linear_inputs(n=10, d=12, dtype=torch.float64, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2).to(dtype)
+    w = (torch.randn(V, d, generator=g, dtype=torch.float64) / d**0.5 * 3).to(dtype)
+    bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, V, (n,), generator=g)
+    y[1] = -100
+    return h, w, bias, b, y
+
+
+@pytest.mark.parametrize("backend", backends("linear_sparse_tmkl"))
+def test_linear_form_transforms_the_adapted_side(backend):
+    """``logit_scale``/``logit_softcap`` transform the adapted logits only: the record holds the
+    base logits as they are. Equal to ``tmkl_loss`` on the transformed logits, forward and
+    backward (hidden, head, bias)."""
+    h, w, bias, b, y = _linear_inputs()
+    kw = dict(temperature=1.5, direction="reverse", reduction="none", return_components=True)
+    rec = topk_base(b, y, 7, temperature=1.5)
+    leaves = [t.clone().requires_grad_() for t in (h, w, bias)]
+    outs = forgetkern.linear_tmkl_loss(leaves[0], leaves[1], rec, y, bias=leaves[2], chunk_size=3,
+                                       logit_scale=0.7, logit_softcap=6.0, backend=backend, **kw)
+    ref_leaves = [t.clone().requires_grad_() for t in (h, w, bias)]
+    logits = 6.0 * torch.tanh(0.7 * (ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]) / 6.0)
+    ref = forgetkern.tmkl_loss(logits, rec, y, backend="reference", **kw)
+    ups = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    torch.autograd.backward(list(outs), ups)
+    torch.autograd.backward(list(ref), ups)
+    for a, e in zip(outs, ref):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    for a, e in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", backends("linear_sparse_tmkl"))
+def test_linear_form_from_bf16_at_fp32_precision(backend):
+    """From bf16 hidden states and head the chunk's logits are fp32, as plain fp32 torch's on the
+    same inputs: with k = V (the exact TMKL) the loss error against fp64 stays within 4x plain fp32
+    torch's, and the top-k form's CE equals the dense form's."""
+    h, w, bias, b, y = _linear_inputs(dtype=torch.bfloat16)
+    rec = topk_base(b.float(), y, V)
+    got = forgetkern.linear_tmkl_loss(h, w, rec, y, bias=bias, reduction="none", backend=backend,
+                                      return_components=True)
+    z64 = h.double() @ w.double().T + bias.double()
+    want = oracle_tmkl(z64, b.float().double(), y)
+    z32 = h.float() @ w.float().T + bias.float()
+    ce32, kl32 = naive_tmkl_in_dtype(z32, b.float(), y)
+    assert_close_to_ref(got[0], want[0].detach(), torch.float32, baseline=ce32 + kl32, what="loss")
+    assert_close_to_ref(got[1], want[1].detach(), torch.float32, baseline=ce32, what="ce")

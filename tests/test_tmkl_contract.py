@@ -14,9 +14,10 @@ from .helpers import DEVICE, backends, cuda_backend_on_cpu, oracle_tmkl
 @pytest.fixture(params=backends("tmkl"))
 def backend(request, monkeypatch):
     """Each backend of ``tmkl`` (the CUDA kernels in host emulation without a GPU); the fused-linear
-    cases run where ``linear_tmkl`` has the backend."""
+    cases run where ``linear_tmkl`` has the backend (the chunked driver over the same kernels),
+    and the Triton on-chip kernels as ``fused``."""
     if request.param == "cuda":
-        cuda_backend_on_cpu(monkeypatch)
+        cuda_backend_on_cpu(monkeypatch, "linear_tmkl")
     return request.param
 
 
@@ -25,6 +26,8 @@ def _skip_linear_without(backend, loss):
 
     if loss == "linear" and backend not in _backend.OP_BACKENDS["linear_tmkl"]:
         pytest.skip(f"linear_tmkl has no {backend!r} backend")
+    if loss == "fused" and backend not in _backend.OP_BACKENDS["linear_tmkl_fused"]:
+        pytest.skip(f"the fused strategy has no {backend!r} backend")
 
 
 def _rows(n=5, v=37, dtype=torch.float32, seed=0):
@@ -41,10 +44,11 @@ def _linear_as_tmkl(z, b, y, backend, **kw):
     return forgetkern.linear_tmkl_loss(z, eye, b, y, backend=backend, **kw)
 
 
-LOSSES = {"tmkl": forgetkern.tmkl_loss, "linear": _linear_as_tmkl}
+LOSSES = {"tmkl": forgetkern.tmkl_loss, "linear": _linear_as_tmkl,
+          "fused": lambda *a, **kw: _linear_as_tmkl(*a, strategy="fused", **kw)}
 
 
-@pytest.mark.parametrize("loss", ["tmkl", "linear"])
+@pytest.mark.parametrize("loss", ["tmkl", "linear", "fused"])
 def test_strided_labels_are_read_as_their_values(backend, loss):
     _skip_linear_without(backend, loss)
     """A column of a 2-D label tensor (stride 3) gives what its contiguous copy gives."""
@@ -65,7 +69,7 @@ def test_strided_labels_are_read_as_their_values(backend, loss):
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("loss", ["tmkl", "linear"])
+@pytest.mark.parametrize("loss", ["tmkl", "linear", "fused"])
 @pytest.mark.parametrize("where", ["base", "adapted"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_and_pos_inf_make_their_row_nan(backend, loss, where, value):

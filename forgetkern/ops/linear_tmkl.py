@@ -18,8 +18,9 @@ Triton path (the on-chip ``fused`` form)
   * Both kernels run their programs in grouped order (:func:`_grouped`), and with
     ``params.compute_kl`` false (CE alone) neither reads the base side.
 
-The reference backend of the same op is :func:`forgetkern.reference.linear_tmkl_forward` /
-``linear_tmkl_backward``; the autograd Function is :class:`forgetkern._autograd.LinearTMKLFunction`.
+These kernels serve ``strategy="fused"`` (the ``linear_tmkl_fused`` op of the table); the
+chunked strategy of the same loss is :mod:`forgetkern._chunked`. The autograd Function is
+:class:`forgetkern._autograd.LinearTMKLFunction`.
 """
 from __future__ import annotations
 

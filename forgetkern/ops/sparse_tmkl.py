@@ -17,7 +17,6 @@ from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_STATS, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE, STAT_M_Z, exp,
                          online_lse, safe_max, store_ignored_row, store_zero_row, with_target)
 from ._triton import check_triton, constant, jit, next_power_of_2, tl
-from ..reference import sparse_tmkl as _driver
 from .tmkl import launch_config as _dense_launch_config
 
 SP_M_T = constant(_params.SP_M_T)
@@ -318,21 +317,3 @@ def sparse_tmkl_backward(logits, base, labels, stats, coef_ce, coef_kl, params: 
         FORWARD_KL=params.forward_kl, MASK_TARGET=params.mask_target,
         ACC_FP64=acc == torch.float64, **cfg)
     return grad_out
-
-
-def linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params: TMKLParams,
-                               row_weight=None, needs=(False, False, False)):
-    """Fused-linear form: the shared chunked driver (logits one chunk of rows at a time) with
-    the Triton kernels on each chunk."""
-    return _driver.linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params,
-                                              row_weight, needs, rows=_ROWS)
-
-
-def linear_sparse_tmkl_backward(hidden, weight, bias, base, labels, stats, coef_ce, coef_kl,
-                                params: TMKLParams, needs):
-    """``(grad_hidden, grad_weight, grad_bias)`` by the shared driver over the Triton kernels."""
-    return _driver.linear_sparse_tmkl_backward(hidden, weight, bias, base, labels, stats,
-                                               coef_ce, coef_kl, params, needs, rows=_ROWS)
-
-
-_ROWS = (sparse_tmkl_forward, sparse_tmkl_backward)

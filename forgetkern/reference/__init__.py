@@ -13,21 +13,15 @@ The interfaces, shared with every other backend (``forgetkern._backend.INTERFACE
 * ``tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params, grad_out)``
   writes, for every row ``i``, ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` into ``grad_out``
   (which may be ``logits`` itself for an in-place backward) and returns it.
-* ``linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, params,
-  row_weight=None, needs=(False, False, False)) -> (loss, ce, kl, stats, pre)`` and
-  ``linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-  coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``; ``pre`` is the
-  gradient precomputed for the upstream gradient ``row_weight`` per row, or ``None``.
+* the fused-linear ops have no reference of their own: the chunked driver
+  (:mod:`forgetkern._chunked`) runs the two functions above on each chunk of rows.
 * ``generalized_eigh(A, B, eps) -> (w, V, status)``.
 * ``folora_step(g, m, v, s, table, active, scalars, gates) -> None``: the gated Adam step of every
   active segment of FoLoRA's flat buffers (``m``, ``v`` updated, ``s`` written).
 """
 from .folora import folora_adam, folora_step
 from .generalized_eigh import generalized_eigh
-from .tmkl import (LINEAR_MIN_ROWS, REFERENCE_CHUNK_BYTES, chunk_rows, linear_chunk_rows,
-                   linear_tmkl_backward, linear_tmkl_forward, linear_tmkl_pass, tmkl_backward,
-                   tmkl_forward)
+from .tmkl import REFERENCE_CHUNK_BYTES, chunk_rows, tmkl_backward, tmkl_forward
 
-__all__ = ["tmkl_forward", "tmkl_backward", "linear_tmkl_forward", "linear_tmkl_backward",
-           "linear_tmkl_pass", "generalized_eigh", "folora_step", "folora_adam",
-           "REFERENCE_CHUNK_BYTES", "LINEAR_MIN_ROWS", "chunk_rows", "linear_chunk_rows"]
+__all__ = ["tmkl_forward", "tmkl_backward", "generalized_eigh", "folora_step", "folora_adam",
+           "REFERENCE_CHUNK_BYTES", "chunk_rows"]

@@ -1,4 +1,4 @@
-"""The reference of sparse-base TMKL (docs/base_cache.md), on logits and on hidden states: the base
+"""The reference of sparse-base TMKL (docs/base_cache.md) on logits: the base
 side is a top-k record (:class:`forgetkern._params.TopKBase`), the adapted side streams every column.
 
 Per row the KL runs over coarse bins: one bin per support token (the record's ``k`` tokens, the
@@ -12,10 +12,9 @@ Interfaces (``forgetkern._backend.INTERFACES``), with ``base = (values (N, k), i
 lse (N,), tail_lse (N,), target (N,))`` as laid out by ``forgetkern._validate``:
 
 * ``sparse_tmkl_forward(logits, base, labels, params) -> (loss, ce, kl, stats)``;
-* ``sparse_tmkl_backward(logits, base, labels, stats, coef_ce, coef_kl, params, grad_out)``;
-* ``linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params, row_weight, needs)
-  -> (loss, ce, kl, stats, pre)`` and ``linear_sparse_tmkl_backward(hidden, weight, bias, base,
-  labels, stats, coef_ce, coef_kl, params, needs) -> (grad_hidden, grad_weight, grad_bias)``.
+* ``sparse_tmkl_backward(logits, base, labels, stats, coef_ce, coef_kl, params, grad_out)``.
+
+The fused-linear form runs these on each chunk of rows through :mod:`forgetkern._chunked`.
 """
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ import torch
 
 from .._params import (NUM_STATS, SP_LS_T, SP_M_T, STAT_KL, STAT_LS_CE, STAT_LS_Z, STAT_M_CE,
                        STAT_M_Z, TMKLParams, accumulation_dtype, row_outputs)
-from .tmkl import ce_normalizer, chunk_rows, linear_chunk_rows
+from .tmkl import (CHUNK_TEMPORARIES, CHUNK_TEMPORARY_CAP,  # noqa: F401 (facts of this module too)
+                   ce_normalizer, chunk_rows)
 
 NEG_INF = float("-inf")
 
@@ -175,72 +175,6 @@ def sparse_tmkl_backward(logits, base, labels, stats, coef_ce, coef_kl, params: 
                         stats[start:stop], coef_ce[start:stop], coef_kl[start:stop], params)
         grad_out[start:stop].copy_(g)
     return grad_out
-
-
-@torch.no_grad()
-def linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params: TMKLParams,
-                            coef_ce=None, coef_kl=None, needs=(False, False, False), rows=None):
-    """One chunked pass of the fused-linear sparse TMKL: logits ``h @ W.T + bias`` exist one chunk
-    of rows at a time. Returns ``(loss, ce, kl, stats, grad_hidden, grad_weight, grad_bias)`` as
-    ``forgetkern.reference.linear_tmkl_pass`` does.
-
-    ``rows = (forward, backward)``: the logits-form interfaces that run on each chunk (default:
-    this module's :func:`sparse_tmkl_forward` / :func:`sparse_tmkl_backward`; the Triton backend
-    passes its kernels), so every backend shares this one driver."""
-    forward, backward = rows or (sparse_tmkl_forward, sparse_tmkl_backward)
-    n, d = hidden.shape
-    v = weight.shape[0]
-    acc = accumulation_dtype(hidden.dtype)
-    dev = hidden.device
-    loss = torch.zeros(n, dtype=acc, device=dev)
-    ce_out, kl_out = torch.zeros_like(loss), torch.zeros_like(loss)
-    stats = torch.zeros(n, NUM_STATS, dtype=acc, device=dev)
-    want = coef_ce is not None and coef_kl is not None
-    need_h, need_w, need_b = (bool(x) and want for x in needs)
-    grad_h = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
-    grad_w = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
-    grad_b = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-    step = linear_chunk_rows(v, hidden.dtype, getattr(params, "chunk_size", None), num_rows=n)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        h, y = hidden[start:stop], labels[start:stop]
-        z = (h @ weight.T).to(acc)
-        if bias is not None:
-            z += bias.to(acc)
-        rb = _row_base(base, start, stop)
-        for out, value in zip((loss, ce_out, kl_out, stats), forward(z, rb, y, params)):
-            out[start:stop] = value
-        if need_h or need_w or need_b:
-            g = backward(z, rb, y, stats[start:stop], coef_ce[start:stop], coef_kl[start:stop],
-                         params, z)  # the gradient overwrites the chunk's logits
-            if need_h:
-                grad_h[start:stop] = g.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.T, h.to(acc))
-            if need_b:
-                grad_b += g.sum(0)
-    return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b
-
-
-def linear_sparse_tmkl_forward(hidden, weight, bias, base, labels, params: TMKLParams,
-                               row_weight=None, needs=(False, False, False), rows=None):
-    """Per-row ``(loss, ce, kl, stats, pre)``; with ``row_weight`` and any of ``needs`` the same
-    pass precomputes the gradients for that upstream gradient per row (``pre``)."""
-    coef_ce = coef_kl = None
-    if row_weight is not None and any(needs):
-        acc = accumulation_dtype(hidden.dtype)
-        ones = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) * row_weight.to(acc)
-        coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
-    loss, ce, kl, stats, gh, gw, gb = linear_sparse_tmkl_pass(
-        hidden, weight, bias, base, labels, params, coef_ce, coef_kl, needs, rows)
-    return loss, ce, kl, stats, (None if coef_ce is None else (gh, gw, gb))
-
-
-def linear_sparse_tmkl_backward(hidden, weight, bias, base, labels, stats, coef_ce, coef_kl,
-                                params: TMKLParams, needs, rows=None):
-    """``(grad_hidden, grad_weight, grad_bias)``, recomputed chunk by chunk (``stats`` unused)."""
-    return linear_sparse_tmkl_pass(hidden, weight, bias, base, labels, params, coef_ce, coef_kl,
-                                   needs, rows)[4:]
 
 
 @torch.no_grad()

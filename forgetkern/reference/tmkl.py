@@ -1,5 +1,7 @@
-"""The reference of both TMKL ops, on logits and on hidden states (the fused-linear form): rows
-in chunks, the max and the log-sum of every normalizer kept apart (see :mod:`forgetkern.reference`).
+"""The reference of the TMKL op on logits: rows in chunks, the max and the log-sum of every
+normalizer kept apart (see :mod:`forgetkern.reference`). ``base_logits`` may be ``logits`` itself
+(CE alone, as the chunked fused-linear driver passes it): the KL is then exactly 0 and its work is
+skipped.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ NEG_INF = float("-inf")
 REFERENCE_CHUNK_BYTES = 256 * 2**20
 # Roughly how many rows x V temporaries the chunk computations keep alive at once.
 _TEMPS_PER_CHUNK = 10
+#: ``rows x V`` temporaries (accumulation dtype) per row of logits the TMKL ops here allocate, and
+#: at most :data:`REFERENCE_CHUNK_BYTES` of them (rows go in chunks of :func:`chunk_rows`): the
+#: chunked fused-linear driver counts them in its memory budget (``_backend.Implementation``).
+CHUNK_TEMPORARIES = _TEMPS_PER_CHUNK
+CHUNK_TEMPORARY_CAP = REFERENCE_CHUNK_BYTES
 
 
 def chunk_rows(num_cols: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
@@ -53,6 +60,8 @@ def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) ->
     """``t[i, y[i]] = value[i]`` (``+=`` with ``add``) for every row whose target column lies in
     this block of columns; ``y < 0`` marks a row whose target is elsewhere (another vocabulary
     shard). ``value``: a float or an ``(R, 1)`` tensor."""
+    if torch.is_tensor(value):
+        value = value.to(t.dtype)
     if bool((y >= 0).all()):
         fn = t.scatter_add_ if add else t.scatter_
         fn(1, y[:, None], value if torch.is_tensor(value) else torch.full_like(t[:, :1], value))
@@ -62,29 +71,27 @@ def set_target(t: torch.Tensor, y: torch.Tensor, value, *, add: bool = False) ->
     t.index_put_((rows, y[rows]), vals, accumulate=add)
 
 
-def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams) -> torch.Tensor:
-    """A fresh ``z / T`` in the accumulation dtype (one pass from any input dtype), with the target
-    column at ``-inf`` when masked (rows with ``y < 0`` have no target column here)."""
-    x = z.to(accumulation_dtype(z.dtype), copy=True)
+def _scaled(z: torch.Tensor, y: torch.Tensor, p: TMKLParams, shift=None) -> torch.Tensor:
+    """A fresh ``z / T - shift`` in the accumulation dtype (``shift``: a per-row column or
+    ``None``), with the target column at ``-inf`` when masked (rows with ``y < 0`` have no target
+    column here). One pass from accumulation-dtype logits at ``T = 1``."""
+    acc = accumulation_dtype(z.dtype)
     if p.temperature != 1.0:
-        x.mul_(1.0 / p.temperature)
+        x = torch.mul(z if z.dtype == acc else z.to(acc), 1.0 / p.temperature)
+        if shift is not None:
+            x.sub_(shift)
+    elif shift is not None:
+        x = torch.sub(z, shift.to(acc))  # promotes 16-bit logits to the accumulation dtype
+    else:
+        x = z.to(acc, copy=True)
     if p.mask_target:
         set_target(x, y, NEG_INF)
     return x
 
 
-def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
-    """Per-row ``(ce, kl, stats)`` of one chunk of rows, in the accumulation dtype.
-
-    ``z``, ``b``: ``(R, V)`` adapted and base logits in any float dtype (not modified; the math
-    runs in the accumulation dtype); ``y``: ``(R,)`` int64 labels with ignored rows replaced by a valid index. The KL is
-    ``sum_v w_v ((a_v - m_a) - (o_v - m_o)) / s_w - ls_w + ls_o`` with ``w = exp(a - m_a)`` the weight
-    distribution's (base for forward, adapted for reverse) terms: differences of offsets to the row
-    maxima, so shift-invariant. ``0`` where the weights have no mass, ``inf`` where they have mass
-    the other distribution lacks; zero weights give exactly zero; NaN propagates.
-    """
-    xs = _scaled(z, y, p)
-    m_z, s_z, e_z = _shifted(xs)
+def _kl(xs, e_z, b, y, s_z, p: TMKLParams):
+    """``(kl, m_b, ls_b, ls_z)`` of a chunk from the adapted side's shifted ``xs``, its exponentials
+    ``e_z`` and sum ``s_z`` (:func:`_chunk_stats`); ``xs`` is consumed."""
     if p.forward_kl:
         del e_z  # only the weights' exponentials are needed
     us = _scaled(b, y, p)
@@ -100,24 +107,61 @@ def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParam
     del w, terms
     kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
     kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
+    return kl, m_b, ls_b, ls_z
+
+
+def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParams):
+    """Per-row ``(ce, kl, stats)`` of one chunk of rows, in the accumulation dtype.
+
+    ``z``, ``b``: ``(R, V)`` adapted and base logits in any float dtype (not modified; the math
+    runs in the accumulation dtype), ``b`` ``None`` when the base is ``z`` itself; ``y``: ``(R,)``
+    int64 labels with ignored rows replaced by a valid index. The KL is
+    ``sum_v w_v ((a_v - m_a) - (o_v - m_o)) / s_w - ls_w + ls_o`` with ``w = exp(a - m_a)`` the weight
+    distribution's (base for forward, adapted for reverse) terms: differences of offsets to the row
+    maxima, so shift-invariant. ``0`` where the weights have no mass, ``inf`` where they have mass
+    the other distribution lacks; zero weights give exactly zero; NaN propagates.
+    """
+    if b is None:
+        return _ce_alone(z, y)
+    xs = _scaled(z, y, p)
+    m_z, s_z, e_z = _shifted(xs)
+    kl, m_b, ls_b, ls_z = _kl(xs, e_z, b, y, s_z, p)
     z_y = z.gather(1, y[:, None]).squeeze(1).to(ls_z.dtype)
     m_c, ls_c = ce_normalizer(z, z_y, m_z, ls_z, p)
     ce = (m_c - z_y) + ls_c
     return ce, kl, torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
 
 
+def _ce_alone(z: torch.Tensor, y: torch.Tensor):
+    """Per-row ``(ce, kl = 0, stats)`` when the base is ``z`` itself: ``CE = -log_softmax(z)_y``
+    from torch's row-wise log-softmax, which forms ``(z - m) - log s`` (shift-invariant), and the
+    normalizer ``(m, log s)`` with ``log s = -log_softmax(z)`` at the row's argmax, exactly. No KL is
+    formed: every normalizer column of ``stats`` holds this one, over every column."""
+    zf = z.to(accumulation_dtype(z.dtype))
+    m, top = zf.max(dim=1)
+    lsm = torch.log_softmax(zf, dim=1)
+    ls = -lsm.gather(1, top[:, None]).squeeze(1)
+    ce = -lsm.gather(1, y[:, None]).squeeze(1)
+    del lsm
+    m = m.masked_fill(m == NEG_INF, 0.0)
+    kl = torch.zeros_like(ce)
+    return ce, kl, torch.stack([m, ls, m, ls, m, ls, kl], dim=1)
+
+
 def _log_probs(z: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ls: torch.Tensor,
                p: TMKLParams) -> torch.Tensor:
     """``log q~ = (z/T - m) - ls`` from the saved row max and log-sum (``-inf`` where dropped, and
     on a row with no mass)."""
-    return _scaled(z, y, p).sub_(m[:, None]).sub_(ls.masked_fill(ls == NEG_INF, 0.0)[:, None])
+    return _scaled(z, y, p, m[:, None]).sub_(ls.masked_fill(ls == NEG_INF, 0.0)[:, None])
 
 
-def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Tensor:
+def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams, out=None) -> torch.Tensor:
     """``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for one chunk from its saved statistics
     ``st`` (``(R, NUM_STATS)``), zero on invalid rows; ``coef_*``: ``(R,)``. Result in the
-    accumulation dtype. ``z``, ``b`` may be one vocabulary shard of the rows (``st`` then holds the
-    whole rows' statistics and ``y < 0`` marks rows whose target lies in another shard).
+    accumulation dtype, or written into ``out`` (any float dtype; it may be ``z`` itself) when the
+    last pass can write there; the caller copies otherwise. ``z``, ``b`` may be one vocabulary
+    shard of the rows (``st`` then holds the whole rows' statistics and ``y < 0`` marks rows whose
+    target lies in another shard).
 
     Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
     dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
@@ -130,12 +174,21 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
     a = coef_ce.to(acc).masked_fill(~valid, 0.0)[:, None]
     c = coef_kl.to(acc).masked_fill(~valid, 0.0)[:, None] * inv_t
     m_c, ls_c = st[:, STAT_M_CE, None], st[:, STAT_LS_CE, None]
+    z_y = z.gather(1, y.clamp_min(0)[:, None]).to(acc)  # before anything writes out (maybe z)
     if p.separate_ce:
         r = None
     elif p.mask_target:
         r = ((st[:, STAT_M_Z, None] - m_c) + (st[:, STAT_LS_Z, None] - ls_c)).exp()
     else:
         r = torch.ones_like(a)
+    if b is None:  # the base is z itself: the KL's gradient is exactly 0, in either direction
+        sm = torch.softmax(z.to(acc), dim=1)  # row-wise: exp((z - m) - log s)
+        grad = torch.mul(sm, a, **({} if out is None else {"out": out}))
+        del sm
+        set_target(grad, y, -a, add=True)
+        return grad.masked_fill_(a == 0, 0.0) if bool((a == 0).any()) else grad
+    # the last pass writes out directly unless the CE term still reads z afterwards (r is None)
+    last = {} if out is None or r is None else {"out": out}
     log_q = _log_probs(z, y, st[:, STAT_M_Z], st[:, STAT_LS_Z], p)
     log_p = _log_probs(b, y, st[:, STAT_M_B], st[:, STAT_LS_B], p)
     # a zero coefficient gives exactly 0 (never 0 * inf or 0 * nan): the base side of a row with
@@ -147,8 +200,8 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
         pb = log_p.exp_()
         if bool(drop_base.any()):
             pb.masked_fill_(drop_base, 0.0)
-        grad = q.mul_(c if r is None else a * r + c).sub_(pb.mul_(c))
-        del pb
+        grad = torch.addcmul(q.mul_(c if r is None else a * r + c), pb, c, value=-1.0, **last)
+        del pb, q
     else:
         # a softmax(z) + c q~ (log q~ - log p~ - KL) = q~ (a r + c (log q~ - log p~ - KL)), with 0 where
         # q~ = 0 (NaN propagates)
@@ -161,6 +214,13 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
             t.add_(a * r)
         grad = t.mul_(q).masked_fill_(q == 0, 0.0)
         del q
+    return _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p)
+
+
+def _finish_grad(grad, z, z_y, y, a, c, r, m_c, ls_c, p: TMKLParams) -> torch.Tensor:
+    """The CE terms :func:`_chunk_grad` has not folded into ``grad`` yet (``softmax(z)`` over every
+    column when it keeps its own normalizer, ``- e_y``; ``z_y`` the target logits), and zero on
+    rows whose coefficients are both zero."""
     if r is None:
         # a softmax(z) over every column, softmax(z) = exp((z - m) - log s)
         sm = torch.sub(z, m_c).sub_(ls_c).exp_()
@@ -168,7 +228,6 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams) -> torch.Te
         del sm
     if p.mask_target and r is not None:
         # the target column: q~_y = p~_y = 0, softmax(z)_y = exp((z_y - m) - log s)
-        z_y = z.gather(1, y.clamp_min(0)[:, None]).to(acc)
         set_target(grad, y, a * (((z_y - m_c) - ls_c).exp() - 1.0))
     else:
         set_target(grad, y, -a, add=True)
@@ -182,13 +241,15 @@ def _rows(logits, base_logits, labels, p: TMKLParams, chunk_bytes):
     """Chunks of rows as ``(start, stop, z, b, y, valid)``: views of the inputs in their own dtype,
     labels with ignored rows replaced by a valid index."""
     n, v = logits.shape
+    same = base_logits is logits  # the base is the adapted model itself (CE alone)
     step = chunk_rows(v, logits.dtype, chunk_bytes)
     for start in range(0, n, step):
         stop = min(n, start + step)
         y = labels[start:stop].long()
         valid = y != p.ignore_index
         y_safe = torch.where(valid, y, torch.zeros_like(y))
-        yield start, stop, logits[start:stop], base_logits[start:stop], y_safe, valid
+        b = None if same else base_logits[start:stop]
+        yield start, stop, logits[start:stop], b, y_safe, valid
 
 
 @torch.no_grad()
@@ -216,137 +277,9 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     """Write ``coef_ce[i] * dCE_i/dz + coef_kl[i] * dKL_i/dz`` for every row into ``grad_out``,
     from the forward's statistics (:func:`_chunk_grad`)."""
     for start, stop, z, b, y, valid in _rows(logits, base_logits, labels, params, chunk_bytes):
+        out = grad_out[start:stop]
         grad = _chunk_grad(z, b, y, valid, stats[start:stop], coef_ce[start:stop],
-                           coef_kl[start:stop], params)
-        grad_out[start:stop].copy_(grad)  # one pass, converting to the logits dtype
+                           coef_kl[start:stop], params, out=out)
+        if grad is not out:
+            out.copy_(grad)  # one pass, converting to the gradient's dtype
     return grad_out
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused-linear TMKL: the loss straight from hidden states, logits formed one chunk of rows at a time
-# ---------------------------------------------------------------------------------------------
-# Resident rows x V buffers of one fused-linear chunk per row of the chunk: about 9 are alive at once
-# (both logits, the four distributions of _chunk, the two gradient parts), and glibc's per-thread
-# arenas can keep freed chunk-sized blocks resident, up to ~1.6x that measured on CPU; the budget
-# bounds the resident growth, so count that slack.
-_LINEAR_TEMPS_PER_CHUNK = 16
-#: Fewest rows per default chunk of the fused-linear reference (see :func:`linear_chunk_rows`).
-LINEAR_MIN_ROWS = 48
-
-
-def linear_chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: int | None = None,
-                      chunk_bytes: int | None = None, num_rows: int | None = None) -> int:
-    """Rows per chunk of the fused-linear reference: ``chunk_size`` when given, else as many rows
-    as fit the chunk's ``rows x V`` temporaries (counted as ``_LINEAR_TEMPS_PER_CHUNK`` per row,
-    allocator slack included) in ``chunk_bytes``. By default the budget is sized to the problem:
-    an eighth of what the ``num_rows x V`` logits would take, so the path's extra memory stays a
-    small fraction of any materialized one whatever the shape, but at least
-    :data:`LINEAR_MIN_ROWS` rows (each chunk reads the whole head: fewer rows make the pass
-    bound by that traffic) and at most :data:`REFERENCE_CHUNK_BYTES`."""
-    if chunk_size is not None:
-        return max(1, int(chunk_size))
-    row_bytes = max(1, vocab) * torch.finfo(accumulation_dtype(dtype)).bits // 8
-    per_row = row_bytes * _LINEAR_TEMPS_PER_CHUNK
-    if chunk_bytes is not None:
-        return max(1, int(chunk_bytes) // per_row)
-    cap = max(1, REFERENCE_CHUNK_BYTES // per_row)
-    if num_rows is None:
-        return cap
-    return min(cap, max(LINEAR_MIN_ROWS, num_rows * row_bytes // 8 // per_row))
-
-
-def _logits_chunk(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
-    """``h @ w.T (+ bias)`` for ``(R, D)`` rows, the matmul in the inputs' dtype, result in ``acc``."""
-    z = (h @ w.T).to(acc)
-    if bias is not None:
-        z += bias.to(acc)
-    return z
-
-
-@torch.no_grad()
-def linear_tmkl_pass(hidden: torch.Tensor, weight: torch.Tensor, base_hidden: torch.Tensor,
-                     base_weight: torch.Tensor, bias: torch.Tensor | None,
-                     base_bias: torch.Tensor | None, labels: torch.Tensor, params: TMKLParams,
-                     coef_ce: torch.Tensor | None = None, coef_kl: torch.Tensor | None = None,
-                     needs: tuple[bool, bool, bool] = (False, False, False),
-                     chunk_size: int | None = None, chunk_bytes: int | None = None):
-    """One pass over the rows of a fused-linear TMKL, ``rows`` at a time (:func:`linear_chunk_rows`).
-
-    ``hidden``/``base_hidden``: ``(N, D)``; ``weight``/``base_weight``: ``(V, D)`` (may be the same
-    tensor); ``bias``/``base_bias``: ``(V,)`` or ``None``; ``labels``: ``(N,)``. Per chunk the
-    logits ``z = h @ W.T + bias`` and ``b = h_b @ W_b.T + bias_b`` exist only for that chunk.
-
-    Returns ``(loss, ce, kl, stats, grad_hidden, grad_weight, grad_bias)``: per-row values and
-    ``(N, NUM_STATS)`` stats as :func:`tmkl_forward`, and, for the gradients flagged in ``needs`` (hidden,
-    weight, bias) when ``coef_ce``/``coef_kl`` (``(N,)``) are given, the gradient of
-    ``sum_i coef_ce[i] * CE_i + coef_kl[i] * KL_i`` (``None`` otherwise). ``grad_hidden`` has
-    ``hidden``'s dtype; ``grad_weight``/``grad_bias`` are accumulated in the accumulation dtype.
-    """
-    n, d = hidden.shape
-    v = weight.shape[0]
-    acc = accumulation_dtype(hidden.dtype)
-    dev = hidden.device
-    loss = torch.zeros(n, dtype=acc, device=dev)
-    ce_out = torch.zeros_like(loss)
-    kl_out = torch.zeros_like(loss)
-    stats = torch.zeros(n, NUM_STATS, dtype=acc, device=dev)
-    want = coef_ce is not None and coef_kl is not None
-    need_h, need_w, need_b = (bool(x) and want for x in needs)
-    grad_h = torch.zeros(n, d, dtype=hidden.dtype, device=dev) if need_h else None
-    grad_w = torch.zeros(v, d, dtype=acc, device=dev) if need_w else None
-    grad_b = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-    step = linear_chunk_rows(v, hidden.dtype, chunk_size, chunk_bytes, num_rows=n)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        y = labels[start:stop].long()
-        valid = y != params.ignore_index
-        y = torch.where(valid, y, torch.zeros_like(y))
-        h = hidden[start:stop]
-        z = _logits_chunk(h, weight, bias, acc)
-        b = _logits_chunk(base_hidden[start:stop], base_weight, base_bias, acc)
-        ce, kl, st = _chunk_stats(z, b, y, params)
-        outs = row_outputs(ce, kl, st, valid, params)
-        for out, value in zip((loss, ce_out, kl_out, stats), outs):
-            out[start:stop] = value
-        if need_h or need_w or need_b:
-            # dL/dz per row, then through the linear layer: dh = dz W, dW = dz^T h, dbias = sum_rows dz
-            g = _chunk_grad(z, b, y, valid, st, coef_ce[start:stop], coef_kl[start:stop], params)
-            del z, b
-            if need_h:
-                grad_h[start:stop] = g.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g.T, h.to(acc))
-            if need_b:
-                grad_b += g.sum(0)
-            del g
-        else:
-            del z, b
-    return loss, ce_out, kl_out, stats, grad_h, grad_w, grad_b
-
-
-def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                        params: TMKLParams, row_weight: torch.Tensor | None = None,
-                        needs: tuple[bool, bool, bool] = (False, False, False)):
-    """Per-row ``(loss, ce, kl, stats, pre)`` of the fused-linear TMKL (``base_weight=None``: the
-    base uses ``weight``). With ``row_weight`` (the 0-dim upstream gradient each row's loss is
-    expected to receive) and any of ``needs`` (hidden, weight, bias), the same pass also computes
-    those gradients for exactly that upstream gradient and returns them as ``pre``."""
-    wb = weight if base_weight is None else base_weight
-    coef_ce = coef_kl = None
-    if row_weight is not None and any(needs):
-        acc = accumulation_dtype(hidden.dtype)
-        ones = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) * row_weight.to(acc)
-        coef_ce, coef_kl = ones * params.ce_weight, ones * params.kl_scale
-    loss, ce, kl, stats, gh, gw, gb = linear_tmkl_pass(
-        hidden, weight, base_hidden, wb, bias, base_bias, labels, params, coef_ce, coef_kl, needs,
-        chunk_size=getattr(params, "chunk_size", None))
-    return loss, ce, kl, stats, (None if coef_ce is None else (gh, gw, gb))
-
-
-def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-                         coef_ce, coef_kl, params: TMKLParams, needs):
-    """``(grad_hidden, grad_weight, grad_bias)`` of ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``,
-    each ``None`` unless flagged in ``needs``; recomputed chunk by chunk (``stats`` unused)."""
-    wb = weight if base_weight is None else base_weight
-    return linear_tmkl_pass(hidden, weight, base_hidden, wb, bias, base_bias, labels, params,
-                            coef_ce, coef_kl, needs, chunk_size=getattr(params, "chunk_size", None))[4:]
