@@ -583,7 +583,8 @@ def test_triton_chunk_rows_cross_blocks(monkeypatch):
     """The chunked driver over Triton's TMKL kernels streaming each row in 16-column blocks: a
     vocabulary of 45 ends in a partial block."""
     real = tmkl_ops.launch_config
-    monkeypatch.setattr(tmkl_ops, "launch_config", lambda v, dtype, block_v=None: real(v, dtype, 16))
+    monkeypatch.setattr(tmkl_ops, "launch_config",
+                        lambda v, dtype, block_v=None, *a, **k: real(v, dtype, 16, *a, **k))
     t = _inputs(shape=(7,), d=12, v=45, bias=True, distinct_base=True, ignore=(3,))
     for direction in ("forward", "reverse"):
         _compare(t, "triton", reduction="none", return_components=True, temperature=1.5,
