@@ -103,7 +103,10 @@ def _kl(xs, e_z, b, y, s_z, p: TMKLParams):
         del e_b
         w, terms, s_w, ls_w, ls_o = e_z, xs.sub_(us), s_z, ls_z, ls_b
     del xs, us
-    kl = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
+    # a zero weight times an infinite or undefined term (a -inf column, the masked target) adds
+    # nothing; a NaN or +inf logit still makes the row NaN through its normalizers (s_w, ls_o)
+    terms.mul_(w).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    kl = terms.sum(dim=1).div_(s_w).sub_(ls_w).add_(ls_o)
     del w, terms
     kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
     kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
