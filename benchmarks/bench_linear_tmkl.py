@@ -99,14 +99,26 @@ def _forgetkern(**options):
 
 def strategies() -> tuple[str, ...]:
     """The fused-linear strategies ``linear_tmkl_loss`` offers, ``"auto"`` aside: none before it
-    took ``strategy``; those ``forgetkern._params.LINEAR_STRATEGIES`` lists when it lists them,
+    took ``strategy``; those ``forgetkern._params.STRATEGIES`` lists when it lists them,
     else the two the cost model knows (``floors.STRATEGIES``)."""
     if "strategy" not in inspect.signature(forgetkern.linear_tmkl_loss).parameters:
         return ()
     from forgetkern import _params
 
-    listed = getattr(_params, "LINEAR_STRATEGIES", None) or floors.STRATEGIES
+    listed = getattr(_params, "STRATEGIES", None) or floors.STRATEGIES
     return tuple(s for s in listed if s != "auto")
+
+
+def planned_rows(n: int, v: int, dtype, work: str) -> int | None:
+    """Rows per chunk the chunked driver picks by default for this problem (its own
+    ``forgetkern._chunked.plan``), or ``None`` in a forgetkern without it."""
+    try:
+        from forgetkern import _chunked
+        from forgetkern._params import LinearTMKLParams
+    except ImportError:
+        return None
+    params = LinearTMKLParams(kl_weight=0.0) if work == "ce" else LinearTMKLParams()
+    return _chunked.plan(n, v, dtype, params, None, dense=work == "tmkl-exact").rows
 
 
 def _extension_reason(device) -> str | None:
@@ -138,9 +150,12 @@ def providers(device, probe_extension: bool = True) -> list[common.Provider]:
     ext = _extension_reason(device) if probe_extension else None
     no_tma = "TMA needs an sm_90 GPU: not run in the dry mode"
     if offered:
+        fused_why = _backend.why_unavailable("triton", "linear_tmkl_fused", torch.device(device)) \
+            if "linear_tmkl_fused" in _backend.OP_BACKENDS else None
         for s in offered:
             model = s if s in floors.STRATEGIES else None
-            out.append(P(f"forgetkern-{s}", _forgetkern(strategy=s), works=every, strategy=s, predicts=model))
+            out.append(P(f"forgetkern-{s}", _forgetkern(strategy=s), works=every, strategy=s, predicts=model,
+                         unavailable=fused_why if s == "fused" else None))
             if ext is not None:
                 out.append(P(f"forgetkern-{s}-cuda", _forgetkern(strategy=s, backend="cuda"), works=every,
                              strategy=s, predicts=model, needs_extension=True, unavailable=ext or None))
@@ -227,7 +242,8 @@ def topk_record(p: Problem, k: int, rows: int = gate.REFERENCE_ROWS) -> forgetke
             s = slice(start, start + rows)
             parts.append(forgetkern.topk_base(p.hb[s].float() @ w32.T, p.y[s], k, ignore_index=IGNORE))
     return forgetkern.TopKBase(*(torch.cat([getattr(r, f) for r in parts]) for f in
-                                 ("values", "indices", "lse", "tail_lse", "target")), temperature=1.0)
+                                 ("values", "indices", "lse", "tail_lse", "target")), temperature=1.0,
+                            labels=p.y)
 
 
 def reference(p: Problem, work: str) -> gate.Reference:
@@ -303,7 +319,7 @@ def _case(ctx, pv: common.Provider, p: Problem | None, why: str, group: str, ndv
     predicted = None
     if pv.predicts and work in ("tmkl-exact", "ce", "tmkl-topk"):
         predicted = floors.linear_predicted(pv.predicts, work, shape, ctx.rates, opts.passes,
-                                            chunk_elt=chunk_elt)
+                                            chunk_elt=chunk_elt, chunk_rows=planned_rows(n, v, dtype, work))
     case = common.Case(
         bench=NAME, work=work, passes=opts.passes, provider=pv.name, strategy=pv.strategy,
         inputs=source, shape=_shape_dict(n, d, v, opts.train_weight, k if work == "tmkl-topk" else None),

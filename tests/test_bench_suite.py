@@ -338,20 +338,20 @@ def test_linear_providers_follow_the_api(mods, monkeypatch):
     import bench_linear_tmkl as lin
 
     import forgetkern
-    from forgetkern import _backend
 
-    names = [p.name for p in lin.providers("cpu")]
-    assert "forgetkern-triton" in names and not [n for n in names if n.startswith("forgetkern-chunked")]
-    plain = forgetkern.linear_tmkl_loss
-
-    def with_strategy(*args, strategy="auto", **kw):
-        return plain(*args, **kw)
-
-    monkeypatch.setattr(forgetkern, "linear_tmkl_loss", with_strategy)
-    monkeypatch.setitem(_backend.OP_BACKENDS, "linear_tmkl", ("reference", "triton", "cuda"))
-    provs = {p.name: p for p in lin.providers("cpu")}
+    provs = {p.name: p for p in lin.providers("cpu")}  # today's API: strategy=, a CUDA backend
     assert {"forgetkern-chunked", "forgetkern-fused", "forgetkern-chunked-cuda", "forgetkern-fused-cuda",
             "forgetkern-fused-tma"} <= set(provs) and "forgetkern-triton" not in provs
+    assert lin.planned_rows(8192, 128256, torch.bfloat16, "tmkl-exact") >= 512
+    plain = forgetkern.linear_tmkl_loss
+
+    def without_strategy(*args, **kw):  # a forgetkern before strategy=: the Triton backend is the fused kernel
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(forgetkern, "linear_tmkl_loss", without_strategy)
+    names = [p.name for p in lin.providers("cpu")]
+    assert "forgetkern-triton" in names and not [n for n in names if n.startswith("forgetkern-chunked")]
+    monkeypatch.setattr(forgetkern, "linear_tmkl_loss", plain)
     assert provs["forgetkern-chunked"].predicts == "chunked" and provs["forgetkern-fused-tma"].late
     cuda = provs["forgetkern-chunked-cuda"]
     assert cuda.needs_extension and "CUDA tensors" in cuda.unavailable

@@ -41,6 +41,7 @@ HERE = {
     ("linear_tmkl.md", "logits = hidden @ weight.T + bias"): "linear",
     ("base_cache.md", "build_cache(model, batches, \"cache/\""): "cache",
     ("base_cache.md", "import_vllm_prompt_logprobs(outputs"): "cache",
+    ("base_cache.md", "w = CacheWriter(\"cache_k64/\""): "cache",
     ("cuda.md", "backend=\"cuda\")"): "cuda",
 }
 
@@ -73,13 +74,17 @@ def test_every_python_block_is_run_by_exactly_one_test():
                 assert keys[0][1] in (ROOT / ELSEWHERE[keys[0]]).read_text(), keys[0]
 
 
-def test_every_forgetkern_command_line_parses():
+def test_every_forgetkern_command_line_parses(tmp_path, monkeypatch):
     """The ``forgetkern ...`` lines of the bash blocks are valid command lines (parsed by the CLI's
-    own parser, not run: they take minutes to hours)."""
+    own parser, not run: they take minutes to hours). The inputs they name (``--data FILE``,
+    ``--model FOLDER``, ``--resume`` / ``--from-json PATH``) are created first in an empty folder,
+    so the parser's own existence checks run for real."""
     import shlex
 
     from forgetkern.cli import build_parser
 
+    monkeypatch.chdir(tmp_path)
+    inputs = {"--data": "file", "--resume": "file", "--from-json": "file", "--model": "dir"}
     seen = 0
     for path in DOCS:
         for code in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
@@ -88,6 +93,14 @@ def test_every_forgetkern_command_line_parses():
                 if words[:3] == ["python", "-m", "forgetkern"]:
                     words = words[2:]
                 if words[:1] == ["forgetkern"]:
+                    for flag, value in zip(words, words[1:]):
+                        if flag in inputs and value != "smollm2":
+                            target = tmp_path / value
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            if inputs[flag] == "dir":
+                                target.mkdir(exist_ok=True)
+                            elif not target.exists():
+                                target.write_text("{}\n")
                     build_parser().parse_args(words[1:])
                     seen += 1
     assert seen >= 10
@@ -246,6 +259,27 @@ def test_base_cache_blocks(tmp_path, monkeypatch):
         "model": model, "outputs": _vllm(logits, batch["input_ids"]), "ids": [7, 8, 9],
         "labels": batch["labels"].tolist()})
     assert ns["cache"].mode == "topk" and len(ns["cache"]) == 3
+
+    # the CacheWriter block rewrites a built top-k cache, row for row, into another directory
+    import numpy as np
+
+    from forgetkern.cache import build_cache, input_key
+
+    built = build_cache(model, [batch], "built_k4/", mode="topk", k=4, show_progress=False)
+    a, m = built.arrays, built.manifest
+    counts = [int(n) for n in (batch["labels"][:, 1:] != -100).sum(1)]
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    chunks = [(s, {name: a[name][s:s + n] for name in a}) for s, n in zip(starts, counts)]
+    tokens = [t[t >= 0] for t in batch["input_ids"]]
+    ns = run(block("base_cache.md", "w = CacheWriter(\"cache_k64/\""),
+             {"V": m["vocab_size"], "ids": [7, 8, 9], "counts": counts, "tokens": tokens,
+              "base_model": model, "chunks": chunks},
+             subs=[("k=64", "k=4"), ("positions=..., targets=..., values=..., indices=..., lse=...,\n"
+                                      "                tail_lse=..., target=...)", "**rows)")])
+    assert ns["cache"].mode == "topk" and len(ns["cache"]) == 3
+    for name in a:
+        np.testing.assert_array_equal(ns["cache"].arrays[name], a[name])
+    assert input_key(tokens[0]) == built.manifest.get("keys", [input_key(tokens[0])])[0]
 
 
 # ---- docs/cuda.md -------------------------------------------------------------------------------
