@@ -120,13 +120,14 @@ def test_experiment_runs_every_method_on_its_own_adapter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # FoLoRA's eigensolver: the reference on CPU
     base = _llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    cfg = DemoConfig(**{**REAL_PRESETS["smoke"], "adapt_steps": 2, "checkpoints": 1,
+    cfg = DemoConfig(**{**REAL_PRESETS["smoke"], "adapt_steps": 2, "checkpoints": 2,
                         "peft": OPTIONS, "rank": 4, "alpha": 8.0})
     train = [_batch(i) for i in range(2)]
     held = [_batch(10)]
-    made = []
+    made, fulls = [], []
 
-    def evaluate(m):
+    def evaluate(m, full=True):
+        fulls.append(full)
         loss = mean_ce(m, held, "cpu")[0]
         return {"target_loss": loss, "target_accuracy": 0.0, "target_error": 1.0,
                 "retention_loss": loss, "instruction_following": 0.5}
@@ -140,6 +141,9 @@ def test_experiment_runs_every_method_on_its_own_adapter(monkeypatch):
                      log=lambda *a: None)
     base_eval, results = exp.run_all()
     assert made == ["lora", "dora", "randlora", "corda", "osf"]  # one copy per adapter kind
+    # checkpoints at steps 1 and 2; step 1 skips the costly extras unless a reference run
+    references = {"ce", "dora", "randlora"}
+    assert fulls == [True] + [x for m in METHODS for x in (m in references, True)]
     assert [r["method"] for r in results] == list(METHODS)
     assert exp.model is base and exp.kind is None  # the last copy is released
     for r in results:

@@ -128,6 +128,8 @@ def test_demo_smoke_on_the_real_model(tmp_path, capsys):
     assert payload["complete"] and payload["config"]["model"] == {"name": "smollm2"}
     base = payload["base"]
     assert base["probe_preserved"] == 1.0 and set(base["exact_match"]) == set(T.TASKS)
+    assert 0 <= base["instruction_following"] <= 1
+    assert list(base["instruction_following_by"]) == payload["config"]["instructions"]
     results = payload["results"]
     assert [r["method"] for r in results] == ["ce", "tmkl", "tmkl+folora"]
     for r in results:
@@ -136,7 +138,9 @@ def test_demo_smoke_on_the_real_model(tmp_path, capsys):
         assert r["target_error"] == pytest.approx(1 - r["target_accuracy"])
         assert 0 <= r["probe_preserved"] <= r["probe_prefix"] <= 1
         assert r["forgetting"] == pytest.approx(r["retention_loss"] - base["retention_loss"])
-    assert "exact match" in printed and "probe kept" in printed and "EM reverse" in printed
+        assert 0 <= r["instruction_following"] <= 1 and r["cpu_s"] > 0
+        assert r["trainable_parameters"] == results[0]["trainable_parameters"]  # LoRA r=8, q/v
+    assert "exact match" in printed and "instr. follow" in printed and "probe kept" in printed and "EM reverse" in printed
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["demo", "--from-json", str(out), "--no-plot"]) == 0

@@ -9,7 +9,7 @@ import torch
 from .. import optim
 from ..lora import lora_layers
 from ..train import ForgetAwareStep
-from .config import DemoConfig, adapter_of, loss_name, runs_of, uses_folora
+from .config import DemoConfig, adapter_of, loss_name, reference_of, runs_of, uses_folora
 from .metrics import checkpoint_steps
 
 
@@ -28,8 +28,10 @@ class Experiment:
         model: the base model with forgetkern LoRA adapters injected (base weights frozen), or,
             with ``adapt``, the plain frozen base model.
         train_batches: the training batches, used in order, cycling.
-        evaluate: ``evaluate(model) -> dict`` with at least ``target_loss``, ``target_accuracy``
-            and ``retention_loss`` (the base model is evaluated first, with ``B = 0``).
+        evaluate: ``evaluate(model, full) -> dict`` with at least ``target_loss``,
+            ``target_accuracy`` and ``retention_loss`` (the base model is evaluated first, with
+            ``B = 0``); ``full=False`` may skip costly extras that only the end point of a run
+            and the whole curve of a reference run (:func:`config.reference_of`) need.
         seed: seeds the initial adapters and the FoLoRA proxy samples.
         proxy: ``sample_proxy_data`` keyword arguments for the proxy data of FoLoRA and CorDA
             (``prompts``, ``tokenizer``).
@@ -92,8 +94,8 @@ class Experiment:
                 if name in self._start:
                     p.copy_(self._start[name])
 
-    def evaluate(self) -> dict:
-        return self._evaluate(self.model)
+    def evaluate(self, full: bool = True) -> dict:
+        return self._evaluate(self.model, full)
 
     def proxy_data(self) -> list[torch.Tensor]:
         """Sequences sampled from the base model itself (adapters off), once per seed."""
@@ -139,6 +141,7 @@ class Experiment:
         step = ForgetAwareStep(self.model, loss=loss_name(method), optimizer=opt,
                                max_grad_norm=1.0, **opts)
         marks = checkpoint_steps(cfg.adapt_steps, cfg.checkpoints)
+        references = {reference_of(m) for m in cfg.methods}
         curve = [{"step": 0, **base, "forgetting": 0.0}]
         train_time, tokens = 0.0, 0
         label = method if kl_weight is None else f"{method} λ={kl_weight:g}"
@@ -148,7 +151,7 @@ class Experiment:
             train_time += m["time_s"]
             tokens += m["tokens"]
             if i in marks:
-                ev = self.evaluate()
+                ev = self.evaluate(full=i == cfg.adapt_steps or method in references)
                 ev["forgetting"] = ev["retention_loss"] - base["retention_loss"]
                 curve.append({"step": i, **ev})
         final = curve[-1]

@@ -63,7 +63,7 @@ def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
     follow = I.prompts(cfg.instructions, cfg.if_topics) if cfg.if_topics else []
     reference = {}
 
-    def evaluate(m) -> dict:
+    def evaluate(m, full: bool = True) -> dict:
         target_loss, _ = mean_ce(m, target_eval, cfg.device)
         by_task = task_exact_match(m, tok, held)
         by_source = {k: mean_ce(m, b, cfg.device)[0] for k, b in retention.items()}
@@ -76,7 +76,7 @@ def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
                "retention_loss": sum(by_source.values()) / len(by_source),
                "retention_by_source": by_source, **{f"probe_{k}": v for k, v in
                                                     drift(reference["probe"], answers).items()}}
-        if follow:
+        if follow and full:  # the end of a run, every checkpoint of a reference run
             rates = instruction_following(m, tok, follow, max_new_tokens=cfg.if_tokens)
             out.update(instruction_following=rates["rate"],
                        instruction_following_by=rates["by_instruction"])
@@ -132,7 +132,7 @@ def text_setup(cfg: DemoConfig, model_spec: str, data_file: str, *, seq_len: int
     retention_eval = [D.lm_batch(ret_rows[i:i + b]) for i in range(0, len(ret_rows), b)]
     inject_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha)
 
-    def evaluate(m) -> dict:
+    def evaluate(m, full: bool = True) -> dict:
         target_loss, token_acc = mean_ce(m, target_eval, cfg.device, accuracy=True)
         return {"target_loss": target_loss, "target_accuracy": token_acc,
                 "retention_loss": mean_ce(m, retention_eval, cfg.device)[0]}
