@@ -102,8 +102,11 @@ def adapted(base: nn.Module, kind: str, *, targets, rank: int, alpha: float, see
                 raise ValueError("the corda adapter needs knowledge data")
             _corda_covariance(model, config, knowledge())
     elif kind == "randlora":
-        config = peft.RandLoraConfig(r=int(options.get("randlora_r", 32)),
-                                     randlora_alpha=options.get("randlora_alpha", 640.0),
+        missing = [k for k in ("randlora_r", "randlora_alpha") if k not in options]
+        if missing:
+            raise ValueError(f"the randlora adapter needs the options {missing}")
+        config = peft.RandLoraConfig(r=int(options["randlora_r"]),
+                                     randlora_alpha=options["randlora_alpha"],
                                      target_modules=targets, projection_prng_key=seed)
     else:  # osf: freeze all but the last `rank` singular directions of each weight
         dims = _min_dims(model, targets)

@@ -82,9 +82,11 @@ TINY_PRESETS = {
                          "proxy_len": 128}),
 }
 
+# RandLoRA: basis rank 32 (about LoRA r = 8's parameter count here) and scale alpha / r = 2 as
+# LoRA's; PEFT's default alpha = 20 r made CE diverge at this learning rate
 _REAL = dict(model={"name": "smollm2"}, targets=list(REAL_TARGETS), tasks=["reverse", "shift",
              "json"], adapt_batch=8, adapt_lr=2e-3, rank=8, alpha=16.0, kl_weights=[1.0],
-             methods=list(METHODS), peft={"randlora_r": 32, "randlora_alpha": 640.0},
+             methods=list(METHODS), peft={"randlora_r": 32, "randlora_alpha": 64.0},
              instructions=list(FOLLOWED))
 REAL_PRESETS = {
     "smoke": dict(_REAL, seeds=[0], adapt_steps=2, checkpoints=1, eval_per_task=2,
@@ -93,6 +95,7 @@ REAL_PRESETS = {
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 2,
                           "proxy_len": 16}),
     "quick": dict(_REAL, seeds=[0], adapt_steps=24, checkpoints=2, eval_per_task=8,
+                  methods=["ce", "tmkl", "corda", "osf"],
                   retention_windows=4, retention_len=128, probe_tokens=12, probe_prompts=8,
                   if_topics=2, if_tokens=64,
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 12,
