@@ -100,11 +100,11 @@ REAL_PRESETS = {
                   if_topics=2, if_tokens=64,
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 12,
                           "proxy_len": 48}),
-    "full": dict(_REAL, seeds=[0, 1, 2], adapt_steps=36, checkpoints=3, eval_per_task=12,
-                 retention_windows=8, retention_len=128, probe_tokens=16, probe_prompts=12,
-                 if_topics=4, if_tokens=64,
-                 folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 16,
-                         "proxy_len": 64}),
+    "full": dict(_REAL, seeds=[0, 1, 2], adapt_steps=24, checkpoints=2, eval_per_task=8,
+                 retention_windows=4, retention_len=128, probe_tokens=12, probe_prompts=8,
+                 if_topics=2, if_tokens=64,
+                 folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 12,
+                         "proxy_len": 48}),
 }
 
 
