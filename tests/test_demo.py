@@ -8,7 +8,7 @@ import torch
 
 from forgetkern.cli import main
 from forgetkern.demo import data as D
-from forgetkern.demo.config import METHODS
+from forgetkern.demo.config import LORA_METHODS
 from forgetkern.demo.metrics import checkpoint_steps, forgetting_at
 from forgetkern.demo.report import comparisons
 
@@ -24,9 +24,9 @@ def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
     assert "retention" in printed and "base model" in printed
     payload = json.loads(out.read_text())
     cfg = payload["config"]
-    assert cfg["mode"] == "smoke" and cfg["seeds"] == [3] and cfg["methods"] == list(METHODS)
+    assert cfg["mode"] == "smoke" and cfg["seeds"] == [3] and cfg["methods"] == list(LORA_METHODS)
     results = payload["results"]
-    assert [r["method"] for r in results] == list(METHODS)
+    assert [r["method"] for r in results] == list(LORA_METHODS)
     for r in results:
         for key in ("method", "kl_weight", "seed", "base_retention_loss", "status"):
             assert key in r
@@ -111,6 +111,8 @@ def test_plot_of_a_kl_weight_sweep(tmp_path):
 def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--methods", "sgd"])
+    with pytest.raises(SystemExit, match="--model smollm2"):
+        main(["demo", "--smoke", "--methods", "ce,dora+tmkl"])
     with pytest.raises(SystemExit):
         main(["demo", "--smoke", "--model", "x"])
     with pytest.raises(SystemExit):

@@ -2,7 +2,6 @@
 smoke run of ``forgetkern demo --model smollm2`` (with the ``real`` extra installed)."""
 import importlib.util
 import json
-import re
 
 import pytest
 import torch
@@ -30,9 +29,10 @@ def test_problems_are_deterministic_disjoint_and_correct(task):
         if task == "reverse":
             words = prompt.split(": ", 1)[1].split()
             assert answer.split() == words[::-1] and 4 <= len(words) <= 6
-        elif task == "arithmetic":
-            a, b = map(int, re.findall(r"\b\d+\b", prompt)[:2])
-            assert int(answer) == (a + b if "more" in prompt else a - b)
+        elif task == "shift":
+            digits = prompt.rsplit(": ", 1)[1]
+            assert digits.isdigit() and 4 <= len(digits) <= 6 and len(answer) == len(digits)
+            assert all((int(a) - int(d)) % 10 == 1 for d, a in zip(digits, answer))
         else:
             record = json.loads(answer)
             pairs = dict(kv.split("=") for kv in prompt.split(": ", 1)[1].split("; "))
@@ -43,7 +43,7 @@ def test_problems_are_deterministic_disjoint_and_correct(task):
 
 def test_problem_arguments_are_checked():
     with pytest.raises(ValueError, match="task must be one of"):
-        T.problems("cipher", 3, split="train", seed=0)
+        T.problems("arithmetic", 3, split="train", seed=0)
     with pytest.raises(ValueError, match="split must be"):
         T.problems("json", 3, split="test", seed=0)
     rows = T.mixture(T.TASKS, 4, split="train", seed=1)
@@ -63,7 +63,8 @@ def test_exact_match_drift_and_spread():
 
 
 def test_runs_sweep_only_on_the_first_seed():
-    cfg = DemoConfig(**{**REAL_PRESETS["full"], "methods": ["ce", "kl", "tmkl", "tmkl+folora"]})
+    cfg = DemoConfig(**{**REAL_PRESETS["full"], "methods": ["ce", "kl", "tmkl", "tmkl+folora"],
+                        "sweep_kl_weights": [3.0]})
     first = runs_of(cfg, cfg.seeds[0])
     later = runs_of(cfg, cfg.seeds[1])
     assert ("tmkl", 3.0) in first and ("kl", 3.0) in first and ("tmkl+folora", 3.0) not in first
@@ -127,6 +128,8 @@ def test_demo_smoke_on_the_real_model(tmp_path, capsys):
     assert payload["complete"] and payload["config"]["model"] == {"name": "smollm2"}
     base = payload["base"]
     assert base["probe_preserved"] == 1.0 and set(base["exact_match"]) == set(T.TASKS)
+    assert 0 <= base["instruction_following"] <= 1
+    assert list(base["instruction_following_by"]) == payload["config"]["instructions"]
     results = payload["results"]
     assert [r["method"] for r in results] == ["ce", "tmkl", "tmkl+folora"]
     for r in results:
@@ -135,10 +138,76 @@ def test_demo_smoke_on_the_real_model(tmp_path, capsys):
         assert r["target_error"] == pytest.approx(1 - r["target_accuracy"])
         assert 0 <= r["probe_preserved"] <= r["probe_prefix"] <= 1
         assert r["forgetting"] == pytest.approx(r["retention_loss"] - base["retention_loss"])
-    assert "exact match" in printed and "probe kept" in printed and "EM reverse" in printed
+        assert 0 <= r["instruction_following"] <= 1 and r["cpu_s"] > 0
+        assert r["trainable_parameters"] == results[0]["trainable_parameters"]  # LoRA r=8, q/v
+    assert "exact match" in printed and "instr. follow" in printed and "probe kept" in printed and "EM reverse" in printed
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["demo", "--from-json", str(out), "--no-plot"]) == 0
     replayed = capsys.readouterr().out
     table = lambda text: text[text.index("method"):text.index("target: held-out")]  # noqa: E731
     assert table(replayed) == table(printed)
+
+
+def _run(method, w, seed, pts, follow):
+    """A finished run whose checkpoints are (task error, forgetting, instruction following)."""
+    curve = [{"target_error": e, "forgetting": f, "instruction_following": i,
+              "target_accuracy": 1 - e} for e, f, i in pts]
+    return {"method": method, "kl_weight": w, "seed": seed, "status": "ok", "curve": curve,
+            **curve[-1], "instruction_following_by": {"title": follow, "no_commas": 1.0},
+            "trainable_parameters": 4000 if method in ("ce", "tmkl") else 5000}
+
+
+def _variant_results():
+    rows = []
+    for seed in (0, 1):
+        rows += [_run("ce", None, seed, [(1.0, 0.0, 0.8), (0.5, 0.2, 0.4), (0.2, 0.4, 0.2)], 0.2),
+                 _run("tmkl", 1.0, seed, [(1.0, 0.0, 0.8), (0.5, 0.0, 0.8)], 0.8),
+                 _run("dora", None, seed, [(1.0, 0.0, 0.8), (0.4, 0.3 + seed * 0.1, 0.4)], 0.4),
+                 _run("dora+tmkl", 1.0, seed, [(1.0, 0.0, 0.8), (0.7, 0.05, 0.6)], 0.6),
+                 _run("osf", None, seed, [(1.0, 0.0, 0.8), (0.9, 0.1, 0.7)], 0.7)]
+    return rows
+
+
+def test_comparisons_use_each_methods_reference_and_instruction_following():
+    from forgetkern.demo.report import comparisons
+
+    lines = comparisons(_variant_results(), "target_error")
+    tmkl = next(line for line in lines if line.startswith("tmkl"))
+    # CE's curve at task error 0.5: forgetting 0.2, instruction following 0.4
+    assert "vs CE +0.2000 ±0.0000; instruction following 0.800 ±0.000 vs 0.400 ±0.000" in tmkl
+    dora_tmkl = next(line for line in lines if line.startswith("dora+tmkl"))
+    # against DoRA's own CE run: at error 0.7, halfway to (0.4, 0.3 / 0.4): 0.15 and 0.2
+    assert "vs dora +0.1750 ±0.0354" in dora_tmkl and "vs 0.600 ±0.000" in dora_tmkl
+    assert any(line.startswith("dora: forgetting") and "vs CE" in line for line in lines)
+    osf = next(line for line in lines if line.startswith("osf"))
+    assert "vs CE +0.0400 ±0.0000" in osf and "2 of 2 seeds" in osf
+
+
+def test_adapter_and_instruction_tables():
+    from forgetkern.demo.report import format_adapters, format_instructions
+
+    results = _variant_results()
+    table = format_adapters(results, "target_error").splitlines()
+    assert table[0].startswith("adapter") and len(table) == 5  # head, rule, lora, dora, osf
+    lora, dora, osf = table[2:]
+    assert lora.startswith("lora") and "4k" in lora and "+0.200" in lora  # CE at TMKL's error
+    assert dora.startswith("dora") and "5k" in dora and "+0.175 ±0.035" in dora
+    assert osf.startswith("osf") and osf.rstrip().endswith("|")  # CE only
+    assert format_adapters([r for r in results if r["method"] in ("ce", "tmkl")]) == ""
+    base = {"instruction_following": 0.8, "instruction_following_by": {"title": 0.9,
+                                                                        "no_commas": 0.7}}
+    text = format_instructions(results, base).splitlines()
+    assert text[0].split()[-2:] == ["title", "no_commas"]
+    assert text[2].split()[-2:] == ["0.900", "0.700"]
+    assert text[3].split()[0] == "ce" and text[3].split()[-2:] == ["0.200", "1.000"]
+    assert format_instructions(results, {"retention_loss": 1.0}) == ""
+
+
+def test_plot_with_instruction_following(tmp_path):
+    pytest.importorskip("matplotlib")
+    from forgetkern.demo.report import write_plot
+
+    png = tmp_path / "variants.png"
+    assert write_plot(str(png), _variant_results(), "variants", "target_error")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .instructions import FOLLOWED
 from .model import TinyConfig
 
-METHODS = ("ce", "kl", "tmkl", "folora", "tmkl+folora")
+# forgetkern's methods, on LoRA (the built-in tiny model: forgetkern's own LoRA; Hugging Face
+# models: PEFT's)
+LORA_METHODS = ("ce", "kl", "tmkl", "folora", "tmkl+folora")
+# PEFT's other adapters (Hugging Face models only): DoRA and RandLoRA with CE and with TMKL, and
+# two adapters made to forget less, trained with CE: CorDA (knowledge-preserving mode) and OSF
+VARIANT_METHODS = ("dora", "dora+tmkl", "randlora", "randlora+tmkl", "corda", "osf")
+METHODS = LORA_METHODS + VARIANT_METHODS
+ADAPTERS = ("lora", "dora", "randlora", "corda", "osf")
 TINY_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REAL_TARGETS = ["q_proj", "v_proj"]
@@ -49,7 +57,13 @@ class DemoConfig:
     probe_prompts: int = 16
     folora: dict = field(default_factory=lambda: {"gate": "soft", "tau": 1.0, "damping": 1e-3,
                                                   "proxy_samples": 64, "proxy_len": 128})
-    methods: list = field(default_factory=lambda: list(METHODS))
+    # instruction following (real model): prompts per instruction of INSTRUCTIONS, and tokens
+    instructions: list = field(default_factory=list)
+    if_topics: int = 0
+    if_tokens: int = 64
+    # PEFT adapter settings beyond rank/alpha/targets (RandLoRA's basis rank and alpha)
+    peft: dict = field(default_factory=dict)
+    methods: list = field(default_factory=lambda: list(LORA_METHODS))
     device: str = "cpu"
 
 
@@ -72,23 +86,29 @@ TINY_PRESETS = {
                          "proxy_len": 128}),
 }
 
-_REAL = dict(model={"name": "smollm2"}, targets=list(REAL_TARGETS), tasks=["reverse", "arithmetic",
-             "json"], adapt_batch=8, adapt_lr=2e-3, rank=8, alpha=16.0, kl_weights=[1.0])
+# RandLoRA: basis rank 32 (about LoRA r = 8's parameter count here) and scale alpha / r = 2 as
+# LoRA's; PEFT's default alpha = 20 r made CE diverge at this learning rate
+_REAL = dict(model={"name": "smollm2"}, targets=list(REAL_TARGETS), tasks=["reverse", "shift",
+             "json"], adapt_batch=8, adapt_lr=2e-3, rank=8, alpha=16.0, kl_weights=[1.0],
+             methods=list(METHODS), peft={"randlora_r": 32, "randlora_alpha": 64.0},
+             instructions=list(FOLLOWED))
 REAL_PRESETS = {
     "smoke": dict(_REAL, seeds=[0], adapt_steps=2, checkpoints=1, eval_per_task=2,
                   retention_windows=1, retention_len=32, probe_tokens=6, probe_prompts=4,
-                  adapt_batch=4,
+                  adapt_batch=4, if_topics=1, if_tokens=8,
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 2,
                           "proxy_len": 16}),
     "quick": dict(_REAL, seeds=[0], adapt_steps=24, checkpoints=2, eval_per_task=8,
+                  methods=["ce", "tmkl", "corda", "osf"],
                   retention_windows=4, retention_len=128, probe_tokens=12, probe_prompts=8,
+                  if_topics=2, if_tokens=64,
                   folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 12,
                           "proxy_len": 48}),
-    "full": dict(_REAL, seeds=[0, 1, 2], adapt_steps=36, checkpoints=3, eval_per_task=12,
-                 retention_windows=8, retention_len=128, probe_tokens=16, probe_prompts=12,
-                 sweep_kl_weights=[3.0],
-                 folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 16,
-                         "proxy_len": 64}),
+    "full": dict(_REAL, seeds=[0, 1, 2], adapt_steps=24, checkpoints=2, eval_per_task=8,
+                 retention_windows=4, retention_len=128, probe_tokens=12, probe_prompts=8,
+                 if_topics=2, if_tokens=64,
+                 folora={"gate": "soft", "tau": 1.0, "damping": 1e-3, "proxy_samples": 12,
+                         "proxy_len": 48}),
 }
 
 
@@ -106,7 +126,7 @@ def runs_of(cfg: DemoConfig, seed: int, part: str = "all") -> list[tuple[str, fl
     runs = []
     if part != "sweep":
         for method in cfg.methods:
-            if method in ("ce", "folora"):
+            if loss_name(method) == "ce":
                 runs.append((method, None))
             else:
                 runs.extend((method, float(w)) for w in cfg.kl_weights)
@@ -116,6 +136,36 @@ def runs_of(cfg: DemoConfig, seed: int, part: str = "all") -> list[tuple[str, fl
     return runs
 
 
+def _parts(method: str) -> tuple[str, str, bool]:
+    """``(adapter, loss, folora)`` of a demo method."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    parts = method.split("+")
+    adapter = parts[0] if parts[0] in ADAPTERS else "lora"
+    loss = next((p for p in parts if p in ("kl", "tmkl")), "ce")
+    return adapter, loss, "folora" in parts
+
+
 def loss_name(method: str) -> str:
     """The training loss of a demo method (FoLoRA changes the optimizer, not the loss)."""
-    return {"ce": "ce", "folora": "ce", "kl": "kl", "tmkl": "tmkl", "tmkl+folora": "tmkl"}[method]
+    return _parts(method)[1]
+
+
+def adapter_of(method: str) -> str:
+    """The adapter a demo method trains: ``lora`` or one of PEFT's other adapters."""
+    return _parts(method)[0]
+
+
+def uses_folora(method: str) -> bool:
+    """Whether a demo method trains with the FoLoRA gated optimizer."""
+    return _parts(method)[2]
+
+
+def reference_of(method: str) -> str | None:
+    """The CE run a method is compared with at an equal task metric: its own adapter trained
+    with CE (``dora`` for ``dora+tmkl``), else LoRA's (``ce``); ``None`` for ``ce`` itself."""
+    if method == "ce":
+        return None
+    adapter = adapter_of(method)
+    own = "ce" if adapter == "lora" else adapter
+    return own if own != method else "ce"

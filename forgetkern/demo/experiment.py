@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from .. import optim
 from ..lora import lora_layers
 from ..train import ForgetAwareStep
-from .config import DemoConfig, loss_name, runs_of
+from .config import DemoConfig, adapter_of, loss_name, reference_of, runs_of, uses_folora
 from .metrics import checkpoint_steps
 
 
@@ -24,21 +25,26 @@ class Experiment:
 
     Args:
         cfg: the demo configuration.
-        model: the base model with LoRA adapters injected (base weights frozen).
+        model: the base model with forgetkern LoRA adapters injected (base weights frozen), or,
+            with ``adapt``, the plain frozen base model.
         train_batches: the training batches, used in order, cycling.
-        evaluate: ``evaluate(model) -> dict`` with at least ``target_loss``, ``target_accuracy``
-            and ``retention_loss`` (the base model is evaluated first, with ``B = 0``).
+        evaluate: ``evaluate(model, full) -> dict`` with at least ``target_loss``,
+            ``target_accuracy`` and ``retention_loss`` (the base model is evaluated first, with
+            ``B = 0``); ``full=False`` may skip costly extras that only the end point of a run
+            and the whole curve of a reference run (:func:`config.reference_of`) need.
         seed: seeds the initial adapters and the FoLoRA proxy samples.
-        proxy: ``sample_proxy_data`` keyword arguments for FoLoRA's proxy data (``prompts``,
-            ``tokenizer``).
+        proxy: ``sample_proxy_data`` keyword arguments for the proxy data of FoLoRA and CorDA
+            (``prompts``, ``tokenizer``).
+        adapt: ``adapt(kind, seed, knowledge) -> model``: a fresh copy of the base model with an
+            adapter of ``kind`` (:func:`config.adapter_of`; ``knowledge()`` gives the proxy
+            data); ``None`` when ``model`` carries the only adapter (``lora``).
     """
 
     def __init__(self, cfg: DemoConfig, model, train_batches, evaluate, *, seed: int,
-                 proxy: dict | None = None, progress=True, log=print):
+                 proxy: dict | None = None, adapt=None, progress=True, log=print):
         self.cfg = cfg
         self.seed = seed
         self.device = torch.device(cfg.device)
-        self.model = model
         self.train_batches = train_batches
         self._evaluate = evaluate
         self.proxy = proxy or {}
@@ -46,31 +52,66 @@ class Experiment:
         self.bar = bar(progress)
         self.log = log
         self.backend = "reference" if self.device.type == "cpu" else None
-        self._stats = None
-        gen = torch.Generator().manual_seed(seed + 1)
-        self._init = {n: torch.empty_like(l.lora_A, device="cpu").uniform_(-1, 1, generator=gen)
-                      for n, l in lora_layers(model).items()}
+        self._base, self._adapt, self._proxy_data = model, adapt, None
+        self._use(model, None if adapt else "lora")
+
+    def _use(self, model, kind: str | None) -> None:
+        """Make ``model`` (adapter ``kind``) the one that trains; its starting adapters are
+        recorded for :meth:`reset_adapters` (forgetkern LoRA: fixed random ``A`` of Kaiming
+        scale from the seed, ``B = 0``; PEFT: as created)."""
+        self.model, self.kind, self._stats, self._start = model, kind, None, {}
+        if model is None:
+            return
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
+                a = torch.empty_like(layer.lora_A, device="cpu").uniform_(-1, 1, generator=gen)
+                layer.lora_A.copy_(a * bound)
+                layer.lora_B.zero_()
+        self._start = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if p.requires_grad}
+
+    def adapter(self, kind: str) -> None:
+        """Train adapter ``kind`` from now on (a fresh copy of the base model, unless current)."""
+        if kind == self.kind:
+            return
+        if self._adapt is None:
+            raise ValueError(f"adapter {kind!r} needs a Hugging Face model (PEFT); this "
+                             "experiment has forgetkern LoRA only")
+        self._use(None, None)  # free the previous copy first
+        self._use(self._adapt(kind, self.seed, self.proxy_data), kind)
+
+    def release(self) -> None:
+        """Drop the adapted copy of the base model (``adapt`` experiments)."""
+        if self._adapt is not None:
+            self._use(self._base, None)
 
     def reset_adapters(self) -> None:
-        """Identical starting adapters for every run: fixed random ``A`` (Kaiming scale), ``B = 0``."""
+        """Identical starting adapters for every run of this adapter kind."""
         with torch.no_grad():
-            for name, layer in lora_layers(self.model).items():
-                bound = 1.0 / math.sqrt(layer.in_features)  # kaiming_uniform_(a=sqrt(5)) bound
-                layer.lora_A.copy_(self._init[name] * bound)
-                layer.lora_B.zero_()
+            for name, p in self.model.named_parameters():
+                if name in self._start:
+                    p.copy_(self._start[name])
 
-    def evaluate(self) -> dict:
-        return self._evaluate(self.model)
+    def evaluate(self, full: bool = True) -> dict:
+        return self._evaluate(self.model, full)
+
+    def proxy_data(self) -> list[torch.Tensor]:
+        """Sequences sampled from the base model itself (adapters off), once per seed."""
+        if self._proxy_data is None:
+            f = self.cfg.folora
+            self._proxy_data = optim.sample_proxy_data(
+                self._base, n_samples=f["proxy_samples"], length=f["proxy_len"], seed=self.seed,
+                progress=self.progress, **self.proxy)
+        return self._proxy_data
 
     def folora_stats(self):
-        """Covariances of proxy data sampled from the base model and of the task data (once)."""
+        """Covariances of the proxy data and of the task data (once per adapter)."""
         if self._stats is None:
-            self.reset_adapters()
-            f = self.cfg.folora
-            proxy = optim.sample_proxy_data(self.model, n_samples=f["proxy_samples"],
-                                            length=f["proxy_len"], seed=self.seed,
-                                            progress=self.progress, **self.proxy)
             task = self.train_batches[: max(1, min(len(self.train_batches), 8))]
+            proxy = self.proxy_data()
+            self.reset_adapters()
             self._stats = optim.calibrate(self.model, proxy, task, progress=self.progress)
         return self._stats
 
@@ -81,8 +122,12 @@ class Experiment:
                   "base_retention_loss": base["retention_loss"],
                   "base_target_loss": base["target_loss"],
                   "base_target_accuracy": base["target_accuracy"]}
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.adapter(adapter_of(method))
+        record["trainable_parameters"] = sum(p.numel() for p in self.model.parameters()
+                                             if p.requires_grad)
         self.reset_adapters()
-        if "folora" in method:
+        if uses_folora(method):
             stats = self.folora_stats()
             f = {k: v for k, v in cfg.folora.items() if k in ("gate", "tau", "damping")}
             opt = optim.FoLoRA.from_model(self.model, stats, lr=cfg.adapt_lr, **f)
@@ -96,6 +141,7 @@ class Experiment:
         step = ForgetAwareStep(self.model, loss=loss_name(method), optimizer=opt,
                                max_grad_norm=1.0, **opts)
         marks = checkpoint_steps(cfg.adapt_steps, cfg.checkpoints)
+        references = {reference_of(m) for m in cfg.methods}
         curve = [{"step": 0, **base, "forgetting": 0.0}]
         train_time, tokens = 0.0, 0
         label = method if kl_weight is None else f"{method} λ={kl_weight:g}"
@@ -105,12 +151,13 @@ class Experiment:
             train_time += m["time_s"]
             tokens += m["tokens"]
             if i in marks:
-                ev = self.evaluate()
+                ev = self.evaluate(full=i == cfg.adapt_steps or method in references)
                 ev["forgetting"] = ev["retention_loss"] - base["retention_loss"]
                 curve.append({"step": i, **ev})
         final = curve[-1]
         return {**record, "status": "ok", **{k: v for k, v in final.items() if k != "step"},
                 "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9),
+                "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                 "curve": curve}
 
     def base(self) -> dict:
@@ -134,4 +181,5 @@ class Experiment:
             results.append(self.run(method, w, base))
             if on_result is not None:
                 on_result(results[-1])
+        self.release()
         return base, results

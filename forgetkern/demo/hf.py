@@ -9,12 +9,14 @@ import torch
 
 from .. import models
 from ..lora import inject_lora
+from . import adapters as A
 from . import chat
 from . import data as D
+from . import instructions as I
 from . import tasks as T
 from .config import DemoConfig
 from .experiment import Experiment
-from .metrics import drift, mean_ce, task_exact_match
+from .metrics import drift, instruction_following, mean_ce, task_exact_match
 
 EVAL_SEED = 0  # the held-out problems are the same for every seed
 
@@ -48,7 +50,8 @@ def retention_texts(max_bytes: int = 400_000) -> dict[str, str]:
 
 def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
     """``(experiment_of(seed), info)`` of the real-model experiment: one base model, adapted to
-    the synthetic tasks; every seed draws its own training problems, order and adapters."""
+    the synthetic tasks through PEFT adapters (:mod:`adapters`, a fresh copy per adapter kind);
+    every seed draws its own training problems, order and adapters."""
     model, tok = load_model(cfg.model["name"], cfg.device, log=log)
     held = {t: T.problems(t, cfg.eval_per_task, split="eval", seed=EVAL_SEED) for t in cfg.tasks}
     target_eval = [chat.chat_batch(tok, pairs[i:i + 16]) for pairs in held.values()
@@ -57,10 +60,10 @@ def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
                                          length=cfg.retention_len, batch=8)
                  for name, text in retention_texts().items()}
     probe = list(T.PROBE_PROMPTS[: cfg.probe_prompts])
-    inject_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha)
+    follow = I.prompts(cfg.instructions, cfg.if_topics) if cfg.if_topics else []
     reference = {}
 
-    def evaluate(m) -> dict:
+    def evaluate(m, full: bool = True) -> dict:
         target_loss, _ = mean_ce(m, target_eval, cfg.device)
         by_task = task_exact_match(m, tok, held)
         by_source = {k: mean_ce(m, b, cfg.device)[0] for k, b in retention.items()}
@@ -68,11 +71,20 @@ def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
         if "probe" not in reference:  # the first evaluation is the base model's (B = 0)
             reference["probe"] = answers
         accuracy = sum(by_task.values()) / len(by_task)
-        return {"target_loss": target_loss, "target_accuracy": accuracy,
-                "target_error": 1.0 - accuracy, "exact_match": by_task,
-                "retention_loss": sum(by_source.values()) / len(by_source),
-                "retention_by_source": by_source, **{f"probe_{k}": v for k, v in
-                                                     drift(reference["probe"], answers).items()}}
+        out = {"target_loss": target_loss, "target_accuracy": accuracy,
+               "target_error": 1.0 - accuracy, "exact_match": by_task,
+               "retention_loss": sum(by_source.values()) / len(by_source),
+               "retention_by_source": by_source, **{f"probe_{k}": v for k, v in
+                                                    drift(reference["probe"], answers).items()}}
+        if follow and full:  # the end of a run, every checkpoint of a reference run
+            rates = instruction_following(m, tok, follow, max_new_tokens=cfg.if_tokens)
+            out.update(instruction_following=rates["rate"],
+                       instruction_following_by=rates["by_instruction"])
+        return out
+
+    def adapt(kind: str, seed: int, knowledge):
+        return A.adapted(model, kind, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha,
+                         seed=seed, options=cfg.peft, knowledge=knowledge)
 
     n_train = cfg.adapt_steps * cfg.adapt_batch
 
@@ -83,10 +95,11 @@ def real_setup(cfg: DemoConfig, *, progress: bool, log=print):
                  for i in range(0, len(rows), cfg.adapt_batch)]
         proxy = {"prompts": ["<|im_start|>user\n", "The"], "tokenizer": tok}
         return Experiment(replace(cfg), model, train, evaluate, seed=seed, proxy=proxy,
-                          progress=progress, log=log)
+                          adapt=adapt, progress=progress, log=log)
 
     info = {"model_name": cfg.model["name"], "tasks": list(cfg.tasks),
             "eval_problems": {t: len(p) for t, p in held.items()},
+            "instruction_prompts": len(follow),
             "retention_tokens": {k: sum(int(b["input_ids"].numel()) for b in v)
                                  for k, v in retention.items()},
             "probe": probe, "train_problems_per_seed": n_train,
@@ -119,7 +132,7 @@ def text_setup(cfg: DemoConfig, model_spec: str, data_file: str, *, seq_len: int
     retention_eval = [D.lm_batch(ret_rows[i:i + b]) for i in range(0, len(ret_rows), b)]
     inject_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha)
 
-    def evaluate(m) -> dict:
+    def evaluate(m, full: bool = True) -> dict:
         target_loss, token_acc = mean_ce(m, target_eval, cfg.device, accuracy=True)
         return {"target_loss": target_loss, "target_accuracy": token_acc,
                 "retention_loss": mean_ce(m, retention_eval, cfg.device)[0]}

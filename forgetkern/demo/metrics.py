@@ -10,6 +10,7 @@ import torch
 from ..lora.discovery import logits_of
 from ..train import batch_labels
 from . import chat
+from . import instructions as I
 from .tasks import exact_match
 
 
@@ -63,6 +64,19 @@ def task_exact_match(model, tokenizer, problems: dict) -> dict[str, float]:
     return out
 
 
+def instruction_following(model, tokenizer, pairs, *, max_new_tokens: int) -> dict:
+    """The share of ``(instruction, prompt)`` pairs (:func:`instructions.prompts`) whose greedy
+    answer (up to ``max_new_tokens`` tokens, one batch) passes its instruction's check: overall
+    (``rate``) and per instruction (``by_instruction``)."""
+    answers = chat.greedy(model, tokenizer, [p for _, p in pairs], max_new_tokens=max_new_tokens,
+                          batch=len(pairs))
+    passed: dict[str, list[bool]] = {}
+    for (name, _), answer in zip(pairs, answers):
+        passed.setdefault(name, []).append(I.follows(name, answer))
+    return {"rate": sum(map(sum, passed.values())) / len(pairs),
+            "by_instruction": {n: sum(v) / len(v) for n, v in passed.items()}}
+
+
 def drift(reference: list[list[int]], answers: list[list[int]]) -> dict[str, float]:
     """How much of the base model's behaviour on the probe prompts survives.
 
@@ -91,11 +105,15 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
     return sorted(marks | {steps})
 
 
-def forgetting_at(curve: list[dict], target: float, key: str = "target_loss") -> float | None:
-    """Retention-loss increase interpolated along ``curve`` where its ``key`` equals ``target``
-    (``None`` outside the curve's range). Along a run, ``key`` need not be monotone: the first
-    segment (in ``key`` order) that brackets ``target`` is used."""
-    pts = sorted((c[key], c["forgetting"]) for c in curve)
+def forgetting_at(curve: list[dict], target: float, key: str = "target_loss",
+                  value: str = "forgetting") -> float | None:
+    """``value`` (by default the retention-loss increase) interpolated along ``curve`` where its
+    ``key`` equals ``target`` (``None`` outside the curve's range, or where a checkpoint lacks
+    ``value``). Along a run, ``key`` need not be monotone: the first segment (in ``key`` order)
+    that brackets ``target`` is used."""
+    if any(c.get(value) is None for c in curve):
+        return None
+    pts = sorted((c[key], c[value]) for c in curve)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= target <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)

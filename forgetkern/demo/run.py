@@ -26,9 +26,11 @@ from .._args import (UsageError, comma_list, device_name, finite_nonnegative_flo
                      readable_file, writable_file)
 from .._files import atomic_open
 from .._params import cache_dir
-from .config import HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, DemoConfig, is_real
+from .config import (HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, VARIANT_METHODS,
+                     DemoConfig, is_real)
 from .hf import real_setup, text_setup
-from .report import comparisons, format_breakdown, format_table, write_plot
+from .report import (comparisons, format_adapters, format_breakdown, format_instructions,
+                     format_table, write_plot)
 from .tiny import tiny_setup
 
 PLOT = "forgetkern-demo.png"
@@ -69,8 +71,9 @@ def add_parser(sub) -> None:
     seeds.add_argument("--seeds", type=comma_list(nonnegative_int, distinct=True), default=None,
                        help="comma-separated distinct ints >= 0 (default: the preset's; 3 for "
                             "smollm2's full)")
-    p.add_argument("--methods", type=comma_list(_method, distinct=True), default=list(METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", type=comma_list(_method, distinct=True), default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: the preset's; "
+                        f"{','.join(VARIANT_METHODS)} with --model smollm2 only)")
     p.add_argument("--kl-weights", type=comma_list(finite_nonnegative_float), default=None,
                    help="comma-separated kl_weight values >= 0, every seed (default: the preset's)")
     p.add_argument("--sweep-kl-weights", default=None,
@@ -134,7 +137,12 @@ def build_config(args) -> DemoConfig:
     real = args.model in models.MODELS and args.data is None
     preset = REAL_PRESETS[mode] if real else TINY_PRESETS[mode]
     cfg = replace(DemoConfig(), mode=mode, **preset)
-    cfg.methods = list(args.methods)  # the values were checked by the parser (forgetkern._args)
+    if args.methods is not None:  # the values were checked by the parser (forgetkern._args)
+        peft_only = [m for m in args.methods if m in VARIANT_METHODS]
+        if peft_only and not real:
+            raise UsageError(f"--methods {','.join(peft_only)}: PEFT's adapters run in the "
+                             "real-model experiment only (--model smollm2)", "forgetkern demo")
+        cfg.methods = list(args.methods)
     if args.seeds is not None:
         cfg.seeds = list(args.seeds)
     elif args.seed is not None:
@@ -209,13 +217,13 @@ def _main(args) -> int:
     threads = args.threads if args.threads is not None else (None if args.model else 1)
     if threads is not None:
         torch.set_num_threads(threads)
-    bases, results, earlier = {}, [], 0.0
+    bases, results, earlier, earlier_cpu = {}, [], 0.0, 0.0
     if args.resume:  # settings checked before any model is loaded
-        bases, results, earlier = resumed(args.resume, cfg)
+        bases, results, earlier, earlier_cpu = resumed(args.resume, cfg)
         log(f"--resume {args.resume}: {len(results)} finished runs kept")
     done = {(r["method"], r["kl_weight"], r["seed"]) for r in results}
     torch.manual_seed(cfg.seeds[0])
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if is_real(cfg):
         experiment_of, info = real_setup(cfg, progress=progress, log=log)
     elif args.model:
@@ -228,7 +236,8 @@ def _main(args) -> int:
     def payload(complete: bool) -> dict:
         config = {**asdict(cfg), **info, "python": platform.python_version(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "elapsed_s": earlier + time.perf_counter() - start}
+                  "elapsed_s": earlier + time.perf_counter() - start,
+                  "cpu_s": earlier_cpu + time.process_time() - start_cpu}
         return {"config": config, "base": bases[str(cfg.seeds[0])], "bases": bases,
                 "results": results, "complete": complete}
 
@@ -272,8 +281,9 @@ def _load(path: str, flag: str) -> dict:
     return payload
 
 
-def resumed(path: str, cfg: DemoConfig) -> tuple[dict, list, float]:
-    """``(bases, finished runs, elapsed seconds)`` of a saved run whose settings equal ``cfg``'s."""
+def resumed(path: str, cfg: DemoConfig) -> tuple[dict, list, float, float]:
+    """``(bases, finished runs, elapsed wall seconds, CPU seconds)`` of a saved run whose
+    settings equal ``cfg``'s."""
     saved = _load(path, "--resume")
     differ = [k for k, v in json.loads(json.dumps(asdict(cfg))).items()
               if saved["config"].get(k) != v]
@@ -281,7 +291,9 @@ def resumed(path: str, cfg: DemoConfig) -> tuple[dict, list, float]:
         raise UsageError(f"--resume {path}: the saved run has other settings "
                          f"({', '.join(differ)}); run with the same options")
     finished = [r for r in saved["results"] if r.get("status") == "ok"]
-    return dict(saved.get("bases", {})), finished, float(saved["config"].get("elapsed_s", 0.0))
+    config = saved["config"]
+    return (dict(saved.get("bases", {})), finished, float(config.get("elapsed_s", 0.0)),
+            float(config.get("cpu_s", 0.0)))
 
 
 def _kind(config: dict) -> str:
@@ -289,6 +301,11 @@ def _kind(config: dict) -> str:
     if isinstance(model, dict) and "name" in model:
         return "real"
     return "text" if isinstance(model, dict) and "hf" in model else "tiny"
+
+
+def _threads(config: dict) -> str:
+    n = config.get("threads", "?")
+    return f"{n} thread{'' if n == 1 else 's'}"
 
 
 def report(config: dict, base: dict, results: list[dict], args) -> None:
@@ -307,20 +324,29 @@ def report(config: dict, base: dict, results: list[dict], args) -> None:
     accuracy = {"real": "exact match", "text": "token acc", "tiny": "accuracy"}[kind]
     print()
     print(format_table(results, base, accuracy))
-    breakdown = format_breakdown(results, base)
-    if breakdown:
-        print("\nper task and per retention source (means over seeds):")
-        print(breakdown)
+    for heading, text in (
+            ("per task and per retention source (means over seeds)", format_breakdown(results, base)),
+            ("instruction following per instruction (share of prompts followed, means over seeds)",
+             format_instructions(results, base)),
+            ("per adapter: trained with CE and with TMKL; the adapter's CE run at the TMKL run's "
+             "task error (means ± sd over seeds)", format_adapters(results, key))):
+        if text:
+            print(f"\n{heading}:\n{text}")
     print()
     for line in comparisons(results, key):
         print("  " + line)
-    elapsed = config.get("elapsed_s")
+    elapsed, cpu = config.get("elapsed_s"), config.get("cpu_s")
     target = {"real": "held-out task problems (exact match)", "text": "held-out text",
               "tiny": "held-out problems"}[kind]
     retention = ("held-out prose + stdlib source; probe: base greedy chat answers kept"
+                 + ("; instruction following: verifiable instructions followed"
+                    if "instruction_following" in base else "")
                  if kind == "real" else "held-out stdlib source")
-    print(f"\ntarget: {target}; retention: {retention}; same steps/lr/rank/init per run"
-          + ("" if elapsed is None else f"; total {elapsed:.0f} s on {config.get('device', '?')}"))
+    print(f"\ntarget: {target}; retention: {retention}; same steps/lr/batches per run, same "
+          "initial adapter per adapter kind"
+          + ("" if elapsed is None else f"; total {elapsed:.0f} s wall"
+             + ("" if cpu is None else f", {cpu:.0f} s CPU") + f" on {config.get('device', '?')}"
+             + f" ({_threads(config)})"))
     if not args.no_plot:
         if write_plot(args.plot, results, title, key):
             print(f"plot: {args.plot}")

@@ -6,8 +6,8 @@ hash of its content, so no evaluation prompt ever appears in training. Scoring i
 of the greedy answer span (whitespace-stripped, up to the end-of-turn token).
 
 * ``reverse``     reverse the order of 4-6 words;
-* ``arithmetic``  procedural word problems (one addition or subtraction of 2-digit numbers),
-                  the answer a number;
+* ``shift``       a digit cipher: every digit of a 4-6 digit string replaced by the next one
+                  (9 by 0), digit by digit (not the number plus one: a chat model's reading);
 * ``json``        ``key=value`` records converted to one-line JSON (strings quoted, ints bare).
 
 Retention sources every Python ships: English prose from ``pydoc_data.topics`` and the
@@ -26,11 +26,10 @@ WORDS = ("apple river stone lamp cloud garden window silver forest candle mirror
          "marble nectar oyster parrot quiver rocket spider tunnel velvet walnut").split()
 NAMES = ("Mia Leo Ava Noah Zoe Liam Ella Omar Ivy Hugo Nora Ezra Lily Axel Ruby Theo Maya "
          "Finn Iris Jude").split()
-ITEMS = ("marbles stickers apples coins shells stamps pencils cards beads books").split()
 CITIES = ("Paris Lima Oslo Cairo Quito Dakar Hanoi Perth Sofia Tunis Riga Bern").split()
 COLORS = ("red blue green amber violet teal ochre black white grey").split()
 
-TASKS = ("reverse", "arithmetic", "json")
+TASKS = ("reverse", "shift", "json")
 
 
 def _split_of(prompt: str) -> str:
@@ -43,16 +42,10 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return (f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words)))
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    who, other = rng.sample(NAMES, 2)
-    item = rng.choice(ITEMS)
-    a, b = rng.randint(20, 69), rng.randint(2, 19)
-    if rng.random() < 0.5:
-        event, result = f"{other} gives {who} {b} more", a + b
-    else:
-        event, result = f"{who} gives {b} to {other}", a - b
-    return (f"{who} has {a} {item}. Then {event}. How many {item} does {who} have now? "
-            "Answer with the number only.", str(result))
+def _shift(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(4, 6))]
+    return (f"Replace every digit by the next one (9 becomes 0): {''.join(map(str, digits))}",
+            "".join(str((d + 1) % 10) for d in digits))
 
 
 def _json(rng: random.Random) -> tuple[str, str]:
@@ -63,7 +56,7 @@ def _json(rng: random.Random) -> tuple[str, str]:
     return (f"Convert to JSON: {line}", json.dumps({k: record[k] for k in keys}))
 
 
-_GENERATORS = {"reverse": _reverse, "arithmetic": _arithmetic, "json": _json}
+_GENERATORS = {"reverse": _reverse, "shift": _shift, "json": _json}
 
 
 def problems(task: str, n: int, *, split: str, seed: int) -> list[tuple[str, str]]:

@@ -93,7 +93,7 @@ def tiny_setup(cfg: DemoConfig, *, use_cache: bool, progress: bool, log=print):
         prompts, answers = D.arithmetic_eval_problems(cfg.accuracy_problems, seed=seed)
         inject_lora(model, cfg.targets, rank=cfg.rank, alpha=cfg.alpha)
 
-        def evaluate(m) -> dict:
+        def evaluate(m, full: bool = True) -> dict:
             target_loss, _ = mean_ce(m, target_eval, cfg.device)
             retention_loss, _ = mean_ce(m, retention_eval, cfg.device)
             return {"target_loss": target_loss, "retention_loss": retention_loss,
