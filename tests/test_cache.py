@@ -3,6 +3,7 @@ forward's losses and gradients, top-k mode feeds the sparse loss, builds resume 
 interruption, and every disagreement between cache and batch is an error."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +129,48 @@ def test_topk_cache_feeds_the_sparse_loss(tmp_path, path):
     for a, b in zip(_grads(model, out.loss), _grads(model, want[0])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert 0 < out.kl <= exact[2] + 1e-6  # a lower bound on the exact masked KL
+
+
+def test_a_sharded_fsdp2_head_is_read_whole_by_the_build_and_the_cached_loss(tmp_path):
+    """The cache path reads the LM head as the live path does (one assembly,
+    ``LMParts.weights``: FSDP2's full weight): with the head an FSDP2 module of a 1-rank gloo group
+    (its weight a sharded DTensor), the build and the cached losses equal the unsharded model's."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is unavailable")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from forgetkern.cache.store import TOPK_FILES
+
+    model, batches = _model(), _batches()
+    config = loss_config("tmkl", temperature=2.0, backend="reference")
+    quiet = dict(log=lambda *_: None, show_progress=False)
+    want = [config_loss(model, b, config) for b in batches]  # unsharded head, live base forward
+    want_grads = [_grads(model, w.loss) for w in want]
+    topk = build_cache(model, batches, tmp_path / "t0", mode="topk", k=8, temperature=2.0, **quiet)
+    want_topk = [config_loss(model, b, config, base_cache=topk).loss.detach() for b in batches]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        head = model.base_model.model.lm_head
+        fully_shard(head)
+        assert isinstance(head.weight, DTensor)
+        exact = build_cache(model, batches, tmp_path / "e", mode="exact", **quiet)
+        sharded_topk = build_cache(model, batches, tmp_path / "t1", mode="topk", k=8,
+                                   temperature=2.0, **quiet)
+        for name in TOPK_FILES:
+            assert np.array_equal(sharded_topk.arrays[name], topk.arrays[name]), name
+        for batch, w, w_grads, w_topk in zip(batches, want, want_grads, want_topk):
+            for cache in (None, exact):
+                out = config_loss(model, batch, config, base_cache=cache)
+                assert out.path == "fused"
+                torch.testing.assert_close(out.loss, w.loss, rtol=1e-6, atol=1e-7)
+                for a, b in zip(_grads(model, out.loss), w_grads):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            out = config_loss(model, batch, config, base_cache=sharded_topk)
+            torch.testing.assert_close(out.loss.detach(), w_topk, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
 
 
 class _Interrupted(Exception):
