@@ -173,6 +173,48 @@ def test_a_sharded_fsdp2_head_is_read_whole_by_the_build_and_the_cached_loss(tmp
         dist.destroy_process_group()
 
 
+def _gemma2_head_lora():
+    """A tiny Gemma-2 (its logits soft-capped after the head) with LoRA on q_proj and lm_head."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                    final_logit_softcapping=3.0)
+    model = peft.get_peft_model(transformers.Gemma2ForCausalLM(cfg), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_caches_serve_adapted_and_transformed_heads(tmp_path):
+    """The cache path reads the head as the live path does: with LoRA on a soft-capped head, an
+    exact cache equals the live base forward (the base logits from the cached hidden states and
+    the base head weight, capped), and a top-k cache gives the same loss on the fused path as on
+    the model's own logits."""
+    model, batches = _gemma2_head_lora(), _batches(2)
+    quiet = dict(log=lambda *_: None, show_progress=False)
+    exact = build_cache(model, batches, tmp_path / "e", mode="exact", **quiet)
+    topk = build_cache(model, batches, tmp_path / "t", mode="topk", k=8, temperature=2.0, **quiet)
+    config = loss_config("tmkl", temperature=2.0, backend="reference")
+    for batch in batches:
+        live = config_loss(model, batch, config)
+        cached = config_loss(model, batch, config, base_cache=exact)
+        assert cached.path == live.path == "fused"
+        torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=1e-7)
+        for a, b in zip(_grads(model, cached.loss), _grads(model, live.loss)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        fused = config_loss(model, batch, config, base_cache=topk)
+        logits = config_loss(model, batch, loss_config("tmkl", temperature=2.0, path="logits",
+                                                       backend="reference"), base_cache=topk)
+        assert (fused.path, logits.path) == ("fused", "logits")
+        torch.testing.assert_close(fused.loss, logits.loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(_grads(model, fused.loss), _grads(model, logits.loss)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 class _Interrupted(Exception):
     pass
 
