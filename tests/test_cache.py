@@ -68,9 +68,13 @@ def test_exact_cache_equals_live_base_forward(tmp_path, loss, direction):
     config = loss_config(loss, direction=direction, temperature=1.5, backend="reference")
     n_items = 40  # as under gradient accumulation
     for batch in batches:
-        live = config_loss(model, batch, config, num_items_in_batch=n_items)
-        cached = config_loss(model, batch, config, num_items_in_batch=n_items, base_cache=cache)
+        live = config_loss(model, batch, config, num_items_in_batch=n_items, statistics=True)
+        cached = config_loss(model, batch, config, num_items_in_batch=n_items, base_cache=cache,
+                             statistics=True)
         assert cached.path == live.path == "fused" and cached.tokens == live.tokens
+        # the same assembly: the adapted model's statistics come with the cached loss too
+        assert cached.statistics[::2] == live.statistics[::2]  # tokens, top-1 hits
+        assert cached.statistics[1] == pytest.approx(live.statistics[1], rel=1e-6)  # entropy sum
         torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(cached.kl, live.kl, rtol=1e-5, atol=1e-7)
         for a, b in zip(_grads(model, cached.loss), _grads(model, live.loss)):
