@@ -17,7 +17,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..lora import disable_adapters
 from .batch import (NON_MODEL_KEYS, as_batch, batch_labels, count_items, model_inputs,
                     shift_labels_for_causal_lm)
 from .head import (HeadTransform, HeadWeights, LMParts, eval_mode, find_parts, head_transform,
@@ -78,8 +77,8 @@ def hidden_states_and_head(model: nn.Module, inputs, *, base: bool = True) -> Hi
     ``W0 + scaling * B @ A`` (differentiable w.r.t. ``A`` and ``B``) and the head kwargs carry the
     base weight ``W0``; a head PEFT trains whole (``modules_to_save``) gives its trained copy and
     the original. Raises a ``ValueError`` saying why when the model has no such form (a head that
-    is not linear, LoRA dropout on the head, logits transformed in a way the fused loss cannot
-    apply). The first call on a model checks once that its own logits equal the head applied to
+    is not linear, LoRA dropout on the head, logits transformed in a way no config attribute
+    announces). The first call on a model checks once that its own logits equal the head applied to
     these hidden states.
 
     Args:
@@ -92,9 +91,8 @@ def hidden_states_and_head(model: nn.Module, inputs, *, base: bool = True) -> Hi
     parts = require_lm_parts(model)
     inputs = model_inputs(inputs)
     base_hidden = None
-    if base:
-        with torch.no_grad(), eval_mode(model), disable_adapters(model):
-            base_hidden = parts.hidden(**inputs)
+    if base:  # the live base forward, as the training loss runs it
+        base_hidden = LIVE_BASE.side(model, parts, inputs, None)
     hidden = parts.hidden(**inputs)
     w = parts.weights()
     cast = lambda t: None if t is None else t.to(hidden.dtype)  # noqa: E731
