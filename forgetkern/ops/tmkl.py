@@ -1,6 +1,6 @@
 """Target-masked KL (TMKL) on logits: Triton kernels and launchers (the ``tmkl`` op's Triton backend).
 
-Per token (DESIGN.md): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
+Per token (docs/math.md §1): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
 ``CE = LSE(z) - z_y`` and KL between the base and adapted distributions over ``v != y``, both
 renormalized (``mask_target=True``), or over the whole vocabulary (``mask_target=False``).
 
