@@ -86,7 +86,7 @@ def test_readme_quickstart(tmp_path):
     tiny_tokenizer(V).save_pretrained(folder)
     code = _block("AutoModelForCausalLM.from_pretrained(name)", README)
     for old, new in (('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(folder))),
-                     ("Reverse the words: red green blue. blue green red", "w3 w4 w5 w6 w7 w8")):
+                     ("LoRA adapts a few low-rank matrices.", "w3 w4 w5 w6 w7 w8")):
         assert old in code, old
         code = code.replace(old, new)
     ns = {}
