@@ -1,6 +1,6 @@
 """Fused-linear TMKL: the loss straight from hidden states, without an ``N x V`` logits tensor.
 
-Per token (docs/math.md §6, "The fused-linear form"): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
+Per token (docs/math.md §6): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
 and ``loss = ce_weight * CE(z, y) + kl_weight * T^2 * KL`` exactly as :mod:`forgetkern.ops.tmkl`.
 
 Triton path (the on-chip ``fused`` form)

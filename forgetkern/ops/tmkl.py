@@ -22,9 +22,9 @@ import torch
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
 from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B,
-                         STAT_M_CE, STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets, load_block,
-                         merge_lane_lse, merge_lanes, merge_partials, online_lse, safe_max,
-                         store_ignored_row, store_part, store_zero_row, with_target)
+                         STAT_M_CE, STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets,
+                         load_block, merge_lane_lse, merge_lanes, merge_partials, online_lse,
+                         safe_max, store_ignored_row, store_part, store_zero_row, with_target)
 from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
 
 
