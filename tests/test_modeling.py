@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import forgetkern  # noqa: E402
-from forgetkern.demo.model import TinyConfig, TinyLM  # noqa: E402
+from forgetkern.demo.tiny_model import TinyConfig, TinyLM  # noqa: E402
 from forgetkern.lora import disable_adapters, inject_lora, lora_layers  # noqa: E402
 from forgetkern.modeling import (HeadTransform, fused_logit_options, head_transform,  # noqa: E402
                                  hidden_states_and_head, lm_parts)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm as progress
 
 from ..functional import topk_base
 from ..lora import disable_adapters
 from ..lora.discovery import logits_of
 from ..modeling import batch_labels, lm_parts, model_inputs
-from ..optim._progress import progress
 from .keys import example_ids, input_keys, model_identity, token_positions
 from .reader import BaseCache
 from .store import MODES, CacheWriter, file_shapes

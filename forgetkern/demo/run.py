@@ -28,7 +28,7 @@ from .._files import atomic_open
 from .._params import cache_dir
 from .config import (HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, VARIANT_METHODS,
                      DemoConfig, is_real)
-from .hf import real_setup, text_setup
+from .real import real_setup, text_setup
 from .report import (comparisons, format_adapters, format_breakdown, format_instructions,
                      format_table, write_plot)
 from .tiny import tiny_setup

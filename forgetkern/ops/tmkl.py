@@ -1,6 +1,6 @@
 """Target-masked KL (TMKL) on logits: Triton kernels and launchers (the ``tmkl`` op's Triton backend).
 
-Per token (DESIGN.md): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
+Per token (docs/math.md §1): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
 ``CE = LSE(z) - z_y`` and KL between the base and adapted distributions over ``v != y``, both
 renormalized (``mask_target=True``), or over the whole vocabulary (``mask_target=False``).
 
@@ -21,11 +21,10 @@ import torch
 
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
-from ._tmkl_math import (NUM_PART, NUM_STATS, P_KL, P_LS_B, P_LS_CE, P_LS_Z, P_M_B, P_M_CE, P_M_Z,
-                         P_ZY, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
-                         STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets, load_block,
-                         merge_lane_lse, merge_lanes, merge_partials, online_lse, safe_max,
-                         store_ignored_row, store_part, store_zero_row, with_target)
+from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B,
+                         STAT_M_CE, STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets,
+                         load_block, merge_lane_lse, merge_lanes, merge_partials, online_lse,
+                         safe_max, store_ignored_row, store_part, store_zero_row, with_target)
 from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
 
 
