@@ -1,43 +1,56 @@
 """Vocabulary-parallel TMKL on ``torch.distributed``: each rank of a process group holds a
 contiguous shard of the vocabulary (rank order; shard sizes may differ) of the logits and the base
-logits, labels are global token ids identical on every rank.
+logits (or of the LM head's rows), labels are global token ids identical on every rank.
 
-Per row, in plain torch over the whole vocabulary, this computes exactly ``tmkl_loss``; per rank it
-reads only its shard (DESIGN.md, "Vocab-parallel form"). First, per call, one ``all_gather`` of a
-fixed-size descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when
-one rank's inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
-1. local statistics of the shard, each normalizer as its max and its sum apart, and the KL
-   accumulator as a sum of differences of offsets to the local maxima (the rank that owns the
-   target removes it from its sums when ``mask_target``);
-2. ``all_reduce(MAX)`` of the maxima of ``z/T``, ``b/T`` and (``T != 1``) ``z``: ``3 N`` floats;
-3. every rank rescales its sums and its KL accumulator to the global maxima (offsets move by the
-   change of the maxima), then ``all_reduce(SUM)`` of the three sums, the accumulator and the target
-   logit (from its owner): ``5 N`` floats;
-4. every rank finishes the same per-row loss; the backward is local to the shard, from the saved
-   global statistics: no collective, no vocabulary-sized traffic.
+Per row this computes exactly ``tmkl_loss`` on the whole vocabulary; per rank it reads only its
+shard (docs/math.md, "Vocab-parallel form"). First, per call, one ``all_gather`` of a fixed-size
+descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when one rank's
+inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
+
+1. the selected backend's own ``tmkl`` kernels (reference, Triton; the usual choice,
+   :func:`shard_backend`) run on the shard with shard-local labels (:func:`shard_labels`: a row
+   whose target lies in another shard has the label :data:`ABSENT`, so nothing is masked there),
+   giving the shard's per-row statistics; the fused-linear form runs them through the chunked
+   driver (:func:`forgetkern._chunked.linear_pass`) on the head's rows of the shard;
+2. the statistics become one partial record per row (:func:`forgetkern._partials.stats_to_part`,
+   with the target logit from its owner), and the one merge of vocabulary parts
+   (:func:`forgetkern._partials.merge_partials`, also the Triton forward's merge of its splits)
+   merges the ranks' records: ``all_reduce(MAX)`` of the maxima of ``z/T``, ``b/T`` and
+   (``T != 1``) ``z`` (2 or 3 floats per row), then ``all_reduce(SUM)`` of the sums and the KL
+   accumulator moved to those maxima and of the target logit (4 or 5 floats per row);
+3. every rank finishes the same per-row loss; the backward is the backend's own, local to the
+   shard, from the saved whole-row statistics: no collective (the fused-linear form all-reduces
+   the hidden state's gradient), no vocabulary-sized traffic.
 
 The data-parallel (DDP, FSDP2) helpers live in :mod:`forgetkern.data_parallel`; their names are
-re-exported here. The math is the reference's in row chunks (CPU and GPU tensors, gloo or NCCL);
-:func:`vocab_parallel_tmkl` gives it the ``tmkl`` op's interface for the usual autograd Function.
+re-exported here.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from . import _validate
-from ._backend import Implementation, implementation
-from ._chunked import logits_chunk, plan
+from . import _backend, _validate
+from ._backend import Implementation
+from ._chunked import linear_pass
+from ._params import TMKLParams, accumulation_dtype, check_backend_name
+from ._partials import merge_partials, stats_to_part
+from ._rank_check import check_ranks_agree, describe
 from .data_parallel import (DataParallel, data_parallel, full_weight,  # noqa: F401 (re-exported)
                             is_dtensor, is_linear, routed, unwrap)
-from ._rank_check import check_ranks_agree, describe
-from ._params import TMKLParams, accumulation_dtype, row_outputs, with_target
-from .reference import tmkl as ref
 
-NEG_INF = float("-inf")
 _ANY_VOCAB = 2**62  # the label bound of the per-rank checks, before the whole vocabulary is known
+#: The shard-local label of a row whose target lies in another shard (the kernels of
+#: :data:`SHARD_BACKENDS` take a label below 0 that is not ``ignore_index`` so) ...
+ABSENT = -1
+#: ... and of an ignored row (the shard's own ``ignore_index``: a user's could be a column here).
+IGNORED = -100
+#: Backends whose ``tmkl`` kernels take :data:`ABSENT` labels (the CUDA kernels read ``z[y]``).
+SHARD_BACKENDS = ("reference", "triton")
+_REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
 def from_dtensors(logits, base_logits, labels, process_group):
@@ -71,171 +84,134 @@ def from_dtensors(logits, base_logits, labels, process_group):
     return logits.to_local(), base_logits, labels, group
 
 
-def _local_labels(labels, offset, columns, p: TMKLParams):
-    """Labels within this shard (``-1`` where the target lies elsewhere or the row is ignored)
-    and the rows that count."""
+
+def shard_labels(labels: torch.Tensor, offset: int, columns: int, ignore_index: int) -> torch.Tensor:
+    """This shard's labels (int64): the target's column in ``[0, columns)`` where this shard holds
+    it, :data:`ABSENT` where another shard does, :data:`IGNORED` on ignored rows."""
     y = labels.long()
-    valid = y != p.ignore_index
-    y_loc = y - offset
-    here = valid & (y_loc >= 0) & (y_loc < columns)
-    return torch.where(here, y_loc, torch.full_like(y_loc, -1)), valid
+    local = y - offset
+    here = (local >= 0) & (local < columns)
+    local = torch.where(here, local, torch.full_like(local, ABSENT))
+    return local.masked_fill(y == ignore_index, IGNORED)
 
 
-def _raw_max(m, s):
-    """The max as seen by an all-reduce: ``-inf`` where the shard has no mass."""
-    return torch.where(s == 0, torch.full_like(m, NEG_INF), m)
+def _shard_params(params: TMKLParams) -> TMKLParams:
+    """The options the shard's kernels run with: :data:`IGNORED` as ``ignore_index``, and the base
+    always computed (``compute_kl=False`` would make the chunked driver hand the logits in as their
+    own base, whose CE-alone shortcut normalizes over the shard only)."""
+    if hasattr(params, "compute_kl"):
+        return replace(params, ignore_index=IGNORED, compute_kl=True)
+    return replace(params, ignore_index=IGNORED)
 
 
-def _safe(m):
-    return m.masked_fill(m == NEG_INF, 0.0)
+def shard_backend(tensor: torch.Tensor, backend: str | None) -> str:
+    """The backend whose ``tmkl`` kernels compute this rank's shard: the usual choice
+    (``forgetkern._backend.resolve_name``) among :data:`SHARD_BACKENDS`; a preference for another
+    (``FORGETKERN_BACKEND``, the automatic choice of the CUDA extension) gets Triton where it runs,
+    else the reference, and an explicit ``backend=`` of another is an error."""
+    check_backend_name(backend)
+    if backend is not None and backend not in SHARD_BACKENDS:
+        raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) runs "
+                         f"the {' or '.join(SHARD_BACKENDS)} kernels (the {backend} kernels take "
+                         "no row whose target lies in another shard)")
+    name = _backend.resolve_name("tmkl", tensor, backend=backend)
+    if name in SHARD_BACKENDS:
+        return name
+    return "triton" if _backend.why_unavailable("triton", "tmkl", tensor.device) is None \
+        else "reference"
 
 
-def _shard_partials(z, b, y_loc, p: TMKLParams):
-    """One chunk of one shard: local maxima (safe), sums and the KL accumulator
-    ``sum_v w_v ((a_v - m_a) - (o_v - m_o))`` over the shard's kept columns, the CE normalizer's
-    max and sum over the shard (``T != 1``) and the target logit where this shard owns it."""
-    xs = ref._scaled(z, y_loc, p)
-    m_z, s_z, e_z = ref._shifted(xs)
-    us = ref._scaled(b, y_loc, p)
-    m_b, s_b, e_b = ref._shifted(us)
-    w, terms = (e_b, us.sub_(xs)) if p.forward_kl else (e_z, xs.sub_(us))
-    acc = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1)
-    del xs, us, e_z, e_b, w, terms
-    if p.separate_ce:
-        zs = z.to(acc.dtype, copy=True)
-        m_c, s_c, _ = ref._shifted(zs)
-        del zs
-    else:
-        m_c, s_c = m_z, s_z
-    here = y_loc >= 0
-    z_y = z.gather(1, y_loc.clamp_min(0)[:, None]).squeeze(1).to(acc.dtype)
-    z_y = torch.where(here, z_y, torch.zeros_like(z_y))
-    return m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y
+def _all_reduce(group):
+    """:data:`forgetkern._partials.AllReduce` over ``group``."""
+    def all_reduce(t: torch.Tensor, op: str) -> None:
+        dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
+    return all_reduce
+
+
+def _with_target_logits(rows: Implementation) -> Implementation:
+    """``rows`` (a ``tmkl`` implementation) whose forward returns, in the place of the per-row
+    loss (which means nothing for a part of the vocabulary), the target logit of each row whose
+    target lies in these columns (0 elsewhere): what the partial record needs besides the
+    statistics."""
+    def forward(z, b, y, p):
+        _, ce, kl, stats = rows.forward(z, b, y, p)
+        z_y = z.gather(1, y.clamp_min(0)[:, None]).squeeze(1).to(stats.dtype)
+        return torch.where(y >= 0, z_y, torch.zeros_like(z_y)), ce, kl, stats
+    return replace(rows, forward=forward)
+
+
+def _with_saved_stats(rows: Implementation, stats: torch.Tensor) -> Implementation:
+    """``rows`` whose forward hands back the saved whole-row statistics, chunk after chunk (the
+    chunked driver visits the rows in order), so that its backward pass runs the backend's
+    backward on the shard from them instead of the shard's own statistics."""
+    done = [0]
+
+    def forward(z, b, y, p):
+        st = stats[done[0]:done[0] + z.shape[0]]
+        done[0] += z.shape[0]
+        return st[:, 0], st[:, 0], st[:, 0], st
+    return replace(rows, forward=forward)
+
+
+def _own_base(base_logits, logits):
+    """The base logits as a tensor of their own: a backend given the logits themselves as base
+    takes the CE-alone shortcut, which normalizes over the shard only."""
+    return logits[:] if base_logits is logits else base_logits
 
 
 @torch.no_grad()
-def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, group, offset: int,
-                 chunk_bytes: int | None = None):
+def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, rows: Implementation, group,
+                 offset: int):
     """The ``tmkl`` forward on this rank's shard ``(N, V_r)``: every rank returns the same per-row
     ``(loss, ce, kl, stats)`` of the whole rows (``stats`` as :mod:`forgetkern._params`)."""
-    n, v = logits.shape
-    acc_dtype = accumulation_dtype(logits.dtype)
-    parts = [torch.zeros(n, dtype=acc_dtype, device=logits.device) for _ in range(8)]
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        for out, value in zip(parts, _shard_partials(logits[start:stop], base_logits[start:stop],
-                                                     y_loc[start:stop], params)):
-            out[start:stop] = value
-    return _combine(parts, valid, params, group)
-
-
-def _combine(parts, valid, params: TMKLParams, group):
-    """Every rank's per-row shard partials into the whole rows' ``(loss, ce, kl, stats)``: one
-    ``all_reduce(MAX)`` of ``3 N`` and one ``all_reduce(SUM)`` of ``5 N`` floats."""
-    m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y = parts
-    # 1. the global maxima (raw: -inf where a shard has no mass)
-    top = torch.stack([_raw_max(m_z, s_z), _raw_max(m_b, s_b), _raw_max(m_c, s_c)])
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    gz, gb, gc = (_safe(t) for t in top)
-
-    # 2. sums and the accumulator moved to the global maxima, then summed
-    def moved(s, m, g):
-        return torch.where(s == 0, torch.zeros_like(s), s * (m - g).exp())
-
-    sz, sb, sc = moved(s_z, m_z, gz), moved(s_b, m_b, gb), moved(s_c, m_c, gc)
-    dz, db = m_z - gz, m_b - gb
-    if params.forward_kl:
-        a = torch.where(s_b == 0, torch.zeros_like(acc), (acc + s_b * (db - dz)) * (m_b - gb).exp())
-    else:
-        a = torch.where(s_z == 0, torch.zeros_like(acc), (acc + s_z * (dz - db)) * (m_z - gz).exp())
-    sums = torch.stack([sz, sb, sc, a, z_y])
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    sz, sb, sc, a, z_y = sums
-    ls_z, ls_b = sz.log(), sb.log()
-    s_w, ls_w, ls_o = (sb, ls_b, ls_z) if params.forward_kl else (sz, ls_z, ls_b)
-    kl = a / s_w - ls_w + ls_o
-    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
-    if params.separate_ce:
-        m_ce, ls_ce = gc, sc.log()
-    elif params.mask_target:
-        m_ce, ls_ce = with_target(gz, ls_z, z_y)
-    else:
-        m_ce, ls_ce = gz, ls_z
-    ce = (m_ce - z_y) + ls_ce
-    stats = torch.stack([gz, ls_z, gb, ls_b, m_ce, ls_ce, kl], dim=1)
-    return row_outputs(ce, kl, stats, valid, params)
+    y = shard_labels(labels, offset, logits.shape[1], params.ignore_index)
+    z_y, _, _, stats = _with_target_logits(rows).forward(
+        logits, _own_base(base_logits, logits), y, _shard_params(params))
+    part = stats_to_part(stats, z_y, params)
+    return merge_partials(part[:, None], labels, params, _all_reduce(group))
 
 
 @torch.no_grad()
 def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
-                  grad_out, *, offset: int, chunk_bytes: int | None = None):
-    """The gradient of this rank's shard from the global statistics: local, no collective."""
-    n, v = logits.shape
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        sl = slice(start, stop)
-        grad = ref._chunk_grad(logits[sl], base_logits[sl], y_loc[sl], valid[sl], stats[sl],
-                               coef_ce[sl], coef_kl[sl], params)
-        grad_out[sl].copy_(grad)
-    return grad_out
+                  grad_out, *, rows: Implementation, offset: int):
+    """The gradient of this rank's shard by the backend's backward from the whole rows'
+    statistics: local, no collective."""
+    y = shard_labels(labels, offset, logits.shape[1], params.ignore_index)
+    return rows.backward(logits, _own_base(base_logits, logits), y, stats, coef_ce, coef_kl,
+                         _shard_params(params), grad_out)
 
 
 @torch.no_grad()
 def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                        params, row_weight=None, needs=(False, False, False), *, group, offset: int):
+                        params, row_weight=None, needs=(False, False, False), *,
+                        rows: Implementation, group, offset: int):
     """The ``linear_tmkl`` forward with the head sharded by rows (this rank's ``(V_r, D)`` rows of
-    the vocabulary, biases likewise): the logits of the shard are formed chunk by chunk and never
-    whole; every rank returns the same ``(loss, ce, kl, stats, None)``."""
-    n = hidden.shape[0]
-    v = weight.shape[0]
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    wb = weight if base_weight is None else base_weight
-    parts = [torch.zeros(n, dtype=acc_dtype, device=hidden.device) for _ in range(8)]
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        z = logits_chunk(hidden[sl], weight, bias, acc_dtype)
-        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
-        for out, value in zip(parts, _shard_partials(z, b, y_loc[sl], params)):
-            out[sl] = value
-    return (*_combine(parts, valid, params, group), None)
+    the vocabulary, biases likewise): the chunked driver over the backend's ``tmkl`` kernels, the
+    logits of the shard formed chunk by chunk and never whole; every rank returns the same
+    ``(loss, ce, kl, stats, None)``."""
+    y = shard_labels(labels, offset, weight.shape[0], params.ignore_index)
+    z_y, _, _, stats = linear_pass(_with_target_logits(rows), hidden, weight, bias, y,
+                                   _shard_params(params), base_hidden=base_hidden,
+                                   base_weight=base_weight, base_bias=base_bias)[:4]
+    part = stats_to_part(stats, z_y, params)
+    return (*merge_partials(part[:, None], labels, params, _all_reduce(group)), None)
 
 
 @torch.no_grad()
 def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-                         coef_ce, coef_kl, params, needs, *, group, offset: int):
-    """``(grad_hidden, grad_weight_shard, grad_bias_shard)``: the shard's gradients, local, then
-    ``grad_hidden`` summed over the ranks (one ``all_reduce(SUM)`` of ``N x D``)."""
-    n, d = hidden.shape
-    v = weight.shape[0]
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    wb = weight if base_weight is None else base_weight
-    need_h, need_w, need_b = (bool(x) for x in needs)
-    dh = torch.zeros(n, d, dtype=acc_dtype, device=hidden.device) if need_h else None
-    dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if need_w else None
-    db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if need_b else None
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        h = hidden[sl]
-        z = logits_chunk(h, weight, bias, acc_dtype)
-        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
-        g = ref._chunk_grad(z, b, y_loc[sl], valid[sl], stats[sl], coef_ce[sl], coef_kl[sl], params)
-        del z, b
-        if need_h:
-            dh[sl] = g.to(weight.dtype) @ weight
-        if need_w:
-            dw.addmm_(g.T, h.to(acc_dtype))
-        if need_b:
-            db += g.sum(0)
-    if need_h:
+                         coef_ce, coef_kl, params, needs, *, rows: Implementation, group,
+                         offset: int):
+    """``(grad_hidden, grad_weight_shard, grad_bias_shard)``: the chunked driver's backward pass on
+    the shard from the whole rows' statistics, then ``grad_hidden`` (each rank's share in the
+    inputs' dtype) summed over the ranks in the accumulation dtype (one ``all_reduce(SUM)`` of
+    ``N x D``)."""
+    y = shard_labels(labels, offset, weight.shape[0], params.ignore_index)
+    dh, dw, db = linear_pass(_with_saved_stats(rows, stats), hidden, weight, bias, y,
+                             _shard_params(params), base_hidden=base_hidden,
+                             base_weight=base_weight, base_bias=base_bias, coef_ce=coef_ce,
+                             coef_kl=coef_kl, needs=needs)[4:]
+    if dh is not None:
+        dh = dh.to(accumulation_dtype(hidden.dtype))
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         dh = dh.to(hidden.dtype)
     return dh, dw, db
@@ -244,38 +220,43 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
 def resolve(op: str, group, backend: str | None, *inputs):
     """The vocab-parallel form of ``op`` (``"tmkl"`` or ``"linear_tmkl"``): ``(Implementation,
     laid-out inputs)`` (``inputs``: the arguments of ``_validate.<op>_inputs``). Each rank checks
-    its inputs, then one ``all_gather`` (:func:`forgetkern._rank_check.check_ranks_agree`) gives
-    every rank the same verdict and the shard layout; then the labels meet the whole vocabulary."""
+    its inputs and picks its backend (:func:`shard_backend`), then one ``all_gather``
+    (:func:`forgetkern._rank_check.check_ranks_agree`) gives every rank the same verdict and the
+    shard layout; then the labels meet the whole vocabulary."""
     validate = _validate.linear_tmkl_inputs if op == "linear_tmkl" else _validate.tmkl_inputs
-    laid = descriptor = error = None
+    laid = descriptor = error = rows = None
     try:
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
-                             "runs the reference implementation; use backend=None")
-        params = inputs[-3]
-        if op == "linear_tmkl" and (params.strategy == "fused" or params.transforms_logits):
-            raise ValueError("the vocab-parallel form (process_group) runs the chunked reference "
-                             "without strategy='fused', logit_scale or logit_softcap")
+        if op == "linear_tmkl" and inputs[-3].strategy == "fused":
+            raise ValueError("the vocab-parallel form (process_group) runs the chunked strategy; "
+                             "strategy='fused' has no vocab-parallel form")
         laid = validate(*inputs, num_classes=_ANY_VOCAB)  # global ids: bounded after the gather
+        rows = _backend.implementation("tmkl", shard_backend(laid[0], backend))
         descriptor = describe(op, inputs, laid)
     except Exception as exc:  # noqa: BLE001 - every rank learns it in the check below
         error = exc
     offset, total = check_ranks_agree(group, descriptor, error, f"{op}_loss")
     _validate.check_labels(laid[-1], laid[-1].shape, total, inputs[-3].ignore_index)
     make = vocab_parallel_linear_tmkl if op == "linear_tmkl" else vocab_parallel_tmkl
-    return make(group, offset), laid
+    return make(group, offset, rows), laid
 
 
-def vocab_parallel_linear_tmkl(group, offset: int) -> Implementation:
-    """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group``."""
-    return Implementation(op="linear_tmkl", backend="reference",
-                          forward=partial(linear_tmkl_forward, group=group, offset=offset),
-                          backward=partial(linear_tmkl_backward, group=group, offset=offset))
+def vocab_parallel_linear_tmkl(group, offset: int, rows: Implementation | None = None
+                               ) -> Implementation:
+    """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group`` (this rank's
+    start at ``offset``), over ``rows``, a ``tmkl`` implementation (default: the reference's)."""
+    rows = rows or _backend.implementation("tmkl", "reference")
+    return Implementation(op="linear_tmkl", backend=rows.backend,
+                          forward=partial(linear_tmkl_forward, rows=rows, group=group,
+                                          offset=offset),
+                          backward=partial(linear_tmkl_backward, rows=rows, group=group,
+                                           offset=offset))
 
 
-def vocab_parallel_tmkl(group, offset: int) -> Implementation:
+def vocab_parallel_tmkl(group, offset: int, rows: Implementation | None = None) -> Implementation:
     """The ``tmkl`` op's interface over ``group``'s vocabulary shards (this rank's starts at
-    ``offset``), for :class:`forgetkern._autograd.TMKLFunction`."""
-    return Implementation(op="tmkl", backend="reference",
-                          forward=partial(tmkl_forward, group=group, offset=offset),
-                          backward=partial(tmkl_backward, offset=offset))
+    ``offset``), over ``rows``, a ``tmkl`` implementation (default: the reference's), for
+    :class:`forgetkern._autograd.TMKLFunction`."""
+    rows = rows or _backend.implementation("tmkl", "reference")
+    return Implementation(op="tmkl", backend=rows.backend,
+                          forward=partial(tmkl_forward, rows=rows, group=group, offset=offset),
+                          backward=partial(tmkl_backward, rows=rows, offset=offset))
