@@ -36,19 +36,21 @@ import torch.distributed as dist
 from . import _backend, _validate
 from ._backend import Implementation
 from ._chunked import linear_pass
-from ._params import TMKLParams, accumulation_dtype, check_backend_name
+from ._params import LinearTMKLParams, TMKLParams, accumulation_dtype, check_backend_name
 from ._partials import merge_partials, stats_to_part
 from ._rank_check import check_ranks_agree, describe
 from .data_parallel import (DataParallel, data_parallel, full_weight,  # noqa: F401 (re-exported)
                             is_dtensor, is_linear, routed, unwrap)
 
 _ANY_VOCAB = 2**62  # the label bound of the per-rank checks, before the whole vocabulary is known
-#: The shard-local label of a row whose target lies in another shard (the kernels of
-#: :data:`SHARD_BACKENDS` take a label below 0 that is not ``ignore_index`` so) ...
+#: The shard-local label of a row whose target lies in another shard: the kernels of
+#: :data:`SHARD_BACKENDS` read a label below 0 other than ``ignore_index`` as "no target in these
+#: columns" (nothing masked, no ``-e_y`` term) ...
 ABSENT = -1
-#: ... and of an ignored row (the shard's own ``ignore_index``: a user's could be a column here).
+#: ... and of an ignored row: the shard's own ``ignore_index`` (a user's could be a column here).
 IGNORED = -100
-#: Backends whose ``tmkl`` kernels take :data:`ABSENT` labels (the CUDA kernels read ``z[y]``).
+#: Backends whose ``tmkl`` kernels take :data:`ABSENT` labels (the CUDA kernels make a row with a
+#: label outside the columns NaN).
 SHARD_BACKENDS = ("reference", "triton")
 _REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
@@ -84,7 +86,6 @@ def from_dtensors(logits, base_logits, labels, process_group):
     return logits.to_local(), base_logits, labels, group
 
 
-
 def shard_labels(labels: torch.Tensor, offset: int, columns: int, ignore_index: int) -> torch.Tensor:
     """This shard's labels (int64): the target's column in ``[0, columns)`` where this shard holds
     it, :data:`ABSENT` where another shard does, :data:`IGNORED` on ignored rows."""
@@ -99,7 +100,7 @@ def _shard_params(params: TMKLParams) -> TMKLParams:
     """The options the shard's kernels run with: :data:`IGNORED` as ``ignore_index``, and the base
     always computed (``compute_kl=False`` would make the chunked driver hand the logits in as their
     own base, whose CE-alone shortcut normalizes over the shard only)."""
-    if hasattr(params, "compute_kl"):
+    if isinstance(params, LinearTMKLParams):
         return replace(params, ignore_index=IGNORED, compute_kl=True)
     return replace(params, ignore_index=IGNORED)
 

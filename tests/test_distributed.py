@@ -2,7 +2,10 @@
 
 * Vocab-parallel ``tmkl_loss`` / ``linear_tmkl_loss(process_group=...)``, 2 and 4 processes, against
   the single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the
-  world size, ignored and all-ignored rows, ``num_items_in_batch``, components, large offsets.
+  world size, ignored and all-ignored rows, ``num_items_in_batch``, components, large offsets
+  (on the automatic backend: Triton in the CPU interpreter here); and that a process group runs
+  the selected backend's kernels, never the reference's (tests/test_vocab_parallel.py: the
+  pieces in one process).
 * Data parallel on 2 ranks (one spawn runs every check, each test reads its own result):
   ``ForgetAwareStep`` under DDP (a protocol model and a tiny Llama, fused-linear path),
   ``TMKLTrainer`` under DDP through HF Trainer's own distributed handling, ``calibrate``,
