@@ -23,9 +23,10 @@ cores), written by the kernels into a buffer of its own: a 16-bit gradient writt
 in place would race between threads that read and write different bytes. ``chunk_dtype="input"``
 keeps the chunk in the inputs' dtype (half the memory, logits rounded to that dtype).
 
-A vocabulary-parallel form fits the same loop: per chunk, ``rows.forward`` would return the
-shard's partial records merged over the ranks (``_params.merge_lse``) and ``dh`` would be summed
-across ranks after the loop; nothing else changes.
+The vocab-parallel form (:mod:`forgetkern.distributed`) runs this same pass on each rank's rows of
+the head: the forward's per-row statistics of the shard are merged over the ranks afterwards
+(:func:`forgetkern._partials.merge_partials`), the backward pass's ``rows.forward`` hands back the
+merged statistics, and ``dh`` is summed across ranks after the loop.
 
 Layer 1: imports only :mod:`forgetkern._params` and torch.
 """

@@ -1,54 +1,58 @@
 """Vocabulary-parallel TMKL on ``torch.distributed``: each rank of a process group holds a
 contiguous shard of the vocabulary (rank order; shard sizes may differ) of the logits and the base
-logits, labels are global token ids identical on every rank.
+logits (or of the LM head's rows), labels are global token ids identical on every rank.
 
-Per row, in plain torch over the whole vocabulary, this computes exactly ``tmkl_loss``; per rank it
-reads only its shard (docs/math.md §5). First, per call, one ``all_gather`` of a
-fixed-size descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when
-one rank's inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
-1. local statistics of the shard, each normalizer as its max and its sum apart, and the KL
-   accumulator as a sum of differences of offsets to the local maxima (the rank that owns the
-   target removes it from its sums when ``mask_target``);
-2. ``all_reduce(MAX)`` of the maxima of ``z/T``, ``b/T`` and (``T != 1``) ``z``: ``3 N`` floats;
-3. every rank rescales its sums and its KL accumulator to the global maxima (offsets move by the
-   change of the maxima), then ``all_reduce(SUM)`` of the three sums, the accumulator and the target
-   logit (from its owner): ``5 N`` floats;
-4. every rank finishes the same per-row loss; the backward is local to the shard, from the saved
-   global statistics: no collective, no vocabulary-sized traffic.
+Per row this computes exactly ``tmkl_loss`` on the whole vocabulary; per rank it reads only its
+shard (docs/math.md §5: one pass, and merging partial passes). First, per call, one
+``all_gather`` of a fixed-size descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when one rank's
+inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
 
-The helpers at the end serve a data-parallel (DDP, FSDP2) training step (:func:`data_parallel`).
-The math is the reference's in row chunks (CPU and GPU tensors, gloo or NCCL);
-:func:`vocab_parallel_tmkl` gives it the ``tmkl`` op's interface for the usual autograd Function.
+1. the selected backend's own ``tmkl`` kernels (reference, Triton; the usual choice,
+   :func:`shard_backend`) run on the shard with shard-local labels (:func:`shard_labels`: a row
+   whose target lies in another shard has the label :data:`ABSENT`, so nothing is masked there),
+   giving the shard's per-row statistics; the fused-linear form runs them through the chunked
+   driver (:func:`forgetkern._chunked.linear_pass`) on the head's rows of the shard;
+2. the statistics become one partial record per row (:func:`forgetkern._partials.stats_to_part`,
+   with the target logit from its owner), and the one merge of vocabulary parts
+   (:func:`forgetkern._partials.merge_partials`, also the Triton forward's merge of its splits)
+   merges the ranks' records: ``all_reduce(MAX)`` of the maxima of ``z/T``, ``b/T`` and
+   (``T != 1``) ``z`` (2 or 3 floats per row), then ``all_reduce(SUM)`` of the sums and the KL
+   accumulator moved to those maxima and of the target logit (4 or 5 floats per row);
+3. every rank finishes the same per-row loss; the backward is the backend's own, local to the
+   shard, from the saved whole-row statistics: no collective (the fused-linear form all-reduces
+   the hidden state's gradient), no vocabulary-sized traffic.
+
+The data-parallel (DDP, FSDP2) helpers live in :mod:`forgetkern.data_parallel`; their names are
+re-exported here.
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # a torch without torch.distributed: isinstance(x, ()) is always False
-    FSDPModule = ()
-
-from . import _validate
-from ._backend import Implementation, implementation
-from ._chunked import logits_chunk, plan
+from . import _backend, _validate
+from ._backend import Implementation
+from ._chunked import linear_pass
+from ._params import LinearTMKLParams, TMKLParams, accumulation_dtype, check_backend_name
+from ._partials import merge_partials, stats_to_part
 from ._rank_check import check_ranks_agree, describe
-from ._params import TMKLParams, accumulation_dtype, row_outputs, with_target
-from .reference import tmkl as ref
+from .data_parallel import (DataParallel, data_parallel, full_weight,  # noqa: F401 (re-exported)
+                            is_dtensor, is_linear, routed, unwrap)
 
-NEG_INF = float("-inf")
 _ANY_VOCAB = 2**62  # the label bound of the per-rank checks, before the whole vocabulary is known
-
-
-def is_dtensor(x) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing it otherwise)."""
-    cls = type(x)
-    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+#: The shard-local label of a row whose target lies in another shard: the kernels of
+#: :data:`SHARD_BACKENDS` read a label below 0 other than ``ignore_index`` as "no target in these
+#: columns" (nothing masked, no ``-e_y`` term) ...
+ABSENT = -1
+#: ... and of an ignored row: the shard's own ``ignore_index`` (a user's could be a column here).
+IGNORED = -100
+#: Backends whose ``tmkl`` kernels take :data:`ABSENT` labels (the CUDA kernels make a row with a
+#: label outside the columns NaN).
+SHARD_BACKENDS = ("reference", "triton")
+_REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 
 def from_dtensors(logits, base_logits, labels, process_group):
@@ -82,171 +86,133 @@ def from_dtensors(logits, base_logits, labels, process_group):
     return logits.to_local(), base_logits, labels, group
 
 
-def _local_labels(labels, offset, columns, p: TMKLParams):
-    """Labels within this shard (``-1`` where the target lies elsewhere or the row is ignored)
-    and the rows that count."""
+def shard_labels(labels: torch.Tensor, offset: int, columns: int, ignore_index: int) -> torch.Tensor:
+    """This shard's labels (int64): the target's column in ``[0, columns)`` where this shard holds
+    it, :data:`ABSENT` where another shard does, :data:`IGNORED` on ignored rows."""
     y = labels.long()
-    valid = y != p.ignore_index
-    y_loc = y - offset
-    here = valid & (y_loc >= 0) & (y_loc < columns)
-    return torch.where(here, y_loc, torch.full_like(y_loc, -1)), valid
+    local = y - offset
+    here = (local >= 0) & (local < columns)
+    local = torch.where(here, local, torch.full_like(local, ABSENT))
+    return local.masked_fill(y == ignore_index, IGNORED)
 
 
-def _raw_max(m, s):
-    """The max as seen by an all-reduce: ``-inf`` where the shard has no mass."""
-    return torch.where(s == 0, torch.full_like(m, NEG_INF), m)
+def _shard_params(params: TMKLParams) -> TMKLParams:
+    """The options the shard's kernels run with: :data:`IGNORED` as ``ignore_index``, and the base
+    always computed (``compute_kl=False`` would make the chunked driver hand the logits in as their
+    own base, whose CE-alone shortcut normalizes over the shard only)."""
+    if isinstance(params, LinearTMKLParams):
+        return replace(params, ignore_index=IGNORED, compute_kl=True)
+    return replace(params, ignore_index=IGNORED)
 
 
-def _safe(m):
-    return m.masked_fill(m == NEG_INF, 0.0)
+def shard_backend(tensor: torch.Tensor, backend: str | None) -> str:
+    """The backend whose ``tmkl`` kernels compute this rank's shard: the usual choice
+    (``forgetkern._backend.resolve_name``) among :data:`SHARD_BACKENDS`; a preference for another
+    (``FORGETKERN_BACKEND``, the automatic choice of the CUDA extension) gets Triton where it runs,
+    else the reference, and an explicit ``backend=`` of another is an error."""
+    check_backend_name(backend)
+    if backend is not None and backend not in SHARD_BACKENDS:
+        raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) runs "
+                         f"the {' or '.join(SHARD_BACKENDS)} kernels (the {backend} kernels take "
+                         "no row whose target lies in another shard)")
+    name = _backend.resolve_name("tmkl", tensor, backend=backend)
+    if name in SHARD_BACKENDS:
+        return name
+    return "triton" if _backend.why_unavailable("triton", "tmkl", tensor.device) is None \
+        else "reference"
 
 
-def _shard_partials(z, b, y_loc, p: TMKLParams):
-    """One chunk of one shard: local maxima (safe), sums and the KL accumulator
-    ``sum_v w_v ((a_v - m_a) - (o_v - m_o))`` over the shard's kept columns, the CE normalizer's
-    max and sum over the shard (``T != 1``) and the target logit where this shard owns it."""
-    xs = ref._scaled(z, y_loc, p)
-    m_z, s_z, e_z = ref._shifted(xs)
-    us = ref._scaled(b, y_loc, p)
-    m_b, s_b, e_b = ref._shifted(us)
-    w, terms = (e_b, us.sub_(xs)) if p.forward_kl else (e_z, xs.sub_(us))
-    acc = terms.mul_(w).masked_fill_(w == 0, 0.0).sum(dim=1)
-    del xs, us, e_z, e_b, w, terms
-    if p.separate_ce:
-        zs = z.to(acc.dtype, copy=True)
-        m_c, s_c, _ = ref._shifted(zs)
-        del zs
-    else:
-        m_c, s_c = m_z, s_z
-    here = y_loc >= 0
-    z_y = z.gather(1, y_loc.clamp_min(0)[:, None]).squeeze(1).to(acc.dtype)
-    z_y = torch.where(here, z_y, torch.zeros_like(z_y))
-    return m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y
+def _all_reduce(group):
+    """:data:`forgetkern._partials.AllReduce` over ``group``."""
+    def all_reduce(t: torch.Tensor, op: str) -> None:
+        dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
+    return all_reduce
+
+
+def _with_target_logits(rows: Implementation) -> Implementation:
+    """``rows`` (a ``tmkl`` implementation) whose forward returns, in the place of the per-row
+    loss (which means nothing for a part of the vocabulary), the target logit of each row whose
+    target lies in these columns (0 elsewhere): what the partial record needs besides the
+    statistics."""
+    def forward(z, b, y, p):
+        _, ce, kl, stats = rows.forward(z, b, y, p)
+        z_y = z.gather(1, y.clamp_min(0)[:, None]).squeeze(1).to(stats.dtype)
+        return torch.where(y >= 0, z_y, torch.zeros_like(z_y)), ce, kl, stats
+    return replace(rows, forward=forward)
+
+
+def _with_saved_stats(rows: Implementation, stats: torch.Tensor) -> Implementation:
+    """``rows`` whose forward hands back the saved whole-row statistics, chunk after chunk (the
+    chunked driver visits the rows in order), so that its backward pass runs the backend's
+    backward on the shard from them instead of the shard's own statistics."""
+    done = [0]
+
+    def forward(z, b, y, p):
+        st = stats[done[0]:done[0] + z.shape[0]]
+        done[0] += z.shape[0]
+        return st[:, 0], st[:, 0], st[:, 0], st
+    return replace(rows, forward=forward)
+
+
+def _own_base(base_logits, logits):
+    """The base logits as a tensor of their own: a backend given the logits themselves as base
+    takes the CE-alone shortcut, which normalizes over the shard only."""
+    return logits[:] if base_logits is logits else base_logits
 
 
 @torch.no_grad()
-def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, group, offset: int,
-                 chunk_bytes: int | None = None):
+def tmkl_forward(logits, base_logits, labels, params: TMKLParams, *, rows: Implementation, group,
+                 offset: int):
     """The ``tmkl`` forward on this rank's shard ``(N, V_r)``: every rank returns the same per-row
     ``(loss, ce, kl, stats)`` of the whole rows (``stats`` as :mod:`forgetkern._params`)."""
-    n, v = logits.shape
-    acc_dtype = accumulation_dtype(logits.dtype)
-    parts = [torch.zeros(n, dtype=acc_dtype, device=logits.device) for _ in range(8)]
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        for out, value in zip(parts, _shard_partials(logits[start:stop], base_logits[start:stop],
-                                                     y_loc[start:stop], params)):
-            out[start:stop] = value
-    return _combine(parts, valid, params, group)
-
-
-def _combine(parts, valid, params: TMKLParams, group):
-    """Every rank's per-row shard partials into the whole rows' ``(loss, ce, kl, stats)``: one
-    ``all_reduce(MAX)`` of ``3 N`` and one ``all_reduce(SUM)`` of ``5 N`` floats."""
-    m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y = parts
-    # 1. the global maxima (raw: -inf where a shard has no mass)
-    top = torch.stack([_raw_max(m_z, s_z), _raw_max(m_b, s_b), _raw_max(m_c, s_c)])
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    gz, gb, gc = (_safe(t) for t in top)
-
-    # 2. sums and the accumulator moved to the global maxima, then summed
-    def moved(s, m, g):
-        return torch.where(s == 0, torch.zeros_like(s), s * (m - g).exp())
-
-    sz, sb, sc = moved(s_z, m_z, gz), moved(s_b, m_b, gb), moved(s_c, m_c, gc)
-    dz, db = m_z - gz, m_b - gb
-    if params.forward_kl:
-        a = torch.where(s_b == 0, torch.zeros_like(acc), (acc + s_b * (db - dz)) * (m_b - gb).exp())
-    else:
-        a = torch.where(s_z == 0, torch.zeros_like(acc), (acc + s_z * (dz - db)) * (m_z - gz).exp())
-    sums = torch.stack([sz, sb, sc, a, z_y])
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    sz, sb, sc, a, z_y = sums
-    ls_z, ls_b = sz.log(), sb.log()
-    s_w, ls_w, ls_o = (sb, ls_b, ls_z) if params.forward_kl else (sz, ls_z, ls_b)
-    kl = a / s_w - ls_w + ls_o
-    kl = torch.where(ls_o == NEG_INF, torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(s_w == 0, torch.zeros_like(kl), kl)
-    if params.separate_ce:
-        m_ce, ls_ce = gc, sc.log()
-    elif params.mask_target:
-        m_ce, ls_ce = with_target(gz, ls_z, z_y)
-    else:
-        m_ce, ls_ce = gz, ls_z
-    ce = (m_ce - z_y) + ls_ce
-    stats = torch.stack([gz, ls_z, gb, ls_b, m_ce, ls_ce, kl], dim=1)
-    return row_outputs(ce, kl, stats, valid, params)
+    y = shard_labels(labels, offset, logits.shape[1], params.ignore_index)
+    z_y, _, _, stats = _with_target_logits(rows).forward(
+        logits, _own_base(base_logits, logits), y, _shard_params(params))
+    part = stats_to_part(stats, z_y, params)
+    return merge_partials(part[:, None], labels, params, _all_reduce(group))
 
 
 @torch.no_grad()
 def tmkl_backward(logits, base_logits, labels, stats, coef_ce, coef_kl, params: TMKLParams,
-                  grad_out, *, offset: int, chunk_bytes: int | None = None):
-    """The gradient of this rank's shard from the global statistics: local, no collective."""
-    n, v = logits.shape
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = ref.chunk_rows(v, logits.dtype, chunk_bytes)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        sl = slice(start, stop)
-        grad = ref._chunk_grad(logits[sl], base_logits[sl], y_loc[sl], valid[sl], stats[sl],
-                               coef_ce[sl], coef_kl[sl], params)
-        grad_out[sl].copy_(grad)
-    return grad_out
+                  grad_out, *, rows: Implementation, offset: int):
+    """The gradient of this rank's shard by the backend's backward from the whole rows'
+    statistics: local, no collective."""
+    y = shard_labels(labels, offset, logits.shape[1], params.ignore_index)
+    return rows.backward(logits, _own_base(base_logits, logits), y, stats, coef_ce, coef_kl,
+                         _shard_params(params), grad_out)
 
 
 @torch.no_grad()
 def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                        params, row_weight=None, needs=(False, False, False), *, group, offset: int):
+                        params, row_weight=None, needs=(False, False, False), *,
+                        rows: Implementation, group, offset: int):
     """The ``linear_tmkl`` forward with the head sharded by rows (this rank's ``(V_r, D)`` rows of
-    the vocabulary, biases likewise): the logits of the shard are formed chunk by chunk and never
-    whole; every rank returns the same ``(loss, ce, kl, stats, None)``."""
-    n = hidden.shape[0]
-    v = weight.shape[0]
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    wb = weight if base_weight is None else base_weight
-    parts = [torch.zeros(n, dtype=acc_dtype, device=hidden.device) for _ in range(8)]
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        z = logits_chunk(hidden[sl], weight, bias, acc_dtype)
-        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
-        for out, value in zip(parts, _shard_partials(z, b, y_loc[sl], params)):
-            out[sl] = value
-    return (*_combine(parts, valid, params, group), None)
+    the vocabulary, biases likewise): the chunked driver over the backend's ``tmkl`` kernels, the
+    logits of the shard formed chunk by chunk and never whole; every rank returns the same
+    ``(loss, ce, kl, stats, None)``."""
+    y = shard_labels(labels, offset, weight.shape[0], params.ignore_index)
+    z_y, _, _, stats = linear_pass(_with_target_logits(rows), hidden, weight, bias, y,
+                                   _shard_params(params), base_hidden=base_hidden,
+                                   base_weight=base_weight, base_bias=base_bias)[:4]
+    part = stats_to_part(stats, z_y, params)
+    return (*merge_partials(part[:, None], labels, params, _all_reduce(group)), None)
 
 
 @torch.no_grad()
 def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-                         coef_ce, coef_kl, params, needs, *, group, offset: int):
-    """``(grad_hidden, grad_weight_shard, grad_bias_shard)``: the shard's gradients, local, then
-    ``grad_hidden`` summed over the ranks (one ``all_reduce(SUM)`` of ``N x D``)."""
-    n, d = hidden.shape
-    v = weight.shape[0]
-    acc_dtype = accumulation_dtype(hidden.dtype)
-    wb = weight if base_weight is None else base_weight
-    need_h, need_w, need_b = (bool(x) for x in needs)
-    dh = torch.zeros(n, d, dtype=acc_dtype, device=hidden.device) if need_h else None
-    dw = torch.zeros(v, d, dtype=acc_dtype, device=hidden.device) if need_w else None
-    db = torch.zeros(v, dtype=acc_dtype, device=hidden.device) if need_b else None
-    y_loc, valid = _local_labels(labels, offset, v, params)
-    step = plan(n, v, hidden.dtype, params, implementation("tmkl", "reference"), dense=True).rows
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
-        h = hidden[sl]
-        z = logits_chunk(h, weight, bias, acc_dtype)
-        b = logits_chunk(base_hidden[sl], wb, base_bias, acc_dtype)
-        g = ref._chunk_grad(z, b, y_loc[sl], valid[sl], stats[sl], coef_ce[sl], coef_kl[sl], params)
-        del z, b
-        if need_h:
-            dh[sl] = g.to(weight.dtype) @ weight
-        if need_w:
-            dw.addmm_(g.T, h.to(acc_dtype))
-        if need_b:
-            db += g.sum(0)
-    if need_h:
+                         coef_ce, coef_kl, params, needs, *, rows: Implementation, group,
+                         offset: int):
+    """``(grad_hidden, grad_weight_shard, grad_bias_shard)``: the chunked driver's backward pass on
+    the shard from the whole rows' statistics, then ``grad_hidden`` (each rank's share in the
+    inputs' dtype) summed over the ranks in the accumulation dtype (one ``all_reduce(SUM)`` of
+    ``N x D``)."""
+    y = shard_labels(labels, offset, weight.shape[0], params.ignore_index)
+    dh, dw, db = linear_pass(_with_saved_stats(rows, stats), hidden, weight, bias, y,
+                             _shard_params(params), base_hidden=base_hidden,
+                             base_weight=base_weight, base_bias=base_bias, coef_ce=coef_ce,
+                             coef_kl=coef_kl, needs=needs)[4:]
+    if dh is not None:
+        dh = dh.to(accumulation_dtype(hidden.dtype))
         dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
         dh = dh.to(hidden.dtype)
     return dh, dw, db
@@ -255,151 +221,43 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
 def resolve(op: str, group, backend: str | None, *inputs):
     """The vocab-parallel form of ``op`` (``"tmkl"`` or ``"linear_tmkl"``): ``(Implementation,
     laid-out inputs)`` (``inputs``: the arguments of ``_validate.<op>_inputs``). Each rank checks
-    its inputs, then one ``all_gather`` (:func:`forgetkern._rank_check.check_ranks_agree`) gives
-    every rank the same verdict and the shard layout; then the labels meet the whole vocabulary."""
+    its inputs and picks its backend (:func:`shard_backend`), then one ``all_gather``
+    (:func:`forgetkern._rank_check.check_ranks_agree`) gives every rank the same verdict and the
+    shard layout; then the labels meet the whole vocabulary."""
     validate = _validate.linear_tmkl_inputs if op == "linear_tmkl" else _validate.tmkl_inputs
-    laid = descriptor = error = None
+    laid = descriptor = error = rows = None
     try:
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend={backend!r}: the vocab-parallel form (process_group=...) "
-                             "runs the reference implementation; use backend=None")
-        params = inputs[-3]
-        if op == "linear_tmkl" and (params.strategy == "fused" or params.transforms_logits):
-            raise ValueError("the vocab-parallel form (process_group) runs the chunked reference "
-                             "without strategy='fused', logit_scale or logit_softcap")
+        if op == "linear_tmkl" and inputs[-3].strategy == "fused":
+            raise ValueError("the vocab-parallel form (process_group) runs the chunked strategy; "
+                             "strategy='fused' has no vocab-parallel form")
         laid = validate(*inputs, num_classes=_ANY_VOCAB)  # global ids: bounded after the gather
+        rows = _backend.implementation("tmkl", shard_backend(laid[0], backend))
         descriptor = describe(op, inputs, laid)
     except Exception as exc:  # noqa: BLE001 - every rank learns it in the check below
         error = exc
     offset, total = check_ranks_agree(group, descriptor, error, f"{op}_loss")
     _validate.check_labels(laid[-1], laid[-1].shape, total, inputs[-3].ignore_index)
     make = vocab_parallel_linear_tmkl if op == "linear_tmkl" else vocab_parallel_tmkl
-    return make(group, offset), laid
+    return make(group, offset, rows), laid
 
 
-def vocab_parallel_linear_tmkl(group, offset: int) -> Implementation:
-    """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group``."""
-    return Implementation(op="linear_tmkl", backend="reference",
-                          forward=partial(linear_tmkl_forward, group=group, offset=offset),
-                          backward=partial(linear_tmkl_backward, group=group, offset=offset))
+def vocab_parallel_linear_tmkl(group, offset: int, rows: Implementation | None = None
+                               ) -> Implementation:
+    """The ``linear_tmkl`` op's interface with the head sharded by rows over ``group`` (this rank's
+    start at ``offset``), over ``rows``, a ``tmkl`` implementation (default: the reference's)."""
+    rows = rows or _backend.implementation("tmkl", "reference")
+    return Implementation(op="linear_tmkl", backend=rows.backend,
+                          forward=partial(linear_tmkl_forward, rows=rows, group=group,
+                                          offset=offset),
+                          backward=partial(linear_tmkl_backward, rows=rows, group=group,
+                                           offset=offset))
 
 
-def vocab_parallel_tmkl(group, offset: int) -> Implementation:
+def vocab_parallel_tmkl(group, offset: int, rows: Implementation | None = None) -> Implementation:
     """The ``tmkl`` op's interface over ``group``'s vocabulary shards (this rank's starts at
-    ``offset``), for :class:`forgetkern._autograd.TMKLFunction`."""
-    return Implementation(op="tmkl", backend="reference",
-                          forward=partial(tmkl_forward, group=group, offset=offset),
-                          backward=partial(tmkl_backward, offset=offset))
-
-
-# ---- data parallel: a training step on a DistributedDataParallel or FSDP2 (fully_shard) model ----
-def unwrap(model):
-    """The module a ``DistributedDataParallel`` wraps; ``model`` itself otherwise (FSDP2 too)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def routed(model, fn):
-    """``fn`` (the fused path's final hidden states) run *through* ``model``'s forward when
-    ``model`` is DDP or an FSDP2 root, else ``fn``: their work (DDP arms its reducer, FSDP2's root
-    gathers its parameters and hooks its backward) runs in their forward only, so the call is
-    ``model(**inputs)`` with the wrapped module's forward set to ``fn`` for that call (an instance
-    ``forward`` already there, e.g. accelerate's, is put back)."""
-    if not isinstance(model, (DistributedDataParallel, FSDPModule)):
-        return fn
-    target = unwrap(model)
-
-    def through_forward(**inputs):
-        saved = target.__dict__.get("forward")
-        target.forward = fn
-        try:
-            return model(**inputs)
-        finally:
-            if saved is None:
-                del target.forward
-            else:
-                target.forward = saved
-
-    return through_forward
-
-
-def is_linear(module) -> bool:
-    """A plain ``nn.Linear``, also as FSDP2 wraps it (class ``FSDPLinear(FSDPModule, Linear)``)."""
-    cls = type(module)
-    return cls is torch.nn.Linear or (isinstance(module, FSDPModule)
-                                      and cls.__bases__[-1] is torch.nn.Linear)
-
-
-def full_weight(weight):
-    """A head's weight (or bias) whole: as it is, or a DTensor's full tensor (an all-gather)."""
-    return weight.full_tensor() if is_dtensor(weight) else weight
-
-
-def _mesh_group(model):  # the data-parallel group of an FSDP2 model
-    for p in model.parameters():
-        if is_dtensor(p):
-            if p.device_mesh.ndim != 1:
-                raise ValueError("model: FSDP2 over a 1-D device mesh is supported (HSDP is not)")
-            return p.device_mesh.get_group()
-    raise ValueError("model: an FSDP2 model without sharded (DTensor) parameters")
-
-
-class DataParallel:
-    """The data-parallel side of one training step of a DDP or FSDP2 ``model``.
-
-    * :meth:`global_count`: the mean's denominator summed over the ranks (one ``all_reduce`` of an
-      int64); both wrappers average the gradients, so each rank's loss is scaled by ``world``.
-    * :meth:`micro_batch`: one gradient reduction per step: DDP's ``no_sync`` but on the last
-      micro-batch; FSDP2's ``set_requires_gradient_sync`` / ``set_is_last_backward`` false but on
-      the last (gradients accumulate unsharded, one reduce-scatter at the end).
-    * ``head``: the frozen LM head of the fused-linear path, used outside its module's forward.
-      An FSDP2 module of its own is gathered once (``unshard`` at the first micro-batch), kept
-      (``set_reshard_after_backward(False)``) and resharded after the last backward. A head in
-      another group (e.g. the root's) is gathered by that group's forward (:func:`routed`).
-    """
-
-    def __init__(self, model, kind: str, group, head=None):
-        self.model, self.kind, self.group = model, kind, group
-        self.world = dist.get_world_size(group)
-        own = isinstance(head, FSDPModule) and head is not model and not any(
-            p.requires_grad for p in head.parameters())
-        self.head = head if kind == "fsdp" and own else None
-
-    def global_count(self, n: int, device) -> int:
-        count = torch.tensor(n, dtype=torch.int64, device=device)
-        dist.all_reduce(count, group=self.group)
-        return int(count)
-
-    @contextlib.contextmanager
-    def micro_batch(self, index: int, count: int):
-        """Around one micro-batch's forward and backward (``index`` of ``count``)."""
-        last = index == count - 1
-        if self.kind == "ddp":
-            with contextlib.nullcontext() if last else self.model.no_sync():
-                yield
-            return
-        if index == 0 and self.head is not None:
-            self.head.set_reshard_after_backward(False, recurse=False)
-            self.head.unshard()  # the one gather of the head in this step
-        self.model.set_requires_gradient_sync(last)
-        self.model.set_is_last_backward(last)
-        try:
-            yield
-        except BaseException:
-            last = True
-            raise
-        finally:
-            if last:  # the step's last backward ran (or failed): the wrapper's defaults again
-                self.model.set_requires_gradient_sync(True)
-                self.model.set_is_last_backward(True)
-                if self.head is not None:
-                    self.head.set_reshard_after_backward(True, recurse=False)
-                    self.head.reshard()
-
-
-def data_parallel(model, head=None) -> DataParallel | None:
-    """The :class:`DataParallel` of a DDP model or an FSDP2 root, else ``None``."""
-    if isinstance(model, DistributedDataParallel):
-        return DataParallel(model, "ddp", model.process_group)
-    if isinstance(model, FSDPModule):
-        return DataParallel(model, "fsdp", _mesh_group(model), head)
-    return None
+    ``offset``), over ``rows``, a ``tmkl`` implementation (default: the reference's), for
+    :class:`forgetkern._autograd.TMKLFunction`."""
+    rows = rows or _backend.implementation("tmkl", "reference")
+    return Implementation(op="tmkl", backend=rows.backend,
+                          forward=partial(tmkl_forward, rows=rows, group=group, offset=offset),
+                          backward=partial(tmkl_backward, rows=rows, offset=offset))

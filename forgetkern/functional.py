@@ -87,9 +87,9 @@ def tmkl_loss(
             (vocab-parallel): ``logits``/``base_logits`` hold this rank's contiguous shard of the
             vocabulary (rank order, sizes may differ), ``labels`` the global token ids, identical
             on every rank. Every rank returns the same loss and gets its shard's gradient
-            (:mod:`forgetkern.distributed`; runs the reference implementation). Logits given as
-            DTensors sharded on the vocabulary dimension (``Shard(-1)`` over a 1-D mesh) need no
-            ``process_group``: it is the mesh's.
+            (:mod:`forgetkern.distributed`: the reference or Triton kernels on each shard).
+            Logits given as DTensors sharded on the vocabulary dimension (``Shard(-1)`` over a
+            1-D mesh) need no ``process_group``: it is the mesh's.
 
     Returns:
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``. Losses are float32
@@ -231,7 +231,8 @@ def linear_tmkl_loss(
             rows (vocab-parallel): ``weight`` (and ``base_weight``, the biases) hold this rank's
             contiguous rows of the vocabulary in rank order, ``labels`` global ids identical on
             every rank; every rank returns the same loss, the gradient of its head shard, and the
-            gradient w.r.t. ``hidden`` summed over the ranks (runs the reference implementation).
+            gradient w.r.t. ``hidden`` summed over the ranks (the chunked strategy, over the
+            reference or Triton kernels on each shard).
 
     Returns:
         ``loss``, or ``(loss, ce, kl)`` with ``return_components=True``, reduced as in

@@ -17,7 +17,8 @@ PACKAGE = Path(forgetkern.__file__).parent
 LAYERS = {
     "_params": 0, "_version": 0, "_files": 0, "_args": 0,
     "_validate": 1, "_backend": 1, "_chunked": 1, "reference": 1, "ops": 1, "_cuda": 1,
-    "_cuda_emulated": 1, "distributed": 1, "_rank_check": 1,
+    "_cuda_emulated": 1, "distributed": 1, "_rank_check": 1, "data_parallel": 1,
+    "_partials": 1,
     "_autograd": 2, "functional": 2, "nn": 2, "_info": 2,
     "lora": 3, "optim": 3, "train": 3, "cache": 3, "models": 3, "modeling": 3,
     "integrations": 4, "demo": 4, "_bench": 4, "cli": 4, "__main__": 5, "__init__": 5,
@@ -26,9 +27,11 @@ SIDEWAYS = {
     ("_backend", "_cuda"),  # the table asks the extension loader whether it is built
     ("_backend", "_chunked"),  # the fused-linear ops: the chunked driver over a logits op
     ("_cuda_emulated", "_cuda"),  # the CUDA backend's interfaces over the host emulation
-    ("distributed", "_backend"), ("distributed", "reference"),  # vocab-parallel: reference math
+    ("distributed", "_backend"),  # vocab-parallel: the selected backend's tmkl kernels per shard
     ("distributed", "_validate"), ("distributed", "_rank_check"),  # its one entry: checks, ranks
     ("distributed", "_chunked"),  # ... with the chunked driver's GEMMs and chunk sizes
+    ("distributed", "data_parallel"),  # re-exports the data-parallel helpers under their old home
+    ("ops", "_partials"), ("distributed", "_partials"),  # the one merge of vocabulary parts
     ("_autograd", "_backend"),  # only the Implementation type
     ("optim", "lora"),  # optimizers find the LoRA layers
     ("train", "lora"),

@@ -2,7 +2,10 @@
 
 * Vocab-parallel ``tmkl_loss`` / ``linear_tmkl_loss(process_group=...)``, 2 and 4 processes, against
   the single-process loss on the whole vocabulary: every option, a vocabulary not divisible by the
-  world size, ignored and all-ignored rows, ``num_items_in_batch``, components, large offsets.
+  world size, ignored and all-ignored rows, ``num_items_in_batch``, components, large offsets
+  (on the automatic backend: Triton in the CPU interpreter here); and that a process group runs
+  the selected backend's kernels, never the reference's (tests/test_vocab_parallel.py: the
+  pieces in one process).
 * Data parallel on 2 ranks (one spawn runs every check, each test reads its own result):
   ``ForgetAwareStep`` under DDP (a protocol model and a tiny Llama, fused-linear path),
   ``TMKLTrainer`` under DDP through HF Trainer's own distributed handling, ``calibrate``,
@@ -91,7 +94,7 @@ def _check_rank(rank: int, world: int) -> int:
                              process_group=dist.group.WORLD)
     with pytest.raises(ValueError, match="vocab-parallel"):
         forgetkern.tmkl_loss(z[:, lo:hi], b[:, lo:hi], y, process_group=dist.group.WORLD,
-                             backend="triton")
+                             backend="cuda")
     return count
 
 
@@ -112,6 +115,8 @@ def _check_linear(rank: int, world: int, lo: int, hi: int) -> int:
         y = torch.randint(0, V, (n,), generator=gen)
         y[1] = -100 if ignore != "none" else y[1]
         comps = opts.get("return_components", False)
+        if i % 6 == 3:  # the logit transforms, applied per chunk by the chunked driver
+            opts = dict(opts, logit_scale=0.8, logit_softcap=4.0)
         kw = dict(opts, base_weight=wb, base_bias=None if wb is None else bias)
         hf, wf, bf = (t.clone().requires_grad_() for t in (h, w, bias))
         want = forgetkern.linear_tmkl_loss(hf, wf, hb, y, bias=bf, backend="reference", **kw)
@@ -494,8 +499,8 @@ MISMATCHES = {
                     r"tmkl_loss \(vocab-parallel\): rank 1: base_logits must have the same shape"),
     "local_dtype": (lambda r, a: a.update(base_dtype=torch.float32 if r == 0 else None), TypeError,
                     "rank 0: base_logits dtype torch.float32 does not match"),
-    "local_backend": (lambda r, a: a["kw"].update(backend="triton" if r == 0 else None), ValueError,
-                      "rank 0: backend='triton': the vocab-parallel form"),
+    "local_backend": (lambda r, a: a["kw"].update(backend="cuda" if r == 0 else None), ValueError,
+                      "rank 0: backend='cuda': the vocab-parallel form"),
     "label_range": (lambda r, a: a.update(label=V), ValueError, r"labels must be in \[0, 37\)"),
     "linear_hidden": (lambda r, a: a.update(linear=True, d=4 + r), ValueError,
                       r"linear_tmkl_loss \(vocab-parallel\): the ranks disagree on the hidden size"),
@@ -557,6 +562,85 @@ def test_vocab_parallel_ranks_that_disagree_raise_the_same_error_on_every_rank(t
         assert got[0][name] == got[1][name], f"{name}: the ranks differ: {got[0][name]} / {got[1][name]}"
         assert got[0][name][0] == cls.__name__ and re.search(pattern, got[0][name][1]), (name, got[0][name])
     assert got[0]["after"] == got[1]["after"]
+
+
+# ---- vocab-parallel on the selected backend's kernels (Triton in the CPU interpreter here) -------
+@_check
+def _rank_vocab_parallel_runs_the_selected_backend(rank: int, world: int):
+    """``tmkl_loss`` (``backend="triton"``) and ``linear_tmkl_loss`` (automatic choice) with a
+    process group run the Triton ``tmkl`` kernels on the shard, never the reference's (made to
+    fail), and equal one process (the reference) forward and backward, random upstream gradients.
+    ``None`` where Triton cannot run."""
+    from dataclasses import replace
+
+    from forgetkern import _backend
+
+    if _backend.why_unavailable("triton", "tmkl", torch.device("cpu")) is not None:
+        return None
+    lo = sum(_shards(world)[:rank])
+    hi = lo + _shards(world)[rank]
+    gen = torch.Generator().manual_seed(21)
+    n, d = 5, 4
+    z, b = (torch.randn(n, V, generator=gen, dtype=torch.float64) * 2 for _ in range(2))
+    h, hb = (torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(V, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, V, (n,), generator=gen)
+    y[0], y[2] = V - 1, -100
+    cases = [dict(direction="forward", temperature=1.0),
+             dict(direction="reverse", temperature=2.0, mask_target=False, kl_weight=0.6)]
+    wants = []
+    for opts in cases:  # one process, the reference
+        up = torch.randn(n, generator=gen, dtype=torch.float64)
+        zf, hf, wf = (t.clone().requires_grad_() for t in (z, h, w))
+        loss = forgetkern.tmkl_loss(zf, b, y, backend="reference", reduction="none", **opts)
+        lin = forgetkern.linear_tmkl_loss(hf, wf, hb, y, backend="reference", reduction="none",
+                                          **opts)
+        torch.autograd.backward([loss, lin], [up, up])
+        wants.append((up, loss.detach(), zf.grad, lin.detach(), hf.grad, wf.grad))
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(fn, key):
+        def run(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference tmkl kernels ran")
+
+    loaded = _backend._LOADED
+    saved = {key: loaded[key] for key in (("tmkl", "reference"), ("tmkl", "triton"))}
+    tri = _backend.implementation("tmkl", "triton")
+    loaded[("tmkl", "reference")] = replace(saved[("tmkl", "reference")], forward=refuse,
+                                            backward=refuse)
+    loaded[("tmkl", "triton")] = replace(tri, forward=counted(tri.forward, "forward"),
+                                         backward=counted(tri.backward, "backward"))
+    tol = dict(rtol=1e-10, atol=1e-12)
+    try:
+        for opts, (up, loss, dz, lin, dh, dw) in zip(cases, wants):
+            zs, ws, hs = z[:, lo:hi].clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), \
+                h.clone().requires_grad_()
+            got = forgetkern.tmkl_loss(zs, b[:, lo:hi], y, backend="triton", reduction="none",
+                                       process_group=dist.group.WORLD, **opts)
+            got_lin = forgetkern.linear_tmkl_loss(hs, ws, hb, y, reduction="none",
+                                                  process_group=dist.group.WORLD, **opts)
+            torch.autograd.backward([got, got_lin], [up, up])
+            torch.testing.assert_close(got, loss, **tol)
+            torch.testing.assert_close(zs.grad, dz[:, lo:hi], **tol)
+            torch.testing.assert_close(got_lin, lin, **tol)
+            torch.testing.assert_close(hs.grad, dh, **tol)
+            torch.testing.assert_close(ws.grad, dw[lo:hi], **tol)
+    finally:
+        loaded.update(saved)
+    return calls
+
+
+def test_vocab_parallel_runs_the_selected_backends_kernels(two_ranks):
+    got = two_ranks("vocab_parallel_runs_the_selected_backend")
+    if got[0] is None:
+        pytest.skip("Triton cannot run here")
+    # per case and rank: the forward of each loss, the backward of each (none of the reference's)
+    assert got == [{"forward": 4, "backward": 4}] * 2
 
 
 @_check

@@ -1,6 +1,8 @@
 """Triton math shared by the TMKL kernels on logits (``ops/tmkl.py``, ``ops/sparse_tmkl.py``) and
 on hidden states (``ops/linear_tmkl.py``): the online log-sum-exp, the streaming KL accumulator,
-the gradient tile, the exponential, and the host-side merge of per-split partial records.
+the gradient tile, the exponential; the host-side merge of the per-split partial records they
+write is :func:`forgetkern._partials.merge_partials` (re-exported here), shared with the
+vocab-parallel form.
 
 Each streaming helper works on a 1-D block of one row (``AXIS=0``, row statistics are scalars) or a
 2-D ``[rows, columns]`` tile (``AXIS=1``, row statistics are ``[rows]`` vectors, broadcast by the
@@ -12,11 +14,10 @@ folded with reductions inside one thread, and the lanes are merged once after th
 """
 from __future__ import annotations
 
-import torch
-
 from .. import _params
 from .._params import (PART_KL, PART_LS_B, PART_LS_CE, PART_LS_Z, PART_M_B, PART_M_CE, PART_M_Z,
-                       PART_ZY, TMKLParams)
+                       PART_ZY)
+from .._partials import merge_partials  # noqa: F401 - the host merge of the partial records
 from ._triton import HAS_TRITON, constant, jit, tl
 
 # The per-row statistics' columns (forgetkern._params.STAT_*), readable inside kernels.
@@ -299,45 +300,3 @@ def with_target(m_z, s_z, z_y):
     m_c = safe_max(tl.maximum(m_z, z_y))
     kept = tl.where(s_z == 0.0, 0.0, s_z * exp(safe_max(m_z) - m_c))
     return m_c, tl.log(kept + exp(z_y - m_c))
-
-
-# --------------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------------
-def merge_partials(part: torch.Tensor, labels: torch.Tensor, params: TMKLParams):
-    """Merge ``(N, splits, NUM_PART)`` partial records (one per vocabulary split of a row, written
-    by :func:`store_part`) into per-row ``(loss, ce, kl, stats)``.
-
-    Maxima and log-sums merge apart (:func:`forgetkern._params.merge_lse`). Each split's KL
-    accumulator is an expectation under the split's own normalized weight distribution (base for
-    forward KL, adapted for reverse) of offsets to the split's maxima; moved to the row's maxima and
-    mixed with the splits' weights it gives ``KL = E_w[(a - M_a) - (o - M_o)] - LS_w + LS_o``.
-    """
-    p = part.unbind(-1)
-    m_z, ls_z = _params.merge_lse(p[PART_M_Z], p[PART_LS_Z])
-    m_b, ls_b = _params.merge_lse(p[PART_M_B], p[PART_LS_B])
-    z_y = p[PART_ZY].sum(dim=1)
-    # offsets of each split's maxima from the row's (the split offsets are relative to the former)
-    dz = p[PART_M_Z] - m_z[:, None]
-    db = p[PART_M_B] - m_b[:, None]
-    if params.forward_kl:
-        d_w, ls_w, ls_w_row, ls_o_row, shift = db, p[PART_LS_B], ls_b, ls_z, db - dz
-    else:
-        d_w, ls_w, ls_w_row, ls_o_row, shift = dz, p[PART_LS_Z], ls_z, ls_b, dz - db
-    mix = torch.where(ls_w == float("-inf"), torch.zeros_like(ls_w),
-                      (d_w + ls_w - ls_w_row[:, None]).exp())
-    expect = torch.where(mix > 0, mix * (p[PART_KL] + shift), torch.zeros_like(mix)).sum(dim=1)
-    kl = expect - ls_w_row + ls_o_row
-    # no weight mass: KL 0; weight mass where the other distribution has none: infinite
-    kl = torch.where(ls_o_row == float("-inf"), torch.full_like(kl, float("inf")), kl)
-    kl = torch.where(ls_w_row == float("-inf"), torch.zeros_like(kl), kl)
-    if params.separate_ce:
-        m_c, ls_c = _params.merge_lse(p[PART_M_CE], p[PART_LS_CE])
-    elif params.mask_target:
-        m_c, ls_c = _params.with_target(m_z, ls_z, z_y)
-    else:
-        m_c, ls_c = m_z, ls_z
-    ce = (m_c - z_y) + ls_c
-    valid = labels.long() != params.ignore_index
-    stats = torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
-    return _params.row_outputs(ce, kl, stats, valid, params)

@@ -14,6 +14,11 @@ few rows to fill the GPU, each row's vocabulary is split over several programs w
 records are merged on the host (:func:`forgetkern.ops._tmkl_math.merge_partials`). It saves seven
 floats per row (``forgetkern._params.STAT_*``). Backward recomputes from the logits (over the same
 splits) and writes the gradient in the logits' dtype (optionally into the logits themselves).
+
+A label outside ``[0, V)`` that is not ``ignore_index`` marks a row whose target lies in other
+columns (another vocabulary shard, :mod:`forgetkern.distributed`): nothing is masked, the
+statistics are those of the columns given (CE ``+inf``), and the backward, given the whole row's
+statistics, writes this block of columns' gradient with no ``-e_y`` term.
 """
 from __future__ import annotations
 
@@ -131,7 +136,9 @@ def _tmkl_fwd_kernel(
                        SEPARATE_CE)
         else:
             kl = finish_kl(kl_acc, s_z, s_b, FORWARD_KL)
-            z_y = tl.load(z_row + y).to(acc_dtype)
+            # a label outside [0, V) (not ignore_index): the target lies in other columns (another
+            # vocabulary shard); nothing was masked, and z_y = -inf adds no mass to CE's normalizer
+            z_y = tl.load(z_row + y, mask=(y >= 0) & (y < V), other=NEG_INF).to(acc_dtype)
             # CE = (m_ce - z_y) + ls_ce: the max and the log-sum apart
             if SEPARATE_CE:
                 m_c = safe_max(m_c)

@@ -2,6 +2,10 @@
 normalizer kept apart (see :mod:`forgetkern.reference`). ``base_logits`` may be ``logits`` itself
 (CE alone, as the chunked fused-linear driver passes it): the KL is then exactly 0 and its work is
 skipped.
+
+A label below 0 that is not ``ignore_index`` marks a row whose target lies outside these columns
+(another vocabulary shard, :mod:`forgetkern.distributed`): nothing is masked, the statistics are
+those of the columns given, and the row's CE is ``+inf`` (no mass at the target here).
 """
 from __future__ import annotations
 
@@ -129,10 +133,16 @@ def _chunk_stats(z: torch.Tensor, b: torch.Tensor, y: torch.Tensor, p: TMKLParam
     xs = _scaled(z, y, p)
     m_z, s_z, e_z = _shifted(xs)
     kl, m_b, ls_b, ls_z = _kl(xs, e_z, b, y, s_z, p)
-    z_y = z.gather(1, y[:, None]).squeeze(1).to(ls_z.dtype)
+    z_y = target_logits(z, y, ls_z.dtype)
     m_c, ls_c = ce_normalizer(z, z_y, m_z, ls_z, p)
     ce = (m_c - z_y) + ls_c
     return ce, kl, torch.stack([m_z, ls_z, m_b, ls_b, m_c, ls_c, kl], dim=1)
+
+
+def target_logits(z: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``z[i, y[i]]`` in ``dtype``, ``-inf`` where ``y < 0`` (the target lies in other columns)."""
+    z_y = z.gather(1, y.clamp_min(0)[:, None]).squeeze(1).to(dtype)
+    return z_y.masked_fill(y < 0, NEG_INF)
 
 
 def _ce_alone(z: torch.Tensor, y: torch.Tensor):
@@ -144,7 +154,7 @@ def _ce_alone(z: torch.Tensor, y: torch.Tensor):
     m, top = zf.max(dim=1)
     lsm = torch.log_softmax(zf, dim=1)
     ls = -lsm.gather(1, top[:, None]).squeeze(1)
-    ce = -lsm.gather(1, y[:, None]).squeeze(1)
+    ce = -lsm.gather(1, y.clamp_min(0)[:, None]).squeeze(1).masked_fill(y < 0, float("inf"))
     del lsm
     m = m.masked_fill(m == NEG_INF, 0.0)
     kl = torch.zeros_like(ce)
