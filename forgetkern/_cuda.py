@@ -32,7 +32,9 @@ from __future__ import annotations
 import importlib
 import torch
 
-from ._params import ENV_CUDA_SYNC, NUM_STATS, TMKLParams, accumulation_dtype, env_flag
+from ._params import NUM_STATS, TMKLParams, accumulation_dtype, env_flag
+
+ENV_CUDA_SYNC = "FORGETKERN_CUDA_SYNC"  # synchronize after every launch (debugging)
 
 #: dtype codes of the launchers (``_C.DTYPE_CODES``).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
