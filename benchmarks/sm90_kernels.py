@@ -61,7 +61,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from forgetkern import _params  # noqa: E402
 from forgetkern.ops import _triton as ops_triton  # noqa: E402
-from forgetkern.ops import folora, generalized_eigh, linear_tmkl, sparse_tmkl, tmkl  # noqa: E402
+from forgetkern.ops import folora_step, generalized_eigh, linear_tmkl, sparse_tmkl, tmkl  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # an H200's streaming multiprocessors (H100 SXM: 132 as well)
@@ -75,7 +75,7 @@ KERNELS = {
     "sparse": [(sparse_tmkl, "_sparse_tmkl_fwd_kernel"), (sparse_tmkl, "_sparse_tmkl_bwd_kernel")],
     "linear": [(linear_tmkl, "_linear_tmkl_fwd_kernel"), (linear_tmkl, "_linear_tmkl_bwd_kernel")],
     "eigh": [(generalized_eigh, "_generalized_eigh_kernel")],
-    "folora": [(folora, "_folora_step_kernel")],
+    "folora": [(folora_step, "_folora_step_kernel")],
 }
 STREAMING = {"_tmkl_fwd_kernel", "_tmkl_bwd_kernel", "_sparse_tmkl_fwd_kernel",
              "_sparse_tmkl_bwd_kernel"}
@@ -231,7 +231,7 @@ def _folora_case(numel, cols=4096):
     def run():
         table = _params.SegmentTable([0], [numel], [cols], [0], META)  # one gated segment
         buf = _meta(numel)
-        folora.folora_step(buf, buf, buf, buf, table, (0,), _meta(1, _params.NUM_FOLORA_SCALARS),
+        folora_step.folora_step(buf, buf, buf, buf, table, (0,), _meta(1, _params.NUM_FOLORA_SCALARS),
                            _meta(cols))
     return run
 
