@@ -65,8 +65,6 @@ def env_backend() -> str | None:
     return value or None
 
 
-TRITON_MISSING = "the triton package is not installed (pip install triton, or use backend='reference')"
-
 # --------------------------------------------------------------------------------------------
 # Dtypes
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from .._params import TRITON_MISSING, triton_interpret
+from .._params import triton_interpret
+
+#: The one "Triton is missing" message of the Triton backend.
+TRITON_MISSING = "the triton package is not installed (pip install triton, or use backend='reference')"
 
 
 def triton_installed() -> bool:
