@@ -10,7 +10,7 @@ op                      interface                 backends
 ``sparse_tmkl``         ``forward``, ``backward`` reference, triton (``ops/sparse_tmkl.py``)
 ``linear_tmkl``         ``forward``, ``backward`` every backend of ``tmkl``: the chunked driver
 ``linear_sparse_tmkl``  ``forward``, ``backward`` every backend of ``sparse_tmkl``: the chunked driver
-``linear_tmkl_fused``   ``forward``, ``backward`` triton (``ops/linear_tmkl.py``: on-chip tiles)
+``linear_tmkl_fused``   ``forward``, ``backward`` triton (``ops/linear_tmkl_fused.py``: on chip)
 ``generalized_eigh``    ``solve``                 reference, triton (``ops/generalized_eigh.py``), cuda
 ``folora_step``         ``step``                  reference, triton (``ops/folora_step.py``)
 ======================  ========================  ===============================================
@@ -20,9 +20,9 @@ backend is the chunked driver (:mod:`forgetkern._chunked`) bound to that backend
 of a logits op, which it runs on each chunk of rows. :data:`FUSED` names the on-chip op that serves
 ``strategy="fused"``.
 
-Choice, in order (docs/architecture.md): an explicit ``backend=`` argument, then the ``FORGETKERN_BACKEND``
-environment variable, then the CUDA extension if it is built and the tensors are on a GPU, then
-Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference.
+Choice, in order (docs/architecture.md): an explicit ``backend=`` argument, then the
+``FORGETKERN_BACKEND`` environment variable, then the CUDA extension if it is built and the tensors
+are on a GPU, then Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference.
 
 What a backend serves is declared in its own modules, never here: its home module
 (:data:`HOMES`) says whether it runs on a device at all (``unavailable(device) -> reason or
@@ -30,10 +30,10 @@ None``, importing no kernels), and each :data:`TABLE` module may say which probl
 serve (``unsupported(op, size) -> reason or None``, e.g. the eigensolvers' ``n``). A call that the
 chosen backend runs but does not serve goes to the first of CUDA, Triton, reference that does.
 
-An explicit ``backend=`` that cannot run on the call's tensors is an error that says why. The environment
-variable is a process-wide preference: for an op that has no such backend at all (for example
-``cuda`` for an op implemented only in Triton) the automatic choice applies; for an op that has it
-but cannot use it for these tensors, the call fails with the reason.
+An explicit ``backend=`` that cannot run on the call's tensors is an error that says why. The
+environment variable is a process-wide preference: for an op that has no such backend at all (for
+example ``cuda`` for an op implemented only in Triton) the automatic choice applies; for an op that
+has it but cannot use it for these tensors, the call fails with the reason.
 
 Nothing here initializes CUDA or imports Triton at import time: implementations are imported on
 their first use.
@@ -70,8 +70,8 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
                                    ("sparse_tmkl_forward", "sparse_tmkl_backward")),
     ("sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
                                 ("sparse_tmkl_forward", "sparse_tmkl_backward")),
-    ("linear_tmkl_fused", "triton"): ("forgetkern.ops.linear_tmkl",
-                                      ("linear_tmkl_forward", "linear_tmkl_backward")),
+    ("linear_tmkl_fused", "triton"): ("forgetkern.ops.linear_tmkl_fused",
+                                      ("linear_tmkl_fused_forward", "linear_tmkl_fused_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),

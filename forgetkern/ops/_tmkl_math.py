@@ -1,5 +1,5 @@
 """Triton math shared by the TMKL kernels on logits (``ops/tmkl.py``, ``ops/sparse_tmkl.py``) and
-on hidden states (``ops/linear_tmkl.py``): the online log-sum-exp, the streaming KL accumulator,
+on hidden states (``ops/linear_tmkl_fused.py``): the online log-sum-exp, the streaming KL accumulator,
 the gradient tile, the exponential, and the host-side merge of per-split partial records.
 
 Each streaming helper works on a 1-D block of one row (``AXIS=0``, row statistics are scalars) or a
@@ -19,7 +19,7 @@ from .._params import TMKLParams
 from ._triton import HAS_TRITON, constant, jit, tl
 
 # Columns of the per-(row, vocabulary split) partial record of the split forwards (``ops/tmkl.py``,
-# ``ops/linear_tmkl.py``); maxima and log-sums as in the statistics (``forgetkern._params.STAT_*``),
+# ``ops/linear_tmkl_fused.py``); maxima and log-sums as in the statistics (``forgetkern._params.STAT_*``),
 # over the split's columns only.
 PART_M_Z = 0
 PART_LS_Z = 1
