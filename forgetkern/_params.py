@@ -2,10 +2,8 @@
 
 Option dataclasses (validated once, passed to the autograd Functions), the accumulation dtype,
 environment flags, limits, and the layouts that kernels and host code read alike (per-row
-statistics, the FoLoRA segment table and scalars, the eigensolver's status codes). A fact with one
-consumer lives in that consumer, not here.
-
-This module imports nothing of forgetkern; everything else may import it.
+statistics, partial records, the FoLoRA segment table and scalars, the eigensolver's status codes):
+contracts that several modules share. This module imports nothing of forgetkern.
 """
 from __future__ import annotations
 
@@ -92,6 +90,18 @@ STAT_M_CE = 4  # max of the CE normalizer, over every column of z (temperature n
 STAT_LS_CE = 5  # log sum exp(z - m_ce) over every column
 STAT_KL = 6  # the row's KL (unscaled: no T^2, no kl_weight)
 NUM_STATS = 7
+
+# Columns of the per-(row, vocabulary split) partial record of the fused-linear Triton forward;
+# maxima and log-sums as in the statistics above, over the split's columns only.
+PART_M_Z = 0
+PART_LS_Z = 1
+PART_M_B = 2
+PART_LS_B = 3
+PART_KL = 4  # the split's KL accumulator over its own weight distribution, offsets to its maxima
+PART_M_CE = 5  # (only when T != 1)
+PART_LS_CE = 6  # (only when T != 1)
+PART_ZY = 7  # z_y if the target column lies in the split, else 0
+NUM_PART = 8
 
 
 def _check_number(name: str, value) -> float:

@@ -1,5 +1,5 @@
 """Triton math shared by the TMKL kernels on logits (``ops/tmkl.py``, ``ops/sparse_tmkl.py``) and
-on hidden states (``ops/linear_tmkl_fused.py``): the online log-sum-exp, the streaming KL accumulator,
+on hidden states (``ops/linear_tmkl.py``): the online log-sum-exp, the streaming KL accumulator,
 the gradient tile, the exponential, and the host-side merge of per-split partial records.
 
 Each streaming helper works on a 1-D block of one row (``AXIS=0``, row statistics are scalars) or a
@@ -15,21 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import _params
-from .._params import TMKLParams
+from .._params import (PART_KL, PART_LS_B, PART_LS_CE, PART_LS_Z, PART_M_B, PART_M_CE, PART_M_Z,
+                       PART_ZY, TMKLParams)
 from ._triton import HAS_TRITON, constant, jit, tl
-
-# Columns of the per-(row, vocabulary split) partial record of the split forwards (``ops/tmkl.py``,
-# ``ops/linear_tmkl_fused.py``); maxima and log-sums as in the statistics (``forgetkern._params.STAT_*``),
-# over the split's columns only.
-PART_M_Z = 0
-PART_LS_Z = 1
-PART_M_B = 2
-PART_LS_B = 3
-PART_KL = 4  # the split's KL accumulator over its own weight distribution, offsets to its maxima
-PART_M_CE = 5  # (only when T != 1)
-PART_LS_CE = 6  # (only when T != 1)
-PART_ZY = 7  # z_y if the target column lies in the split, else 0
-PART_COLUMNS = 8
 
 # The per-row statistics' columns (forgetkern._params.STAT_*), readable inside kernels.
 NUM_STATS = constant(_params.NUM_STATS)
@@ -40,8 +28,8 @@ STAT_LS_B = constant(_params.STAT_LS_B)
 STAT_M_CE = constant(_params.STAT_M_CE)
 STAT_LS_CE = constant(_params.STAT_LS_CE)
 STAT_KL = constant(_params.STAT_KL)
-# The partial record's columns, readable inside kernels.
-NUM_PART = constant(PART_COLUMNS)
+# The per-(row, vocabulary split) partial record's columns (forgetkern._params.PART_*).
+NUM_PART = constant(_params.NUM_PART)
 P_M_Z = constant(PART_M_Z)
 P_LS_Z = constant(PART_LS_Z)
 P_M_B = constant(PART_M_B)
@@ -225,7 +213,7 @@ def merge_lane_lse(m, s):
 @jit
 def store_part(out, m_z, s_z, m_b, s_b, acc, m_c, s_c, z_y, mask, FORWARD_KL: tl.constexpr,
                SEPARATE_CE: tl.constexpr):
-    """Write one vocabulary split's partial record (``PART_*`` columns at
+    """Write one vocabulary split's partial record (``forgetkern._params.PART_*`` columns at
     ``out``) from its running statistics: maxima and log-sums apart, the KL accumulator as an
     expectation under the split's own weight distribution (0 when it has no mass), the CE
     normalizer (``T != 1``; else the kept columns' own), and ``z_y`` (0 unless the split holds

@@ -28,8 +28,8 @@ import torch
 
 from .. import _params
 from .._params import ENV_TMA, TMKLParams, accumulation_dtype, env_flag, triton_interpret
-from ._tmkl_math import (NUM_PART, NUM_STATS, PART_COLUMNS, STAT_KL, STAT_LS_B, STAT_LS_CE,
-                         STAT_LS_Z, STAT_M_B, STAT_M_CE, STAT_M_Z, exp, fold_block, grad_tile, merge_partials,
+from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B,
+                         STAT_M_CE, STAT_M_Z, exp, fold_block, grad_tile, merge_partials,
                          online_lse, store_part)
 from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
 
@@ -148,7 +148,7 @@ def _linear_tmkl_fused_fwd_kernel(
     bb_ptr,  # [V] base bias
     h_desc, w_desc, hb_desc, wb_desc,  # TMA descriptors of h, W, h_b, W_b (None unless USE_TMA)
     y_ptr,  # [N] integer labels
-    part_ptr,  # [N, splits, 8] out: per-split partial records (_tmkl_math.PART_* columns)
+    part_ptr,  # [N, splits, 8] out: per-split partial records (_params.PART_* columns)
     N, V, D,
     splits,  # vocabulary splits per row block
     tiles_per_split,  # vocabulary tiles handled by one program
@@ -480,7 +480,7 @@ def linear_tmkl_fused_forward(hidden, weight, base_hidden, base_weight, bias, ba
     cfg.pop("bwd_rows")
     use_tma, descs = _descriptors(cfg.pop("tma"), hidden, weight, base_hidden, base_weight, cfg)
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
-    part = torch.empty(n, splits, PART_COLUMNS, dtype=acc, device=hidden.device)
+    part = torch.empty(n, splits, _params.NUM_PART, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]) * splits,)
     _linear_tmkl_fused_fwd_kernel[grid](
         *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,

@@ -1,6 +1,6 @@
 """Target-masked KL (TMKL) on logits: Triton kernels and launchers (the ``tmkl`` op's Triton backend).
 
-Per token (DESIGN.md): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
+Per token (docs/math.md §1): ``loss = ce_weight * CE + kl_weight * T^2 * KL`` with
 ``CE = LSE(z) - z_y`` and KL between the base and adapted distributions over ``v != y``, both
 renormalized (``mask_target=True``), or over the whole vocabulary (``mask_target=False``).
 
@@ -21,11 +21,10 @@ import torch
 
 from .. import _params
 from .._params import TMKLParams, accumulation_dtype
-from ._tmkl_math import (NUM_PART, NUM_STATS, P_KL, P_LS_B, P_LS_CE, P_LS_Z, P_M_B, P_M_CE, P_M_Z,
-                         P_ZY, PART_COLUMNS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B, STAT_M_CE,
-                         STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets, load_block,
-                         merge_lane_lse, merge_lanes, merge_partials, online_lse, safe_max,
-                         store_ignored_row, store_part, store_zero_row, with_target)
+from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, STAT_LS_Z, STAT_M_B,
+                         STAT_M_CE, STAT_M_Z, exp, finish_kl, fold_block, grad_tile, lane_offsets,
+                         load_block, merge_lane_lse, merge_lanes, merge_partials, online_lse,
+                         safe_max, store_ignored_row, store_part, store_zero_row, with_target)
 from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
 
 
@@ -59,7 +58,7 @@ def _tmkl_fwd_kernel(
     ce_ptr,  # [N] out: CE
     kl_ptr,  # [N] out: KL (unscaled)
     stats_ptr,  # [N, 7] out: m_z, ls_z, m_b, ls_b, m_ce, ls_ce, kl (_params.STAT_*)
-    part_ptr,  # [N, splits, 8] out when SPLIT: per-split partial records (_tmkl_math.PART_*)
+    part_ptr,  # [N, splits, 8] out when SPLIT: per-split partial records (_params.PART_*)
     V,
     ignore_index,
     inv_t,  # 1 / T
@@ -315,7 +314,7 @@ def tmkl_forward(logits, base_logits, labels, params: TMKLParams, block_v: int |
     cfg = launch_config(v, logits.dtype, block_v, n, logits.device,
                         aligned=rows_aligned(logits, base_logits))
     splits = cfg.pop("splits")
-    part = torch.empty(n, splits, PART_COLUMNS, dtype=acc, device=logits.device) \
+    part = torch.empty(n, splits, _params.NUM_PART, dtype=acc, device=logits.device) \
         if splits > 1 else stats
     _tmkl_fwd_kernel[(n, splits)](
         logits, logits.stride(0), base_logits, base_logits.stride(0), labels,
