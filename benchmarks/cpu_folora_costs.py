@@ -1,6 +1,6 @@
 """What FoLoRA's setup and steps cost on the CPU, on SmolLM2-135M-Instruct (offline).
 
-Times, on the README's FoLoRA lines (LoRA r=16 on q_proj, v_proj, up_proj, down_proj):
+Times, on the FoLoRA lines of docs/usage.md (LoRA r=16 on q_proj, v_proj, up_proj, down_proj):
 proxy sampling (``sample_proxy_data``), calibration (``calibrate``: proxy and task passes), the
 eigen solves of ``FoLoRA.from_model`` (every layer's dense basis and the r x r problems) and one
 optimizer step against AdamW's (forward + backward excluded). Proxy sampling and calibration scale

@@ -63,14 +63,15 @@ chunk, ``C = ceil(N / R)`` chunks, ``m`` the models whose logits the chunk holds
   chunk that reads ``dz`` and ``h`` and accumulates ``dW`` in fp32 (``2·C·V·D·4`` bytes).
   Forward alone: ``m`` GEMMs, the logits written and read once, the head ``C`` times.
 * ``fused`` (on chip): logit tiles are formed with ``tl.dot`` and never written. The forward
-  forms both models' tiles (2 GEMMs' worth; the base tiles are formed whatever ``kl_weight``
-  is, so ``ce`` costs what ``tmkl-exact`` costs), the backward forms them again and accumulates ``dh``
-  (3 more): 5 in all (``tmkl-topk``: 1 forward, 3 in all). Bytes: each pass reads the hidden
+  forms both models' tiles (2 GEMMs' worth), the backward forms them again and accumulates ``dh``
+  (3 more): 5 in all; ``ce`` (``kl_weight=0``: no base tiles) and ``tmkl-topk`` form the adapted
+  tiles only: 1 forward, 3 in all. Bytes: each pass reads the hidden
   states, the head and the labels once (L2 reuse of the head across row blocks assumed), the
   backward writes ``dh``.
 
-Chunk rows ``R``: the chunk size the run passed, else :data:`ASSUMED_CHUNK_ROWS` (an assumption
-of this model, stated in every record's ``model`` text). The materialized peers, the reference
+Chunk rows ``R``: the chunk size the run passed (the benchmark passes the rows of the driver's
+own plan, ``forgetkern._chunked.plan``), else :data:`ASSUMED_CHUNK_ROWS` (an assumption of this
+model, stated in every record's ``model`` text). The materialized peers, the reference
 backend and the other libraries get floors, not predictions.
 """
 from __future__ import annotations
@@ -221,12 +222,10 @@ def linear_predicted(strategy: str, work: str, s: LinearShape, rates: Rates, pas
         text = (f"chunked {work} {passes}: {gemms} GEMMs, R={rows} rows"
                 f"{' (assumed)' if assumed else ''}, logits chunk {chunk_elt} B/element")
     else:
-        if work == "tmkl-topk":
-            gemms = 3 if full else 1
-        else:
-            gemms = 5 if full else 2
+        one = work != "tmkl-exact"  # CE alone and the top-k record form no base logits on chip
+        gemms = (3 if full else 1) if one else (5 if full else 2)
         gemms += int(full and s.train_weight)
-        per_pass = (1 if work == "tmkl-topk" else 2) * n * d * e + v * d * e + n * LABEL_BYTES + gather
+        per_pass = (1 if one else 2) * n * d * e + v * d * e + n * LABEL_BYTES + gather
         nbytes = per_pass * (2 if full else 1) + (n * d * e + (v * d * e if s.train_weight else 0) if full else 0)
         text = f"fused {work} {passes}: {gemms} GEMM-equivalents on chip"
     return _cost(gemms * s.gemm_flops, nbytes, rates, "sum", text)

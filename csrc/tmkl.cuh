@@ -1,6 +1,6 @@
 // Target-masked KL (TMKL) on logits: device code of the forward and backward kernels.
 //
-// Per row (DESIGN.md "The math"), with x = z/T, u = b/T and the target column removed when
+// Per row (docs/math.md §1), with x = z/T, u = b/T and the target column removed when
 // MASK_TARGET:   CE = LSE(z) - z_y,
 //   forward KL = sum_{v!=y} p~_v (log p~_v - log q~_v),  reverse KL = sum_{v!=y} q~_v (log q~_v - log p~_v),
 //   loss = ce_weight * CE + kl_weight * T^2 * KL.
@@ -8,8 +8,8 @@
 // One block per row. The forward streams the row once: each thread keeps online, target-excluded
 // log-sum-exp states of x and u plus the KL accumulator (and, when T != 1, a separate LSE of z for
 // the CE), the block merges the thread states (warp shuffles, then shared memory) and thread 0
-// writes loss, ce, kl and the four saved statistics. The backward recomputes the softmaxes from
-// the statistics and writes the gradient, optionally over the logits themselves.
+// writes loss, ce, kl and the seven saved statistics (kStat*). The backward recomputes the
+// softmaxes from the statistics and writes the gradient, optionally over the logits themselves.
 //
 // Rows are read with 16-byte vector loads when z, b (and g) share their offset within a 16-byte
 // line: a scalar head up to the first aligned column, the aligned body, a scalar tail. Rows whose

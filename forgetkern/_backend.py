@@ -20,7 +20,7 @@ backend is the chunked driver (:mod:`forgetkern._chunked`) bound to that backend
 of a logits op, which it runs on each chunk of rows. :data:`FUSED` names the on-chip op that serves
 ``strategy="fused"``.
 
-Choice, in order (docs/architecture.md): an explicit ``backend=`` argument, then the
+Choice, in order (docs/backends.md): an explicit ``backend=`` argument, then the
 ``FORGETKERN_BACKEND`` environment variable, then the CUDA extension if it is built and the tensors
 are on a GPU, then Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference.
 

@@ -333,7 +333,7 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     ``grad_out`` may be ``logits`` itself (in-place backward). In plain torch::
 
         d_ce = z.softmax(-1) - F.one_hot(y, V)                                  # (N, V)
-        d_kl = dKL/dz (DESIGN.md; zero at y when masked)                         # (N, V)
+        d_kl = dKL/dz (docs/math.md §2; zero at y when masked)                  # (N, V)
         grad_out[:] = coef_ce[:, None] * d_ce + coef_kl[:, None] * d_kl          # zeros where ignored
     """
     args = (base_logits, labels, stats, coef_ce, coef_kl)

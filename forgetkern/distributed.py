@@ -3,7 +3,7 @@ contiguous shard of the vocabulary (rank order; shard sizes may differ) of the l
 logits, labels are global token ids identical on every rank.
 
 Per row, in plain torch over the whole vocabulary, this computes exactly ``tmkl_loss``; per rank it
-reads only its shard (DESIGN.md, "Vocab-parallel form"). First, per call, one ``all_gather`` of a
+reads only its shard (docs/math.md §5). First, per call, one ``all_gather`` of a
 fixed-size descriptor per rank (:mod:`forgetkern._rank_check`): the same error on every rank when
 one rank's inputs fail their checks or the ranks disagree (rows, dtype, options, labels). Then:
 1. local statistics of the shard, each normalizer as its max and its sum apart, and the KL

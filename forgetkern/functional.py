@@ -81,7 +81,8 @@ def tmkl_loss(
         return_components: also return ``ce`` and the unscaled ``kl``, reduced alike.
         inplace_backward: write the gradient into ``logits``' storage (saves one logits-sized
             buffer; ``logits`` must not be used after backward).
-        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic, see README).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic, see
+            docs/architecture.md). A :class:`TopKBase` base: ``"reference"`` or ``"triton"``.
         process_group: a ``torch.distributed`` process group over which the vocabulary is sharded
             (vocab-parallel): ``logits``/``base_logits`` hold this rank's contiguous shard of the
             vocabulary (rank order, sizes may differ), ``labels`` the global token ids, identical
@@ -214,7 +215,8 @@ def linear_tmkl_loss(
         inplace_backward: accepted for parity with :func:`tmkl_loss`; no effect here (there is no
             logits-sized gradient to write in place).
         strategy: ``"auto"`` (chunked unless ``memory_budget`` forbids a useful chunk; then
-            fused where Triton runs), ``"chunked"`` or ``"fused"`` (Triton only).
+            fused where Triton runs), ``"chunked"`` or ``"fused"`` (Triton only; no form for a
+            :class:`TopKBase` base).
         chunk_size: rows per chunk (chunked strategy); ``None`` sizes chunks from ``memory_budget``.
         memory_budget: bytes of one chunk's working set (logits and gradient buffers, the
             kernels' temporaries); ``None``: a quarter of the fp32 ``N x V`` logits, at most 1 GiB.
@@ -223,7 +225,9 @@ def linear_tmkl_loss(
         logit_scale: ``s > 0``, logits ``s * (h W^T + bias)`` (Cohere).
         logit_softcap: ``c > 0`` or ``None``, logits ``c * tanh(logits / c)`` after the scale
             (Gemma 2). Neither runs on ``strategy="fused"``.
-        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (automatic). A
+            :class:`TopKBase` base runs on the backends of the sparse-base op, ``"reference"``
+            and ``"triton"`` (chunked); the exact base on all three (``"cuda"``: chunked).
         process_group: a ``torch.distributed`` process group over which the head is sharded by
             rows (vocab-parallel): ``weight`` (and ``base_weight``, the biases) hold this rank's
             contiguous rows of the vocabulary in rank order, ``labels`` global ids identical on

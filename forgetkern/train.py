@@ -20,31 +20,27 @@ materialized) when the model exposes its final hidden states and its output head
           def get_output_embeddings(self) -> nn.Linear:           # logits = head(hidden)
               ...
 
-Anything else (a head that is not linear, LoRA dropout on the head, a model returning only logits)
-takes the logits path (:func:`forgetkern.tmkl_loss` on ``model(**inputs)`` logits), and so do
-models whose config transforms the logits after the head (Gemma-2's soft cap, Cohere's logit
-scale) until the fused loss applies the transformation (:func:`forgetkern.modeling.fused_logit_options`).
-Any transformation that no config attribute announces raises on the first batch: the model's own
-logits are checked once against the head applied to its hidden states.
+Models whose config transforms the logits after the head (Gemma-2's soft cap, Cohere's logit
+scale) take the fused path too: the loss applies the same transformation to both models' logits
+(:func:`forgetkern.modeling.fused_logit_options`). Anything else (a head that is not linear, LoRA
+dropout on the head, a model returning only logits) takes the logits path
+(:func:`forgetkern.tmkl_loss` on ``model(**inputs)`` logits). Any transformation that no config
+attribute announces raises on the first batch: the model's own logits are checked once against
+the head applied to its hidden states.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._params import LOSSES, PATHS, LossConfig
 from .distributed import data_parallel
-from .functional import linear_tmkl_loss, tmkl_loss
-from .lora import adapter_parameters, disable_adapters, has_adapters, merged_layers
-from .lora.discovery import logits_of
-from .modeling import (as_batch, batch_labels, count_items, eval_mode, find_parts,
-                       fused_logit_options, fused_parts, lm_parts, model_inputs,
-                       shift_labels_for_causal_lm, token_statistics, transform_error)
+from .lora import adapter_parameters, has_adapters, merged_layers
+from .modeling import (LIVE_BASE, LossOutput, as_batch, assemble_loss, batch_labels, count_items,
+                       fused_parts, lm_parts, shift_labels_for_causal_lm)
 
 __all__ = ["LOSSES", "PATHS", "LossConfig", "LossOutput", "loss_config", "forget_aware_loss",
            "ForgetAwareStep", "fused_parts", "batch_labels", "count_items",
@@ -63,19 +59,6 @@ def loss_config(loss: str = "tmkl", *, path: str = "auto", ignore_index: int = -
     if unknown:
         raise TypeError(f"unexpected loss options {sorted(unknown)}; expected some of {_KL_OPTIONS}")
     return LossConfig(loss=loss, path=path, ignore_index=ignore_index, **options)
-
-
-@dataclass
-class LossOutput:
-    """One micro-batch's loss and its components (means over ``num_items_in_batch``)."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor | None
-    tokens: int
-    path: str
-    #: ``(tokens, entropy sum, top-1 hits)`` of the adapted model when asked for
-    statistics: tuple | None = None
 
 
 def forget_aware_loss(model: nn.Module, batch, *, loss: str = "tmkl", num_items_in_batch=None,
@@ -121,69 +104,12 @@ def config_loss(model: nn.Module, batch, config: LossConfig, *, num_items_in_bat
     """:func:`forget_aware_loss` with its options as one validated :class:`LossConfig`;
     ``base_cache`` (a :class:`forgetkern.cache.BaseCache`) replaces the base forward;
     ``statistics`` also fills :attr:`LossOutput.statistics` (entropy and top-1 hits of the
-    adapted model, from the same forward)."""
+    adapted model, from the same forward). One assembly serves every base side
+    (:func:`forgetkern.modeling.assemble_loss`): the live base model or the cache's records."""
     batch = as_batch(batch)
-    if base_cache is not None:
-        return base_cache.training_loss(model, batch, config, num_items_in_batch=num_items_in_batch,
-                                        shift_labels=shift_labels)
-    ignore_index = config.ignore_index
-    labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
-    inputs = model_inputs(batch)
-    tokens = int((labels != ignore_index).sum())
-    if num_items_in_batch is None or tokens == 0:
-        # no target token here: the loss is 0 whatever the denominator (never a division by 0)
-        num_items_in_batch = tokens or None
-
-    parts = None
-    if config.path != "logits":
-        parts, why = find_parts(model)
-        if parts is not None and fused_logit_options(parts.transform) is None:
-            parts, why = None, transform_error(model, parts.transform)
-        if parts is None and config.path == "fused":
-            raise ValueError(f"path='fused' impossible: {why}")
-    stats = None
-
-    if not config.uses_base:
-        if parts is not None:
-            hidden = parts.hidden(**inputs)
-            weights = parts.weights()
-            logits = parts.logits(hidden, weights)
-            used = "fused"
-        else:
-            logits = logits_of(model(**inputs))
-            used = "logits"
-        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                 ignore_index=ignore_index, reduction="sum")
-        ce = ce_sum / (1.0 if num_items_in_batch is None else max(float(num_items_in_batch), 1.0))
-        if statistics:
-            stats = token_statistics(labels, logits=logits.detach(), ignore_index=ignore_index)
-        return LossOutput(config.ce_weight * ce, ce.detach(), None, tokens, used, stats)
-
-    kwargs = config.loss_kwargs()
-    kwargs.update(reduction="mean", num_items_in_batch=num_items_in_batch, return_components=True)
-    if parts is not None:
-        with torch.no_grad(), eval_mode(model), disable_adapters(model):
-            base_hidden = parts.hidden(**inputs)
-        hidden = parts.hidden(**inputs)
-        # the effective head (adapted weight against the base weight when LoRA is on the head),
-        # gathered once (FSDP2), not per chunk
-        weights = parts.weights()
-        cast = lambda t: None if t is None else t.to(hidden.dtype)  # noqa: E731
-        head = {k: cast(v) for k, v in weights.linear_kwargs().items()}
-        head.update(fused_logit_options(parts.transform))
-        total, ce, kl = linear_tmkl_loss(hidden, cast(weights.weight), base_hidden.to(hidden.dtype),
-                                         labels, chunk_size=config.chunk_size, **head, **kwargs)
-        if statistics:
-            stats = token_statistics(labels, hidden=hidden.detach(), parts=parts, weights=weights,
-                                     ignore_index=ignore_index)
-        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused", stats)
-    with torch.no_grad(), eval_mode(model), disable_adapters(model):
-        base_logits = logits_of(model(**inputs))
-    logits = logits_of(model(**inputs))
-    total, ce, kl = tmkl_loss(logits, base_logits.to(logits.dtype), labels, **kwargs)
-    if statistics:
-        stats = token_statistics(labels, logits=logits.detach(), ignore_index=ignore_index)
-    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits", stats)
+    base = LIVE_BASE if base_cache is None else base_cache.base_source(batch)
+    return assemble_loss(model, batch, config, base, num_items_in_batch=num_items_in_batch,
+                         shift_labels=shift_labels, statistics=statistics)
 
 
 def _move(batch, device: torch.device) -> dict:

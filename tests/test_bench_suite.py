@@ -68,6 +68,7 @@ def test_floors_count_each_works_gemms(mods):
             assert pred.ms > floors.linear_floor(work, s, r).ms
     fused = floors.linear_predicted("fused", "tmkl-exact", s, r)
     assert fused.flops == 5 * s.gemm_flops
+    assert floors.linear_predicted("fused", "ce", s, r).flops == 3 * s.gemm_flops  # no base GEMM
     chunked = floors.linear_predicted("chunked", "tmkl-exact", s, r, chunk_rows=1024)
     assert chunked.flops == 3 * s.gemm_flops and "R=1024" in chunked.text
     assert "assumed" in floors.linear_predicted("chunked", "ce", s, r).text

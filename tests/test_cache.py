@@ -3,6 +3,7 @@ forward's losses and gradients, top-k mode feeds the sparse loss, builds resume 
 interruption, and every disagreement between cache and batch is an error."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,9 +68,13 @@ def test_exact_cache_equals_live_base_forward(tmp_path, loss, direction):
     config = loss_config(loss, direction=direction, temperature=1.5, backend="reference")
     n_items = 40  # as under gradient accumulation
     for batch in batches:
-        live = config_loss(model, batch, config, num_items_in_batch=n_items)
-        cached = config_loss(model, batch, config, num_items_in_batch=n_items, base_cache=cache)
+        live = config_loss(model, batch, config, num_items_in_batch=n_items, statistics=True)
+        cached = config_loss(model, batch, config, num_items_in_batch=n_items, base_cache=cache,
+                             statistics=True)
         assert cached.path == live.path == "fused" and cached.tokens == live.tokens
+        # the same assembly: the adapted model's statistics come with the cached loss too
+        assert cached.statistics[::2] == live.statistics[::2]  # tokens, top-1 hits
+        assert cached.statistics[1] == pytest.approx(live.statistics[1], rel=1e-6)  # entropy sum
         torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(cached.kl, live.kl, rtol=1e-5, atol=1e-7)
         for a, b in zip(_grads(model, cached.loss), _grads(model, live.loss)):
@@ -128,6 +133,90 @@ def test_topk_cache_feeds_the_sparse_loss(tmp_path, path):
     for a, b in zip(_grads(model, out.loss), _grads(model, want[0])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert 0 < out.kl <= exact[2] + 1e-6  # a lower bound on the exact masked KL
+
+
+def test_a_sharded_fsdp2_head_is_read_whole_by_the_build_and_the_cached_loss(tmp_path):
+    """The cache path reads the LM head as the live path does (one assembly,
+    ``LMParts.weights``: FSDP2's full weight): with the head an FSDP2 module of a 1-rank gloo group
+    (its weight a sharded DTensor), the build and the cached losses equal the unsharded model's."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is unavailable")
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from forgetkern.cache.store import TOPK_FILES
+
+    model, batches = _model(), _batches()
+    config = loss_config("tmkl", temperature=2.0, backend="reference")
+    quiet = dict(log=lambda *_: None, show_progress=False)
+    want = [config_loss(model, b, config) for b in batches]  # unsharded head, live base forward
+    want_grads = [_grads(model, w.loss) for w in want]
+    topk = build_cache(model, batches, tmp_path / "t0", mode="topk", k=8, temperature=2.0, **quiet)
+    want_topk = [config_loss(model, b, config, base_cache=topk).loss.detach() for b in batches]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        head = model.base_model.model.lm_head
+        fully_shard(head)
+        assert isinstance(head.weight, DTensor)
+        exact = build_cache(model, batches, tmp_path / "e", mode="exact", **quiet)
+        sharded_topk = build_cache(model, batches, tmp_path / "t1", mode="topk", k=8,
+                                   temperature=2.0, **quiet)
+        for name in TOPK_FILES:
+            assert np.array_equal(sharded_topk.arrays[name], topk.arrays[name]), name
+        for batch, w, w_grads, w_topk in zip(batches, want, want_grads, want_topk):
+            for cache in (None, exact):
+                out = config_loss(model, batch, config, base_cache=cache)
+                assert out.path == "fused"
+                torch.testing.assert_close(out.loss, w.loss, rtol=1e-6, atol=1e-7)
+                for a, b in zip(_grads(model, out.loss), w_grads):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            out = config_loss(model, batch, config, base_cache=sharded_topk)
+            torch.testing.assert_close(out.loss.detach(), w_topk, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def _gemma2_head_lora():
+    """A tiny Gemma-2 (its logits soft-capped after the head) with LoRA on q_proj and lm_head."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                    final_logit_softcapping=3.0)
+    model = peft.get_peft_model(transformers.Gemma2ForCausalLM(cfg), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+def test_caches_serve_adapted_and_transformed_heads(tmp_path):
+    """The cache path reads the head as the live path does: with LoRA on a soft-capped head, an
+    exact cache equals the live base forward (the base logits from the cached hidden states and
+    the base head weight, capped), and a top-k cache gives the same loss on the fused path as on
+    the model's own logits."""
+    model, batches = _gemma2_head_lora(), _batches(2)
+    quiet = dict(log=lambda *_: None, show_progress=False)
+    exact = build_cache(model, batches, tmp_path / "e", mode="exact", **quiet)
+    topk = build_cache(model, batches, tmp_path / "t", mode="topk", k=8, temperature=2.0, **quiet)
+    config = loss_config("tmkl", temperature=2.0, backend="reference")
+    for batch in batches:
+        live = config_loss(model, batch, config)
+        cached = config_loss(model, batch, config, base_cache=exact)
+        assert cached.path == live.path == "fused"
+        torch.testing.assert_close(cached.loss, live.loss, rtol=1e-6, atol=1e-7)
+        for a, b in zip(_grads(model, cached.loss), _grads(model, live.loss)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        fused = config_loss(model, batch, config, base_cache=topk)
+        logits = config_loss(model, batch, loss_config("tmkl", temperature=2.0, path="logits",
+                                                       backend="reference"), base_cache=topk)
+        assert (fused.path, logits.path) == ("fused", "logits")
+        torch.testing.assert_close(fused.loss, logits.loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(_grads(model, fused.loss), _grads(model, logits.loss)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 class _Interrupted(Exception):

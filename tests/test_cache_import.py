@@ -9,7 +9,7 @@ from forgetkern import ForgetAwareStep
 from forgetkern.cache import BaseCache, build_cache
 from forgetkern.cache.importers import (import_megatron_topk_logits, import_vllm_prompt_logprobs,
                                         read_jsonl)
-from forgetkern.demo.model import TinyConfig, TinyLM
+from forgetkern.demo.tiny_model import TinyConfig, TinyLM
 from forgetkern.lora import disable_adapters, inject_lora, lora_layers
 from forgetkern.train import config_loss, loss_config
 

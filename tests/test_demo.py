@@ -50,6 +50,29 @@ def test_demo_smoke_writes_json_and_plot(tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is not None:
         assert replot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # runs of other seeds (e.g. parallel processes) join into one: the same run as seed 7
+    saved = json.loads(out.read_text())
+    (s0,) = saved["config"]["seeds"]
+    other = json.loads(json.dumps(saved))
+    other["config"]["seeds"] = [7]
+    other["bases"] = {"7": saved["bases"][str(s0)]}
+    for r in other["results"]:
+        r["seed"] = 7
+    (tmp_path / "seed7.json").write_text(json.dumps(other))
+    both = tmp_path / "both.json"
+    assert main(["demo", "--from-json", f"{out},{tmp_path / 'seed7.json'}", "--json", str(both),
+                 "--no-plot"]) == 0
+    joined = json.loads(both.read_text())
+    assert joined["config"]["seeds"] == [s0, 7] and set(joined["bases"]) == {str(s0), "7"}
+    assert len(joined["results"]) == 2 * len(saved["results"]) and joined["complete"]
+    assert joined["config"]["cpu_s"] == pytest.approx(2 * saved["config"]["cpu_s"])
+    with pytest.raises(SystemExit, match=rf"seeds \[{s0}\] are also in an earlier file"):
+        main(["demo", "--from-json", f"{out},{both}", "--no-plot"])
+    other["config"]["adapt_lr"] = 1.0
+    (tmp_path / "lr.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="option 'adapt_lr' differs"):
+        main(["demo", "--from-json", f"{out},{tmp_path / 'lr.json'}", "--no-plot"])
+
 
 def test_corpus_split_is_deterministic_and_disjoint():
     files = D.stdlib_files()

@@ -241,7 +241,7 @@ def _assert_same_params(got: dict, want: dict, **tol) -> None:
 
 
 def _lora_model():
-    from forgetkern.demo.model import TinyConfig, TinyLM
+    from forgetkern.demo.tiny_model import TinyConfig, TinyLM
     from forgetkern.lora import inject_lora, lora_layers
 
     torch.manual_seed(0)

@@ -15,11 +15,12 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # blocks run by another test file (it holds the marker), by a marker unique to the block
 ELSEWHERE = {
-    ("README.md", "import torch, forgetkern"): "tests/test_readme.py",
-    ("README.md", "hidden_states_and_head"): "tests/test_readme.py",
-    ("README.md", "FoLoRA.from_model"): "tests/test_readme.py",
-    ("README.md", "metrics = step(batch)"): "tests/test_readme.py",
-    ("README.md", "TMKLTrainer(model=model"): "tests/test_readme.py",
+    ("README.md", "AutoModelForCausalLM.from_pretrained(name)"): "tests/test_readme.py",
+    ("usage.md", "import torch, forgetkern"): "tests/test_readme.py",
+    ("usage.md", "hidden_states_and_head"): "tests/test_readme.py",
+    ("usage.md", "FoLoRA.from_model"): "tests/test_readme.py",
+    ("usage.md", "metrics = step(batch)"): "tests/test_readme.py",
+    ("usage.md", "TMKLTrainer(model=model"): "tests/test_readme.py",
     ("distributed.md", "each rank gets the gradient of its own shard"): "tests/test_distributed.py",
     ("distributed.md", "distribute_tensor(z, mesh"): "tests/test_distributed.py",
     ("distributed.md", "def main(model, loader"): "tests/test_distributed.py",

@@ -170,14 +170,7 @@ def test_sample_proxy_runs_past_the_end_of_sequence_token():
     assert torch.equal(rows, _cat(sample_proxy_data(model, use_generate=False, **kw)))
 
 
-@pytest.mark.parametrize("with_tqdm", [True, False])
-def test_progress_bars(capsys, monkeypatch, with_tqdm):
-    if with_tqdm:
-        pytest.importorskip("tqdm")
-    else:
-        import sys
-
-        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: plain counter
+def test_progress_bars(capsys):
     model = lora_toy()
     proxy = sample_proxy_data(model, n_samples=3, length=4, prompts=[[1]], batch_size=2, progress=True)
     err = capsys.readouterr().err

@@ -8,10 +8,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import forgetkern  # noqa: E402
-from forgetkern.demo.model import TinyConfig, TinyLM  # noqa: E402
+from forgetkern.demo.tiny_model import TinyConfig, TinyLM  # noqa: E402
 from forgetkern.lora import disable_adapters, inject_lora, lora_layers  # noqa: E402
-from forgetkern.modeling import (HeadTransform, head_transform, hidden_states_and_head,  # noqa: E402
-                                 lm_parts)
+from forgetkern.modeling import (HeadTransform, fused_logit_options, head_transform,  # noqa: E402
+                                 hidden_states_and_head, lm_parts)
 from forgetkern.train import forget_aware_loss  # noqa: E402
 
 V = 53
@@ -132,14 +132,18 @@ def _cohere():
     return transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.25))
 
 
-@pytest.mark.parametrize("make, want, attr", [
-    (_gemma2, HeadTransform(1.0, 2.0), "final_logit_softcapping"),
-    (_cohere, HeadTransform(0.25, None), "logit_scale"),
+@pytest.mark.parametrize("make, want", [
+    (_gemma2, HeadTransform(1.0, 2.0)),
+    (_cohere, HeadTransform(0.25, None)),
 ])
-def test_known_head_transformations_are_read_and_reproduced(make, want, attr):
+def test_known_head_transformations_are_read_and_reproduced(make, want):
+    """Gemma-2's soft cap and Cohere's logit scale are read from the config and applied by the
+    fused-linear loss (no N x V logits): it equals the loss on the model's own materialized
+    logits, forward and backward (a random upstream gradient), in fp64 and in fp32."""
     base = make()
     assert head_transform(base) == want and not want.identity
     scale, cap = head_transform(base)  # unpacks as (logit_scale, logit_softcap)
+    assert fused_logit_options(want) == {"logit_scale": scale, "logit_softcap": cap}
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     _randomize_lora(model)
     ids = _ids(5)
@@ -148,15 +152,41 @@ def test_known_head_transformations_are_read_and_reproduced(make, want, attr):
     with torch.no_grad():  # the transform reproduces the model's own logits exactly
         torch.testing.assert_close(parts.logits(parts.hidden(input_ids=ids)),
                                    model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    # training takes the materialized logits until the fused loss applies the transformation
     out = forget_aware_loss(model, {"input_ids": ids}, loss="tmkl")
-    assert out.path == "logits"
+    assert out.path == "fused"
     torch.testing.assert_close(out.loss, _oracle(model, ids), rtol=1e-5, atol=1e-6)
-    name = type(base).__name__
-    with pytest.raises(ValueError, match=f"{name}.*config.{attr}"):
-        forget_aware_loss(model, {"input_ids": ids}, path="fused")
-    with pytest.raises(ValueError, match=f"{name}.*config.{attr}"):
-        hidden_states_and_head(model, {"input_ids": ids})
+    assert forget_aware_loss(model, {"input_ids": ids}, path="fused").path == "fused"
+
+    # fp64: the training loss and the public helper against the materialized logits' loss
+    model.double()
+    options = dict(kl_weight=0.7, temperature=1.5, direction="forward")
+    g = torch.randn((), dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    out = forget_aware_loss(model, {"input_ids": ids}, loss="tmkl", **options)
+    assert out.path == "fused" and out.loss.dtype == torch.float64
+    params, got = _grads(model, out.loss * g)
+    logits = model(input_ids=ids).logits[:, :-1]
+    with torch.no_grad(), disable_adapters(model):
+        base_logits = model(input_ids=ids).logits[:, :-1]
+    want_loss = forgetkern.tmkl_loss(logits, base_logits, ids[:, 1:], backend="reference",
+                                     **options)
+    _, want_grads = _grads(model, want_loss * g)
+    torch.testing.assert_close(out.loss, want_loss, rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+    x = hidden_states_and_head(model, {"input_ids": ids})
+    assert x.head_kwargs()["logit_scale"] == scale and x.head_kwargs()["logit_softcap"] == cap
+    per_token = forgetkern.linear_tmkl_loss(x.hidden[:, :-1], x.weight, x.base_hidden[:, :-1],
+                                            ids[:, 1:], **x.head_kwargs(), reduction="none",
+                                            **options)
+    logits = model(input_ids=ids).logits[:, :-1]  # a new graph: the first one was freed
+    want_tok = forgetkern.tmkl_loss(logits, base_logits, ids[:, 1:], reduction="none",
+                                    backend="reference", **options)
+    up = torch.randn(want_tok.shape, dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(per_token, want_tok, rtol=1e-10, atol=1e-12)
+    for a, b in zip(_grads(model, (per_token * up).sum())[1], _grads(model, (want_tok * up).sum())[1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
 class _DoubledLlama(transformers.LlamaForCausalLM):

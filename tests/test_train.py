@@ -5,7 +5,7 @@ import torch
 import forgetkern
 import forgetkern.train as ftrain
 from forgetkern import ForgetAwareStep
-from forgetkern.demo.model import LogitsOnly, TinyConfig, TinyLM
+from forgetkern.demo.tiny_model import LogitsOnly, TinyConfig, TinyLM
 from forgetkern.lora import disable_adapters, inject_lora, lora_layers
 from forgetkern.train import forget_aware_loss, shift_labels_for_causal_lm
 

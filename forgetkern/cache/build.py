@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm as progress
 
 from ..functional import topk_base
 from ..lora import disable_adapters
 from ..lora.discovery import logits_of
-from ..modeling import batch_labels, fused_parts, model_inputs
-from ..optim._progress import progress
+from ..modeling import batch_labels, lm_parts, model_inputs
 from .keys import example_ids, input_keys, model_identity, token_positions
 from .reader import BaseCache
 from .store import MODES, CacheWriter, file_shapes
@@ -82,7 +82,8 @@ def _probe(model, batches, parts):
     """``(hidden size, vocab size, dtype)`` of the base model's last hidden state (the head's) or
     logits (one forward when the model has no fused split)."""
     if parts is not None:
-        w = parts[1].weight
+        with torch.no_grad():
+            w = parts.weights().weight
         return w.shape[1], w.shape[0], w.dtype
     with base_model(model):
         logits = logits_of(model(**model_inputs(next(iter(batches)))))
@@ -93,12 +94,11 @@ def _base_rows(model, batch, parts, labels, valid, mode, k, temperature, ignore_
     """The batch's rows: exact ``{"hidden": (n, D)}``, top-k the record's fields."""
     with base_model(model):
         if parts is not None:
-            hidden_fn, head = parts
-            hidden = hidden_fn(**model_inputs(batch))[valid]
+            hidden = parts.hidden(**model_inputs(batch))[valid]
             if mode == "exact":
                 return {"hidden": hidden}
-            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(),
-                                                None if head.bias is None else head.bias.float())
+            # the base head (adapters off), read as the loss reads it, and its logit transformation
+            logits = parts.logits(hidden.float(), parts.weights())
         else:
             logits = logits_of(model(**model_inputs(batch)))[valid].float()
     rec = topk_base(logits, labels[valid], k, temperature=temperature, ignore_index=ignore_index)
@@ -123,7 +123,8 @@ def build_cache(model, batches, out, *, mode: str = "exact", k: int = 64,
     Args:
         model: a causal LM (HF, PEFT, forgetkern-LoRA or the ``forward_hidden`` protocol of
             :mod:`forgetkern.train`); adapters, if any, are disabled during the pass. Exact mode
-            needs the fused split (final hidden states + a plain linear head).
+            needs the fused split (final hidden states + a linear head, LoRA-adapted or with a
+            logit transformation too: :func:`forgetkern.modeling.lm_parts`).
         batches: a re-iterable of dicts with ``input_ids``, ``labels`` (unshifted, HF convention;
             or ``shift_labels``), optionally ``attention_mask``, and ``example_id`` (one int or
             str per row, unique over the data set). Iterated twice: it must yield the same
@@ -153,10 +154,10 @@ def build_cache(model, batches, out, *, mode: str = "exact", k: int = 64,
                         f"the build reads them twice, and a {type(batches).__name__} yields its "
                         "batches once; pass list(batches)")
     out = Path(out)
-    parts = fused_parts(model)
+    parts = lm_parts(model)
     if mode == "exact" and parts is None:
-        raise ValueError("mode='exact' needs the model's final hidden states and a plain linear "
-                         "head (forgetkern.train.fused_parts): use mode='topk' for this model")
+        raise ValueError("mode='exact' needs the model's final hidden states and a linear head "
+                         "(forgetkern.modeling.lm_parts): use mode='topk' for this model")
     ids, counts, keys, data_hash, sizes = _plan(batches, shift_labels, ignore_index)
     if not sizes:
         raise ValueError("batches is empty")

@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import torch
 
+from ..distributed import full_weight
 from ..modeling.batch import NON_MODEL_KEYS
 
 #: Per-token model inputs that do not enter an example's input key (``position_ids`` follow from
@@ -25,10 +26,12 @@ def digest(data: bytes | np.ndarray | str) -> str:
 
 
 def parameter_hash(params) -> str:
-    """BLAKE2b of the parameters' shapes, dtypes and bytes, in order (the base model identity)."""
+    """BLAKE2b of the parameters' shapes, dtypes and bytes, in order (the base model identity).
+    A sharded (FSDP2, DTensor) parameter is hashed whole, as the unsharded model's: a collective
+    per such parameter, in the same order on every rank."""
     h = hashlib.blake2b(digest_size=16)
     for p in params:
-        t = p.detach().cpu().contiguous()
+        t = full_weight(p.detach()).cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -9,10 +9,7 @@ import numpy as np
 import torch
 
 from .._params import LossConfig, TopKBase
-from ..functional import linear_tmkl_loss, tmkl_loss
-from ..lora.discovery import logits_of
-from ..modeling import NON_MODEL_KEYS, batch_labels, fused_parts
-from ..train import LossOutput
+from ..modeling import LossOutput, as_batch, assemble_loss
 from .keys import example_ids, example_key, input_keys, model_identity, token_positions
 from .store import (TORCH_DTYPES, TOPK_FILES, CacheError, check_manifest, identity_mismatch,
                     json_digest, open_arrays, read_json, verify_chunks)
@@ -145,11 +142,10 @@ class BaseCache:
         if verify_model:
             self.check_model(model)
 
-    def training_loss(self, model, batch: dict, config: LossConfig, *, num_items_in_batch=None,
-                      shift_labels: bool = True):
-        """:func:`cached_loss` of ``batch`` with this cache (what ``ForgetAwareStep`` calls)."""
-        return cached_loss(model, batch, config, self, num_items_in_batch=num_items_in_batch,
-                           shift_labels=shift_labels)
+    def base_source(self, batch: dict) -> "CachedBase":
+        """This cache as the base source of ``batch`` (:func:`forgetkern.modeling.assemble_loss`;
+        what ``config_loss(..., base_cache=cache)`` uses)."""
+        return CachedBase(self, batch)
 
 
 def check_compatible(cache: BaseCache, config: LossConfig) -> None:
@@ -168,9 +164,30 @@ def check_compatible(cache: BaseCache, config: LossConfig) -> None:
         raise ValueError("an exact base cache holds hidden states: it needs path='fused' or 'auto'")
 
 
+class CachedBase:
+    """The base side of one batch read from a :class:`BaseCache` (a base source of
+    :func:`forgetkern.modeling.assemble_loss`): the cached base hidden states of the batch's target
+    tokens (exact mode; the loss forms the base logits with the model's own base head, the same
+    head weight as the live base forward) or their :class:`forgetkern.TopKBase` records."""
+
+    targets_only = True
+
+    def __init__(self, cache: BaseCache, batch: dict):
+        self.cache, self.batch = cache, batch
+
+    @property
+    def fused_only(self) -> str:
+        return "an exact base cache holds hidden states" if self.cache.mode == "exact" else ""
+
+    def side(self, model, parts, inputs: dict, labels: torch.Tensor):
+        return self.cache.lookup(self.batch, labels)
+
+
 def cached_loss(model, batch: dict, config: LossConfig, cache: BaseCache, *,
-                num_items_in_batch=None, shift_labels: bool = True) -> LossOutput:
-    """:func:`forgetkern.train.config_loss` with the base side from ``cache`` (no base forward).
+                num_items_in_batch=None, shift_labels: bool = True,
+                statistics: bool = False) -> LossOutput:
+    """:func:`forgetkern.train.config_loss` with the base side from ``cache`` (no base forward):
+    the same assembly (:func:`forgetkern.modeling.assemble_loss`) with :class:`CachedBase`.
 
     In plain torch (exact mode, fused path)::
 
@@ -180,33 +197,11 @@ def cached_loss(model, batch: dict, config: LossConfig, cache: BaseCache, *,
         loss = linear_tmkl_loss(h, head.weight, h_b, y[keep], num_items_in_batch=n_items)
 
     Top-k mode passes the cached :class:`forgetkern.TopKBase` instead (the sparse-base loss),
-    on the fused path or on the logits path. Only the batch's target tokens are computed.
+    on the fused path or on the logits path. Only the batch's target tokens are computed. The
+    head is read as in the live loss (:meth:`forgetkern.modeling.LMParts.weights`: FSDP2's full
+    weight, a LoRA-adapted head against its base weight, the logit transformation).
     """
-    ignore_index = config.ignore_index
-    labels = batch_labels(batch, shift_labels=shift_labels, ignore_index=ignore_index)
-    keep = labels != ignore_index
-    tokens = int(keep.sum())
-    if num_items_in_batch is None or tokens == 0:
-        num_items_in_batch = tokens or None
-    base = cache.lookup(batch, labels)
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    y = labels[keep]
-    kwargs = config.loss_kwargs()
-    kwargs.update(reduction="mean", num_items_in_batch=num_items_in_batch, return_components=True)
-    parts = None if config.path == "logits" else fused_parts(model)
-    if parts is None and (config.path == "fused" or cache.mode == "exact"):
-        raise ValueError("the model exposes no final hidden states and plain linear head, which "
-                         f"path={config.path!r} / an exact base cache needs")
-    if parts is not None:
-        hidden_fn, head = parts
-        hidden = hidden_fn(**inputs)[keep]
-        weight = head.weight.to(hidden.dtype)
-        bias = head.bias.to(hidden.dtype) if head.bias is not None else None
-        if isinstance(base, torch.Tensor):
-            base = base.to(hidden.dtype)
-        total, ce, kl = linear_tmkl_loss(hidden, weight, base, y, bias=bias,
-                                         chunk_size=config.chunk_size, **kwargs)
-        return LossOutput(total, ce.detach(), kl.detach(), tokens, "fused")
-    logits = logits_of(model(**inputs))[keep]
-    total, ce, kl = tmkl_loss(logits, base, y, **kwargs)
-    return LossOutput(total, ce.detach(), kl.detach(), tokens, "logits")
+    batch = as_batch(batch)
+    return assemble_loss(model, batch, config, CachedBase(cache, batch),
+                         num_items_in_batch=num_items_in_batch, shift_labels=shift_labels,
+                         statistics=statistics)

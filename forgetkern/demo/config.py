@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .instructions import FOLLOWED
-from .model import TinyConfig
+from .tiny_model import TinyConfig
 
 # forgetkern's methods, on LoRA (the built-in tiny model: forgetkern's own LoRA; Hugging Face
 # models: PEFT's)

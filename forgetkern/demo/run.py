@@ -28,7 +28,7 @@ from .._files import atomic_open
 from .._params import cache_dir
 from .config import (HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, VARIANT_METHODS,
                      DemoConfig, is_real)
-from .hf import real_setup, text_setup
+from .real import real_setup, text_setup
 from .report import (comparisons, format_adapters, format_breakdown, format_instructions,
                      format_table, write_plot)
 from .tiny import tiny_setup
@@ -89,8 +89,11 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", type=readable_file, default=None, metavar="PATH",
                    help="continue an interrupted run saved with --json (same options): its "
                         "finished runs are kept, the rest run and are saved there")
-    p.add_argument("--from-json", type=readable_file, default=None, metavar="PATH",
-                   help="no training: print the table and write the plot of a run saved with --json")
+    p.add_argument("--from-json", type=comma_list(readable_file, distinct=True), default=None,
+                   metavar="PATH[,PATH...]",
+                   help="no training: print the table and write the plot of a run saved with "
+                        "--json; several files (runs of other seeds, same options) are joined, "
+                        "and --json then writes the joined run")
     p.add_argument("--plot", type=writable_file, default=None, metavar="PATH",
                    help=f"PNG of the learning/forgetting frontier (default: {PLOT})")
     p.add_argument("--no-plot", action="store_true", help="write no plot")
@@ -354,11 +357,52 @@ def report(config: dict, base: dict, results: list[dict], args) -> None:
             print("plot skipped: matplotlib is not installed (pip install 'forgetkern[demo]')")
 
 
+#: config fields that differ between runs of the same options on other seeds
+_PER_RUN = ("seeds", "elapsed_s", "cpu_s", "joined_from")
+
+
+def joined(payloads: list[dict], paths: list[str]) -> dict:
+    """One saved run from runs of the same options on disjoint seeds (e.g. seeds run in parallel
+    processes): seeds, bases and results in order, wall and CPU seconds summed (the CPU time
+    the experiment took, not the wall time of the parallel run). Refuses runs whose options differ
+    or whose seeds overlap, naming the file and the field."""
+    first = payloads[0]
+    config = dict(first["config"])
+    bases, results, seen = dict(first.get("bases", {})), list(first["results"]), list(config["seeds"])
+    for path, other in zip(paths[1:], payloads[1:]):
+        cfg = other["config"]
+        for key in sorted(set(config) | set(cfg)):
+            if key not in _PER_RUN and config.get(key) != cfg.get(key):
+                raise UsageError(f"--from-json {path}: option {key!r} differs from {paths[0]}'s "
+                                 f"({cfg.get(key)!r} vs {config.get(key)!r}): only runs of the same "
+                                 "options on other seeds can be joined")
+        overlap = sorted(set(seen) & set(cfg["seeds"]))
+        if overlap:
+            raise UsageError(f"--from-json {path}: seeds {overlap} are also in an earlier file")
+        seen += list(cfg["seeds"])
+        bases.update(other.get("bases", {}))
+        results += other["results"]
+        for key in ("elapsed_s", "cpu_s"):
+            if config.get(key) is not None and cfg.get(key) is not None:
+                config[key] += cfg[key]
+    config["seeds"] = seen
+    config["joined_from"] = sum(p["config"].get("joined_from", 1) for p in payloads)
+    return {"config": config, "base": first["base"], "bases": bases, "results": results,
+            "complete": all(p.get("complete", False) for p in payloads)}
+
+
 def replay(args) -> int:
-    """``--from-json PATH``: the table, comparisons and plot of a saved run, without training."""
-    if args.json or args.resume:
+    """``--from-json PATH[,PATH...]``: the table, comparisons and plot of a saved run (several
+    runs of other seeds joined), without training; ``--json`` writes the joined run."""
+    paths = list(args.from_json)
+    if args.resume or (args.json and len(paths) == 1):
         raise UsageError("--from-json replays a saved run; there is nothing new for "
                          f"{'--json' if args.json else '--resume'} to write")
-    payload = _load(args.from_json, "--from-json")
+    payloads = [_load(path, "--from-json") for path in paths]
+    payload = payloads[0] if len(paths) == 1 else joined(payloads, paths)
+    if args.json:
+        with atomic_open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"json: {args.json} ({len(paths)} runs joined)")
     report(payload["config"], payload["base"], payload["results"], args)
     return 0

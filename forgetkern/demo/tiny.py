@@ -17,7 +17,7 @@ from . import data as D
 from .config import DemoConfig
 from .experiment import Experiment, bar
 from .metrics import arithmetic_accuracy, mean_ce
-from .model import TinyConfig, TinyLM
+from .tiny_model import TinyConfig, TinyLM
 
 
 def pretrain_tiny(cfg: DemoConfig, pretrain: torch.Tensor, seed: int, *, use_cache: bool,

@@ -6,7 +6,9 @@
 * the fused-linear split: final hidden states and the effective LM head (:func:`lm_parts`,
   :class:`LMParts`, :class:`HeadWeights`), the logit transformation after the head
   (:func:`head_transform`), checked once against the model's own logits;
-* :func:`hidden_states_and_head`: what :func:`forgetkern.linear_tmkl_loss` needs from a model.
+* :func:`hidden_states_and_head`: what :func:`forgetkern.linear_tmkl_loss` needs from a model;
+* :func:`assemble_loss` (:mod:`.loss`): the one loss assembly of a micro-batch, its base side from
+  the live base model (:data:`LIVE_BASE`) or a base cache, and :func:`fused_logit_options`.
 """
 from __future__ import annotations
 
@@ -15,43 +17,29 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..distributed import unwrap
-from ..lora import disable_adapters
 from .batch import (NON_MODEL_KEYS, as_batch, batch_labels, count_items, model_inputs,
                     shift_labels_for_causal_lm)
 from .head import (HeadTransform, HeadWeights, LMParts, eval_mode, find_parts, head_transform,
                    lm_parts, require_lm_parts, transform_attributes)
+from .loss import (LIVE_BASE, LiveBase, LossOutput, assemble_loss, fused_logit_options,
+                   token_statistics)
 
 __all__ = ["NON_MODEL_KEYS", "as_batch", "model_inputs", "batch_labels", "count_items",
            "shift_labels_for_causal_lm", "HeadTransform", "HeadWeights", "LMParts", "lm_parts",
            "require_lm_parts", "find_parts", "head_transform", "fused_logit_options",
-           "fused_parts", "eval_mode", "transform_error", "transform_attributes", "hidden_states_and_head", "HiddenStatesAndHead",
-           "token_statistics"]
-
-
-def fused_logit_options(transform: HeadTransform) -> dict | None:
-    """The keyword arguments that make :func:`forgetkern.linear_tmkl_loss` apply ``transform`` to
-    the adapted and base logits, or ``None`` while it cannot: the one place where the fused-linear
-    paths learn how to pass a head transformation (the identity needs none)."""
-    if transform.identity:
-        return {}
-    return None
-
-
-def transform_error(model: nn.Module, transform: HeadTransform) -> str:
-    """Why the fused-linear loss cannot serve ``model`` whose head applies ``transform``."""
-    inner = unwrap(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return (f"{type(inner).__name__} transforms its logits after the LM head "
-            f"({', '.join(transform_attributes(model))}: logit_scale={transform.logit_scale}, "
-            f"logit_softcap={transform.logit_softcap}), which forgetkern.linear_tmkl_loss does not "
-            "apply yet: compute the loss on the model's own logits (forgetkern.tmkl_loss, "
-            "path='logits')")
+           "fused_parts", "eval_mode", "transform_attributes", "hidden_states_and_head",
+           "HiddenStatesAndHead", "token_statistics", "LossOutput", "LiveBase", "LIVE_BASE",
+           "assemble_loss"]
 
 
 def fused_parts(model: nn.Module):
     """``(hidden_fn, head)`` when the model's logits are ``head(hidden_fn(**inputs))`` with a
-    plain shared ``nn.Linear`` head and no logit transformation, else ``None``."""
+    plain shared ``nn.Linear`` head and no logit transformation, else ``None``.
+
+    A thin alias of :func:`lm_parts` kept for existing callers (``forgetkern.train.fused_parts``);
+    forgetkern itself reads models through :func:`lm_parts`, which also serves LoRA-adapted heads
+    and transformed logits and gives the head's weights (:meth:`LMParts.weights`: FSDP2's full
+    weight)."""
     parts = lm_parts(model)
     return (parts.hidden, parts.head) if parts is not None and parts.plain else None
 
@@ -89,8 +77,8 @@ def hidden_states_and_head(model: nn.Module, inputs, *, base: bool = True) -> Hi
     ``W0 + scaling * B @ A`` (differentiable w.r.t. ``A`` and ``B``) and the head kwargs carry the
     base weight ``W0``; a head PEFT trains whole (``modules_to_save``) gives its trained copy and
     the original. Raises a ``ValueError`` saying why when the model has no such form (a head that
-    is not linear, LoRA dropout on the head, logits transformed in a way the fused loss cannot
-    apply). The first call on a model checks once that its own logits equal the head applied to
+    is not linear, LoRA dropout on the head, logits transformed in a way no config attribute
+    announces). The first call on a model checks once that its own logits equal the head applied to
     these hidden states.
 
     Args:
@@ -101,37 +89,13 @@ def hidden_states_and_head(model: nn.Module, inputs, *, base: bool = True) -> Hi
         base: also run the base model (adapters off, eval mode, no gradient).
     """
     parts = require_lm_parts(model)
-    if fused_logit_options(parts.transform) is None:
-        raise ValueError(transform_error(model, parts.transform))
     inputs = model_inputs(inputs)
     base_hidden = None
-    if base:
-        with torch.no_grad(), eval_mode(model), disable_adapters(model):
-            base_hidden = parts.hidden(**inputs)
+    if base:  # the live base forward, as the training loss runs it
+        base_hidden = LIVE_BASE.side(model, parts, inputs, None)
     hidden = parts.hidden(**inputs)
     w = parts.weights()
     cast = lambda t: None if t is None else t.to(hidden.dtype)  # noqa: E731
     weights = HeadWeights(*(cast(t) for t in w))
     return HiddenStatesAndHead(hidden, None if base_hidden is None else base_hidden.to(hidden.dtype),
                                weights, parts.transform)
-
-
-@torch.no_grad()
-def token_statistics(labels: torch.Tensor, *, logits: torch.Tensor | None = None,
-                     hidden: torch.Tensor | None = None, parts: LMParts | None = None,
-                     weights: HeadWeights | None = None, ignore_index: int = -100,
-                     chunk_rows: int = 1024) -> tuple[int, float, int]:
-    """``(tokens, entropy sum, top-1 hits)`` of the model's next-token distributions over the
-    non-ignored positions of ``labels``, from ``logits`` or from ``hidden`` and the head
-    (``parts``, ``weights``) in chunks of ``chunk_rows`` rows (no gradient)."""
-    keep = labels != ignore_index
-    y = labels[keep]
-    rows = (logits if logits is not None else hidden)[keep]
-    entropy, hits = 0.0, 0
-    for i in range(0, y.numel(), chunk_rows):
-        z = rows[i:i + chunk_rows]
-        z = (z if logits is not None else parts.logits(z, weights)).float()
-        logp = z.log_softmax(-1)
-        entropy += float(-(logp.exp() * logp).nan_to_num().sum())
-        hits += int((z.argmax(-1) == y[i:i + chunk_rows]).sum())
-    return int(y.numel()), entropy, hits

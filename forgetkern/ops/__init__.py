@@ -1,10 +1,13 @@
-"""Kernels, launchers and autograd Functions, one file per op.
+"""The Triton backend: one file per op, each holding its kernels and their host launchers
+(``tmkl``, ``sparse_tmkl``, ``linear_tmkl_fused`` for the on-chip fused-linear form,
+``generalized_eigh``, ``folora_step``), plus ``_tmkl_math`` (the jit math the TMKL kernels share)
+and ``_triton`` (the import shim). The autograd Functions live in :mod:`forgetkern._autograd`.
 
-Modules here are imported lazily by :mod:`forgetkern.functional`, so that importing forgetkern
-neither imports Triton nor fixes its interpreter mode. This package module imports no Triton: it
-declares where the Triton backend runs (:func:`unavailable`, read by ``forgetkern._backend``
-before any kernel module is imported); each kernel module may declare which problems it serves
-(``unsupported(op, size)``).
+Nothing here is imported with forgetkern but this package module, which imports no Triton: it
+declares where the Triton backend runs (:func:`unavailable`, read by :mod:`forgetkern._backend`);
+each kernel module may declare which problems it serves (``unsupported(op, size)``).
+:mod:`forgetkern._backend` imports a kernel module on the first call it serves, so that importing
+forgetkern neither imports Triton nor fixes its interpreter mode.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused-linear TMKL: the loss straight from hidden states, without an ``N x V`` logits tensor.
 
-Per token (DESIGN.md, "Fused-linear form"): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
+Per token (docs/math.md §6): ``z = h W^T (+ bias)``, ``b = h_b W_b^T (+ bias_b)``
 and ``loss = ce_weight * CE(z, y) + kl_weight * T^2 * KL`` exactly as :mod:`forgetkern.ops.tmkl`.
 
 Triton path (the on-chip ``fused`` form)
@@ -8,8 +8,9 @@ Triton path (the on-chip ``fused`` form)
     tiles of both logits on chip with ``tl.dot`` (fp32 accumulation) over ``D`` and folds them into
     per-row online statistics (target-excluded LSE of both models, the KL accumulator, the CE
     normalizer when ``T != 1``, the target logit). Each program writes one partial record per row;
-    the ``splits`` partial records of a row are merged afterwards (:func:`_merge_partials`) into
-    the per-row statistics of :mod:`forgetkern._params`.
+    the ``splits`` partial records of a row are merged afterwards
+    (:func:`forgetkern.ops._tmkl_math.merge_partials`) into the per-row statistics of
+    :mod:`forgetkern._params`.
   * Backward: one program per ``(row block, vocabulary tile)`` recomputes both logit tiles, turns
     them into the tile of ``dL/dz`` with the saved statistics, and adds ``dz @ W`` into ``dh``
     (and ``dz^T @ h`` into ``dW``, ``sum_rows dz`` into ``dbias`` when those need gradients) with
@@ -32,8 +33,6 @@ from ._tmkl_math import (NUM_PART, NUM_STATS, STAT_KL, STAT_LS_B, STAT_LS_CE, ST
                          STAT_M_CE, STAT_M_Z, exp, fold_block, grad_tile, merge_partials,
                          online_lse, store_part)
 from ._triton import check_triton, jit, multiprocessor_count, next_power_of_2, tl
-
-_merge_partials = merge_partials  # the host merge of the forward's per-split partial records
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,8 +342,8 @@ def launch_config(N: int, V: int, D: int, dtype: torch.dtype, device: torch.devi
         so 3 stages (2 when ``W_b`` is a separate tensor) fit in the shared memory of an SM.
       * ``splits``: the forward needs ``row blocks x splits`` programs to fill the GPU: enough splits
         for about four waves over the SMs, never more than there are vocabulary tiles. Each split
-        costs one 5-float partial record per row, merged afterwards. The backward has one program
-        per tile and needs no splits.
+        costs one 8-float partial record per row (``_params.PART_*``), merged afterwards. The
+        backward has one program per tile and needs no splits.
       * ``bwd_rows``: rows per backward launch, a multiple of ``BLOCK_N`` whose fp32 ``grad_hidden``
         scratch (``bwd_rows x D``) fits in :data:`BWD_SCRATCH_BYTES` (4 MiB: 256 rows at D=4096,
         still 2 row blocks x ~1000 vocabulary tiles = ~2000 programs per launch at V=128k). It
@@ -487,7 +486,7 @@ def linear_tmkl_fused_forward(hidden, weight, base_hidden, base_weight, bias, ba
         part, n, v, d, splits, tiles_per_split, 1.0 / params.temperature,
         **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
     )
-    loss, ce, kl, stats = _merge_partials(part, labels, params)
+    loss, ce, kl, stats = merge_partials(part, labels, params)
     if not getattr(params, "compute_kl", True):  # CE alone: no base statistics, KL reported as 0
         kl = torch.zeros_like(kl)
         stats[:, _params.STAT_KL] = 0.0

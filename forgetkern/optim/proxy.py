@@ -7,10 +7,10 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm as progress_bar
 
 from ..lora import disable_adapters
 from ..lora.discovery import logits_of
-from ._progress import progress as progress_bar
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -189,7 +189,7 @@ def sample_proxy_data(
         tokenizer: HF tokenizer for string prompts.
         use_generate: force (``True``) or forbid (``False``) the HF KV-cache path; default:
             use it for HF models.
-        progress: show a progress bar (tqdm when installed).
+        progress: show a progress bar (tqdm, on stderr).
         process_group: data parallel: each rank of this ``torch.distributed`` group samples its
             share, a contiguous block of the ``n_samples`` (the first ``n_samples % world`` ranks
             one more), with prompt ``i % P`` for global sample ``i`` and its own generator seeded

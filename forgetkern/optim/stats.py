@@ -6,10 +6,10 @@ from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm as progress_bar
 
 from ..lora import disable_adapters
 from ..lora.discovery import lora_modules
-from ._progress import progress as progress_bar
 from .proxy import _model_device
 
 
@@ -329,7 +329,7 @@ def calibrate(
         share_inputs: share statistics between layers reading the same input tensor.
         max_batches: stop each pass after this many batches.
         dtype: accumulation dtype.
-        progress: show progress bars (tqdm when installed).
+        progress: show progress bars (tqdm, on stderr).
         process_group: data parallel: each rank passes its share of the batches and the sums and
             counts are all-reduced over this ``torch.distributed`` group before the covariances
             are formed, so every rank gets the statistics of all the batches.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations of every op's interface (DESIGN.md "The math").
+"""Plain-PyTorch implementations of every op's interface (docs/math.md).
 
 These are the test oracle, the CPU production path and the benchmark baseline. They compute in
 float32 for float16/bfloat16/float32 inputs and in float64 for float64 inputs, and they process

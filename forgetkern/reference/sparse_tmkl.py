@@ -4,7 +4,7 @@ side is a top-k record (:class:`forgetkern._params.TopKBase`), the adapted side 
 Per row the KL runs over coarse bins: one bin per support token (the record's ``k`` tokens, the
 target removed when ``mask_target``; with ``mask_target=False`` the target joins them) and one tail
 bin holding every other non-target token. ``P`` and ``Q`` are the base and adapted masses of the
-bins. Gradients w.r.t. ``x = z/T`` (DESIGN.md scaling: ``d(T^2 KL)/dz = T dKL/dx``), for a column
+bins. Gradients w.r.t. ``x = z/T`` (docs/math.md §2: ``d(T^2 KL)/dz = T dKL/dx``), for a column
 ``u`` in bin ``j``: forward ``q~_u (1 - P_j / Q_j)`` (``q~_u - p~_u`` on a support token),
 reverse ``q~_u (log Q_j - log P_j - KL)``; zero on a masked target.
 

@@ -166,7 +166,7 @@ def _chunk_grad(z, b, y, valid, st, coef_ce, coef_kl, p: TMKLParams, out=None) -
     shard of the rows (``st`` then holds the whole rows' statistics and ``y < 0`` marks rows whose
     target lies in another shard).
 
-    Gradients (DESIGN.md), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
+    Gradients (docs/math.md §2), with ``KL`` unscaled: dCE/dz = softmax(z) - e_y; forward:
     dKL/dz_v = (q~_v - p~_v) / T; reverse: dKL/dz_v = q~_v (log q~_v - log p~_v - KL) / T; both zero
     at the target when ``mask_target``. With ``T = 1``, off the target ``softmax(z)_v = r q~_v``
     with the row scalar ``r = exp((m_z - m_ce) + (ls_z - ls_ce))``, so the whole gradient is a few

@@ -1,5 +1,6 @@
-"""The Hugging Face experiments: a real pretrained LM (``--model smollm2``) on synthetic target
-tasks, or any local causal LM on a text file (``--model DIR --data FILE``)."""
+"""The real-model experiments, on Hugging Face causal LMs: a real pretrained LM
+(``--model smollm2``) on synthetic target tasks, or any local causal LM on a text file
+(``--model DIR --data FILE``). The built-in tiny experiment is :mod:`forgetkern.demo.tiny`."""
 from __future__ import annotations
 
 import os

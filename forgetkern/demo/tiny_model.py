@@ -1,5 +1,6 @@
-"""A tiny byte-level causal transformer for the demo (and a reference for the hidden-state
-protocol of :mod:`forgetkern.train`: ``forward_hidden`` + ``get_output_embeddings``)."""
+"""The tiny byte-level causal transformer of the built-in demo experiment (and a reference for
+the hidden-state protocol of :mod:`forgetkern.train`: ``forward_hidden`` +
+``get_output_embeddings``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
