@@ -26,7 +26,6 @@ from .generalized_eigh import generalized_eigh
 from .tmkl import REFERENCE_CHUNK_BYTES, chunk_rows, tmkl_backward, tmkl_forward
 
 
-
 def unavailable(device) -> str | None:
     """Why the reference cannot run on ``device``: never (``None``); read by ``_backend``."""
     return None
