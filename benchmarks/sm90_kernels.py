@@ -6,7 +6,7 @@ registers, spills, the streaming loop's SASS, load widths, fences and atomics.
     python benchmarks/sm90_kernels.py --quick    # one per kernel family (what the tests run)
     python benchmarks/sm90_kernels.py --only tmkl --sass DIR   # also write each kernel's SASS/PTX
 
-How: each launcher (``tmkl_forward``, ``linear_tmkl_backward``, ...) is called on ``meta`` tensors
+How: each launcher (``tmkl_forward``, ``linear_tmkl_fused_backward``, ...) is called on ``meta`` tensors
 of the case's shape (no memory, no GPU) with its kernels replaced by recorders; every recorded
 launch is specialized by Triton's own JIT binder (integer arguments equal to 1 become constants,
 integers and pointers divisible by 16 carry ``tt.divisibility = 16``, as they would for aligned
@@ -61,7 +61,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from forgetkern import _params  # noqa: E402
 from forgetkern.ops import _triton as ops_triton  # noqa: E402
-from forgetkern.ops import folora, generalized_eigh, linear_tmkl, sparse_tmkl, tmkl  # noqa: E402
+from forgetkern.ops import folora_step, generalized_eigh, sparse_tmkl, tmkl  # noqa: E402
+from forgetkern.ops import linear_tmkl_fused as linear_tmkl  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # an H200's streaming multiprocessors (H100 SXM: 132 as well)
@@ -73,9 +74,10 @@ SHORT = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
 KERNELS = {
     "tmkl": [(tmkl, "_tmkl_fwd_kernel"), (tmkl, "_tmkl_bwd_kernel")],
     "sparse": [(sparse_tmkl, "_sparse_tmkl_fwd_kernel"), (sparse_tmkl, "_sparse_tmkl_bwd_kernel")],
-    "linear": [(linear_tmkl, "_linear_tmkl_fwd_kernel"), (linear_tmkl, "_linear_tmkl_bwd_kernel")],
+    "linear": [(linear_tmkl, "_linear_tmkl_fused_fwd_kernel"),
+               (linear_tmkl, "_linear_tmkl_fused_bwd_kernel")],
     "eigh": [(generalized_eigh, "_generalized_eigh_kernel")],
-    "folora": [(folora, "_folora_step_kernel")],
+    "folora": [(folora_step, "_folora_step_kernel")],
 }
 STREAMING = {"_tmkl_fwd_kernel", "_tmkl_bwd_kernel", "_sparse_tmkl_fwd_kernel",
              "_sparse_tmkl_bwd_kernel"}
@@ -212,10 +214,10 @@ def _linear_case(n, v, d, dtype, params, *, shared=True, bias=False, grad_w=Fals
         bb = _meta(v, dtype=dtype) if bias else None
         y = _meta(n, dtype=torch.int64)
         over = {"tma": tma}
-        loss, ce, kl, stats, _ = linear_tmkl.linear_tmkl_forward(
+        loss, ce, kl, stats, _ = linear_tmkl.linear_tmkl_fused_forward(
             h, w, hb, wb, bb, None if shared else bb, y, params, **over)
         coef = _meta(n, dtype=loss.dtype)
-        linear_tmkl.linear_tmkl_backward(h, w, hb, wb, bb, None if shared else bb, y, stats, coef,
+        linear_tmkl.linear_tmkl_fused_backward(h, w, hb, wb, bb, None if shared else bb, y, stats, coef,
                                          coef, params, (True, grad_w, grad_w and bias), **over)
     return run
 
@@ -231,7 +233,7 @@ def _folora_case(numel, cols=4096):
     def run():
         table = _params.SegmentTable([0], [numel], [cols], [0], META)  # one gated segment
         buf = _meta(numel)
-        folora.folora_step(buf, buf, buf, buf, table, (0,), _meta(1, _params.NUM_FOLORA_SCALARS),
+        folora_step.folora_step(buf, buf, buf, buf, table, (0,), _meta(1, _params.NUM_FOLORA_SCALARS),
                            _meta(cols))
     return run
 

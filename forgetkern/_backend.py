@@ -10,9 +10,9 @@ op                      interface                 backends
 ``sparse_tmkl``         ``forward``, ``backward`` reference, triton (``ops/sparse_tmkl.py``)
 ``linear_tmkl``         ``forward``, ``backward`` every backend of ``tmkl``: the chunked driver
 ``linear_sparse_tmkl``  ``forward``, ``backward`` every backend of ``sparse_tmkl``: the chunked driver
-``linear_tmkl_fused``   ``forward``, ``backward`` triton (``ops/linear_tmkl.py``: on-chip tiles)
+``linear_tmkl_fused``   ``forward``, ``backward`` triton (``ops/linear_tmkl_fused.py``: on chip)
 ``generalized_eigh``    ``solve``                 reference, triton (``ops/generalized_eigh.py``), cuda
-``folora_step``         ``step``                  reference, triton (``ops/folora.py``)
+``folora_step``         ``step``                  reference, triton (``ops/folora_step.py``)
 ======================  ========================  ===============================================
 
 The fused-linear ops of :data:`CHUNKED` have no kernels of their own: their implementation on a
@@ -20,16 +20,20 @@ backend is the chunked driver (:mod:`forgetkern._chunked`) bound to that backend
 of a logits op, which it runs on each chunk of rows. :data:`FUSED` names the on-chip op that serves
 ``strategy="fused"``.
 
-Choice, in order (docs/backends.md): an explicit ``backend=`` argument, then the ``FORGETKERN_BACKEND``
-environment variable, then the CUDA extension if it is built and the tensors are on a GPU, then
-Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference. A backend whose
-kernel does not cover a problem size (the on-chip eigensolvers above ``EIGH_MAX_N``) hands that
-call to the reference, here and nowhere else.
+Choice, in order (docs/backends.md): an explicit ``backend=`` argument, then the
+``FORGETKERN_BACKEND`` environment variable, then the CUDA extension if it is built and the tensors
+are on a GPU, then Triton on a GPU (or on the CPU when ``TRITON_INTERPRET=1``), else the reference.
 
-An explicit ``backend=`` that cannot serve the call is an error that says why. The environment
-variable is a process-wide preference: for an op that has no such backend at all (for example
-``cuda`` for an op implemented only in Triton) the automatic choice applies; for an op that has it
-but cannot use it for these tensors, the call fails with the reason.
+What a backend serves is declared in its own modules, never here: its home module
+(:data:`HOMES`) says whether it runs on a device at all (``unavailable(device) -> reason or
+None``, importing no kernels), and each :data:`TABLE` module may say which problems its kernels
+serve (``unsupported(op, size) -> reason or None``, e.g. the eigensolvers' ``n``). A call that the
+chosen backend runs but does not serve goes to the first of CUDA, Triton, reference that does.
+
+An explicit ``backend=`` that cannot run on the call's tensors is an error that says why. The
+environment variable is a process-wide preference: for an op that has no such backend at all (for
+example ``cuda`` for an op implemented only in Triton) the automatic choice applies; for an op that
+has it but cannot use it for these tensors, the call fails with the reason.
 
 Nothing here initializes CUDA or imports Triton at import time: implementations are imported on
 their first use.
@@ -37,7 +41,6 @@ their first use.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -45,8 +48,7 @@ from typing import Callable
 import torch
 
 from . import _chunked, _cuda
-from ._params import (BACKENDS, EIGH_MAX_N, ENV_BACKEND, TRITON_MISSING, check_backend_name,
-                      env_backend, triton_interpret)
+from ._params import BACKENDS, ENV_BACKEND, check_backend_name, env_backend
 
 # op -> the names of its interface functions
 INTERFACES: dict[str, tuple[str, ...]] = {
@@ -68,16 +70,21 @@ TABLE: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
                                    ("sparse_tmkl_forward", "sparse_tmkl_backward")),
     ("sparse_tmkl", "triton"): ("forgetkern.ops.sparse_tmkl",
                                 ("sparse_tmkl_forward", "sparse_tmkl_backward")),
-    ("linear_tmkl_fused", "triton"): ("forgetkern.ops.linear_tmkl",
-                                      ("linear_tmkl_forward", "linear_tmkl_backward")),
+    ("linear_tmkl_fused", "triton"): ("forgetkern.ops.linear_tmkl_fused",
+                                      ("linear_tmkl_fused_forward", "linear_tmkl_fused_backward")),
     ("generalized_eigh", "reference"): ("forgetkern.reference.generalized_eigh",
                                         ("generalized_eigh",)),
     ("generalized_eigh", "triton"): ("forgetkern.ops.generalized_eigh", ("generalized_eigh",)),
     ("generalized_eigh", "cuda"): ("forgetkern._cuda", ("generalized_eigh",)),
-    ("folora_step", "reference"): ("forgetkern.reference.folora", ("folora_step",)),
-    ("folora_step", "triton"): ("forgetkern.ops.folora", ("folora_step",)),
+    ("folora_step", "reference"): ("forgetkern.reference.folora_step", ("folora_step",)),
+    ("folora_step", "triton"): ("forgetkern.ops.folora_step", ("folora_step",)),
 }
 
+#: backend -> its home module, whose ``unavailable(device)`` says why the backend cannot run on
+#: ``device`` at all (``None``: it can); homes import no kernels
+HOMES: dict[str, str] = {"reference": "forgetkern.reference", "triton": "forgetkern.ops",
+                         "cuda": "forgetkern._cuda"}
+_HOMES = {name: importlib.import_module(module) for name, module in HOMES.items()}
 
 #: Fused-linear op -> the logits op whose kernels the chunked driver runs on each chunk of rows.
 CHUNKED: dict[str, str] = {"linear_tmkl": "tmkl", "linear_sparse_tmkl": "sparse_tmkl"}
@@ -122,6 +129,9 @@ class Implementation:
     #: the most bytes those temporaries take whatever the rows (``None``: no bound); the
     #: module's ``CHUNK_TEMPORARY_CAP``
     temporary_cap: int | None = None
+    #: the module's ``unsupported(op, size) -> reason or None``: which problems it serves
+    #: (``None``: every problem)
+    unsupported: Callable | None = None
 
 
 _LOADED: dict[tuple[str, str], Implementation] = {}  # a plain dict: torch.compile reads it
@@ -144,7 +154,8 @@ def implementation(op: str, backend: str) -> Implementation:
         impl = _LOADED[key] = Implementation(
             op=op, backend=backend, grad_any_dtype=getattr(module, "GRAD_ANY_DTYPE", True),
             temporaries=getattr(module, "CHUNK_TEMPORARIES", 0),
-            temporary_cap=getattr(module, "CHUNK_TEMPORARY_CAP", None), **fns)
+            temporary_cap=getattr(module, "CHUNK_TEMPORARY_CAP", None),
+            unsupported=getattr(module, "unsupported", None), **fns)
     return impl
 
 
@@ -153,7 +164,7 @@ def chunked(op: str, rows: Implementation) -> Implementation:
     logits op ``CHUNKED[op]`` (the table's own, or a stand-in such as the CUDA host emulation)."""
     forward, backward = _DRIVER[op]
     return Implementation(op=op, backend=rows.backend, forward=partial(forward, rows=rows),
-                          backward=partial(backward, rows=rows))
+                          backward=partial(backward, rows=rows), unsupported=rows.unsupported)
 
 
 # The implementations that import no Triton are loaded now, so that a call traced by
@@ -169,7 +180,7 @@ for _op, _rows_op in CHUNKED.items():
 
 def triton_installed() -> bool:
     """Whether the ``triton`` package can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    return _HOMES["triton"].triton_installed()
 
 
 def cuda_extension_available() -> bool:
@@ -184,39 +195,24 @@ def _device_of(tensors) -> torch.device:
     return torch.device("cpu")
 
 
-def why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
-    """Return ``None`` if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+def why_unavailable(backend: str, op: str, device: torch.device,
+                    size: int | None = None) -> str | None:
+    """Return ``None`` if ``backend`` can run ``op`` on ``device`` (and, given ``size``, serves a
+    problem of that size), else the reason it cannot: the backend's own declarations."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
     supported = OP_BACKENDS.get(op, ("reference",))
     if backend not in supported:
         return f"op {op!r} has no {backend!r} backend (it has: {', '.join(supported)})"
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        if not triton_installed():
-            return TRITON_MISSING
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and triton_interpret():
-            return None
-        return (
-            f"Triton kernels need CUDA tensors (got {device.type} tensors); "
-            "set TRITON_INTERPRET=1 before the first call to run them on the CPU interpreter"
-        )
-    # cuda
-    if device.type != "cuda":
-        return f"the CUDA extension needs CUDA tensors (got {device.type} tensors)"
-    if not cuda_extension_available():
-        return f"the forgetkern._C extension is not available: {_cuda.load_error()}"
-    return None
+    reason = _HOMES[backend].unavailable(device)
+    return reason if reason is not None or size is None else unsupported(op, backend, size)
 
 
-def _covers(op: str, backend: str, size: int | None) -> bool:
-    """Whether ``backend``'s kernel covers a problem of ``size`` (the eigensolvers' ``n``)."""
-    if op == "generalized_eigh" and backend != "reference" and size is not None:
-        return 1 <= size <= EIGH_MAX_N
-    return True
+def unsupported(op: str, backend: str, size: int | None) -> str | None:
+    """Why ``backend``'s implementation of ``op`` does not serve a problem of ``size`` (its
+    module's ``unsupported``; ``None``: it does). Imports the implementation."""
+    declared = implementation(op, backend).unsupported
+    return None if declared is None else declared(op, size)
 
 
 def resolve_name(op: str, *tensors, backend: str | None = None, size: int | None = None) -> str:
@@ -230,28 +226,28 @@ def resolve_name(op: str, *tensors, backend: str | None = None, size: int | None
 
     Raises:
         ValueError: an unknown backend name.
-        RuntimeError: an explicitly requested backend that cannot serve this call.
+        RuntimeError: an explicitly requested backend that cannot run on these tensors.
     """
     device = _device_of(tensors)
     supported = OP_BACKENDS.get(op, ("reference",))
+    chosen = None
     if backend is not None:
         check_backend_name(backend)
-        reason = why_unavailable(backend, op, device)
-        if reason is not None:
-            raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
-        return backend if _covers(op, backend, size) else "reference"
-    env = env_backend()
-    if env:
+        chosen, asked = backend, f"backend={backend!r}"
+    elif env := env_backend():
         if env not in BACKENDS:
             raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
         if env in supported:
-            reason = why_unavailable(env, op, device)
-            if reason is not None:
-                raise RuntimeError(f"{ENV_BACKEND}={env} cannot run {op}: {reason}")
-            return env if _covers(op, env, size) else "reference"
+            chosen, asked = env, f"{ENV_BACKEND}={env}"
+    if chosen is not None:
+        reason = why_unavailable(chosen, op, device)
+        if reason is not None:
+            raise RuntimeError(f"{asked} cannot run {op}: {reason}")
+        if unsupported(op, chosen, size) is None:
+            return chosen
     for candidate in ("cuda", "triton"):
         if (candidate in supported and why_unavailable(candidate, op, device) is None
-                and _covers(op, candidate, size)):
+                and unsupported(op, candidate, size) is None):
             return candidate
     return "reference"
 

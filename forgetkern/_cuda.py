@@ -22,17 +22,19 @@ Backend interfaces (``forgetkern._backend``): :func:`tmkl_forward` / :func:`tmkl
 ``tmkl`` op) and :func:`generalized_eigh` (``solve`` of the ``generalized_eigh`` op), with the
 signatures of :mod:`forgetkern.reference`. :func:`forgetkern._cuda_emulated.emulated` returns the
 same interfaces running the kernels' own per-thread code on the CPU (``_C.emulate_*``), so tests
-can run the CUDA backend's code without a GPU.
-
-Set ``FORGETKERN_CUDA_SYNC=1`` to synchronize after every launch, so that a fault inside a kernel
-is reported by the call that launched it (debugging, compute-sanitizer runs).
+can run the CUDA backend's code without a GPU. What the backend serves: :func:`unavailable` and
+:func:`unsupported`, read by the dispatch table.
 """
 from __future__ import annotations
 
 import importlib
 import torch
 
-from ._params import ENV_CUDA_SYNC, NUM_STATS, TMKLParams, accumulation_dtype, env_flag
+from ._params import EIGH_MAX_N, NUM_STATS, TMKLParams, accumulation_dtype, env_flag
+
+#: ``FORGETKERN_CUDA_SYNC=1``: synchronize after every launch, so that a fault inside a kernel is
+#: reported by the call that launched it (debugging, compute-sanitizer runs).
+ENV_CUDA_SYNC = "FORGETKERN_CUDA_SYNC"
 
 #: dtype codes of the launchers (``_C.DTYPE_CODES``).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -41,9 +43,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 GRAD_ANY_DTYPE = False
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# ---- Loading ----
 _STATE: tuple | None = None  # (module or None, error or None) once loading was attempted
 
 
@@ -83,6 +83,20 @@ def load_error() -> str | None:
     return _load()[1]
 
 
+def unavailable(device: torch.device) -> str | None:
+    """Why the extension cannot run on ``device`` (``None``: it can); read by ``_backend``."""
+    if device.type != "cuda":
+        return f"the CUDA extension needs CUDA tensors (got {device.type} tensors)"
+    return None if available() else f"the forgetkern._C extension is not available: {load_error()}"
+
+
+def unsupported(op: str, size: int | None) -> str | None:
+    """Why the kernels of ``op`` do not serve a problem of ``size`` (``None``: they do)."""
+    if op == "generalized_eigh" and size is not None and not 1 <= size <= EIGH_MAX_N:
+        return f"the CUDA eigensolver serves 1 <= n <= {EIGH_MAX_N}, got n={size}"
+    return None
+
+
 def _require(fn: str):
     ext = extension()
     if ext is None:
@@ -91,9 +105,7 @@ def _require(fn: str):
     return ext
 
 
-# --------------------------------------------------------------------------------------------
-# What the C boundary cannot know: where the memory is
-# --------------------------------------------------------------------------------------------
+# ---- What the C boundary cannot know: where the memory is ----
 def _check_device(fn: str, kinds: tuple[str, ...], **tensors: torch.Tensor) -> None:
     """Every tensor on one device of a type in ``kinds``; raises before anything is launched.
 
@@ -128,9 +140,7 @@ def _launch_options(device: torch.device) -> dict:
     return {"stream": torch.cuda.current_stream(device).cuda_stream, "sync": env_flag(ENV_CUDA_SYNC)}
 
 
-# --------------------------------------------------------------------------------------------
-# Layouts the kernels need, and the pointer arguments (one adaptation for launch and emulation)
-# --------------------------------------------------------------------------------------------
+# ---- Layouts the kernels need, and the pointer arguments (one adaptation for launch, emulation)
 def _dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES.get(dtype, -1)  # the binding rejects an unknown code with its own error
 
@@ -206,9 +216,7 @@ def _tmkl_backward_options(params: TMKLParams) -> tuple:
             params.separate_ce)
 
 
-# --------------------------------------------------------------------------------------------
-# TMKL ops
-# --------------------------------------------------------------------------------------------
+# ---- TMKL ops ----
 @torch.library.custom_op("forgetkern::tmkl_forward", mutates_args=())
 def _tmkl_forward_op(
     logits: torch.Tensor,  # [N, V] adapted logits
@@ -342,9 +350,7 @@ def tmkl_backward(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch
     return grad_out
 
 
-# --------------------------------------------------------------------------------------------
-# Generalized eigensolver
-# --------------------------------------------------------------------------------------------
+# ---- Generalized eigensolver ----
 @torch.library.custom_op("forgetkern::generalized_eigh", mutates_args=())
 def _generalized_eigh_op(
     A: torch.Tensor,  # [batch, n, n] symmetric, float32/float64, n <= EIGH_MAX_N

@@ -2,9 +2,8 @@
 
 Option dataclasses (validated once, passed to the autograd Functions), the accumulation dtype,
 environment flags, limits, and the layouts that kernels and host code read alike (per-row
-statistics, partial records, the FoLoRA segment table and scalars, the eigensolver's status codes).
-
-This module imports nothing of forgetkern; everything else may import it.
+statistics, partial records, the FoLoRA segment table and scalars, the eigensolver's status codes):
+contracts that several modules share. This module imports nothing of forgetkern.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import torch
 # --------------------------------------------------------------------------------------------
 BACKENDS = ("reference", "triton", "cuda")
 DIRECTIONS = ("forward", "reverse")
-REDUCTIONS = ("mean", "sum", "none")
 GATES = ("soft", "sigmoid", "hard", "topk", "none")  # FoLoRA's per-direction gates
 LOSSES = ("ce", "kl", "tmkl")  # the training losses of ForgetAwareStep / TMKLTrainer
 PATHS = ("auto", "fused", "logits")  # how a training loss gets its logits
@@ -31,7 +29,6 @@ PATHS = ("auto", "fused", "logits")  # how a training loss gets its logits
 # --------------------------------------------------------------------------------------------
 ENV_BACKEND = "FORGETKERN_BACKEND"  # process-wide backend preference
 ENV_TMA = "FORGETKERN_TMA"  # fused-linear Triton kernels load operands with TMA descriptors
-ENV_CUDA_SYNC = "FORGETKERN_CUDA_SYNC"  # synchronize after every CUDA-extension launch
 ENV_TRITON_INTERPRET = "TRITON_INTERPRET"  # Triton's own CPU interpreter switch
 
 _TRUE = ("1", "true", "yes", "on")
@@ -65,8 +62,6 @@ def env_backend() -> str | None:
     value = os.environ.get(ENV_BACKEND, "").strip().lower()
     return value or None
 
-
-TRITON_MISSING = "the triton package is not installed (pip install triton, or use backend='reference')"
 
 # --------------------------------------------------------------------------------------------
 # Dtypes

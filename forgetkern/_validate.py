@@ -13,7 +13,8 @@ import warnings
 import torch
 
 from ._params import (GATES, EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE, FLOAT_DTYPES,
-                      REDUCTIONS, TMKLParams, accumulation_dtype)
+                      TMKLParams, accumulation_dtype)
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def _compiling() -> bool:
@@ -32,11 +33,22 @@ def check_float(x: torch.Tensor, name: str) -> None:
         )
 
 
+def check_shape(x: torch.Tensor, name: str, shape, *, like: str = "shape", note: str = "") -> None:
+    """The one shape check: ``ValueError`` naming the argument, the expected shape (``like``
+    describes it, ``note`` says where it comes from) and the shape it got."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have {like} {tuple(shape)}{note}, got {tuple(x.shape)}")
+
+
 def check_same_shape(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
-    if x.shape != ref.shape:
-        raise ValueError(
-            f"{name} must have the same shape as {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
-        )
+    check_shape(x, name, ref.shape, like=f"the same shape as {ref_name}")
+
+
+def check_dtype(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    """The one dtype-agreement check: ``TypeError`` naming the argument and both dtypes."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} dtype {x.dtype} does not match {ref_name} dtype {ref.dtype}; "
+                        "cast one of them")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
@@ -62,11 +74,7 @@ def check_labels(labels: torch.Tensor, expected_shape, num_classes: int, ignore_
     check_tensor(labels, "labels")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(
-            f"labels must have shape {tuple(expected_shape)} ({what}.shape[:-1]), "
-            f"got {tuple(labels.shape)}"
-        )
+    check_shape(labels, "labels", expected_shape, note=f" ({what}.shape[:-1])")
     if labels.numel() == 0 or _compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
@@ -120,33 +128,66 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1).contiguous()
 
 
+def _logits(logits, name: str = "logits") -> None:
+    """``(..., V)`` float logits with ``V > 0`` (the dense and the top-k form alike)."""
+    check_tensor(logits, name)
+    check_float(logits, name)
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (..., V)")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty vocabulary dimension (V > 0)")
+
+
+def _head(hidden, weight, **biases) -> tuple[int, int]:
+    """Hidden states ``(..., D)``, the ``(V, D)`` head and its ``(V,)`` biases (``None`` skipped),
+    all of ``hidden``'s dtype (the dense and the top-k form alike); returns ``(D, V)``."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        check_tensor(t, name)
+        check_float(t, name)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (..., D)")
+    if (d := hidden.shape[-1]) == 0:
+        raise ValueError("hidden must have a non-empty feature dimension (D > 0)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a (V, D) matrix, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have D={d} columns (hidden.shape[-1]), got shape "
+                         f"{tuple(weight.shape)}")
+    if (v := weight.shape[0]) == 0:
+        raise ValueError("weight must have a non-empty vocabulary dimension (V > 0)")
+    check_dtype(weight, "weight", hidden, "hidden")
+    for name, t in biases.items():
+        if t is not None:
+            check_tensor(t, name)
+            check_shape(t, name, (v,), note=" (weight.shape[0])")
+            check_dtype(t, name, hidden, "hidden")
+    return d, v
+
+
+def _rest(labels, lead, num_classes: int, params: TMKLParams, reduction: str, num_items_in_batch,
+          what: str, **tensors) -> None:
+    """The checks every loss form shares after its own: labels, devices, reduction, counts."""
+    check_tensor(labels, "labels")
+    check_same_device(**tensors, labels=labels)
+    check_reduction(reduction)
+    check_num_items(num_items_in_batch)
+    check_labels(labels, lead, num_classes, params.ignore_index, what=what)
+
+
 def tmkl_inputs(logits, base_logits, labels, params: TMKLParams, reduction: str,
                 num_items_in_batch, num_classes: int | None = None):
     """All checks of ``tmkl_loss`` on its tensors (options were checked by ``TMKLParams``); returns
     the layout every backend takes: ``(N, V)`` logits and base logits (unit stride along V, the
     base detached) and contiguous ``(N,)`` labels. ``num_classes``: the whole vocabulary when the
     logits are one shard of it (labels are then global ids); default ``V``."""
-    ignore_index = params.ignore_index
-    check_tensor(logits, "logits")
+    _logits(logits)
     check_tensor(base_logits, "base_logits")
-    check_float(logits, "logits")
     check_float(base_logits, "base_logits")
-    if logits.dim() < 1:
-        raise ValueError("logits must have at least one dimension (..., V)")
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary dimension (V > 0)")
     check_same_shape(base_logits, "base_logits", logits, "logits")
-    if base_logits.dtype != logits.dtype:
-        raise TypeError(
-            f"base_logits dtype {base_logits.dtype} does not match logits dtype {logits.dtype}; "
-            "cast one of them"
-        )
-    check_tensor(labels, "labels")
-    check_same_device(logits=logits, base_logits=base_logits, labels=labels)
-    check_reduction(reduction)
-    check_num_items(num_items_in_batch)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1] if num_classes is None else num_classes,
-                 ignore_index)
+    check_dtype(base_logits, "base_logits", logits, "logits")
+    vocab = logits.shape[-1] if num_classes is None else num_classes
+    _rest(labels, logits.shape[:-1], vocab, params, reduction, num_items_in_batch, "logits",
+          logits=logits, base_logits=base_logits)
     return rows(logits), rows(base_logits.detach()), flat_labels(labels)
 
 
@@ -157,52 +198,19 @@ def linear_tmkl_inputs(hidden, weight, base_hidden, labels, base_weight, bias, b
     returns ``(h (N, D), h_b (N, D) detached, W_b or None (None: the base shares weight),
     base bias or None, labels (N,) contiguous)``. With the head shared and no ``base_bias`` given,
     the base uses ``bias``."""
-    ignore_index = params.ignore_index
-    for name, t in (("hidden", hidden), ("weight", weight), ("base_hidden", base_hidden)):
-        check_tensor(t, name)
-        check_float(t, name)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one dimension (..., D)")
-    d = hidden.shape[-1]
-    if d == 0:
-        raise ValueError("hidden must have a non-empty feature dimension (D > 0)")
+    d, v = _head(hidden, weight, bias=bias, base_bias=base_bias)
+    check_tensor(base_hidden, "base_hidden")
+    check_float(base_hidden, "base_hidden")
     check_same_shape(base_hidden, "base_hidden", hidden, "hidden")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a (V, D) matrix, got shape {tuple(weight.shape)}")
-    if weight.shape[1] != d:
-        raise ValueError(
-            f"weight must have D={d} columns (hidden.shape[-1]), got shape {tuple(weight.shape)}"
-        )
-    v = weight.shape[0]
-    if v == 0:
-        raise ValueError("weight must have a non-empty vocabulary dimension (V > 0)")
-    for name, t in (("weight", weight), ("base_hidden", base_hidden)):
-        if t.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}; cast one of them"
-            )
+    check_dtype(base_hidden, "base_hidden", hidden, "hidden")
     if base_weight is not None:
         check_tensor(base_weight, "base_weight")
         check_same_shape(base_weight, "base_weight", weight, "weight")
-        if base_weight.dtype != hidden.dtype:
-            raise TypeError(
-                f"base_weight dtype {base_weight.dtype} does not match hidden dtype {hidden.dtype}"
-            )
-    for name, t in (("bias", bias), ("base_bias", base_bias)):
-        if t is None:
-            continue
-        check_tensor(t, name)
-        if tuple(t.shape) != (v,):
-            raise ValueError(f"{name} must have shape ({v},) (weight.shape[0]), got {tuple(t.shape)}")
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match hidden dtype {hidden.dtype}")
-    check_tensor(labels, "labels")
-    check_same_device(hidden=hidden, weight=weight, base_hidden=base_hidden, labels=labels,
-                      base_weight=base_weight, bias=bias, base_bias=base_bias)
-    check_reduction(reduction)
-    check_num_items(num_items_in_batch)
-    check_labels(labels, hidden.shape[:-1], v if num_classes is None else num_classes,
-                 ignore_index, what="hidden")
+        check_dtype(base_weight, "base_weight", hidden, "hidden")
+    vocab = v if num_classes is None else num_classes
+    _rest(labels, hidden.shape[:-1], vocab, params, reduction, num_items_in_batch, "hidden",
+          hidden=hidden, weight=weight, base_hidden=base_hidden, base_weight=base_weight, bias=bias,
+          base_bias=base_bias)
     if base_bias is None and base_weight is None and bias is not None:
         base_bias = bias
     shared = base_weight is None or base_weight is weight
@@ -354,47 +362,26 @@ def _topk_base_inputs(base, labels, vocab: int, params: TMKLParams, device, arg:
 
 def sparse_tmkl_inputs(logits, base, labels, params: TMKLParams, reduction: str,
                        num_items_in_batch):
-    """All checks of ``tmkl_loss`` with a top-k base record; returns ``(z (N, V), base rows (see
-    :func:`_topk_base_inputs`), labels (N,))``."""
-    check_tensor(logits, "logits"), check_float(logits, "logits")
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError("logits must have a non-empty vocabulary dimension (..., V)")
-    check_tensor(labels, "labels")
-    check_same_device(logits=logits, labels=labels)
-    check_reduction(reduction)
-    check_num_items(num_items_in_batch)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], params.ignore_index)
+    """All checks of ``tmkl_loss`` with a top-k base record (the logits and labels checked as in
+    :func:`tmkl_inputs`); returns ``(z (N, V), base rows (see :func:`_topk_base_inputs`),
+    labels (N,))``."""
+    _logits(logits)
+    _rest(labels, logits.shape[:-1], logits.shape[-1], params, reduction, num_items_in_batch,
+          "logits", logits=logits)
     rec = _topk_base_inputs(base, labels, logits.shape[-1], params, logits.device, "base_logits")
     return rows(logits), rec, flat_labels(labels)
 
 
 def linear_sparse_tmkl_inputs(hidden, weight, base, labels, base_weight, bias, base_bias,
                               params: TMKLParams, reduction: str, num_items_in_batch):
-    """All checks of ``linear_tmkl_loss`` with a top-k base record as ``base_hidden`` (which then
-    needs no base head: ``base_weight`` and ``base_bias`` must be ``None``); returns ``(h (N, D),
-    base rows, labels (N,))``."""
+    """All checks of ``linear_tmkl_loss`` with a top-k base record as ``base_hidden`` (the head
+    and labels checked as in :func:`linear_tmkl_inputs`; no base head: ``base_weight`` and
+    ``base_bias`` must be ``None``); returns ``(h (N, D), base rows, labels (N,))``."""
     if base_weight is not None or base_bias is not None:
         raise ValueError("base_weight/base_bias must be None when base_hidden is a TopKBase "
                          "record: the record already holds the base model's logits")
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        check_tensor(t, name), check_float(t, name)
-    if hidden.dim() < 1 or hidden.shape[-1] == 0:
-        raise ValueError("hidden must have a non-empty feature dimension (..., D)")
-    d = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
-        raise ValueError(f"weight must be a (V, D={d}) matrix with V > 0, got shape "
-                         f"{tuple(weight.shape)}")
-    v = weight.shape[0]
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
-    if bias is not None:
-        check_tensor(bias, "bias")
-        if tuple(bias.shape) != (v,) or bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must be ({v},) of dtype {hidden.dtype}, got "
-                             f"{tuple(bias.shape)} {bias.dtype}")
-    check_tensor(labels, "labels")
-    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    check_reduction(reduction), check_num_items(num_items_in_batch)
-    check_labels(labels, hidden.shape[:-1], v, params.ignore_index, what="hidden")
+    d, v = _head(hidden, weight, bias=bias)
+    _rest(labels, hidden.shape[:-1], v, params, reduction, num_items_in_batch, "hidden",
+          hidden=hidden, weight=weight, bias=bias)
     rec = _topk_base_inputs(base, labels, v, params, hidden.device, "base_hidden")
     return hidden.reshape(-1, d), rec, flat_labels(labels)

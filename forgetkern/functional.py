@@ -139,9 +139,10 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, *, eps: float = 0.0,
         A: ``(..., n, n)`` symmetric matrices.
         B: ``(..., n, n)`` symmetric positive-definite matrices (after damping).
         eps: non-negative damping added to the diagonal of ``B``.
-        backend: ``"reference"``, ``"triton"`` (one program per matrix for ``n <= 64``),
+        backend: ``"reference"``, ``"triton"`` (one program per matrix for ``n <= 32``),
             ``"cuda"`` (GPU tensors; one thread block per matrix for ``n <= 64``) or ``None``
-            (automatic). Larger ``n`` always runs on the reference.
+            (automatic). A size the chosen kernel does not serve runs on the CUDA kernel where
+            it can, else on the reference.
 
     Returns:
         ``(eigenvalues (..., n) ascending, eigenvectors (..., n, n) as columns)``.

@@ -26,6 +26,7 @@ LAYERS = {
 SIDEWAYS = {
     ("_backend", "_cuda"),  # the table asks the extension loader whether it is built
     ("_backend", "_chunked"),  # the fused-linear ops: the chunked driver over a logits op
+    ("_backend", "reference"), ("_backend", "ops"),  # the table's implementations, by module name
     ("_cuda_emulated", "_cuda"),  # the CUDA backend's interfaces over the host emulation
     ("distributed", "_backend"),  # vocab-parallel: the selected backend's tmkl kernels per shard
     ("distributed", "_validate"), ("distributed", "_rank_check"),  # its one entry: checks, ranks
@@ -58,11 +59,24 @@ def _top(rel: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
+def _is_module(name: str) -> bool:
+    """Whether ``name`` (a top-level name under forgetkern) is one of its Python modules."""
+    return (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name / "__init__.py").is_file()
+
+
 def _imports(rel: Path, path: Path):
-    """Top-level forgetkern names imported by the module (module-level and in functions)."""
+    """Top-level forgetkern names imported by the module (module-level and in functions), and those
+    it names as module strings (``"forgetkern.ops.tmkl"``: the dispatch table's implementations,
+    imported lazily by ``importlib``) -- an edge all the same."""
     tree = ast.parse(path.read_text())
     package = ["forgetkern", *rel.parts[:-1]]
     for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            parts = node.value.split(".")
+            if (len(parts) > 1 and parts[0] == "forgetkern" and all(p.isidentifier() for p in parts)
+                    and _is_module(parts[1])):
+                yield node.lineno, parts[1]
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -119,6 +133,20 @@ def test_import_detects_an_upward_import(tmp_path):
     bad = tmp_path / "_params.py"
     bad.write_text("from .ops import tmkl\n")
     assert list(_imports(Path("_params.py"), bad)) == [(1, "ops")]
+
+
+def test_dispatch_table_module_strings_are_edges(tmp_path):
+    """A table that names an implementation by module string imports it (lazily): a layer-1 table
+    naming a layer-2 module is reported, and the real table's strings are all read."""
+    bad = tmp_path / "_backend.py"
+    bad.write_text('TABLE = {("tmkl", "reference"): ("forgetkern.functional", ("f",))}\n')
+    assert list(_imports(Path("_backend.py"), bad)) == [(1, "functional")]
+    from forgetkern import _backend
+
+    named = {m.split(".")[1] for m, _ in _backend.TABLE.values()} | {
+        m.split(".")[1] for m in _backend.HOMES.values()}
+    edges = {dst for _, dst in _imports(Path("_backend.py"), PACKAGE / "_backend.py")}
+    assert named <= edges, named - edges
 
 
 @pytest.mark.parametrize("module", ["forgetkern", "forgetkern.optim", "forgetkern.lora"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import forgetkern
-from forgetkern import _backend
+from forgetkern import _backend, _params
 
 
 def test_import_is_light():
@@ -80,17 +80,40 @@ def test_table_is_the_one_dispatch():
                 assert getattr(impl, name).keywords["rows"] is _backend.implementation(rows_op, backend)
 
 
-def test_eigensolver_size_fallback_is_decided_in_the_table(monkeypatch):
+def test_eigensolver_size_fallback_is_declared_by_the_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FORGETKERN_BACKEND", raising=False)
     cpu = torch.zeros(1)
     from forgetkern._params import EIGH_MAX_N
 
     if _backend.triton_installed():
-        assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_MAX_N) == "triton"
+        from forgetkern.ops.generalized_eigh import EIGH_TRITON_MAX_N
+
+        assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_TRITON_MAX_N) == "triton"
+        assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_TRITON_MAX_N + 1) == "reference"
         assert _backend.resolve_name("generalized_eigh", cpu, backend="triton",
-                                     size=EIGH_MAX_N + 1) == "reference"
+                                     size=EIGH_TRITON_MAX_N + 1) == "reference"
     assert _backend.resolve_name("generalized_eigh", cpu, size=EIGH_MAX_N + 1) == "reference"
+
+
+def test_backends_declare_what_they_serve():
+    """Every backend's home declares where it runs, and every table module's declaration (where it
+    has one) answers with None or a reason string; the table itself holds no per-op rule."""
+    import importlib
+    import inspect
+
+    assert set(_backend.HOMES) == set(_params.BACKENDS)
+    for backend, home in _backend.HOMES.items():
+        reason = importlib.import_module(home).unavailable(torch.device("cpu"))
+        assert reason is None or isinstance(reason, str), (backend, reason)
+    assert importlib.import_module(_backend.HOMES["reference"]).unavailable(torch.device("meta")) is None
+    source = inspect.getsource(_backend)
+    for op in _backend.INTERFACES:
+        assert f'op == "{op}"' not in source and f"op == '{op}'" not in source, op
+    cuda = importlib.import_module(_backend.TABLE[("generalized_eigh", "cuda")][0])
+    assert cuda.unsupported("generalized_eigh", _params.EIGH_MAX_N) is None
+    assert "n <= 64" in cuda.unsupported("generalized_eigh", _params.EIGH_MAX_N + 1)
+    assert cuda.unsupported("tmkl", 10**9) is None
 
 
 def test_cli_info(capsys):

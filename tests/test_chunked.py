@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 import forgetkern
 from forgetkern import _backend, _chunked, topk_base
 from forgetkern._params import LinearTMKLParams
-from forgetkern.ops import linear_tmkl as lt_ops
+from forgetkern.ops import linear_tmkl_fused as lt_ops
 
 from .helpers import backend_skip_reason, backends, cuda_backend_on_cpu
 
@@ -197,10 +197,10 @@ def test_dz_buffer(monkeypatch, backend, dtype):
 # ------------------------------------------------------------------------------------------------
 def _spy_strategies(monkeypatch):
     taken = []
-    real_pass, real_fused = _chunked.linear_pass, lt_ops.linear_tmkl_forward
+    real_pass, real_fused = _chunked.linear_pass, lt_ops.linear_tmkl_fused_forward
     monkeypatch.setattr(_chunked, "linear_pass",
                         lambda *a, **k: taken.append(("chunked", a[5].chunk_size)) or real_pass(*a, **k))
-    monkeypatch.setattr(lt_ops, "linear_tmkl_forward",
+    monkeypatch.setattr(lt_ops, "linear_tmkl_fused_forward",
                         lambda *a, **k: taken.append(("fused", None)) or real_fused(*a, **k))
     monkeypatch.setattr(_backend, "_LOADED", {k: v for k, v in _backend._LOADED.items()
                                               if k[0] != "linear_tmkl_fused"})

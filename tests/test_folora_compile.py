@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
 
     from forgetkern._params import (EIGH_MAX_SWEEPS, EIGH_NO_CONVERGENCE, EIGH_NON_FINITE,
                                     NUM_FOLORA_SCALARS)
-    from forgetkern.ops.folora import _folora_step_kernel, launch_config as step_config
+    from forgetkern.ops.folora_step import _folora_step_kernel, launch_config as step_config
     from forgetkern.ops.generalized_eigh import USE_GATHER, _generalized_eigh_kernel, launch_config as eig_config
 
     target = GPUTarget("cuda", 90, 32)

@@ -108,7 +108,7 @@ def test_step_matches_fp64_oracle(backend, small_blocks, monkeypatch):
     if small_blocks:  # Triton: 16-element programs, so segments span blocks and end mid-block
         if backend != "triton":
             pytest.skip("block size is a Triton launch setting")
-        import forgetkern.ops.folora as kernel
+        import forgetkern.ops.folora_step as kernel
 
         monkeypatch.setattr(kernel, "launch_config",
                             lambda total: {"BLOCK": 16, "VEC": 4, "num_warps": 4})
@@ -133,7 +133,7 @@ def test_triton_windows_cover_misaligned_segments(monkeypatch):
     reason = _backend.why_unavailable("triton", "folora_step", torch.device(DEVICE))
     if reason is not None:
         pytest.skip(str(reason))
-    import forgetkern.ops.folora as kernel
+    import forgetkern.ops.folora_step as kernel
 
     monkeypatch.setattr(kernel, "launch_config", lambda total: {"BLOCK": 16, "VEC": 4, "num_warps": 4})
     # starts 0, 1, 17, 52, 55: a 16-element segment whose window [0, 16) leaves element 16 over,
@@ -210,7 +210,9 @@ def test_reference_runs_equal_segment_by_segment():
     scalars = torch.tensor([one, one, one, one, other, one, one])
     active = [0, 1, 3, 4, 5, 6]  # segment 2 inactive: runs [0, 1], [3], [4], [5, 6]
     rows = scalars.tolist()
-    assert reference.folora._folora_runs(table, active, rows) == [[0, 1], [3], [4], [5, 6]]
+    from forgetkern.reference.folora_step import _folora_runs
+
+    assert _folora_runs(table, active, rows) == [[0, 1], [3], [4], [5, 6]]
     m1, v1, s1 = m.clone(), v.clone(), torch.full((off,), 7.0)
     reference.folora_step(g, m1, v1, s1, table, active, scalars, gates)
     m2, v2, s2 = m.clone(), v.clone(), torch.full((off,), 7.0)

@@ -309,14 +309,24 @@ def test_kernels_share_the_limits():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_sizes_above_the_kernels_go_to_the_reference(backend):
+def test_sizes_above_the_kernels_go_to_the_next_backend(backend):
+    """Each kernel declares the sizes it serves (Triton n <= 32: it spills above; CUDA n <= 64); a
+    problem its backend does not serve goes to the CUDA kernel where it runs, else the reference."""
+    from forgetkern.ops.generalized_eigh import EIGH_TRITON_MAX_N
+
     A = torch.eye(_params.EIGH_MAX_N + 1, device="cuda" if torch.cuda.is_available() else "cpu")
-    for size, want in ((_params.EIGH_MAX_N, backend), (_params.EIGH_MAX_N + 1, "reference"), (0, "reference")):
+    limit = EIGH_TRITON_MAX_N if backend == "triton" else _params.EIGH_MAX_N
+    cuda_runs = _backend.why_unavailable("cuda", "generalized_eigh", A.device) is None
+    above = "cuda" if cuda_runs and limit < _params.EIGH_MAX_N else "reference"
+    for size, want in ((limit, backend), (limit + 1, above), (_params.EIGH_MAX_N + 1, "reference"),
+                       (0, "reference")):
         try:
             got = _backend.resolve_name("generalized_eigh", A, backend=backend, size=size)
         except RuntimeError as exc:  # this backend cannot run here at all
             pytest.skip(str(exc))
         assert got == want, (size, got)
+    reason = _backend.why_unavailable(backend, "generalized_eigh", A.device, size=limit + 1)
+    assert reason is not None and f"1 <= n <= {limit}" in reason
 
 
 @needs_triton

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import forgetkern
 from forgetkern import _autograd, _backend, _chunked
 from forgetkern._params import triton_interpret
-from forgetkern.ops import linear_tmkl as lt_ops
+from forgetkern.ops import linear_tmkl_fused as lt_ops
 from forgetkern.ops import tmkl as tmkl_ops
 
 from .helpers import (
@@ -216,9 +216,9 @@ def test_shared_base_weight_is_not_copied_and_explicit_same_tensor_agrees(backen
     seen = []
     ptr = t["weight"].data_ptr()
     if backend == "fused":
-        real = lt_ops.linear_tmkl_forward
+        real = lt_ops.linear_tmkl_fused_forward
         spy = lambda *a, **k: seen.append(a[3] is None and a[1].data_ptr() == ptr) or real(*a, **k)  # noqa: E731
-        target = (lt_ops, "linear_tmkl_forward")
+        target = (lt_ops, "linear_tmkl_fused_forward")
     else:
         real = _chunked.linear_pass
         spy = lambda *a, **k: seen.append(k["base_weight"] is None and a[2].data_ptr() == ptr) or real(*a, **k)  # noqa: E731

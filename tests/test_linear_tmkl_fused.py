@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from forgetkern._params import STAT_LS_B, LinearTMKLParams
-from forgetkern.ops import linear_tmkl as lt_ops
+from forgetkern.ops import linear_tmkl_fused as lt_ops
 
 from .helpers import DEVICE, backend_skip_reason, oracle_tmkl
 from .helpers import linear_tmkl_inputs as _inputs
@@ -43,8 +43,8 @@ def _oracle(t, coef_ce, coef_kl, **kw):
 def _run(t, params, coef_ce, coef_kl, base_hidden=None, **over):
     hb = t["base_hidden"] if base_hidden is None else base_hidden
     args = (t["hidden"], t["weight"], hb, None, None, None, t["labels"])
-    loss, ce, kl, stats, _ = lt_ops.linear_tmkl_forward(*args, params, **over)
-    dh, dw, _ = lt_ops.linear_tmkl_backward(*args, stats, coef_ce, coef_kl, params,
+    loss, ce, kl, stats, _ = lt_ops.linear_tmkl_fused_forward(*args, params, **over)
+    dh, dw, _ = lt_ops.linear_tmkl_fused_backward(*args, stats, coef_ce, coef_kl, params,
                                             (True, True, False), **over)
     return (loss, ce, kl), stats, (dh, dw)
 

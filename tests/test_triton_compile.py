@@ -49,16 +49,16 @@ def _find(records, kernel, case):
 def test_every_kernel_family_compiles(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"_tmkl_fwd_kernel", "_tmkl_bwd_kernel", "_sparse_tmkl_fwd_kernel",
-                       "_sparse_tmkl_bwd_kernel", "_linear_tmkl_fwd_kernel",
-                       "_linear_tmkl_bwd_kernel", "_generalized_eigh_kernel",
+                       "_sparse_tmkl_bwd_kernel", "_linear_tmkl_fused_fwd_kernel",
+                       "_linear_tmkl_fused_bwd_kernel", "_generalized_eigh_kernel",
                        "_folora_step_kernel"}, kernels
     # CE alone (compute_kl=False) and the head trained (dW) both compiled
-    assert any("no KL" in r["launch"] for r in compiled if r["kernel"] == "_linear_tmkl_bwd_kernel")
-    assert any("GRAD_W" in r["launch"] for r in compiled if r["kernel"] == "_linear_tmkl_bwd_kernel")
+    assert any("no KL" in r["launch"] for r in compiled if r["kernel"] == "_linear_tmkl_fused_bwd_kernel")
+    assert any("GRAD_W" in r["launch"] for r in compiled if r["kernel"] == "_linear_tmkl_fused_bwd_kernel")
 
 
 def test_fused_linear_reductions_carry_no_fences(compiled):
-    for r in _find(compiled, "_linear_tmkl_bwd_kernel", "linear"):
+    for r in _find(compiled, "_linear_tmkl_fused_bwd_kernel", "linear"):
         assert r["atomics"].get("128", 0) > 0, r  # 16-byte vector atomics of the dh tile
         assert r["gpu_fences"] == 0 and r["ptx_ordering"] == 0, r
 

@@ -73,3 +73,59 @@ def test_module_validates_at_construction():
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(loss, ce + 0.5 * 4.0 * kl)
     assert "kl_weight=0.5" in repr(mod)
+
+
+def _dense_and_topk():
+    """The same valid inputs for the dense and the top-k base form of both losses."""
+    h, hb, w = torch.randn(4, 8), torch.randn(4, 8), torch.randn(10, 8)
+    z, b, y = _ok()
+    return h, hb, w, z, b, y, forgetkern.topk_base(b, y, 3)
+
+
+LINEAR_BAD = [  # override of (hidden, weight, labels, bias), error type, message pattern
+    (dict(bias=torch.randn(10).double()), TypeError,
+     r"^bias dtype torch.float64 does not match hidden dtype torch.float32; cast one of them$"),
+    (dict(bias=torch.randn(9)), ValueError, r"^bias must have shape \(10,\) \(weight.shape\[0\]\), got \(9,\)$"),
+    (dict(weight=torch.randn(10, 8).half()), TypeError,
+     r"^weight dtype torch.float16 does not match hidden dtype torch.float32"),
+    (dict(weight=torch.randn(10, 7)), ValueError, r"^weight must have D=8 columns"),
+    (dict(weight=torch.randn(80)), ValueError, r"^weight must be a \(V, D\) matrix"),
+    (dict(hidden=torch.randn(4, 8).long()), TypeError, r"^hidden must be float16"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError,
+     r"^labels must have shape \(4,\) \(hidden.shape\[:-1\]\), got \(5,\)$"),
+    (dict(labels=torch.zeros(4)), TypeError, r"^labels must be an integer tensor"),
+]
+
+
+@pytest.mark.parametrize("override, exc, pattern", LINEAR_BAD)
+def test_linear_dense_and_topk_raise_alike(override, exc, pattern):
+    """One validator per concept: the dense and the top-k form of ``linear_tmkl_loss`` reject the
+    same bad input with the same exception type and message."""
+    h, hb, w, _, _, y, rec = _dense_and_topk()
+    kw = dict(hidden=h, weight=w, labels=y, bias=None) | override
+    for base in (hb, rec):
+        with pytest.raises(exc, match=pattern):
+            forgetkern.linear_tmkl_loss(kw["hidden"], kw["weight"], base, kw["labels"],
+                                        bias=kw["bias"], backend="reference")
+
+
+LOGITS_BAD = [  # override of (logits, labels) or an option, error type, message pattern
+    (dict(logits=torch.randn(4, 10).long()), TypeError, r"^logits must be float16"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError,
+     r"^labels must have shape \(4,\) \(logits.shape\[:-1\]\), got \(5,\)$"),
+    (dict(labels=torch.zeros(4)), TypeError, r"^labels must be an integer tensor"),
+    (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, r"^labels must be in \[0, 10\)"),
+    (dict(reduction="avg"), ValueError, r"^reduction must be one of"),
+    (dict(num_items_in_batch=0), ValueError, r"^num_items_in_batch must be > 0"),
+]
+
+
+@pytest.mark.parametrize("override, exc, pattern", LOGITS_BAD)
+def test_logits_dense_and_topk_raise_alike(override, exc, pattern):
+    """The same for ``tmkl_loss``: dense base logits and a top-k record of them."""
+    _, _, _, z, b, y, rec = _dense_and_topk()
+    kw = dict(logits=z, labels=y) | override
+    logits, labels = kw.pop("logits"), kw.pop("labels")
+    for base in (b.to(logits.dtype) if logits.is_floating_point() else b, rec):
+        with pytest.raises(exc, match=pattern):
+            forgetkern.tmkl_loss(logits, base, labels, backend="reference", **kw)

@@ -10,7 +10,7 @@ the first call that needs them.
 """
 from __future__ import annotations
 
-from .._params import TRITON_MISSING
+from . import TRITON_MISSING
 
 try:  # pragma: no cover - exercised implicitly by the import
     import triton

@@ -21,7 +21,8 @@ Every problem gets a status code (``forgetkern._params.EIGH_*``, the same as the
 ``k + 1`` when the Cholesky factorization fails at column ``k`` (not positive definite),
 ``EIGH_NO_CONVERGENCE`` after ``EIGH_MAX_SWEEPS`` sweeps (the last iterate is returned). Failed
 problems get NaN outputs; ``forgetkern.generalized_eigh`` turns the codes into errors and warnings.
-Larger ``n`` goes to the reference; the choice is made in ``forgetkern._backend``.
+The dispatch table sends this kernel ``n <= EIGH_TRITON_MAX_N`` (:func:`unsupported`); larger
+problems go to the CUDA kernel where it runs, else to the reference (``forgetkern._backend``).
 """
 from __future__ import annotations
 
@@ -203,6 +204,20 @@ def _generalized_eigh_kernel(
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
+#: Largest ``n`` the dispatch table sends to this kernel: above it the straight-line parts spill
+#: (:func:`launch_config`), so larger problems go to the CUDA kernel where it runs (``n <=
+#: EIGH_MAX_N``), else to the reference. Called directly, the launcher takes ``n <= EIGH_MAX_N``.
+EIGH_TRITON_MAX_N = 32
+
+
+def unsupported(op: str, size: int | None) -> str | None:
+    """Why this kernel does not serve a problem of ``size`` (``n``; ``None``: it does); read by
+    ``forgetkern._backend``."""
+    if size is not None and not 1 <= size <= EIGH_TRITON_MAX_N:
+        return f"the Triton eigensolver serves 1 <= n <= {EIGH_TRITON_MAX_N}, got n={size}"
+    return None
+
+
 def launch_config(n: int) -> dict:
     """Tile size and warps for :func:`_generalized_eigh_kernel`.
 
@@ -227,8 +242,8 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
     """Triton batched ``A v = lambda (B + eps I) v``: one program per matrix, ``n <= 64``.
 
     The ``solve`` interface of the ``generalized_eigh`` op: inputs already validated
-    (``forgetkern._validate``), ``1 <= n <= EIGH_MAX_N`` (the table sends other sizes to the
-    reference); the caller turns ``status`` into errors (``_validate.check_eigh_status``).
+    (``forgetkern._validate``), ``1 <= n <= EIGH_MAX_N`` (the table sends it ``n <=
+    EIGH_TRITON_MAX_N``, see :func:`unsupported`); the caller turns ``status`` into errors (``_validate.check_eigh_status``).
     In plain torch::
 
         L = torch.linalg.cholesky(B + eps * I)
@@ -250,7 +265,7 @@ def generalized_eigh(A: torch.Tensor, B: torch.Tensor, eps: float = 0.0, *,
     n = A.shape[-1]
     if not 1 <= n <= EIGH_MAX_N:
         raise ValueError(f"the Triton eigensolver handles 1 <= n <= {EIGH_MAX_N}, got n={n} "
-                         "(forgetkern._backend sends other sizes to the reference)")
+                         "(forgetkern._backend sends it n <= EIGH_TRITON_MAX_N)")
     dtype = A.dtype  # the working dtype, chosen at the boundary (forgetkern._validate)
     batch_shape = A.shape[:-2]
     a = A.reshape(-1, n, n).contiguous()

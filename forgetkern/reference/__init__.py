@@ -18,10 +18,18 @@ The interfaces, shared with every other backend (``forgetkern._backend.INTERFACE
 * ``generalized_eigh(A, B, eps) -> (w, V, status)``.
 * ``folora_step(g, m, v, s, table, active, scalars, gates) -> None``: the gated Adam step of every
   active segment of FoLoRA's flat buffers (``m``, ``v`` updated, ``s`` written).
+
+The reference runs on every device and serves every problem size (:func:`unavailable`).
 """
-from .folora import folora_adam, folora_step
+from .folora_step import folora_adam, folora_step
 from .generalized_eigh import generalized_eigh
 from .tmkl import REFERENCE_CHUNK_BYTES, chunk_rows, tmkl_backward, tmkl_forward
+
+
+def unavailable(device) -> str | None:
+    """Why the reference cannot run on ``device``: never (``None``); read by ``_backend``."""
+    return None
+
 
 __all__ = ["tmkl_forward", "tmkl_backward", "generalized_eigh", "folora_step", "folora_adam",
            "REFERENCE_CHUNK_BYTES", "chunk_rows"]

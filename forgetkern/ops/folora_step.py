@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .._params import NUM_FOLORA_SCALARS, TRITON_MISSING, SegmentTable
-from ._triton import HAS_TRITON, jit, tl
+from .._params import NUM_FOLORA_SCALARS, SegmentTable
+from ._triton import check_triton, jit, tl
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +150,7 @@ def folora_step(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: torch.Tens
                 gates: torch.Tensor | None) -> None:
     """Triton: the gated Adam step of every ``active`` segment in one launch (the interface of
     :func:`forgetkern.reference.folora_step`, which documents the arguments)."""
-    if not HAS_TRITON:
-        raise RuntimeError(TRITON_MISSING)
+    check_triton()
     if not active:
         return
     active = tuple(active)

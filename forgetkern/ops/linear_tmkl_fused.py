@@ -134,7 +134,7 @@ def _grouped(pid, row_blocks, per_row_block, GROUP_N: tl.constexpr):
 
 
 @jit
-def _linear_tmkl_fwd_kernel(
+def _linear_tmkl_fused_fwd_kernel(
     h_ptr,  # [N, D] adapted hidden states
     stride_hn, stride_hd,
     w_ptr,  # [V, D] LM head
@@ -209,7 +209,7 @@ def _linear_tmkl_fwd_kernel(
 
 
 @jit
-def _linear_tmkl_bwd_kernel(
+def _linear_tmkl_fused_bwd_kernel(
     h_ptr,  # [N, D] adapted hidden states
     stride_hn, stride_hd,
     w_ptr,  # [V, D] LM head
@@ -457,9 +457,9 @@ def _flags(hidden, base_weight, bias, base_bias, params: TMKLParams) -> dict:
     )
 
 
-def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
-                        params: TMKLParams, row_weight=None, needs=(False, False, False),
-                        **overrides):
+def linear_tmkl_fused_forward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                              params: TMKLParams, row_weight=None, needs=(False, False, False),
+                              **overrides):
     """Triton forward: per-row ``(loss, ce, kl, stats, None)`` for ``(N, D)`` hidden states and
     ``(V, D)`` heads (``base_weight=None``: the base uses ``weight``). The backward recomputes, so
     no gradient is precomputed (``row_weight`` and ``needs`` are unused). ``overrides`` go to
@@ -481,7 +481,7 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     tiles_per_split = -(-(-(-v // cfg["BLOCK_V"])) // splits)
     part = torch.empty(n, splits, _params.NUM_PART, dtype=acc, device=hidden.device)
     grid = (-(-n // cfg["BLOCK_N"]) * splits,)
-    _linear_tmkl_fwd_kernel[grid](
+    _linear_tmkl_fused_fwd_kernel[grid](
         *_tensor_args(hidden, weight, base_hidden, base_weight, bias, base_bias), *descs, labels,
         part, n, v, d, splits, tiles_per_split, 1.0 / params.temperature,
         **_flags(hidden, base_weight, bias, base_bias, params), USE_TMA=use_tma, **cfg,
@@ -493,8 +493,8 @@ def linear_tmkl_forward(hidden, weight, base_hidden, base_weight, bias, base_bia
     return loss, ce, kl, stats, None
 
 
-def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels, stats,
-                         coef_ce, coef_kl, params: TMKLParams, needs, **overrides):
+def linear_tmkl_fused_backward(hidden, weight, base_hidden, base_weight, bias, base_bias, labels,
+                               stats, coef_ce, coef_kl, params: TMKLParams, needs, **overrides):
     """Triton backward: ``(grad_hidden, grad_weight, grad_bias)`` of
     ``sum_i coef_ce[i] CE_i + coef_kl[i] KL_i``, each ``None`` unless flagged in ``needs``.
 
@@ -540,7 +540,7 @@ def linear_tmkl_backward(hidden, weight, base_hidden, base_weight, bias, base_bi
         grid = (-(-m // cfg["BLOCK_N"]) * -(-v // cfg["BLOCK_V"]),)
         use_tma, descs = _descriptors(want_tma, hidden[r0:r1], weight, base_hidden[r0:r1],
                                       base_weight, cfg)
-        _linear_tmkl_bwd_kernel[grid](
+        _linear_tmkl_fused_bwd_kernel[grid](
             *_tensor_args(hidden[r0:r1], weight, base_hidden[r0:r1], base_weight, bias, base_bias),
             *descs, labels[r0:r1], stats[r0:r1], coef_ce[r0:r1], coef_kl[r0:r1],
             dh_part, dummy if dw is None else dw, dummy if db is None else db,
