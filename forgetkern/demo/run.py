@@ -29,6 +29,7 @@ from .._params import cache_dir
 from .config import (HF_TARGETS, METHODS, REAL_PRESETS, TIMES, TINY_PRESETS, VARIANT_METHODS,
                      DemoConfig, is_real)
 from .real import real_setup, text_setup
+from .saved import joined, load, resumed
 from .report import (comparisons, format_adapters, format_breakdown, format_instructions,
                      format_table, write_plot)
 from .tiny import tiny_setup
@@ -270,35 +271,6 @@ def _main(args) -> int:
     return 0
 
 
-def _load(path: str, flag: str) -> dict:
-    try:
-        with open(path) as f:
-            payload = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{flag}: cannot read {path}: {e}") from None
-    if not isinstance(payload, dict):
-        raise UsageError(f"{flag}: {path} is not a demo result (not a JSON object)")
-    missing = [k for k in ("config", "base", "results") if k not in payload]
-    if missing:
-        raise UsageError(f"{flag}: {path} is not a demo result (missing {', '.join(missing)})")
-    return payload
-
-
-def resumed(path: str, cfg: DemoConfig) -> tuple[dict, list, float, float]:
-    """``(bases, finished runs, elapsed wall seconds, CPU seconds)`` of a saved run whose
-    settings equal ``cfg``'s."""
-    saved = _load(path, "--resume")
-    differ = [k for k, v in json.loads(json.dumps(asdict(cfg))).items()
-              if saved["config"].get(k) != v]
-    if differ:
-        raise UsageError(f"--resume {path}: the saved run has other settings "
-                         f"({', '.join(differ)}); run with the same options")
-    finished = [r for r in saved["results"] if r.get("status") == "ok"]
-    config = saved["config"]
-    return (dict(saved.get("bases", {})), finished, float(config.get("elapsed_s", 0.0)),
-            float(config.get("cpu_s", 0.0)))
-
-
 def _kind(config: dict) -> str:
     model = config.get("model")
     if isinstance(model, dict) and "name" in model:
@@ -357,40 +329,6 @@ def report(config: dict, base: dict, results: list[dict], args) -> None:
             print("plot skipped: matplotlib is not installed (pip install 'forgetkern[demo]')")
 
 
-#: config fields that differ between runs of the same options on other seeds
-_PER_RUN = ("seeds", "elapsed_s", "cpu_s", "joined_from")
-
-
-def joined(payloads: list[dict], paths: list[str]) -> dict:
-    """One saved run from runs of the same options on disjoint seeds (e.g. seeds run in parallel
-    processes): seeds, bases and results in order, wall and CPU seconds summed (the CPU time
-    the experiment took, not the wall time of the parallel run). Refuses runs whose options differ
-    or whose seeds overlap, naming the file and the field."""
-    first = payloads[0]
-    config = dict(first["config"])
-    bases, results, seen = dict(first.get("bases", {})), list(first["results"]), list(config["seeds"])
-    for path, other in zip(paths[1:], payloads[1:]):
-        cfg = other["config"]
-        for key in sorted(set(config) | set(cfg)):
-            if key not in _PER_RUN and config.get(key) != cfg.get(key):
-                raise UsageError(f"--from-json {path}: option {key!r} differs from {paths[0]}'s "
-                                 f"({cfg.get(key)!r} vs {config.get(key)!r}): only runs of the same "
-                                 "options on other seeds can be joined")
-        overlap = sorted(set(seen) & set(cfg["seeds"]))
-        if overlap:
-            raise UsageError(f"--from-json {path}: seeds {overlap} are also in an earlier file")
-        seen += list(cfg["seeds"])
-        bases.update(other.get("bases", {}))
-        results += other["results"]
-        for key in ("elapsed_s", "cpu_s"):
-            if config.get(key) is not None and cfg.get(key) is not None:
-                config[key] += cfg[key]
-    config["seeds"] = seen
-    config["joined_from"] = sum(p["config"].get("joined_from", 1) for p in payloads)
-    return {"config": config, "base": first["base"], "bases": bases, "results": results,
-            "complete": all(p.get("complete", False) for p in payloads)}
-
-
 def replay(args) -> int:
     """``--from-json PATH[,PATH...]``: the table, comparisons and plot of a saved run (several
     runs of other seeds joined), without training; ``--json`` writes the joined run."""
@@ -398,7 +336,7 @@ def replay(args) -> int:
     if args.resume or (args.json and len(paths) == 1):
         raise UsageError("--from-json replays a saved run; there is nothing new for "
                          f"{'--json' if args.json else '--resume'} to write")
-    payloads = [_load(path, "--from-json") for path in paths]
+    payloads = [load(path, "--from-json") for path in paths]
     payload = payloads[0] if len(paths) == 1 else joined(payloads, paths)
     if args.json:
         with atomic_open(args.json, "w") as f:

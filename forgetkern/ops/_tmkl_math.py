@@ -1,5 +1,5 @@
 """Triton math shared by the TMKL kernels on logits (``ops/tmkl.py``, ``ops/sparse_tmkl.py``) and
-on hidden states (``ops/linear_tmkl.py``): the online log-sum-exp, the streaming KL accumulator,
+on hidden states (``ops/linear_tmkl_fused.py``): the online log-sum-exp, the streaming KL accumulator,
 the gradient tile, the exponential; the host-side merge of the per-split partial records they
 write is :func:`forgetkern._partials.merge_partials` (re-exported here), shared with the
 vocab-parallel form.
