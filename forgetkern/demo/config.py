@@ -20,7 +20,7 @@ REAL_TARGETS = ["q_proj", "v_proj"]
 MODES = ("smoke", "quick", "full")
 #: measured wall times on 2 CPU cores (docs/demo.md, docs/real_model.md); ``--help``, the README
 #: and the docs quote these words
-TIMES = {"quick": "about 1.5 minutes", "smollm2 quick": "about 9 minutes",
+TIMES = {"quick": "about 1.5 minutes", "smollm2 quick": "about 10 minutes",
          "full": "about 45 minutes per seed"}
 
 
