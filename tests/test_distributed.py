@@ -168,9 +168,10 @@ def _check_dtensor(rank: int, world: int) -> None:
 
 def _entry(rank: int, world: int, init_file: str, results: str, body) -> None:
     """One spawned rank: a gloo group around ``body(rank, world, results)`` (a rank left waiting
-    in a collective by a failed peer gives up after a minute)."""
+    in a collective by a failed peer gives up after ten minutes: on two loaded cores a healthy peer
+    can lag a minute behind, and gloo aborts the process when a collective times out)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=600))
     try:
         body(rank, world, results)
     finally:

@@ -94,8 +94,10 @@ def test_every_forgetkern_command_line_parses(tmp_path, monkeypatch):
                 if words[:3] == ["python", "-m", "forgetkern"]:
                     words = words[2:]
                 if words[:1] == ["forgetkern"]:
-                    for flag, value in zip(words, words[1:]):
-                        if flag in inputs and value != "smollm2":
+                    for flag, values in zip(words, words[1:]):
+                        for value in values.split(",") if flag == "--from-json" else [values]:
+                            if flag not in inputs or value == "smollm2":
+                                continue
                             target = tmp_path / value
                             target.parent.mkdir(parents=True, exist_ok=True)
                             if inputs[flag] == "dir":
