@@ -211,16 +211,21 @@ def _grad_err(num2: float, den2: float) -> float:
     return math.sqrt(num2) / max(math.sqrt(den2), 1e-30)
 
 
+def _loss_and_grad(loss_fn: Callable[[], torch.Tensor], x: torch.Tensor):
+    """``loss_fn()`` and its backward once: ``(loss, x's gradient or None)``, ``x.grad`` left unset."""
+    x.grad = None
+    loss = loss_fn()
+    loss.backward()
+    got, x.grad = x.grad, None
+    return loss, got
+
+
 def check_linear(loss_fn: Callable[[], torch.Tensor], hidden: torch.Tensor, ref: Reference,
                  dtype: torch.dtype) -> GateResult:
     """Run ``loss_fn()`` and its backward once; compare the loss and ``hidden.grad`` with ``ref``."""
-    hidden.grad = None
-    loss = loss_fn()
-    loss.backward()
-    got = hidden.grad
-    hidden.grad = None
+    loss, got = _loss_and_grad(loss_fn, hidden)
     if got is None:
-        return GateResult(False, math.inf, math.inf, f"FAIL: no gradient reached the hidden states")
+        return GateResult(False, math.inf, math.inf, "FAIL: no gradient reached the hidden states")
     diff = (got.double() - ref.grad.double()).pow(2).sum().item()
     grad_err = _grad_err(diff, ref.grad.double().pow(2).sum().item())
     return _result(ref.formula, "dh", _rel(float(loss.detach()), ref.loss), grad_err, tolerance(dtype))
@@ -232,11 +237,7 @@ def check_logits(loss_fn: Callable[[], torch.Tensor], z: torch.Tensor, b: torch.
     and ``z.grad`` with the fp32 reference of ``formula``, computed chunk by chunk."""
     if formula not in FORMULAS:
         raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
-    z.grad = None
-    loss = loss_fn()
-    loss.backward()
-    got = z.grad
-    z.grad = None
+    loss, got = _loss_and_grad(loss_fn, z)
     if got is None:
         return GateResult(False, math.inf, math.inf, "FAIL: no gradient reached the logits")
     n = z.shape[0]

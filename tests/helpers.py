@@ -332,3 +332,20 @@ def tiny_texts(n: int, vocab_size: int, seed: int = 0, lengths=(5, 12)) -> list:
         words = torch.randint(2, vocab_size, (length,), generator=g).tolist()
         out.append(" ".join(f"w{i}" for i in words))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny Hugging Face Llama (transformers imported when called: not every test file needs it)
+# ------------------------------------------------------------------------------------------------
+def tiny_llama(vocab_size: int, seed: int = 0, **config):
+    """A randomly initialized 2-layer ``LlamaForCausalLM`` (hidden 32, 4 heads, 2 KV heads), seeded
+    by ``seed``; ``config`` overrides or adds ``LlamaConfig`` fields (e.g. token ids)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{"vocab_size": vocab_size, "hidden_size": 32,
+                                      "intermediate_size": 48, "num_hidden_layers": 2,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "max_position_embeddings": 64, **config})
+    return transformers.LlamaForCausalLM(cfg)
+

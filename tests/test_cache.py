@@ -15,16 +15,13 @@ from forgetkern import ForgetAwareStep  # noqa: E402
 from forgetkern.cache import BaseCache, build_cache, bytes_per_token  # noqa: E402
 from forgetkern.cache.cli import make_batches  # noqa: E402
 from forgetkern.train import batch_labels, config_loss, loss_config  # noqa: E402
+from .helpers import tiny_llama  # noqa: E402
 
 V = 67
 
 
 def _base(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).to(dtype)
+    return tiny_llama(V, seed).to(dtype)
 
 
 def _model(seed=0, dtype=torch.float32):

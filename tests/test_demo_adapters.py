@@ -13,6 +13,7 @@ from forgetkern.demo.experiment import Experiment  # noqa: E402
 from forgetkern.demo.metrics import mean_ce  # noqa: E402
 from forgetkern.lora import disable_adapters  # noqa: E402
 from forgetkern.train import ForgetAwareStep  # noqa: E402
+from .helpers import tiny_llama  # noqa: E402
 
 V = 61
 TARGETS = ["q_proj", "v_proj"]
@@ -20,12 +21,7 @@ OPTIONS = {"randlora_r": 4, "randlora_alpha": 16.0}
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(V, seed, bos_token_id=1, eos_token_id=2, pad_token_id=0).eval()
     model.requires_grad_(False)
     return model
 

@@ -8,16 +8,13 @@ peft = pytest.importorskip("peft")
 import forgetkern  # noqa: E402
 import forgetkern.train as ftrain  # noqa: E402
 from forgetkern.lora import disable_adapters, load_adapters, save_adapters  # noqa: E402
+from .helpers import tiny_llama  # noqa: E402
 
 V = 67
 
 
 def _peft_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    base = transformers.LlamaForCausalLM(cfg)
+    base = tiny_llama(V, seed)
     lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
                            lora_dropout=0.0)
     model = peft.get_peft_model(base, lcfg)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from .helpers import tiny_llama  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -34,12 +35,7 @@ def _block(marker: str, path: Path = USAGE) -> str:
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(V, seed, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _batch(seed, B=2, L=12):
