@@ -155,3 +155,45 @@ def test_triton_shards_split_over_programs(monkeypatch, opts):
     monkeypatch.setattr(tmkl_ops, "launch_config", forced)
     test_shards_merged_by_the_one_merge_equal_whole_rows("triton", opts, torch.float64)
     assert 2 in used
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("opts", OPTIONS[::5], ids=lambda o: f"{o['direction']}-m{int(o['mask_target'])}-T{o['temperature']}")
+def test_merged_shards_in_fp32_with_logits_offset_by_1000_and_a_certain_row(backend, opts):
+    """fp32 logits shifted by +1000 (softmax is shift-invariant: so must the result be) with a row
+    the model is nearly certain of: the merged shards' loss and gradient stay within 4x the fp32
+    error of the whole-row reference on the same inputs (against fp64 on the unshifted ones)."""
+    z, b, gen = _inputs(5, n=7)
+    y = torch.tensor([V - 1, 0, -100, 13, 20, 5, 36])
+    z[1, 0] += 40.0  # nearly certain of its target
+    b[1, 0] += 40.0
+    params = TMKLParams(kl_weight=0.7, ce_weight=1.1, **opts)
+    ref = _backend.implementation("tmkl", "reference")
+    exact = ref.forward(z, b, y, params)
+    coef_ce = torch.randn(7, generator=gen, dtype=torch.float64)
+    coef_kl = torch.randn(7, generator=gen, dtype=torch.float64)
+    exact_grad = ref.backward(z, b, y, exact[3], coef_ce, coef_kl, params, torch.empty_like(z))
+    z32, b32 = (z + 1000).float(), (b + 1000).float()
+    c_ce, c_kl = coef_ce.float(), coef_kl.float()
+    plain = ref.forward(z32, b32, y, params)
+    plain_grad = ref.backward(z32, b32, y, plain[3], c_ce, c_kl, params, torch.empty_like(z32))
+    rows = _backend.implementation("tmkl", backend)
+    shards = list(zip(SPLITS[:-1], SPLITS[1:]))
+    parts = []
+    for lo, hi in shards:
+        y_loc = distributed.shard_labels(y, lo, hi - lo, params.ignore_index)
+        z_y, _, _, st = distributed._with_target_logits(rows).forward(
+            z32[:, lo:hi], b32[:, lo:hi], y_loc, distributed._shard_params(params))
+        parts.append(stats_to_part(st, z_y, params))
+    got = merge_partials(torch.stack(parts, dim=1), y, params)
+    grad = torch.cat([distributed.vocab_parallel_tmkl(None, lo, rows).backward(
+        z32[:, lo:hi], b32[:, lo:hi], y, got[3], c_ce, c_kl, params,
+        torch.empty_like(z32[:, lo:hi])) for lo, hi in shards], dim=1)
+    floor = 4 * torch.finfo(torch.float32).eps
+    for i, name in enumerate(("loss", "ce", "kl")):
+        err = (got[i].double() - exact[i]).abs().max()
+        base = (plain[i].double() - exact[i]).abs().max()
+        assert err <= 4 * base + floor * (1 + exact[i].abs().max()), (name, float(err), float(base))
+    err = (grad.double() - exact_grad).abs().max()
+    base = (plain_grad.double() - exact_grad).abs().max()
+    assert err <= 4 * base + floor * (1 + exact_grad.abs().max()), ("grad", float(err), float(base))
